@@ -1,0 +1,31 @@
+"""fastmid: Mid-Block Efficient Tuning for Hugging Face causal LMs.
+
+The public API is imported lazily so that ``import fastmid.kernels`` stays light (torch and
+triton only) for trainers that use just the kernels.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "MidBlockConfig": "fastmid.patch",
+    "apply_midblock": "fastmid.patch",
+    "resolve_band": "fastmid.patch",
+    "save_adapter": "fastmid.adapters",
+    "load_adapter": "fastmid.adapters",
+    "merge": "fastmid.adapters",
+    "UserError": "fastmid.errors",
+}
+
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastmid' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,64 @@
+"""The ``fastmid`` command line: one subcommand per module, imported only when used.
+
+Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``. A
+:class:`fastmid.errors.UserError` raised anywhere becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from fastmid.errors import UserError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("fastmid.train", "fine-tune a causal LM with Mid-Block LoRA"),
+    "eval": ("fastmid.evaluate", "GSM8K-style accuracy and held-out perplexity"),
+    "analyze": ("fastmid.analyze", "layer-wise metrics of a tuned model against its base"),
+    "probe": ("fastmid.probe", "per-layer sensitivity of an untuned model; recommends a band"),
+    "bench": ("fastmid.benchcmd", "benchmark fastmid against PEFT LoRA"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastmid",
+        description="Mid-Block Efficient Tuning: LoRA in the middle of the network.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0 if argv else 2
+    name = argv[0]
+    if name not in COMMANDS:
+        top.print_usage(sys.stderr)
+        print(f"fastmid: error: unknown command {name!r}", file=sys.stderr)
+        return 2
+    module_name, help_text = COMMANDS[name]
+    parser = argparse.ArgumentParser(prog=f"fastmid {name}", description=help_text)
+    try:
+        module = importlib.import_module(module_name)
+        module.add_arguments(parser)
+        args = parser.parse_args(argv[1:])
+        return int(module.run(args) or 0)
+    except UserError as err:
+        print(f"fastmid {name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastmid {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
