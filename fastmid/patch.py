@@ -1,0 +1,587 @@
+"""Mid-Block patching: LoRA adapters inside a depth band, everything else frozen and skipped.
+
+``apply_midblock(model, cfg)`` turns a Hugging Face causal LM into a Mid-Block model in place:
+
+- the decoder blocks are found by one generic walk (any ``nn.ModuleList`` holding
+  ``config.num_hidden_layers`` blocks), so Llama, Mistral, Qwen2/3, OLMo2 and Gemma2 share
+  one code path;
+- in the band, every target ``nn.Linear`` becomes a :class:`LoraLinear` backed by
+  ``fastmid.kernels`` (it takes over the frozen weight and bias, nothing is copied);
+- when q, k and v are all targets their frozen weights are concatenated once and the three
+  modules' weights become views into that matrix, so one ``lora_qkv`` call serves the three
+  projections; a SwiGLU MLP whose gate and up are targets runs ``lora_gate_up`` then ``down``;
+- every other parameter is frozen, the embeddings and the blocks below the band run under
+  ``torch.no_grad()`` (nothing saved for backward, no backward), and the blocks above the band
+  only propagate input gradients because they own no trainable parameter.
+
+Everything is patched on module *instances*; the model's classes are never touched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fastmid import kernels
+from fastmid.errors import UserError
+
+Band = tuple[float, float] | str | list[int]
+
+KNOWN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QKV = ("q_proj", "k_proj", "v_proj")
+
+# Instance attribute names used to remember what a patch replaced, so merge() can undo it.
+_ORIG_FORWARD = "_fastmid_orig_forward"
+
+
+@dataclass
+class MidBlockConfig:
+    """Where and how to place LoRA adapters. The defaults are the paper's setting."""
+
+    # Depth band: (lo, hi) fractions -> layers [floor(lo*L), floor(hi*L)); a list of layer
+    # indices; or "all" (standard LoRA on every layer).
+    band: Band = (0.2, 0.8)
+    # Linear layers inside each adapted block that get an adapter.
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # Explicit LoRA rank; None derives it from rank_budget.
+    rank: int | None = None
+    # Budget matching: rank = floor(rank_budget * L / n_active), i.e. as many adapter
+    # parameters as uniform LoRA of rank rank_budget on all L layers.
+    rank_budget: int = 64
+    # LoRA scale numerator: scale = alpha / r (alpha / sqrt(r) with rsLoRA).
+    alpha: float = 128
+    # Dropout on the adapter input only (the frozen path never sees it).
+    dropout: float = 0.05
+    # rsLoRA scaling alpha / sqrt(r) instead of alpha / r.
+    use_rslora: bool = False
+    # One kernel call for q/k/v and for gate/up when all members are targets.
+    fuse_groups: bool = True
+    # Non-reentrant activation checkpointing over the band and the blocks above it.
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class MidBlockState:
+    """What apply_midblock did, stored on the model as ``model.fastmid_state``."""
+
+    layers: list[int]
+    rank: int
+    num_layers: int
+    targets: tuple[str, ...]
+    alpha: float
+    dropout: float
+    scale: float
+    config: MidBlockConfig
+    # Dotted path of the decoder-block list inside the model, e.g. "model.layers".
+    layers_path: str = "model.layers"
+    # Module paths (relative to the model) of every LoraLinear, in layer order.
+    module_paths: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Band and rank
+
+
+def _fraction(value: Any, what: str) -> Fraction:
+    """Exact fraction from the decimal a user wrote: 0.6 is 3/5, so 0.6 * 10 is exactly 6."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Fraction)):
+        raise UserError(f"band {what} must be a number in [0, 1], got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"band {what} must be a number in [0, 1], got {value!r}")
+    frac = Fraction(repr(value)) if isinstance(value, float) else Fraction(value)
+    if not 0 <= frac <= 1:
+        raise UserError(f"band {what} must be in [0, 1], got {value}")
+    return frac
+
+
+def resolve_band(band: Band, num_layers: int) -> list[int]:
+    """Layer indices adapted for ``band`` in a model with ``num_layers`` decoder blocks.
+
+    ``(lo, hi)`` gives ``[floor(lo*L), floor(hi*L))`` (L=32, (0.2, 0.8) -> 6..24);
+    ``"all"`` gives every layer; a list of ints is checked and returned sorted.
+    """
+    usage = "band must be (lo, hi) fractions, a list of layer indices or 'all'"
+    if num_layers <= 0:
+        raise UserError(f"model has no decoder layers (num_layers={num_layers})")
+    if isinstance(band, str):
+        if band != "all":
+            raise UserError(f"{usage}, got {band!r}")
+        return list(range(num_layers))
+    # A tuple is always (lo, hi); so is a two-element list holding a float (YAML has no tuple).
+    is_pair = isinstance(band, tuple) or (
+        isinstance(band, list) and len(band) == 2 and any(isinstance(b, float) for b in band)
+    )
+    if is_pair:
+        if len(band) != 2:
+            raise UserError(f"{usage}, got {band!r}")
+        lo, hi = _fraction(band[0], "start"), _fraction(band[1], "end")
+        if lo >= hi:
+            raise UserError(f"band start must be below its end, got ({band[0]}, {band[1]})")
+        layers = list(range(math.floor(lo * num_layers), math.floor(hi * num_layers)))
+        if not layers:
+            raise UserError(
+                f"band ({band[0]}, {band[1]}) selects no layer of a {num_layers}-layer model"
+            )
+        return layers
+    if isinstance(band, list):
+        if not band:
+            raise UserError("band is an empty list of layers")
+        bad = [i for i in band if isinstance(i, bool) or not isinstance(i, int)]
+        if bad:
+            raise UserError(f"band layer indices must be integers, got {bad[0]!r}")
+        out = [i for i in band if not 0 <= i < num_layers]
+        if out:
+            raise UserError(f"band layer {out[0]} is outside the layers 0..{num_layers - 1}")
+        if len(set(band)) != len(band):
+            raise UserError(f"band lists a layer twice: {band}")
+        return sorted(band)
+    raise UserError(f"{usage}, got {band!r}")
+
+
+def resolve_rank(rank: int | None, rank_budget: int, num_layers: int, num_active: int) -> int:
+    """Explicit ``rank``, or the budget-matched ``floor(rank_budget * L / n_active)``."""
+    if rank is None:
+        if isinstance(rank_budget, bool) or not isinstance(rank_budget, int) or rank_budget <= 0:
+            raise UserError(f"rank_budget must be a positive integer, got {rank_budget!r}")
+        rank = (rank_budget * num_layers) // num_active
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise UserError(f"rank must be a positive integer, got {rank!r}")
+    return rank
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
+    """LoRA output scale: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+    return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the decoder blocks
+
+
+def _num_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "num_hidden_layers", None)
+
+
+def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(path, list) of the decoder blocks: the ModuleList of num_hidden_layers same-class blocks."""
+    expected = _num_layers(model)
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    for name, mlist in lists:
+        if (expected is None or len(mlist) == expected) and len({type(b) for b in mlist}) == 1:
+            return name, mlist
+    found = ", ".join(f"{n or '<root>'}[{len(m)}]" for n, m in lists) or "none"
+    raise UserError(
+        f"unknown model layout for {type(model).__name__}: no list of "
+        f"num_hidden_layers={expected} decoder blocks (module lists found: {found})"
+    )
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ``nn.ModuleList`` of decoder blocks of a HF causal LM (e.g. ``model.model.layers``)."""
+    return _find_layers(model)[1]
+
+
+def _linear_names(block: nn.Module) -> list[str]:
+    return [n for n, m in block.named_modules() if isinstance(m, (nn.Linear, LoraLinear))]
+
+
+def _find_target(block: nn.Module, target: str) -> str | None:
+    """Path inside ``block`` of the linear named ``target`` (e.g. 'self_attn.q_proj')."""
+    hits = [n for n in _linear_names(block) if n == target or n.endswith("." + target)]
+    if len(hits) > 1:
+        raise UserError(f"target {target!r} is ambiguous in {type(block).__name__}: {hits}")
+    return hits[0] if hits else None
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+# --------------------------------------------------------------------------------------------
+# The LoRA module
+
+
+class _QKVGroup:
+    """q/k/v of one attention sharing a frozen ``cat([Wq, Wk, Wv])`` and one kernel call.
+
+    The attention code still calls q_proj(x), k_proj(x), v_proj(x) one after the other. The
+    first of the three calls computes all projections with ``lora_qkv`` and keeps the other two
+    outputs, keyed by the identity of ``x``; the next calls on the same tensor take theirs and
+    the stash is dropped once empty. A call on any other input falls back to ``lora_linear``.
+    """
+
+    def __init__(self, modules: dict[str, LoraLinear], weight: torch.Tensor, bias: Any) -> None:
+        self.modules = modules
+        self.weight = weight
+        self.bias = bias
+        self._x: torch.Tensor | None = None
+        self._grad_mode = False
+        self._outputs: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        if self._x is x and self._grad_mode == torch.is_grad_enabled() and name in self._outputs:
+            out = self._outputs.pop(name)
+            if not self._outputs:
+                self._x = None
+            return out
+        return None
+
+    def compute(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self.modules[n] for n in QKV)
+        outs = kernels.lora_qkv(
+            x,
+            self.weight,
+            q.lora_A,
+            k.lora_A,
+            v.lora_A,
+            q.lora_B,
+            k.lora_B,
+            v.lora_B,
+            (q.scale, k.scale, v.scale),
+            bias_qkv=self.bias,
+            dropout_p=q.dropout_p if q.training else 0.0,
+        )
+        self._outputs = {n: o for n, o in zip(QKV, outs, strict=True) if n != name}
+        self._x, self._grad_mode = x, torch.is_grad_enabled()
+        return outs[QKV.index(name)]
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear plus a LoRA adapter: ``y = x Wᵀ + b + scale·(drop(x) Aᵀ) Bᵀ``.
+
+    ``weight`` and ``bias`` are the original linear's (frozen) tensors; ``lora_A`` (r, K) and
+    ``lora_B`` (N, r) are fp32 parameters whatever the base dtype.
+    """
+
+    def __init__(
+        self, base: nn.Linear, rank: int, scale: float, dropout_p: float, name: str = ""
+    ) -> None:
+        super().__init__()
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.name = name
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
+        # Same init as PEFT: A Kaiming-uniform, B zero, so the patched model starts unchanged.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale = scale
+        self.dropout_p = dropout_p
+        self._group: _QKVGroup | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self._group
+        if group is not None:
+            out = group.take(self.name, x)
+            return out if out is not None else group.compute(self.name, x)
+        return kernels.lora_linear(
+            x,
+            self.weight,
+            self.lora_A,
+            self.lora_B,
+            self.scale,
+            bias=self.bias,
+            dropout_p=self.dropout_p if self.training else 0.0,
+        )
+
+    def merged_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with ``W + scale·B·A`` folded in (in fp32, cast back)."""
+        w = self.weight.detach()
+        delta = self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device="meta"
+        )
+        # A fresh contiguous tensor: grouped weights are views into one shared matrix, which
+        # save_pretrained would refuse as shared storage.
+        linear.weight = nn.Parameter((w.float() + delta).to(w.dtype), requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, scale={self.scale:g}, dropout={self.dropout_p:g}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Instance-level forward wrappers
+
+
+def _wrap_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]):
+    """Replace ``module.forward`` on this instance only, remembering what was there."""
+    if _ORIG_FORWARD not in module.__dict__:
+        setattr(module, _ORIG_FORWARD, module.__dict__.get("forward"))
+    module.forward = make(module.forward)
+
+
+def _unwrap_forward(module: nn.Module) -> None:
+    if _ORIG_FORWARD not in module.__dict__:
+        return
+    orig = module.__dict__.pop(_ORIG_FORWARD)
+    module.__dict__.pop("forward", None)
+    if orig is not None:
+        module.forward = orig
+
+
+def _no_grad_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return forward(*args, **kwargs)
+
+    return run
+
+
+def _checkpointed_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def _swiglu_forward(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    gate, up = mlp.gate_proj, mlp.up_proj
+    weight = mlp._fastmid_gate_up_weight
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        h = kernels.lora_gate_up(
+            x,
+            weight,
+            gate.lora_A,
+            up.lora_A,
+            gate.lora_B,
+            up.lora_B,
+            (gate.scale, up.scale),
+            dropout_p=gate.dropout_p if mlp.training else 0.0,
+        )
+        return mlp.down_proj(h)
+
+    return forward
+
+
+def _is_swiglu(mlp: nn.Module) -> bool:
+    """True when ``mlp`` computes down(silu(gate(x)) * up(x)) with bias-free gate and up.
+
+    Checked numerically once on a small probe input rather than trusted from the class name,
+    so a family with another MLP formula keeps its own forward.
+    """
+    gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+    if not all(isinstance(m, LoraLinear) for m in (gate, up)) or down is None:
+        return False
+    if gate.bias is not None or up.bias is not None:
+        return False
+    act = getattr(mlp, "act_fn", None)
+    if not isinstance(act, nn.SiLU) and type(act).__name__ not in {"SiLU", "SiLUActivation"}:
+        return False
+    w = gate.weight
+    with torch.no_grad():
+        x = torch.randn(2, gate.in_features, dtype=w.dtype, device=w.device)
+        expected = down(torch.nn.functional.silu(x @ w.T) * (x @ up.weight.T))
+        got = type(mlp).forward(mlp, x)
+    return torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# Patching
+
+
+def _validate_config(cfg: MidBlockConfig) -> None:
+    if isinstance(cfg.targets, str) or not cfg.targets:
+        raise UserError(f"targets must be a non-empty list of names, got {cfg.targets!r}")
+    unknown = [t for t in cfg.targets if t not in KNOWN_TARGETS]
+    if unknown:
+        raise UserError(f"unknown target {unknown[0]!r}; known: {', '.join(KNOWN_TARGETS)}")
+    if len(set(cfg.targets)) != len(cfg.targets):
+        raise UserError(f"targets list a module twice: {list(cfg.targets)}")
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if not cfg.alpha > 0:
+        raise UserError(f"alpha must be positive, got {cfg.alpha}")
+
+
+def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Module:
+    """Patch ``model`` in place into a Mid-Block model (see the module docstring); returns it."""
+    cfg = cfg or MidBlockConfig()
+    if getattr(model, "fastmid_state", None) is not None:
+        raise UserError("model is already patched by apply_midblock")
+    _validate_config(cfg)
+    layers_path, blocks = _find_layers(model)
+    num_layers = len(blocks)
+    layers = resolve_band(cfg.band, num_layers)
+    rank = resolve_rank(cfg.rank, cfg.rank_budget, num_layers, len(layers))
+
+    # Locate every target first so that a bad config fails before anything is modified.
+    found: dict[int, dict[str, str]] = {}
+    for i in layers:
+        paths = {t: _find_target(blocks[i], t) for t in cfg.targets}
+        missing = [t for t, p in paths.items() if p is None]
+        if missing:
+            raise UserError(
+                f"target {missing[0]!r} not found in layer {i} ({type(blocks[i]).__name__}); "
+                f"its linear layers: {', '.join(_linear_names(blocks[i])) or 'none'}"
+            )
+        for t, p in paths.items():
+            lin = blocks[i].get_submodule(p)
+            if isinstance(lin, LoraLinear):
+                raise UserError(f"layer {i} {t} already has an adapter")
+            if rank > min(lin.in_features, lin.out_features):
+                raise UserError(
+                    f"rank {rank} is larger than {t} of layer {i} "
+                    f"({lin.out_features}x{lin.in_features}); use rank <= "
+                    f"{min(lin.in_features, lin.out_features)}"
+                )
+        found[i] = paths  # type: ignore[assignment]
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    scale = lora_scale(cfg.alpha, rank, cfg.use_rslora)
+    module_paths: list[str] = []
+    for i in layers:
+        block = blocks[i]
+        mods: dict[str, LoraLinear] = {}
+        for t, p in found[i].items():
+            lora = LoraLinear(block.get_submodule(p), rank, scale, cfg.dropout, name=t)
+            _set_submodule(block, p, lora)
+            mods[t] = lora
+            module_paths.append(f"{layers_path}.{i}.{p}")
+        if cfg.fuse_groups:
+            _fuse_qkv(mods)
+            _fuse_gate_up(block, found[i], mods)
+
+    # Below the band: no autograd at all. The embeddings are frozen, so their output already
+    # needs no grad; wrapping the blocks also guards against inputs that do require grad.
+    for i in range(layers[0]):
+        _wrap_forward(blocks[i], _no_grad_forward)
+    if cfg.gradient_checkpointing:
+        for i in range(layers[0], num_layers):
+            _wrap_forward(blocks[i], _checkpointed_forward)
+
+    model.fastmid_state = MidBlockState(
+        layers=layers,
+        rank=rank,
+        num_layers=num_layers,
+        targets=tuple(cfg.targets),
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        scale=scale,
+        config=cfg,
+        layers_path=layers_path,
+        module_paths=module_paths,
+    )
+    return model
+
+
+def _fuse_qkv(mods: dict[str, LoraLinear]) -> None:
+    """Share one frozen cat([Wq, Wk, Wv]) between q, k and v (weights become views into it)."""
+    if not all(n in mods for n in QKV):
+        return
+    q, k, v = (mods[n] for n in QKV)
+    if len({m.weight.dtype for m in (q, k, v)}) != 1 or len({m.rank for m in (q, k, v)}) != 1:
+        return
+    has_bias = [m.bias is not None for m in (q, k, v)]
+    if any(has_bias) and not all(has_bias):
+        return
+    weight = torch.cat([m.weight.detach() for m in (q, k, v)], 0)
+    bias = torch.cat([m.bias.detach() for m in (q, k, v)], 0) if all(has_bias) else None
+    start = 0
+    for m in (q, k, v):
+        n = m.out_features
+        m.weight = nn.Parameter(weight[start : start + n], requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[start : start + n], requires_grad=False)
+        start += n
+    group = _QKVGroup({n: mods[n] for n in QKV}, weight, bias)
+    for m in (q, k, v):
+        m._group = group
+
+
+def _fuse_gate_up(block: nn.Module, paths: dict[str, str], mods: dict[str, LoraLinear]) -> None:
+    """Run a SwiGLU MLP as lora_gate_up + down when gate and up are both targets."""
+    if "gate_proj" not in mods or "up_proj" not in mods:
+        return
+    mlp_path = paths["gate_proj"].rpartition(".")[0]
+    if paths["up_proj"].rpartition(".")[0] != mlp_path:
+        return
+    mlp = block.get_submodule(mlp_path) if mlp_path else block
+    if not _is_swiglu(mlp):
+        return
+    gate, up = mods["gate_proj"], mods["up_proj"]
+    if gate.weight.dtype != up.weight.dtype or gate.rank != up.rank:
+        return
+    weight = torch.cat([gate.weight.detach(), up.weight.detach()], 0)
+    gate.weight = nn.Parameter(weight[: gate.out_features], requires_grad=False)
+    up.weight = nn.Parameter(weight[gate.out_features :], requires_grad=False)
+    # A buffer-free plain attribute: the frozen matrix is already owned by gate/up (as views).
+    mlp._fastmid_gate_up_weight = weight
+    _wrap_forward(mlp, lambda _orig: _swiglu_forward(mlp))
+
+
+def unpatch_forwards(model: nn.Module) -> None:
+    """Remove every instance-level forward wrapper apply_midblock installed."""
+    for module in model.modules():
+        _unwrap_forward(module)
+        module.__dict__.pop("_fastmid_gate_up_weight", None)
+        if isinstance(module, LoraLinear):
+            module._group = None
+
+
+# --------------------------------------------------------------------------------------------
+# Queries
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[int, str, LoraLinear]]:
+    """(layer index, target name, module) for every adapter, in layer order."""
+    state = _state(model)
+    blocks = model.get_submodule(state.layers_path)
+    for i in state.layers:
+        for name, module in blocks[i].named_modules():
+            if isinstance(module, LoraLinear):
+                yield i, name.rpartition(".")[2], module
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Exactly the trainable parameters: every lora_A and lora_B, in layer order."""
+    return [p for _, _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)]
+
+
+def _state(model: nn.Module) -> MidBlockState:
+    state = getattr(model, "fastmid_state", None)
+    if state is None:
+        raise UserError("model is not patched; call fastmid.apply_midblock(model, cfg) first")
+    return state
+
+
+def band_summary(model: nn.Module) -> str:
+    """One line describing the patch, e.g. for logs: layers, rank, targets, trainable params."""
+    state = _state(model)
+    n = sum(p.numel() for p in adapter_parameters(model))
+    lo, hi = state.layers[0], state.layers[-1]
+    span = f"{lo}..{hi}" if state.layers == list(range(lo, hi + 1)) else str(state.layers)
+    return (
+        f"layers {span} of {state.num_layers} | rank {state.rank} | alpha {state.alpha:g} | "
+        f"targets {','.join(state.targets)} | {n:,} trainable params"
+    )
