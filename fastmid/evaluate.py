@@ -1,0 +1,239 @@
+"""Evaluation: GSM8K-style accuracy (the paper's protocol) and held-out perplexity.
+
+Accuracy: prompt ``Question: {q}\\nAnswer:``, left-padded batched greedy decoding for at most
+64 new tokens, prediction = the last number in the generated text, gold = the ``#### N`` value
+of the reference answer, correct when they differ by less than 1e-3. Perplexity on a held-out
+general-text sample shows how much general language modelling a tune costs.
+
+``fastmid eval`` runs both from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastmid.data import QA_PROMPT, bundled_path, load_records
+from fastmid.errors import UserError
+
+_NUMBER = re.compile(r"-?[\d,]*\d\.?\d*")
+
+
+def extract_last_number(text: str) -> float | None:
+    """The last number in ``text`` (commas removed), or None if there is none."""
+    for match in reversed(_NUMBER.findall(text)):
+        try:
+            return float(match.replace(",", "").rstrip("."))
+        except ValueError:
+            continue
+    return None
+
+
+def gold_answer(answer: str) -> float | None:
+    """The gold value of a reference answer: the ``#### N`` value, else its last number."""
+    if "####" in answer:
+        return extract_last_number(answer.rsplit("####", 1)[1])
+    return extract_last_number(answer)
+
+
+def _question_and_gold(record: dict, index: int) -> tuple[str, float | None]:
+    if "question" in record and "answer" in record:
+        return record["question"], gold_answer(str(record["answer"]))
+    if "prompt" in record and "response" in record:
+        return record["prompt"], gold_answer(str(record["response"]))
+    raise UserError(f"record {index}: accuracy needs question/answer or prompt/response records")
+
+
+@torch.inference_mode()
+def gsm_accuracy(
+    model: Any,
+    tokenizer: Any,
+    records: list[dict],
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+) -> tuple[float, list[dict]]:
+    """Greedy-decode every question and score the last number; returns (accuracy, predictions).
+
+    Each prediction is ``{"question", "gold", "output", "prediction", "correct"}`` in the order
+    of ``records``. Prompts are batched by length (less padding); a batch stops as soon as
+    every row has produced EOS.
+    """
+    if not records:
+        raise UserError("no records to evaluate")
+    items = [_question_and_gold(r, i) for i, r in enumerate(records)]
+    prompts = [QA_PROMPT.format(question=q) for q, _ in items]
+    lengths = [len(tokenizer(p).input_ids) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    outputs: dict[int, str] = {}
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            generated = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                use_cache=True,
+            )
+            new = generated[:, enc["input_ids"].shape[1] :]
+            for i, row in zip(idx, new.tolist(), strict=True):
+                outputs[i] = tokenizer.decode(row, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    predictions = []
+    for i, (question, gold) in enumerate(items):
+        value = extract_last_number(outputs[i])
+        correct = value is not None and gold is not None and abs(value - gold) < 1e-3
+        predictions.append(
+            {
+                "question": question,
+                "gold": gold,
+                "output": outputs[i],
+                "prediction": value,
+                "correct": correct,
+            }
+        )
+    accuracy = sum(p["correct"] for p in predictions) / len(predictions)
+    return accuracy, predictions
+
+
+def heldout_texts(path: str | Path | None = None) -> list[str]:
+    """Paragraphs of a plain-text file (default: the bundled held-out sample)."""
+    path = Path(path) if path is not None else bundled_path("heldout")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read text file {path}: {err}") from None
+    paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
+    return [p for p in paragraphs if p]
+
+
+@torch.inference_mode()
+def perplexity(
+    model: Any, tokenizer: Any, texts: list[str], max_length: int = 256, batch_size: int = 8
+) -> float:
+    """Token-level perplexity of ``model`` on ``texts``, each cut into ``max_length`` chunks."""
+    chunks = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True).input_ids
+        chunks += [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
+    chunks = [c for c in chunks if len(c) > 1]
+    if not chunks:
+        raise UserError("no text to compute perplexity on")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    try:
+        for start in range(0, len(chunks), batch_size):
+            batch = chunks[start : start + batch_size]
+            width = max(len(c) for c in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, c in enumerate(batch):
+                ids[row, : len(c)] = torch.tensor(c)
+                mask[row, : len(c)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            nll += torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1),
+                targets.flatten(),
+                ignore_index=-100,
+                reduction="sum",
+            ).item()
+            count += int(mask[:, 1:].sum())
+    finally:
+        model.train(was_training)
+    return math.exp(nll / count)
+
+
+def write_predictions(predictions: list[dict], path: str | Path) -> None:
+    """Write predictions as JSONL atomically (temp file + rename)."""
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        raise UserError(f"output directory does not exist: {path.parent}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for p in predictions:
+                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``fastmid eval``."""
+    parser.add_argument("--model", default=None, help="HF dir, .gguf, or hub id (default: SmolLM2)")
+    parser.add_argument("--adapter", default=None, help="adapter directory to load (PEFT format)")
+    parser.add_argument("--data", default=None, help="JSONL test records (default: bundled test)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
+    parser.add_argument("--output", default=None, help="write predictions to this JSONL file")
+    parser.add_argument("--batch-size", type=int, default=32, help="generation batch size")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens per answer")
+    parser.add_argument(
+        "--precision", default="auto", choices=["auto", "bf16", "fp32"], help="compute dtype"
+    )
+    parser.add_argument(
+        "--perplexity",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also report perplexity on the bundled held-out text",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """``fastmid eval``: print accuracy (and perplexity); optionally write predictions."""
+    from fastmid.models import load_model, resolve_dtype
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be positive, got {args.limit}")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise UserError("--batch-size and --max-new-tokens must be positive")
+    if args.output is not None and not Path(args.output).resolve().parent.is_dir():
+        raise UserError(f"output directory does not exist: {Path(args.output).parent}")
+    records = load_records(args.data if args.data is not None else bundled_path("test"))
+    if args.limit is not None:
+        records = records[: args.limit]
+    if args.adapter is not None and not Path(args.adapter).is_dir():
+        raise UserError(f"adapter directory not found: {args.adapter}")
+    model, tokenizer, name = load_model(args.model, dtype=resolve_dtype(args.precision))
+    if args.adapter is not None:
+        from fastmid.adapters import load_adapter
+
+        load_adapter(model, args.adapter)
+    start = time.perf_counter()
+    accuracy, predictions = gsm_accuracy(
+        model, tokenizer, records, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
+    )
+    seconds = time.perf_counter() - start
+    correct = sum(p["correct"] for p in predictions)
+    print(f"accuracy {accuracy:.4f} ({correct}/{len(predictions)}) in {seconds:.1f}s  [{name}]")
+    if args.perplexity:
+        ppl = perplexity(model, tokenizer, heldout_texts())
+        print(f"held-out perplexity {ppl:.2f}")
+    if args.output is not None:
+        write_predictions(predictions, args.output)
+        print(f"predictions written to {args.output}")
+    return 0
