@@ -147,3 +147,30 @@ class InspectTarget:
     signature: dict[str, str]
     constexprs: dict[str, object] = field(default_factory=dict)
     configs: dict[int, list[dict[str, int]]] = field(default_factory=dict)
+    # Integer arguments assumed divisible by 16, as Triton's runtime specialises them for
+    # typical shapes (pointers are always taken as 16-byte aligned, as torch allocates them).
+    divisible: tuple[str, ...] = ()
+
+
+def kernel_signature(
+    fn, pointers: dict[str, str], floats: tuple[str, ...] = (), ones: tuple[str, ...] = ()
+) -> tuple[dict[str, str], dict[str, object]]:
+    """Signature and constexprs of `fn` for `InspectTarget`: `pointers` maps pointer arguments
+    to their type (`"*{dtype}"` or e.g. `"*fp32"`), `floats` are fp32 scalars, `ones` are
+    unit strides (the runtime turns an int equal to 1 into a constant, so ahead-of-time
+    compilation must too), every other non-constexpr argument is an i32."""
+    signature: dict[str, str] = {}
+    constexprs: dict[str, object] = {}
+    for param in fn.params:
+        name = param.name
+        if param.is_constexpr or name in ones:
+            signature[name] = "constexpr"
+            if name in ones:
+                constexprs[name] = 1
+        elif name in pointers:
+            signature[name] = pointers[name]
+        elif name in floats:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature, constexprs

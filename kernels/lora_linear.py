@@ -21,12 +21,14 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    InspectTarget,
     check_dropout,
     compute_dtype,
     cuda_arch,
     draw_seed,
     effective_scale,
     keep_mask,
+    kernel_signature,
     rank_block,
     shipped_arch,
     to_triton_configs,
@@ -209,9 +211,24 @@ MM_CONFIGS: dict[int, list[dict[str, int]]] = {
         {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 4},
     ],
     80: [
-        {"BM": 128, "BN": 128, "BK": 32, "num_warps": 8, "num_stages": 4},
-        {"BM": 128, "BN": 64, "BK": 32, "num_warps": 4, "num_stages": 4},
-        {"BM": 64, "BN": 128, "BK": 32, "num_warps": 4, "num_stages": 4},
+        {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
+        {"BM": 128, "BN": 64, "BK": 32, "num_warps": 8, "num_stages": 4},
+        {"BM": 64, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
+        {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3},
+    ],
+}
+# The dx GEMM with dropout draws a Philox mask over its whole output tile: a 128x128 tile
+# needs more than 255 registers per thread for it (measured: >1 KB of spills on sm_80 and
+# sm_90), so that variant ships with half-size tiles.
+MM_DROPOUT_CONFIGS: dict[int, list[dict[str, int]]] = {
+    90: [
+        {"BM": 64, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
+        {"BM": 128, "BN": 64, "BK": 64, "num_warps": 8, "num_stages": 3},
+        {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 4},
+    ],
+    80: [
+        {"BM": 64, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
+        {"BM": 128, "BN": 64, "BK": 64, "num_warps": 8, "num_stages": 3},
         {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3},
     ],
 }
@@ -239,12 +256,20 @@ GRAD_CONFIGS: dict[int, list[dict[str, int]]] = {
 # the modest test shapes span several blocks, so the edge masks are exercised.
 _INTERPRET_CONFIG = {
     "mm": {"BM": 32, "BN": 32, "BK": 32},
+    "mm_dropout": {"BM": 32, "BN": 32, "BK": 32},
     "thin": {"BM": 32, "BK": 32},
     "grad": {"BN": 32, "BM": 32},
 }
 _KEYS = {"mm": ["N", "K", "R"], "thin": ["K", "R"], "grad": ["N", "R"]}
+_KEYS["mm_dropout"] = _KEYS["mm"]
 _KERNELS = {"mm": _lora_mm_kernel, "thin": _lora_thin_kernel, "grad": _lora_grad_kernel}
-_CONFIGS = {"mm": MM_CONFIGS, "thin": THIN_CONFIGS, "grad": GRAD_CONFIGS}
+_KERNELS["mm_dropout"] = _lora_mm_kernel
+_CONFIGS = {
+    "mm": MM_CONFIGS,
+    "mm_dropout": MM_DROPOUT_CONFIGS,
+    "thin": THIN_CONFIGS,
+    "grad": GRAD_CONFIGS,
+}
 _tuned: dict[tuple[str, int], object] = {}
 
 
@@ -333,7 +358,7 @@ def _mm(
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
     _launch(
-        "mm", x.device, grid,
+        "mm_dropout" if dropout_p > 0.0 else "mm", x.device, grid,
         x, w_t, left, right_t, bias if bias is not None else out, out,
         m, n, k, r,
         x.stride(0), x.stride(1), w_t.stride(0), w_t.stride(1), left.stride(0), left.stride(1),
@@ -559,3 +584,70 @@ def lora_linear(
     return LoraLinearFunction.apply(
         x, weight, lora_a, lora_b, bias, float(scale), float(dropout_p), draw_seed(dropout_p, seed)
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compilation targets (`python -m fastmid.kernels.inspect`)
+# ---------------------------------------------------------------------------------------------
+
+
+def _inspect_target(name: str, kind: str, pointers: dict[str, str], ones: tuple[str, ...],
+                    divisible: tuple[str, ...], **constexprs: object) -> InspectTarget:  # fmt: skip
+    fn = _KERNELS[kind]
+    floats = ("scale", "dropout_p")
+    signature, unit = kernel_signature(fn, pointers, floats=floats, ones=ones)
+    return InspectTarget(
+        name=name,
+        fn=fn,
+        signature=signature,
+        constexprs={**unit, **constexprs},
+        configs=_CONFIGS[kind],
+        divisible=divisible,
+    )
+
+
+_P = "*{dtype}"
+# Each launch as the Function makes it, with the unit strides of its real operands, dropout
+# on where it can be (the heaviest variant) and the rank block of the default budget-matched
+# rank (r > 64, so 64-wide chunks on the main GEMM and a 128-wide thin/grad tile).
+INSPECT_TARGETS: list[InspectTarget] = [
+    _inspect_target(
+        "lora_linear_fwd_xa", "thin", {"X": _P, "A": _P, "Out": _P},
+        ones=("stride_xk", "stride_ak", "stride_or"), divisible=("K", "stride_xm", "stride_ar"),
+        HAS_DROPOUT=True, BR=128,
+    ),
+    _inspect_target(
+        "lora_linear_fwd_y", "mm", {n: _P for n in ("X", "W", "L", "Rt", "Bias", "Out")},
+        ones=("stride_xk", "stride_wk", "stride_lr", "stride_rr", "stride_on"),
+        divisible=("N", "K", "stride_xm", "stride_wn", "stride_om"),
+        HAS_BIAS=True, HAS_DROPOUT=False, BR=64, GROUP_M=8,
+    ),
+    _inspect_target(
+        "lora_linear_bwd_dyb", "thin", {"X": _P, "A": _P, "Out": _P},
+        ones=("stride_xk", "stride_ar", "stride_or"), divisible=("K", "stride_xm"),
+        HAS_DROPOUT=False, BR=128,
+    ),
+    _inspect_target(
+        "lora_linear_bwd_dx", "mm", {n: _P for n in ("X", "W", "L", "Rt", "Bias", "Out")},
+        ones=("stride_xk", "stride_wn", "stride_lr", "stride_rn", "stride_on"),
+        divisible=("N", "K", "stride_xm", "stride_wk", "stride_rr", "stride_om"),
+        HAS_BIAS=False, HAS_DROPOUT=False, BR=64, GROUP_M=8,
+    ),
+    _inspect_target(
+        "lora_linear_bwd_dx_dropout", "mm_dropout",
+        {n: _P for n in ("X", "W", "L", "Rt", "Bias", "Out")},
+        ones=("stride_xk", "stride_wn", "stride_lr", "stride_rn", "stride_on"),
+        divisible=("N", "K", "stride_xm", "stride_wk", "stride_rr", "stride_om"),
+        HAS_BIAS=False, HAS_DROPOUT=True, BR=64, GROUP_M=8,
+    ),
+    _inspect_target(
+        "lora_linear_bwd_db", "grad", {"P": _P, "Q": _P, "Out": "*fp32"},
+        ones=("stride_pn", "stride_qr", "stride_or"), divisible=("N", "stride_pm", "stride_os"),
+        HAS_DROPOUT=False, BR=128,
+    ),
+    _inspect_target(
+        "lora_linear_bwd_da", "grad", {"P": _P, "Q": _P, "Out": "*fp32"},
+        ones=("stride_pn", "stride_qr", "stride_or"), divisible=("N", "stride_pm", "stride_os"),
+        HAS_DROPOUT=True, BR=128,
+    ),
+]  # fmt: skip

@@ -1,0 +1,217 @@
+"""Compile every fastmid kernel x every shipped config for a GPU arch, with no GPU present.
+
+    python -m fastmid.kernels.inspect [--arch 80|90] [--json] [--cubin-dir DIR]
+
+For each (kernel, config) it builds the cubin with `triton.compile(ASTSource(...),
+target=GPUTarget("cuda", arch, 32))`, reads registers / stack / local memory with the
+`cuobjdump -res-usage` shipped in the triton wheel, and counts tensor-core instructions (HGMMA
+on sm_90, HMMA on sm_80) in the `nvdisasm` listing. Exit status 1 when any config spills
+(stack or local bytes > 0) or emits no tensor-core instruction: such a config would run, but
+far slower than its neighbours, so it must not ship.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# Fusion of mul+add into FMA is what the runtime does today; saying so explicitly keeps the
+# build identical and silences triton's warning about the default changing.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from ._common import InspectTarget, config_name
+
+# One module per op; each lists the launches it makes in `INSPECT_TARGETS`.
+KERNEL_MODULES = ("lora_linear",)
+TENSOR_CORE_OPCODE = {90: "HGMMA", 80: "HMMA"}
+
+
+@dataclass
+class Report:
+    """What one compiled (kernel, config) uses on the target arch."""
+
+    kernel: str
+    config: str
+    arch: int
+    dtype: str
+    registers: int
+    spill_bytes: int
+    stack_bytes: int
+    local_bytes: int
+    shared_bytes: int
+    tensor_core_instructions: int
+
+    @property
+    def ok(self) -> bool:
+        return self.spill_bytes == 0 and self.tensor_core_instructions > 0
+
+
+def nvidia_tool(name: str) -> str:
+    """Path of a CUDA binary shipped in the triton wheel (cuobjdump, nvdisasm)."""
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{name} not found in the triton wheel at {path}")
+    return str(path)
+
+
+def targets() -> list[InspectTarget]:
+    """Every registered kernel target, in module order."""
+    modules = [importlib.import_module(f".{name}", __package__) for name in KERNEL_MODULES]
+    return [t for module in modules for t in module.INSPECT_TARGETS]
+
+
+def compile_one(target: InspectTarget, config: dict[str, int], arch: int, dtype: str):
+    """Compile one target with one config for `arch`; returns triton's compiled kernel."""
+    signature = {k: v.format(dtype=dtype) for k, v in target.signature.items()}
+    constexprs = dict(target.constexprs)
+    constexprs.update({k: v for k, v in config.items() if k not in ("num_warps", "num_stages")})
+    arg_names = target.fn.arg_names
+    attrs = {
+        (arg_names.index(name),): [["tt.divisibility", 16]]
+        for name, kind in signature.items()
+        if kind.startswith("*") or name in target.divisible
+    }
+    src = ASTSource(fn=target.fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+_RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def analyse(cubin: bytes, arch: int) -> tuple[int, int, int, int]:
+    """(registers, stack bytes, local bytes, tensor-core instruction count) of a cubin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        res = subprocess.run(
+            [nvidia_tool("cuobjdump"), "-res-usage", str(path)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        sass = subprocess.run(
+            [nvidia_tool("nvdisasm"), str(path)], check=True, capture_output=True, text=True
+        ).stdout
+    match = _RES.search(res)
+    if match is None:
+        raise RuntimeError(f"unexpected cuobjdump output:\n{res}")
+    regs, stack, _, local = (int(g) for g in match.groups())
+    opcode = TENSOR_CORE_OPCODE[arch]
+    mma = sum(1 for line in sass.splitlines() if re.search(rf"\b{opcode}\b", line))
+    return regs, stack, local, mma
+
+
+def _inspect_one(job: tuple[int, int, int, str, Path | None]) -> Report:
+    """Compile and analyse config `ci` of target `ti` (indices, so jobs pickle cheaply)."""
+    ti, ci, arch, dtype, cubin_dir = job
+    target = targets()[ti]
+    config = target.configs[arch][ci]
+    kernel = compile_one(target, config, arch, dtype)
+    cubin = kernel.asm["cubin"]
+    name = config_name(config)
+    if cubin_dir is not None:
+        cubin_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cubin_dir / f".{target.name}__{name}.cubin.tmp"
+        tmp.write_bytes(cubin)
+        os.replace(tmp, cubin_dir / f"{target.name}__{name}.cubin")
+    regs, stack, local, mma = analyse(cubin, arch)
+    return Report(
+        kernel=target.name,
+        config=name,
+        arch=arch,
+        dtype=dtype,
+        registers=regs,
+        spill_bytes=stack + local,
+        stack_bytes=stack,
+        local_bytes=local,
+        shared_bytes=int(kernel.metadata.shared),
+        tensor_core_instructions=mma,
+    )
+
+
+def inspect_all(
+    arch: int,
+    dtype: str = "bf16",
+    cubin_dir: Path | None = None,
+    kernel_filter: str | None = None,
+    jobs: int = 1,
+) -> list[Report]:
+    """Compile and analyse every target (whose name contains `kernel_filter`, if given) x
+    shipped config for `arch`, on `jobs` worker processes (compilation is CPU-bound)."""
+    work = [
+        (ti, ci, arch, dtype, cubin_dir)
+        for ti, target in enumerate(targets())
+        if kernel_filter is None or kernel_filter in target.name
+        for ci in range(len(target.configs[arch]))
+    ]
+    if jobs <= 1:
+        return [_inspect_one(job) for job in work]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(_inspect_one, work))
+
+
+def format_table(reports: list[Report]) -> str:
+    """Fixed-width text table, one row per (kernel, config)."""
+    head = f"{'kernel':<28} {'config':<30} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':>4}  ok"
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        lines.append(
+            f"{r.kernel:<28} {r.config:<30} {r.registers:>4} {r.spill_bytes:>5} "
+            f"{r.shared_bytes:>7} {r.tensor_core_instructions:>4}  {'yes' if r.ok else 'NO'}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastmid.kernels.inspect",
+        description="Compile every kernel x shipped config for a GPU arch (no GPU needed) and "
+        "report registers, spills, shared memory and tensor-core instructions.",
+    )
+    parser.add_argument("--arch", type=int, choices=(80, 90), default=90)
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead")
+    parser.add_argument("--cubin-dir", type=Path, help="write <kernel>__<config>.cubin here")
+    parser.add_argument("--kernel", help="only kernels whose name contains this string")
+    parser.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes"
+    )
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("inspect compiles real kernels: unset TRITON_INTERPRET", file=sys.stderr)
+        return 2
+    reports = inspect_all(
+        args.arch, cubin_dir=args.cubin_dir, kernel_filter=args.kernel, jobs=args.jobs
+    )
+    if not reports:
+        print(f"no kernel matches {args.kernel!r}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([asdict(r) for r in reports], indent=1))
+    else:
+        print(format_table(reports))
+    bad = [r for r in reports if not r.ok]
+    for r in bad:
+        print(
+            f"{r.kernel} {r.config}: {r.spill_bytes} spill bytes, "
+            f"{r.tensor_core_instructions} tensor-core instructions",
+            file=sys.stderr,
+        )
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
