@@ -6,6 +6,19 @@ Depends only on torch and triton, so other trainers can import it on its own::
 """
 
 from ._common import use_triton
+from .lora_gate_up import LoraGateUpFunction, lora_gate_up, lora_gate_up_reference
 from .lora_linear import LoraLinearFunction, lora_linear, lora_linear_reference
+from .lora_qkv import LoraQKVFunction, lora_qkv, lora_qkv_reference
 
-__all__ = ["LoraLinearFunction", "lora_linear", "lora_linear_reference", "use_triton"]
+__all__ = [
+    "LoraGateUpFunction",
+    "LoraLinearFunction",
+    "LoraQKVFunction",
+    "lora_gate_up",
+    "lora_gate_up_reference",
+    "lora_linear",
+    "lora_linear_reference",
+    "lora_qkv",
+    "lora_qkv_reference",
+    "use_triton",
+]
