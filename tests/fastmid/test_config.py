@@ -1,0 +1,99 @@
+"""TrainConfig: YAML plus overrides, type coercion, band parsing and one-line validation errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fastmid.config import TrainConfig, build_config, load_yaml, parse_band, save_yaml
+from fastmid.errors import UserError
+
+
+def test_defaults_follow_the_paper():
+    cfg = build_config()
+    assert (cfg.alpha, cfg.dropout, cfg.rank_budget, cfg.lr) == (128.0, 0.05, 64, 1e-4)
+    assert cfg.targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert (cfg.band, cfg.schedule, cfg.output_dir) == ("0.2,0.8", "linear", "./fastmid-out")
+
+
+def test_yaml_then_overrides(tmp_path: Path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "lr: 3.0e-4\nrank: 16\nband: [6, 7, 8]\ntargets: [q_proj, v_proj]\n"
+        "max-steps: 20\neval: false\nalpha: 32\n"
+    )
+    cfg = build_config(path, {"rank": 4, "targets": "q_proj,k_proj", "lr": "1e-3"})
+    assert cfg.rank == 4  # the flag wins
+    assert cfg.lr == 1e-3  # strings from the command line are coerced
+    assert cfg.targets == ["q_proj", "k_proj"]
+    assert cfg.band == "6,7,8"
+    assert cfg.max_steps == 20 and cfg.eval is False
+    assert cfg.alpha == 32.0 and isinstance(cfg.alpha, float)
+
+
+def test_saved_config_round_trips(tmp_path: Path):
+    cfg = build_config(None, {"rank": 8, "band": "3-5", "max_steps": 7})
+    save_yaml({**cfg.to_dict(), "resolved": {"layers": [3, 4, 5]}}, tmp_path / "config.yaml")
+    again = build_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temp file
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0.2,0.8", (0.2, 0.8)),
+        (" 0.25 , 1 ", (0.25, 1.0)),
+        ("all", "all"),
+        ("auto", "auto"),
+        ("6-23", list(range(6, 24))),
+        ("7,3,5", [3, 5, 7]),
+    ],
+)
+def test_parse_band(text: str, expected):
+    assert parse_band(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"band": "0.8,0.2"}, "band '0.8,0.2'"),
+        ({"band": "middle"}, "band 'middle' is not one of"),
+        ({"band": "9-3"}, "range start 9 is after its end 3"),
+        ({"rank": 0}, "rank must be a positive integer"),
+        ({"rank": "eight"}, "rank must be int"),
+        ({"targets": ""}, "targets must name at least one"),
+        ({"targets": "q_proj,q_proj"}, "targets repeat a name"),
+        ({"targets": "q-proj"}, "target 'q-proj' is not a module name"),
+        ({"precision": "fp16"}, "precision must be one of auto|bf16|fp32"),
+        ({"dropout": 1.0}, "dropout must be in [0, 1)"),
+        ({"batch_tokens": 64, "max_length": 128}, "batch_tokens (64) must be at least"),
+        ({"resume": True, "overwrite": True}, "exclude each other"),
+        ({"lerning_rate": 1e-3}, "unknown config key 'lerning_rate'"),
+        ({"lr_": 1e-3}, "did you mean 'lr'?"),
+        ({"eval": "maybe"}, "eval must be bool"),
+        ({"max_steps": 2.5}, "max_steps must be int"),
+    ],
+)
+def test_bad_values_are_one_line_user_errors(overrides: dict, message: str):
+    with pytest.raises(UserError) as err:
+        build_config(None, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_yaml_file_problems(tmp_path: Path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 1e-4\nrank: [1,\n")
+    with pytest.raises(UserError, match=r"bad\.yaml:\d+: not valid YAML"):
+        load_yaml(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- lr\n- rank\n")
+    with pytest.raises(UserError, match="expected a mapping"):
+        load_yaml(listy)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert build_config(empty) == TrainConfig()

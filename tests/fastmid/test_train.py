@@ -1,0 +1,220 @@
+"""The training loop end to end on a tiny random-init model: loss falls, the adapter loads in
+PEFT with the same logits, packing equals padding, and an interrupted run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import fastmid.kernels._common as kernel_dispatch
+import pytest
+import torch
+
+import fastmid.train as train_mod
+from fastmid import data
+from fastmid.config import build_config
+from fastmid.train import forward_loss, lr_lambda, train
+from tests.fastmid._tiny import tiny_model
+
+# Short arithmetic records: a tiny model can visibly learn them in a few steps.
+RECORDS = [
+    {"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = {a + b}. #### {a + b}"}
+    for a in range(1, 9)
+    for b in range(1, 5)
+]
+
+
+def make_tokenizer(texts: list[str]):
+    """A small byte-level BPE tokenizer trained on ``texts`` (no downloads, milliseconds)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def make_model_dir(root: Path, num_layers: int = 10) -> Path:
+    """A tiny Llama (hidden 64, ``num_layers`` blocks) with its tokenizer, saved as an HF dir."""
+    texts = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in RECORDS]
+    tokenizer = make_tokenizer(texts)
+    # A wide init lets a rank-8 adapter move the (frozen, random) LM head's logits far.
+    model = tiny_model(
+        "llama", num_layers, vocab_size=len(tokenizer), pad_token_id=0, initializer_range=0.2
+    )
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.bos_token_id = None
+    path = root / "tiny-llama"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def torch_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The loop runs the kernels' torch path (the interpreter is for kernel tests), on one
+    thread: tiny matmuls gain nothing from more, and lose a lot on a busy machine."""
+    monkeypatch.setattr(kernel_dispatch, "INTERPRET", False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture
+def train_file(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "train.jsonl", RECORDS)
+
+
+def tiny_cfg(model_dir: Path, train_file: Path, out: Path, **over):
+    values = dict(
+        model=str(model_dir),
+        data=str(train_file),
+        output_dir=str(out),
+        precision="fp32",
+        band="0.2,0.8",
+        rank=8,
+        alpha=16.0,
+        lr=1e-2,
+        batch_tokens=256,
+        max_length=64,
+        max_steps=8,
+        warmup_steps=1,
+        eval=False,
+        log_every=1,
+        fuse_groups=False,
+    )
+    values.update(over)
+    return build_config(None, values)
+
+
+def losses(out: Path) -> list[float]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def test_loss_falls_and_adapter_loads_in_peft(model_dir: Path, train_file: Path, tmp_path: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    summary = train(tiny_cfg(model_dir, train_file, out, max_steps=12))
+    got = losses(out)
+    assert len(got) == 12
+    assert summary["loss_last"] < 0.7 * summary["loss_first"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter",
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+    ]
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["loss_first"] == pytest.approx(got[0])
+    assert saved["resolved"]["layers"] == [2, 3, 4, 5, 6, 7]
+    assert saved["resolved"]["precision"] == "fp32"
+
+    # The saved adapter, loaded by PEFT on a fresh base, reproduces fastmid's own logits.
+    from fastmid.adapters import load_adapter
+
+    ids = torch.tensor([[5, 17, 42, 99, 3, 7, 250, 11]])
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    ours = AutoModelForCausalLM.from_pretrained(model_dir)
+    load_adapter(ours, out / "adapter")
+    plain = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+        got_logits = ours.eval()(input_ids=ids).logits
+        untuned = plain(input_ids=ids).logits
+    torch.testing.assert_close(got_logits, want, rtol=1e-4, atol=1e-4)
+    assert (want - untuned).abs().max() > 1e-3  # the adapter really changes the model
+
+
+def test_packing_gives_the_same_loss_as_padding(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = tiny_model("llama", 10, vocab_size=len(tokenizer), pad_token_id=0)
+    model.config._attn_implementation = "sdpa"
+    examples = data.tokenize_records(RECORDS[:6], tokenizer, max_length=64, loss_on="all")
+    with torch.no_grad():
+        packed, n_packed = forward_loss(model, data.collate_packed(examples))
+        padded, n_padded = forward_loss(model, data.collate_padded(examples, pad_id=0))
+        one_by_one = [forward_loss(model, data.collate_packed([e])) for e in examples]
+    assert n_packed == n_padded == sum(n for _, n in one_by_one) > 0
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed, sum(loss for loss, _ in one_by_one), rtol=1e-5, atol=1e-5)
+    # Without the per-example positions the examples would attend to each other.
+    crossed = data.collate_packed(examples)
+    crossed["position_ids"] = torch.arange(crossed["input_ids"].shape[1])[None]
+    with torch.no_grad():
+        leaked, _ = forward_loss(model, crossed)
+    assert (leaked - packed).abs() > 1e-3
+
+
+def test_interrupted_run_resumes_with_identical_losses(
+    model_dir: Path, train_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # Dropout and grad accumulation on, so resume must restore RNG and data position too.
+    common = dict(max_steps=6, dropout=0.1, grad_accum=2, batch_tokens=128, epochs=1)
+    straight = tmp_path / "straight"
+    train(tiny_cfg(model_dir, train_file, straight, **common))
+    want = losses(straight)
+
+    resumed = tmp_path / "resumed"
+    calls = {"n": 0}
+    real_forward_loss = train_mod.forward_loss
+
+    def interrupting_forward_loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:  # during step 3 (two micro-batches per step)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_forward_loss(model, batch)
+
+    monkeypatch.setattr(train_mod, "forward_loss", interrupting_forward_loss)
+    summary = train(tiny_cfg(model_dir, train_file, resumed, **common))
+    assert summary["interrupted"] and summary["steps"] == 3
+    assert (resumed / "checkpoint" / "state.json").is_file()
+    assert not (resumed / "adapter").exists()  # nothing that looks like a finished run
+    assert losses(resumed) == want[:3]
+
+    monkeypatch.setattr(train_mod, "forward_loss", real_forward_loss)
+    summary = train(tiny_cfg(model_dir, train_file, resumed, resume=True, **common))
+    assert not summary["interrupted"]
+    assert losses(resumed) == want  # bit-exact, not approximately
+    assert not (resumed / "checkpoint").exists()
+    a = (straight / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert a == (resumed / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        ("linear", [0.5, 1.0, 0.75, 0.5, 0.25, 0.0]),
+        ("cosine", [0.5, 1.0, 0.8535534, 0.5, 0.1464466, 0.0]),
+        ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ],
+)
+def test_lr_schedule_warms_up_then_decays(schedule: str, expected: list[float]):
+    factor = lr_lambda(total_steps=5, warmup_steps=1, schedule=schedule)
+    assert [factor(s) for s in range(6)] == pytest.approx(expected)
