@@ -12,6 +12,7 @@ into the LoRA scale (`effective_scale`), so no kernel ever rescales a copy of `x
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 
@@ -161,9 +162,12 @@ def kernel_signature(
     compilation must too), every other non-constexpr argument is an i32."""
     signature: dict[str, str] = {}
     constexprs: dict[str, object] = {}
-    for param in fn.params:
+    # Read the Python function's own parameters: under TRITON_INTERPRET=1 `fn` is an
+    # interpreter wrapper without the JIT metadata, and the registry must still import.
+    params = inspect.signature(getattr(fn, "fn", fn)).parameters.values()
+    for param in params:
         name = param.name
-        if param.is_constexpr or name in ones:
+        if "constexpr" in str(param.annotation) or name in ones:
             signature[name] = "constexpr"
             if name in ones:
                 constexprs[name] = 1
