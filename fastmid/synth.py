@@ -188,20 +188,18 @@ def _savings(rng: random.Random, n: int) -> Problem:
         answer = saved + gift
     if n >= 3:
         price = rng.randint(10, answer - 1)
+        if n >= 4 and (answer - price) % 2:
+            price -= 1  # an even rest can always be split into halves below
         q += f" {name} buys a game for ${price}."
         lines.append(f"After the game {name} has {answer} - {price} = {answer - price} dollars.")
         answer -= price
     if n >= 4:
-        parts = rng.choice([d for d in (2, 3, 4, 5) if answer % d == 0] or [1])
-        if parts == 1:
-            lines.append(f"{name} keeps all {answer} dollars.")
-            q += f" {name} keeps the rest."
-        else:
-            q += f" {name} gives 1/{parts} of the rest to a sister."
-            kept = answer - answer // parts
-            lines.append(f"The sister gets {answer} / {parts} = {answer // parts} dollars.")
-            lines.append(f"{name} keeps {answer} - {answer // parts} = {kept} dollars.")
-            answer = kept
+        parts = rng.choice([d for d in (2, 3, 4, 5) if answer % d == 0])
+        q += f" {name} gives 1/{parts} of the rest to a sister."
+        kept = answer - answer // parts
+        lines.append(f"The sister gets {answer} / {parts} = {answer // parts} dollars.")
+        lines.append(f"{name} keeps {answer} - {answer // parts} = {kept} dollars.")
+        answer = kept
     q += f" How much money does {name} have now?" if n >= 2 else f" How much does {name} save?"
     return q, lines, answer
 

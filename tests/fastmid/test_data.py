@@ -1,0 +1,319 @@
+"""Data: JSONL loading and its errors, tokenization and loss masks, packing, bundled data."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+from fastmid import synth
+from fastmid.data import (
+    IGNORE,
+    Example,
+    bundled_path,
+    collate_packed,
+    collate_padded,
+    load_records,
+    pack_batches,
+    tokenize_records,
+)
+from fastmid.errors import UserError
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@functools.cache
+def _tiny_backend() -> Tokenizer:
+    # A byte-level BPE trained on the bundled questions: small vocab, no download.
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines = bundled_path("train").read_text().splitlines()[:300]
+    tok.train_from_iterator(lines, trainer)
+    return tok
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A fresh ~400-token byte-level BPE tokenizer with a ChatML template and EOS = <|im_end|>."""
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=_tiny_backend(), eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tok.chat_template = CHATML
+    return tok
+
+
+def tiny_llama(vocab_size: int = 400, layers: int = 2) -> torch.nn.Module:
+    """A random-init 2-layer Llama with SDPA attention."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        attn_implementation="sdpa",
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _write(tmp_path: Path, text: str, name: str = "data.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------- loading and its errors
+
+
+def test_load_records_reads_all_three_shapes_and_skips_blank_lines(tmp_path: Path) -> None:
+    lines = [
+        {"prompt": "p", "response": "r"},
+        {"question": "q", "answer": "a"},
+        {"messages": [{"role": "user", "content": "hi"}]},
+    ]
+    path = _write(tmp_path, "\n".join(json.dumps(x) for x in lines) + "\n\n")
+    assert load_records(path) == lines
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        (
+            '{"question": "q", "answer": "a"}\n{"question": "q", \n',
+            r"data\.jsonl:2: malformed JSON",
+        ),
+        ('{"question": "q", "answer": "a"}\n{"text": "x", "id": 3}\n', r":2: .*keys \[id, text\]"),
+        ("[1, 2]\n", r":1: .*a JSON list"),
+        ("\n\n", r"no records"),
+    ],
+)
+def test_load_records_errors_name_file_and_line(tmp_path: Path, text: str, pattern: str) -> None:
+    with pytest.raises(UserError, match=pattern):
+        load_records(_write(tmp_path, text))
+
+
+def test_load_records_missing_and_directory_and_undecodable(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not found"):
+        load_records(tmp_path / "nope.jsonl")
+    with pytest.raises(UserError, match="directory"):
+        load_records(tmp_path)
+    bad = tmp_path / "bin.jsonl"
+    bad.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(UserError, match="cannot read"):
+        load_records(bad)
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+def test_qa_targets_are_shifted_response_tokens_ending_in_eos() -> None:
+    tok = tiny_tokenizer()
+    record = {"question": "Sam has 3 apples. How many?", "answer": "3 + 0 = 3\n#### 3"}
+    (ex,) = tokenize_records([record], tok, fmt="qa")
+    prompt_ids = tok("Question: Sam has 3 apples. How many?\nAnswer:").input_ids
+    assert ex.input_ids[: len(prompt_ids)] == prompt_ids
+    assert ex.targets[-1] == IGNORE
+    # Every labelled position predicts the next input token.
+    for t, target in enumerate(ex.targets):
+        if target != IGNORE:
+            assert target == ex.input_ids[t + 1]
+    # The first label sits on the last prompt token and the labels spell the response + EOS.
+    assert ex.targets.index(next(t for t in ex.targets if t != IGNORE)) == len(prompt_ids) - 1
+    labels = [t for t in ex.targets if t != IGNORE]
+    assert tok.decode(labels) == " 3 + 0 = 3\n#### 3<|im_end|>"
+    assert ex.num_loss_tokens == len(ex.input_ids) - len(prompt_ids)
+
+
+def test_prompt_response_records_and_loss_on_all() -> None:
+    tok = tiny_tokenizer()
+    records = [{"prompt": "Ava buys 2 pens.", "response": "#### 2"}]
+    (resp,) = tokenize_records(records, tok, loss_on="response")
+    (full,) = tokenize_records(records, tok, loss_on="all")
+    assert full.input_ids == resp.input_ids
+    assert full.num_loss_tokens == len(full.input_ids) - 1
+    assert full.targets[:-1] == full.input_ids[1:]
+    assert resp.num_loss_tokens < full.num_loss_tokens
+
+
+def test_truncation_and_filtering() -> None:
+    tok = tiny_tokenizer()
+    long = {"question": "Zoe has many marbles. " * 10, "answer": "#### 1"}
+    short = {"question": "Ben is 5.", "answer": "#### 5"}
+    examples = tokenize_records([long, short], tok, max_length=20)
+    # The long example lost its whole response to truncation and is dropped.
+    assert len(examples) == 1 and examples[0].num_loss_tokens > 0
+    (cut,) = tokenize_records([long], tok, max_length=20, loss_on="all")
+    assert len(cut.input_ids) == 20 and cut.targets[-1] == IGNORE
+    with pytest.raises(UserError, match="no examples left"):
+        tokenize_records([long], tok, max_length=20)
+
+
+def test_chat_format_puts_loss_on_every_assistant_turn_only() -> None:
+    tok = tiny_tokenizer()
+    record = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Ava has 2 pens."},
+            {"role": "assistant", "content": "Ok 2."},
+            {"role": "user", "content": "And Ben?"},
+            {"role": "assistant", "content": "Ben has 7."},
+        ]
+    }
+    (ex,) = tokenize_records([record], tok, fmt="chat")
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(record["messages"], tokenize=False)
+    labelled = tok.decode([t if t != IGNORE else tok.pad_token_id for t in ex.targets])
+    spans = [s for s in labelled.split("<|endoftext|>") if s]
+    assert spans == ["Ok 2.<|im_end|>\n", "Ben has 7.<|im_end|>\n"]
+
+
+def test_chat_format_from_question_answer_and_errors() -> None:
+    tok = tiny_tokenizer()
+    (ex,) = tokenize_records([{"question": "Hi?", "answer": "#### 4"}], tok, fmt="chat")
+    assert tok.decode([t for t in ex.targets if t != IGNORE]) == "#### 4<|im_end|>\n"
+    with pytest.raises(UserError, match="unknown record shape"):
+        tokenize_records([{"text": "x"}], tok)
+    with pytest.raises(UserError, match="unknown data format"):
+        tokenize_records([{"question": "q", "answer": "a"}], tok, fmt="alpaca")
+    tok.chat_template = None
+    with pytest.raises(UserError, match="chat template"):
+        tokenize_records([{"question": "q", "answer": "a"}], tok, fmt="chat")
+
+
+# ---------------------------------------------------------------- packing and collation
+
+
+def _examples(lengths: list[int]) -> list[Example]:
+    return [Example(list(range(n)), [*range(1, n), IGNORE]) for n in lengths]
+
+
+def test_pack_batches_respects_budget_and_is_deterministic() -> None:
+    lengths = [(i * 37) % 90 + 10 for i in range(200)]
+    examples = _examples(lengths)
+    batches = pack_batches(examples, max_tokens=256, seed=3)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    assert all(sum(lengths[i] for i in b) <= 256 for b in batches)
+    # First-fit decreasing wastes little: within one batch of the lower bound.
+    assert len(batches) <= -(-sum(lengths) // 256) + 1
+    assert pack_batches(examples, 256, seed=3) == batches
+    other = pack_batches(examples, 256, seed=4)
+    assert other != batches and sorted(map(sorted, other)) == sorted(map(sorted, batches))
+    assert pack_batches(examples, 256, seed=3, shuffle=False) == pack_batches(
+        examples, 256, seed=99, shuffle=False
+    )
+    with pytest.raises(UserError, match="more than the batch budget"):
+        pack_batches(examples, max_tokens=50, seed=0)
+
+
+def test_collators_shapes_positions_and_targets() -> None:
+    a, b = _examples([3, 5])
+    packed = collate_packed([a, b])
+    assert packed["input_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
+    assert packed["targets"].tolist() == [[1, 2, IGNORE, 1, 2, 3, 4, IGNORE]]
+    padded = collate_padded([a, b], pad_id=9)
+    assert padded["input_ids"].tolist() == [[0, 1, 2, 9, 9], [0, 1, 2, 3, 4]]
+    assert padded["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert padded["targets"][0].tolist() == [1, 2, IGNORE, IGNORE, IGNORE]
+    assert padded["position_ids"][1].tolist() == [0, 1, 2, 3, 4]
+
+
+def _packed_and_alone(model: torch.nn.Module, use_cache: bool, restart: bool) -> float:
+    """Largest |logit difference| between a packed row and each example run alone."""
+    gen = torch.Generator().manual_seed(1)
+    examples = [
+        Example(torch.randint(3, 400, (n,), generator=gen).tolist(), [IGNORE] * n)
+        for n in (7, 12, 5)
+    ]
+    batch = collate_packed(examples)
+    positions = batch["position_ids"]
+    if not restart:
+        positions = torch.arange(positions.shape[1])[None]
+    with torch.no_grad():
+        packed = model(
+            input_ids=batch["input_ids"],
+            position_ids=positions,
+            attention_mask=None,
+            use_cache=use_cache,
+        ).logits[0]
+        alone = torch.cat(
+            [
+                model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0]
+                for e in examples
+            ]
+        )
+    return (packed - alone).abs().max().item()
+
+
+def test_packed_row_matches_examples_alone_only_with_restarting_positions_and_no_cache() -> None:
+    model = tiny_llama()
+    assert _packed_and_alone(model, use_cache=False, restart=True) < 1e-5
+    # The controls show the check can fail: with a KV cache transformers does not derive the
+    # block-diagonal mask, and without restarting positions it cannot see the boundaries.
+    assert _packed_and_alone(model, use_cache=True, restart=True) > 1e-3
+    assert _packed_and_alone(model, use_cache=False, restart=False) > 1e-3
+
+
+def test_packed_logits_match_padded_batch_at_labelled_positions() -> None:
+    tok = tiny_tokenizer()
+    model = tiny_llama()
+    records = load_records(bundled_path("train"))[:4]
+    examples = tokenize_records(records, tok)
+    packed = collate_packed(examples)
+    padded = collate_padded(examples, tok.pad_token_id)
+    with torch.no_grad():
+        p = model(
+            input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False
+        ).logits[0]
+        q = model(
+            input_ids=padded["input_ids"],
+            attention_mask=padded["attention_mask"],
+            position_ids=padded["position_ids"],
+            use_cache=False,
+        ).logits
+    keep_p = packed["targets"][0] != IGNORE
+    keep_q = padded["targets"] != IGNORE
+    assert packed["targets"][0][keep_p].tolist() == padded["targets"][keep_q].tolist()
+    torch.testing.assert_close(p[keep_p], q[keep_q], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- bundled data
+
+
+def test_synth_regenerates_the_bundled_files_byte_for_byte(tmp_path: Path) -> None:
+    assert synth.main(["--out", str(tmp_path)]) == 0
+    for split in ("train", "test"):
+        assert (tmp_path / f"gsm_{split}.jsonl").read_bytes() == bundled_path(split).read_bytes()
+
+
+def test_bundled_problems_are_correct_multi_step_and_disjoint() -> None:
+    train, test = load_records(bundled_path("train")), load_records(bundled_path("test"))
+    assert (len(train), len(test)) == (synth.TRAIN_SIZE, synth.TEST_SIZE)
+    assert not {r["question"] for r in train} & {r["question"] for r in test}
+    steps = set()
+    for record in train + test:
+        *lines, final = record["answer"].split("\n")
+        calcs = [re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)", line) for line in lines]
+        assert all(len(c) == 1 for c in calcs), record
+        for ((a, op, b, c),) in calcs:
+            x, y = int(a), int(b)
+            value = {"+": x + y, "-": x - y, "*": x * y, "/": x // y if x % y == 0 else -1}[op]
+            assert value == int(c), record
+        assert final == f"#### {calcs[-1][0][3]}"
+        steps.add(len(lines))
+    assert steps >= {1, 2, 3, 4}
