@@ -245,11 +245,13 @@ GROUPED_MM_CONFIGS = {80: _MAIN, 90: _MAIN}
 THIN_CONFIGS = {80: _THIN, 90: _THIN}
 TN_CONFIGS = {80: _TN, 90: _TN}
 
-# Under the interpreter: one small config, so modest test shapes still cross every tile edge.
+# Under the interpreter: one small config, so modest test shapes still cross tile edges; the
+# thin/grad tiles are wide over the rank so the (slow, interpreted) dropout mask is drawn
+# few times.
 _INTERPRET_META = {
-    "grouped_mm": {"BM": 32, "BN": 32, "BK": 32, "BR": 16},
-    "thin": {"BM": 32, "BR": 16, "BK": 32},
-    "tn": {"BP": 32, "BQ": 16, "BM": 32},
+    "grouped_mm": {"BM": 32, "BN": 32, "BK": 32, "BR": 32},
+    "thin": {"BM": 32, "BR": 64, "BK": 64},
+    "tn": {"BP": 32, "BQ": 64, "BM": 64},
 }
 # M is left out of the autotune keys: packed batches change it every step, N and K do not.
 _KERNELS = {
