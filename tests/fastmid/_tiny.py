@@ -65,3 +65,41 @@ def tiny_model(family: str, num_layers: int = 10, **overrides: Any) -> torch.nn.
         torch.manual_seed(1234)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     return model.eval()
+
+
+def randomize_adapters(model: torch.nn.Module, seed: int = 7) -> None:
+    """Give every fastmid adapter non-zero A and B so the LoRA path changes the output."""
+    from fastmid.patch import lora_modules
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, m in lora_modules(model):
+            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=gen) * 0.2)
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.05)
+
+
+def peft_twin(base: torch.nn.Module, patched: torch.nn.Module) -> torch.nn.Module:
+    """A PEFT LoRA model on ``base`` (an unpatched copy) with ``patched``'s adapter weights."""
+    from peft import LoraConfig, get_peft_model
+
+    from fastmid.patch import lora_modules
+
+    state = patched.fastmid_state
+    config = LoraConfig(
+        r=state.rank,
+        lora_alpha=state.alpha,
+        lora_dropout=state.dropout,
+        target_modules=list(state.targets),
+        layers_to_transform=state.layers,
+        use_rslora=state.config.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(base, config)
+    ours = {name: m for name, m in patched.named_modules() if hasattr(m, "lora_A")}
+    with torch.no_grad():
+        for name, m in peft_model.base_model.model.named_modules():
+            if hasattr(m, "lora_A") and isinstance(m.lora_A, torch.nn.ModuleDict):
+                m.lora_A["default"].weight.copy_(ours[name].lora_A)
+                m.lora_B["default"].weight.copy_(ours[name].lora_B)
+    assert len(ours) == sum(1 for _ in lora_modules(patched))
+    return peft_model

@@ -1,0 +1,386 @@
+"""Mid-Block patching: band and rank rules, equivalence with PEFT, work actually skipped."""
+
+from __future__ import annotations
+
+import copy
+
+import fastmid.kernels._common as kernel_dispatch
+import pytest
+import torch
+from torch import nn
+
+from fastmid.errors import UserError
+from fastmid.patch import (
+    KNOWN_TARGETS,
+    LoraLinear,
+    MidBlockConfig,
+    adapter_parameters,
+    apply_midblock,
+    find_decoder_layers,
+    lora_modules,
+    resolve_band,
+    resolve_rank,
+)
+from tests.fastmid._tiny import FAMILIES, peft_twin, randomize_adapters, tiny_model
+
+ALL = KNOWN_TARGETS
+VOCAB = 256
+
+
+@pytest.fixture(autouse=True)
+def torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the kernels' torch path unless a test asks for the interpreted Triton kernels."""
+    monkeypatch.setattr(kernel_dispatch, "INTERPRET", False)
+
+
+def batch(seed: int = 0, b: int = 2, t: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (b, t), generator=gen)
+    return ids, ids.clone()
+
+
+def patched(family: str = "llama", num_layers: int = 10, **cfg) -> tuple[nn.Module, nn.Module]:
+    """(fastmid model with random non-zero adapters, untouched copy of the same base)."""
+    model = tiny_model(family, num_layers)
+    base = copy.deepcopy(model)
+    cfg.setdefault("dropout", 0.0)
+    cfg.setdefault("rank", 4)  # the default budget gives ranks wider than the tiny layers
+    apply_midblock(model, MidBlockConfig(**cfg))
+    randomize_adapters(model)
+    return model, base
+
+
+def loss_and_grads(model: nn.Module, params: list[nn.Parameter]) -> tuple[torch.Tensor, ...]:
+    ids, labels = batch()
+    out = model(input_ids=ids, labels=labels)
+    grads = torch.autograd.grad(out.loss, params)
+    return out.logits.detach(), out.loss.detach(), *grads
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-3) -> None:
+    """fp32 agreement up to summation order: max error <= rel * the tensor's own scale."""
+    err = (a - b).abs().max().item()
+    assert err <= rel * b.abs().max().item() + 1e-7, f"max error {err:.3g}"
+
+
+def peft_params(peft_model: nn.Module, model: nn.Module) -> list[nn.Parameter]:
+    """PEFT's A/B parameters in the same order as fastmid's adapter_parameters(model)."""
+    named = dict(peft_model.base_model.model.named_modules())
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLinear):
+            out += [named[name].lora_A["default"].weight, named[name].lora_B["default"].weight]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Band and rank
+
+
+@pytest.mark.parametrize(
+    ("num_layers", "first", "last"), [(16, 3, 11), (30, 6, 23), (32, 6, 24), (40, 8, 31)]
+)
+def test_band_table_matches_the_papers_five_segment_rule(num_layers, first, last):
+    assert resolve_band((0.2, 0.8), num_layers) == list(range(first, last + 1))
+
+
+def test_band_uses_exact_arithmetic():
+    # 0.6 * 10 is 5.999999999999999 in floats; the band must still start at layer 6.
+    assert resolve_band((0.6, 1.0), 10) == [6, 7, 8, 9]
+    assert resolve_band((0.3, 0.7), 10) == [3, 4, 5, 6]
+    assert resolve_band([0.6, 1.0], 10) == [6, 7, 8, 9]  # YAML gives lists, not tuples
+
+
+def test_band_all_and_explicit_lists():
+    assert resolve_band("all", 4) == [0, 1, 2, 3]
+    assert resolve_band([5, 1, 3], 8) == [1, 3, 5]
+    assert resolve_band((0, 1), 3) == [0, 1, 2]
+
+
+def test_budget_matched_rank():
+    # The paper's example: L=32, 19 active layers, budget 64 -> 107.
+    assert resolve_rank(None, 64, 32, 19) == 107
+    assert resolve_rank(None, 64, 30, 18) == 106
+    assert resolve_rank(None, 8, 10, 10) == 8
+    assert resolve_rank(5, 64, 32, 19) == 5
+
+
+@pytest.mark.parametrize(
+    ("band", "message"),
+    [
+        ((0.0, 0.05), "selects no layer"),
+        ((0.5, 0.5), "below its end"),
+        ((0.8, 0.2), "below its end"),
+        ((-0.1, 0.5), r"in \[0, 1\]"),
+        ((0.2, 1.5), r"in \[0, 1\]"),
+        ((0.2, float("nan")), r"in \[0, 1\]"),
+        ([], "empty list"),
+        ([2, 10], "outside the layers 0..9"),
+        ([2, 2], "twice"),
+        ("middle", "band must be"),
+        ((0.1, 0.2, 0.3), "band must be"),
+    ],
+)
+def test_bad_band_is_one_clear_error(band, message):
+    with pytest.raises(UserError, match=message):
+        resolve_band(band, 10)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        (dict(rank=0), "rank must be a positive integer"),
+        (dict(rank=-3), "rank must be a positive integer"),
+        (dict(rank=33), r"rank 33 is larger than k_proj of layer 2 \(32x64\)"),
+        (dict(rank_budget=0), "rank_budget must be a positive integer"),
+        (dict(targets=("q_proj", "qkv_proj")), "unknown target 'qkv_proj'"),
+        (dict(targets=()), "targets must be a non-empty"),
+        (dict(dropout=1.0), "dropout must be in"),
+        (dict(band=(0.9, 0.95)), "selects no layer"),
+    ],
+)
+def test_bad_config_is_one_clear_error_and_leaves_model_untouched(cfg, message):
+    model = tiny_model("llama")
+    with pytest.raises(UserError, match=message):
+        apply_midblock(model, MidBlockConfig(**cfg))
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_budget_rank_too_large_for_the_layer_is_rejected():
+    # Budget 16 over 1 of 10 layers -> rank 160 > the 32 outputs of k_proj.
+    with pytest.raises(UserError, match="rank 160 is larger than q_proj of layer 4"):
+        apply_midblock(tiny_model("llama"), MidBlockConfig(band=[4], rank_budget=16))
+
+
+def test_unknown_layout_names_what_was_found():
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stack = nn.ModuleList([nn.Linear(4, 4), nn.ReLU()])
+
+    with pytest.raises(UserError, match=r"unknown model layout for Odd.*stack\[2\]"):
+        apply_midblock(Odd(), MidBlockConfig())
+
+
+def test_target_missing_from_the_family_names_its_linears():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=5, num_attention_heads=4,
+        intermediate_size=64,
+    )  # fmt: skip
+    with pytest.raises(UserError, match=r"'q_proj' not found in layer 1 .*query_key_value"):
+        apply_midblock(GPTNeoXForCausalLM(config), MidBlockConfig())
+
+
+def test_patching_twice_is_refused():
+    model, _ = patched()
+    with pytest.raises(UserError, match="already patched"):
+        apply_midblock(model, MidBlockConfig())
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure
+
+
+def test_state_modules_and_trainable_set():
+    model, _ = patched(rank=None, rank_budget=6)
+    state = model.fastmid_state
+    assert state.layers == [2, 3, 4, 5, 6, 7]
+    assert state.rank == 10  # floor(6 * 10 / 6)
+    assert state.scale == pytest.approx(128 / 10)
+    names = [(i, t) for i, t, _ in lora_modules(model)]
+    assert names == [(i, t) for i in range(2, 8) for t in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in adapter_parameters(model)}
+    assert len(trainable) == 6 * 4 * 2
+    for _, _, m in lora_modules(model):
+        assert m.lora_A.dtype == torch.float32 and m.lora_B.shape == (m.out_features, 10)
+    assert find_decoder_layers(model) is model.model.layers
+
+
+def test_fresh_adapters_leave_the_model_unchanged_and_take_over_weights():
+    model = tiny_model("qwen2")
+    base = copy.deepcopy(model)
+    q_weight = model.model.layers[4].self_attn.o_proj.weight
+    apply_midblock(model, MidBlockConfig(rank=4))
+    # o_proj is not grouped: its LoraLinear holds the very same Parameter, no copy.
+    assert model.model.layers[4].self_attn.o_proj.weight is q_weight
+    assert torch.count_nonzero(model.model.layers[4].self_attn.q_proj.lora_A) > 0
+    ids, _ = batch()
+    torch.testing.assert_close(model(ids).logits, base(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_grouped_qkv_weights_are_views_into_one_matrix():
+    model, base = patched("qwen2", targets=ALL, rank=4)
+    attn, ref = model.model.layers[3].self_attn, base.model.layers[3].self_attn
+    storages = {
+        m.weight.untyped_storage().data_ptr() for m in (attn.q_proj, attn.k_proj, attn.v_proj)
+    }
+    assert len(storages) == 1  # one shared frozen matrix, not three plus a concatenation
+    assert attn.q_proj.weight.untyped_storage().nbytes() == 4 * (64 + 32 + 32) * 64
+    torch.testing.assert_close(attn.v_proj.weight, ref.v_proj.weight, rtol=0, atol=0)
+    torch.testing.assert_close(attn.k_proj.bias, ref.k_proj.bias, rtol=0, atol=0)
+    assert "forward" in model.model.layers[3].mlp.__dict__  # SwiGLU MLP runs lora_gate_up
+
+
+def test_gemma2_gelu_mlp_keeps_its_own_forward():
+    model, _ = patched("gemma2", targets=ALL, rank=4)
+    assert "forward" not in model.model.layers[3].mlp.__dict__
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerical equivalence with PEFT (identical LoRA weights, B non-zero, dropout 0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matches_peft_logits_loss_and_every_lora_grad(family):
+    model, base = patched(family, targets=ALL, rank=4, alpha=16)
+    with torch.no_grad():
+        base_logits = base(batch()[0]).logits
+    peft_model = peft_twin(base, model)  # wraps `base` in place
+    ours = loss_and_grads(model, adapter_parameters(model))
+    theirs = loss_and_grads(peft_model, peft_params(peft_model, model))
+    assert len(ours) == len(theirs) == 2 + 6 * 7 * 2
+    # The adapters change the logits by far more than the tolerance, so a missing or
+    # misplaced adapter cannot pass.
+    assert (ours[0] - base_logits).abs().max() > 1e-2
+    for a, b in zip(ours, theirs, strict=True):
+        assert_close(a, b)
+
+
+def test_ungrouped_path_matches_grouped_path():
+    grouped, _ = patched("llama", targets=ALL, rank=4, band=(0.3, 0.7))
+    separate, _ = patched("llama", targets=ALL, rank=4, band=(0.3, 0.7), fuse_groups=False)
+    assert all(m._group is None for _, _, m in lora_modules(separate))
+    a = loss_and_grads(grouped, adapter_parameters(grouped))
+    b = loss_and_grads(separate, adapter_parameters(separate))
+    for x, y in zip(a, b, strict=True):
+        assert_close(x, y)
+
+
+def test_all_layers_band_matches_peft():
+    model, base = patched("mistral", band="all", rank=2, num_layers=3, use_rslora=True)
+    assert model.fastmid_state.scale == pytest.approx(128 / 2**0.5)
+    peft_model = peft_twin(base, model)
+    ours = loss_and_grads(model, adapter_parameters(model))
+    theirs = loss_and_grads(peft_model, peft_params(peft_model, model))
+    for a, b in zip(ours, theirs, strict=True):
+        assert_close(a, b)
+
+
+def test_interpreted_triton_kernels_match_torch_path(monkeypatch):
+    model, _ = patched("llama", num_layers=3, targets=ALL, rank=2, band=[1])
+    ref = loss_and_grads(model, adapter_parameters(model))
+    monkeypatch.setattr(kernel_dispatch, "INTERPRET", True)
+    got = loss_and_grads(model, adapter_parameters(model))
+    for a, b in zip(got, ref, strict=True):
+        assert_close(a, b)
+
+
+def to_bf16_base(model: nn.Module) -> None:
+    """Frozen weights to bf16 in place; LoRA weights stay fp32 (the trainer's CPU setup)."""
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            p.data = p.data.to(torch.bfloat16)
+
+
+def test_bf16_base_under_autocast_is_as_accurate_as_peft():
+    model, base = patched("llama", targets=ALL, rank=4)
+    peft_model = peft_twin(base, model)
+    ref = loss_and_grads(model, adapter_parameters(model))  # fp32 reference
+    to_bf16_base(model)
+    to_bf16_base(peft_model)
+    assert model.model.layers[3].self_attn.q_proj.weight.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = loss_and_grads(model, adapter_parameters(model))
+        theirs = loss_and_grads(peft_model, peft_params(peft_model, model))
+    assert all(g.dtype == torch.float32 for g in ours[2:])
+    # Error against fp32 at most ~2x what stock PEFT gets wrong in the same precision.
+    for r, a, b in zip(ref, ours, theirs, strict=True):
+        err_ours = (a.float() - r).abs().max().item()
+        err_peft = (b.float() - r).abs().max().item()
+        assert err_ours <= 2 * err_peft + 1e-3 * r.abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Work actually skipped
+
+
+def saved_bytes_per_block(model: nn.Module, blocks: nn.ModuleList) -> dict[int, tuple[int, int]]:
+    """{block index: (tensors saved for backward, bytes)} for one forward of a training step."""
+    counts = {i: [0, 0] for i in range(len(blocks))}
+    current: list[int | None] = [None]
+    handles = []
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(lambda *_, i=i: current.__setitem__(0, i)))
+        handles.append(block.register_forward_hook(lambda *_: current.__setitem__(0, None)))
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if current[0] is not None:
+            counts[current[0]][0] += 1
+            counts[current[0]][1] += t.numel() * t.element_size()
+        return t
+
+    ids, labels = batch(t=32)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    for h in handles:
+        h.remove()
+    return {i: (c, b) for i, (c, b) in counts.items()}
+
+
+def test_nothing_saved_below_the_band_and_no_frozen_grads():
+    model, base = patched("llama", band=(0.3, 0.8))
+    seen_inputs = []
+    first = model.model.layers[3]
+    hook = first.register_forward_pre_hook(lambda _m, args: seen_inputs.append(args[0]))
+    saved = saved_bytes_per_block(model, model.model.layers)
+    hook.remove()
+    assert [saved[i][0] for i in range(3)] == [0, 0, 0]
+    assert all(saved[i][0] > 0 for i in range(3, 10))
+    # The lowest adapted layer gets an input that needs no grad, so its kernels skip dx.
+    assert seen_inputs and not seen_inputs[0].requires_grad
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == ("lora_" in name), name
+
+    # Same band with PEFT: stock LoRA saves activations in the frozen blocks below too.
+    peft_model = peft_twin(base, model)
+    peft_saved = saved_bytes_per_block(peft_model, peft_model.base_model.model.model.layers)
+    assert sum(b for _, b in saved.values()) < sum(b for _, b in peft_saved.values())
+
+
+def test_gradient_checkpointing_saves_less_and_keeps_grads_with_dropout():
+    plain, _ = patched("llama", dropout=0.1)
+    ckpt, _ = patched("llama", dropout=0.1, gradient_checkpointing=True)
+    plain.train()
+    ckpt.train()
+    torch.manual_seed(3)
+    ref = loss_and_grads(plain, adapter_parameters(plain))
+    torch.manual_seed(3)
+    got = loss_and_grads(ckpt, adapter_parameters(ckpt))
+    for a, b in zip(got, ref, strict=True):
+        assert_close(a, b)
+    saved_plain = saved_bytes_per_block(plain, plain.model.layers)
+    saved_ckpt = saved_bytes_per_block(ckpt, ckpt.model.layers)
+    assert [saved_ckpt[i][0] for i in range(2)] == [0, 0]
+    # A checkpointed block keeps only its inputs: far fewer tensors than a plain block.
+    assert all(saved_ckpt[i][0] < saved_plain[i][0] / 4 for i in range(2, 10))
+
+
+def test_dropout_is_active_in_training_only():
+    model, _ = patched("llama", dropout=0.3)
+    ids, _ = batch()
+    model.eval()
+    torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
+    model.train()
+    torch.manual_seed(1)
+    a = model(ids).logits
+    torch.manual_seed(2)
+    b = model(ids).logits
+    torch.manual_seed(1)
+    c = model(ids).logits
+    assert (a - b).abs().max() > 1e-3
+    torch.testing.assert_close(a, c, rtol=0, atol=0)
