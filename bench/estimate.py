@@ -1,0 +1,225 @@
+"""Estimated CUDA training memory for real model shapes, without the weights or a GPU.
+
+The model is built and one training step traced under ``FakeTensorMode``: every tensor has a
+shape, dtype and storage size but no data, so a 13B model costs nothing to "load". A small
+``TorchDispatchMode`` watches every op's outputs and keeps the set of live storages (weak
+references, swept after each op), which gives the peak of live bytes during forward + backward.
+AdamW's two fp32 moments per trainable parameter are added analytically (they live from the
+first step on). These are estimates of ``torch.cuda.max_memory_allocated``: no allocator
+rounding, no CUDA context, no workspace of cuBLAS/attention kernels.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from bench.providers import ALPHA, DROPOUT, RANK_UNIFORM, TARGETS
+
+
+def real_configs() -> dict[str, Any]:
+    """Published architectures of the models the paper tunes (and Llama-3-8B), as HF configs."""
+    from transformers import LlamaConfig, Olmo2Config
+
+    olmo = dict(vocab_size=100352, max_position_embeddings=4096, rope_theta=500000.0)
+    return {
+        "OLMo2-1B": Olmo2Config(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            **olmo,
+        ),
+        "OLMo2-7B": Olmo2Config(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            **olmo,
+        ),
+        "OLMo2-13B": Olmo2Config(
+            hidden_size=5120,
+            intermediate_size=13824,
+            num_hidden_layers=40,
+            num_attention_heads=40,
+            num_key_value_heads=40,
+            **olmo,
+        ),
+        "Llama-3-8B": LlamaConfig(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+        ),
+    }
+
+
+class LiveStorageTracker(TorchDispatchMode):
+    """Peak bytes of live tensor storages across every op run under it.
+
+    Storages known before tracing (weights, buffers) are a constant base. Each op's output
+    storages are added once (views and in-place results share a storage and are not counted
+    twice); storages whose last reference died are swept out before each new allocation is
+    counted, so the peak is the live set right after the largest allocation.
+    """
+
+    def __init__(self, base_tensors: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.base_keys = {StorageWeakRef(t.untyped_storage()).cdata for t in base_tensors}
+        self.base_bytes = sum(
+            {
+                StorageWeakRef(t.untyped_storage()).cdata: t.untyped_storage().nbytes()
+                for t in base_tensors
+            }.values()
+        )
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _sweep(self) -> None:
+        dead = [k for k, (ref, _) in self.live.items() if ref.expired()]
+        for k in dead:
+            self.current -= self.live.pop(k)[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        fresh = []
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                ref = StorageWeakRef(t.untyped_storage())
+                if ref.cdata not in self.live and ref.cdata not in self.base_keys:
+                    fresh.append((ref, t.untyped_storage().nbytes()))
+        if fresh:
+            self._sweep()
+            for ref, nbytes in fresh:
+                if ref.cdata not in self.live:
+                    self.live[ref.cdata] = (ref, nbytes)
+                    self.current += nbytes
+            self.peak = max(self.peak, self.current)
+        return out
+
+
+@dataclass
+class Estimate:
+    """Estimated peak bytes of one training step, split into what is always there and the rest."""
+
+    weights: int
+    trainable_params: int
+    optimizer: int
+    peak_step: int
+    seconds: float
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.optimizer + self.peak_step
+
+
+def _label_only_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """fastmid's label-only LM head with the label positions known in advance.
+
+    ``fastmid.train.forward_loss`` finds them with ``nonzero``, whose output size depends on data
+    and so cannot be traced without data; here they come as ``batch["label_index"]``.
+    """
+    body = model.get_decoder()
+    hidden = body(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+    )[0]
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["label_index"])
+    logits = model.get_output_embeddings()(picked).float()
+    return F.cross_entropy(logits, batch["labels"], reduction="sum") / batch["labels"].numel()
+
+
+def _peft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
+
+
+def estimate_peak(
+    config: Any,
+    provider: str,
+    batch_size: int = 8,
+    seq_len: int = 1024,
+    loss_fraction: float = 0.5,
+    band: Any = (0.2, 0.8),
+) -> Estimate:
+    """Estimated CUDA peak bytes of one bf16-mixed training step of ``provider`` on ``config``.
+
+    The batch holds ``batch_size`` full sequences of ``seq_len`` tokens: padded (B, T) for the
+    PEFT providers (no pad at all, their best case), one packed row of B·T tokens for fastmid
+    with ``loss_fraction`` of the positions carrying a label.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from fastmid.patch import MidBlockConfig, apply_midblock, resolve_band, resolve_rank
+
+    t0 = time.perf_counter()
+    tokens = batch_size * seq_len
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).train()
+        num_layers = config.num_hidden_layers
+        if provider == "fastmid":
+            apply_midblock(model, MidBlockConfig(band=band, rank_budget=RANK_UNIFORM, alpha=ALPHA))
+            loss_fn = _label_only_loss
+            n_labels = int(tokens * loss_fraction)
+            batch = {
+                "input_ids": torch.zeros(1, tokens, dtype=torch.long),
+                "position_ids": torch.arange(seq_len).repeat(batch_size)[None],
+                "label_index": torch.arange(n_labels) * (tokens // n_labels),
+                "labels": torch.zeros(n_labels, dtype=torch.long),
+            }
+        else:
+            if provider == "peft_mid":
+                layers = resolve_band(band, num_layers)
+                rank = resolve_rank(None, RANK_UNIFORM, num_layers, len(layers))
+            else:
+                layers, rank = None, RANK_UNIFORM
+            if provider == "peft_all_gc":
+                model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
+            lora = LoraConfig(
+                r=rank,
+                lora_alpha=ALPHA,
+                lora_dropout=DROPOUT,
+                target_modules=list(TARGETS),
+                layers_to_transform=layers,
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, lora).train()
+            loss_fn = _peft_loss
+            batch = {"input_ids": torch.zeros(batch_size, seq_len, dtype=torch.long)}
+        params = list(model.parameters())
+        trainable = [p for p in params if p.requires_grad]
+        weights = list({StorageWeakRef(p.untyped_storage()).cdata: p for p in params}.values())
+        tracker = LiveStorageTracker([*params, *model.buffers(), *batch.values()])
+        with tracker, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(model, batch)
+        with tracker:
+            loss.backward()
+        del loss
+    n_train = sum(p.numel() for p in trainable)
+    return Estimate(
+        weights=sum(w.untyped_storage().nbytes() for w in weights),
+        trainable_params=n_train,
+        # AdamW: exp_avg and exp_avg_sq in the parameters' dtype (fp32 adapters).
+        optimizer=2 * sum(p.numel() * p.element_size() for p in trainable),
+        peak_step=tracker.peak,
+        seconds=time.perf_counter() - t0,
+    )

@@ -1,0 +1,142 @@
+"""``fastmid bench``: fastmid against standard LoRA (PEFT) on throughput, memory and FLOPs.
+
+The suite lives in the source checkout's ``bench/`` folder (it is not part of the installed
+package): it is found in the current directory or in the checkout fastmid was installed from
+in editable mode. Prints a table and writes JSON, CSV and PNG reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from fastmid.errors import UserError
+
+_SUITE_FILES = ("__init__.py", "suite.py", "providers.py", "report.py")
+
+
+def _source_checkouts() -> list[Path]:
+    """Directories that may hold the benchmark suite: the cwd, then fastmid's own source root."""
+    here = Path(__file__).resolve().parent.parent
+    out = []
+    for cand in (Path.cwd().resolve(), here):
+        if cand not in out:
+            out.append(cand)
+    return out
+
+
+def find_suite_root() -> Path:
+    """The checkout whose ``bench/`` holds the suite; UserError when there is none."""
+    for root in _source_checkouts():
+        if all((root / "bench" / f).is_file() for f in _SUITE_FILES):
+            return root
+    raise UserError(
+        "fastmid bench needs the benchmark suite (bench/) of a fastmid source checkout: run it "
+        "from the repository, or install fastmid from a checkout with pip install -e ."
+    )
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``fastmid bench``."""
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny model, one timed step, small shapes: proves the machinery in about a minute",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="report directory (default: bench/results, or bench/results/quick with --quick)",
+    )
+    parser.add_argument(
+        "--workloads",
+        type=_csv,
+        default=None,
+        help="comma list of throughput,flops,memory,estimate,bands,kernels (default: all)",
+    )
+    parser.add_argument(
+        "--providers",
+        type=_csv,
+        default=None,
+        help="comma list of peft_all,peft_all_gc,peft_mid,fastmid (default: all)",
+    )
+    parser.add_argument(
+        "--dtypes", type=_csv, default=None, help="comma list of fp32,bf16 (default: both)"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per provider")
+    parser.add_argument("--warmup", type=int, default=None, help="discarded warm-up steps")
+    parser.add_argument(
+        "--batch-tokens", type=int, default=None, help="real tokens per step (packing budget)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+
+
+def _options(args: argparse.Namespace, suite: object) -> object:
+    from bench.providers import DTYPES, PROVIDERS
+
+    overrides = {}
+    for name, known in (
+        ("workloads", suite.WORKLOADS),
+        ("providers", PROVIDERS),
+        ("dtypes", tuple(DTYPES)),
+    ):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        bad = [v for v in value if v not in known]
+        if bad or not value:
+            raise UserError(
+                f"--{name}: unknown {bad[0] if bad else 'empty list'}; expected "
+                f"a comma list of {','.join(known)}"
+            )
+        overrides[name] = value
+    for name in ("steps", "warmup", "batch_tokens"):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if value < (0 if name == "warmup" else 1):
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        overrides[name] = value
+    if "providers" in overrides and "peft_all" not in overrides["providers"]:
+        raise UserError("--providers must include peft_all: every ratio is against it")
+    if args.quick:
+        return suite.SuiteOptions.quick_defaults(**overrides)
+    return suite.SuiteOptions(**overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the suite, print the summary tables, write the reports; returns the exit code."""
+    root = find_suite_root()
+    if importlib.util.find_spec("peft") is None:
+        raise UserError(
+            "fastmid bench compares against PEFT, which is not installed: pip install peft"
+        )
+    # Timings must reflect the shipped execution paths, never the Triton interpreter.
+    os.environ.pop("TRITON_INTERPRET", None)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import torch
+
+    from bench import report, suite
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    opts = _options(args, suite)
+    default_out = root / "bench" / "results" / ("quick" if args.quick else "")
+    out_dir = Path(args.out) if args.out else default_out
+    results = suite.run_suite(opts, out_dir)
+    written = report.write_reports(results, out_dir)
+    print(report.summary_tables(results))
+    print(f"wrote {len(written)} files to {out_dir} in {results['wall_s']:.0f} s")
+    return 0
