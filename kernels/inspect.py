@@ -97,15 +97,16 @@ def analyse(cubin: bytes, arch: int) -> tuple[int, int, int, int]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        res = subprocess.run(
-            [nvidia_tool("cuobjdump"), "-res-usage", str(path)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        sass = subprocess.run(
-            [nvidia_tool("nvdisasm"), str(path)], check=True, capture_output=True, text=True
-        ).stdout
+        # Both tools read the same file; run them side by side.
+        commands = ([nvidia_tool("cuobjdump"), "-res-usage"], [nvidia_tool("nvdisasm")])
+        procs = [
+            subprocess.Popen([*cmd, str(path)], stdout=subprocess.PIPE, text=True)
+            for cmd in commands
+        ]
+        res, sass = (proc.communicate()[0] for proc in procs)
+        for proc in procs:
+            if proc.returncode != 0:
+                raise RuntimeError(f"{proc.args[0]} failed with exit code {proc.returncode}")
     match = _RES.search(res)
     if match is None:
         raise RuntimeError(f"unexpected cuobjdump output:\n{res}")
