@@ -126,3 +126,35 @@ def test_cli_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert err.count("\n") == 1 and "--tuned not found" in err
     assert cli.main(["analyze", "--tuned", str(tmp_path), "--samples", "0"]) == 2
     assert "--samples must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_on_the_embedded_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fastmid.models import load_model
+
+    model, _, name = load_model()
+    patched = apply_midblock(model, MidBlockConfig(dropout=0.0))
+    with torch.no_grad():
+        for _, _, m in lora_modules(patched):
+            m.lora_B.normal_(0, 1e-3)
+    save_adapter(patched, tmp_path / "adapter", base_model_name_or_path=name)
+    del model, patched
+    out = tmp_path / "out"
+    argv = ["analyze", "--tuned", str(tmp_path / "adapter"), "--samples", "8"]
+    argv += ["--max-length", "48", "--output-dir", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    assert "layers.csv" in capsys.readouterr().out
+    result = json.loads((out / "analysis.json").read_text())
+    rows = result["layers"]
+    assert result["num_layers"] == 30 and result["band"] == list(range(6, 24))
+    for r in rows:
+        if r["layer"] < 6:  # below the band nothing changed, to the bit
+            assert r["cka"] == pytest.approx(1.0, abs=1e-9) and r["mean_shift"] == 0.0
+        if 6 <= r["layer"] < 24:
+            assert r["weight_change"] > 0
+        else:
+            assert r["weight_change"] == 0.0
+        assert r["logit_lens_base"] <= 1 and 0 < r["erank_base"] <= 1
+    # The untouched model predicts far better at its last layer than at its first.
+    assert rows[-1]["logit_lens_base"] > rows[0]["logit_lens_base"] + 0.1
+    assert (out / "depth_profile.png").read_bytes()[:4] == b"\x89PNG"
