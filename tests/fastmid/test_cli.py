@@ -1,0 +1,187 @@
+"""``fastmid train`` on bad input: exit code 2, one line on stderr, no traceback, and nothing
+written to the output directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import fastmid.kernels._common as kernel_dispatch
+import pytest
+import torch
+
+from fastmid.cli import main
+from tests.fastmid.test_train import RECORDS, make_model_dir, write_jsonl
+
+
+@pytest.fixture(autouse=True)
+def torch_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(kernel_dispatch, "INTERPRET", False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("model"), num_layers=5)
+
+
+@pytest.fixture
+def good_data(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "good.jsonl", RECORDS[:8])
+
+
+def fastmid_train(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    code = main(["train", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def quick(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--model", str(model_dir), "--data", str(data), "--output-dir", str(out),
+        "--precision", "fp32", "--max-steps", "1", "--no-eval", "--batch-tokens", "256",
+        "--max-length", "64", "--rank", "4", *extra,
+    ]  # fmt: skip
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fastmid train: error: ")
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def bad_data(tmp_path: Path, kind: str) -> tuple[Path, list[str]]:
+    """A data file with one problem, and the words its error message must contain."""
+    path = tmp_path / f"{kind}.jsonl"
+    good = json.dumps(RECORDS[0])
+    if kind == "missing":
+        return path, ["data file not found", str(path)]
+    if kind == "malformed":
+        path.write_text(f"{good}\n{good}\n{{not json\n")
+        return path, [f"{path}:3", "malformed JSON"]
+    if kind == "shape":
+        path.write_text(f'{good}\n{{"text": "no question here"}}\n')
+        return path, [f"{path}:2", "unknown record shape"]
+    if kind == "empty":
+        path.write_text("\n\n")
+        return path, ["no records", str(path)]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["missing", "malformed", "shape", "empty"])
+def test_bad_data_file(kind: str, model_dir: Path, tmp_path: Path, capsys):
+    path, needles = bad_data(tmp_path, kind)
+    out = tmp_path / "out"
+    code, _, err = fastmid_train(capsys, *quick(model_dir, path, out))
+    assert_one_line_error(code, err, *needles)
+    assert not out.exists()
+
+
+def test_no_example_left_after_filtering(model_dir: Path, tmp_path: Path, capsys):
+    # Every response is cut off by max_length, so no example has a token to learn from.
+    long_prompts = [{"prompt": "word " * 80, "response": "yes"} for _ in range(3)]
+    path = write_jsonl(tmp_path / "long.jsonl", long_prompts)
+    out = tmp_path / "out"
+    code, _, err = fastmid_train(capsys, *quick(model_dir, path, out))
+    assert_one_line_error(code, err, "no examples left")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "needles"),
+    [
+        (["--band", "0.9,0.1"], ["band"]),
+        (["--band", "12-14"], ["band layer 12 is outside the layers 0..4"]),
+        (["--rank", "0"], ["rank must be a positive integer"]),
+        (["--rank", "4096"], ["rank"]),
+        (["--targets", "q_proj,qq_proj"], ["unknown target 'qq_proj'"]),
+        (["--epochs", "0"], ["epochs must be positive"]),
+    ],
+)
+def test_bad_band_rank_target(flags, needles, model_dir: Path, good_data: Path, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = fastmid_train(capsys, *quick(model_dir, good_data, out, *flags))
+    assert_one_line_error(code, err, *needles)
+    assert not out.exists()
+
+
+def test_model_that_is_not_a_causal_lm(good_data: Path, tmp_path: Path, capsys):
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    (not_a_model / "weights.txt").write_text("hello")
+    out = tmp_path / "out"
+    code, _, err = fastmid_train(capsys, *quick(not_a_model, good_data, out))
+    assert_one_line_error(code, err, str(not_a_model))
+    assert not out.exists()
+
+    encoder = tmp_path / "encoder"
+    encoder.mkdir()
+    (encoder / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    code, _, err = fastmid_train(capsys, *quick(encoder, good_data, out))
+    assert_one_line_error(code, err, "not a causal language model")
+    assert not out.exists()
+
+
+def test_non_empty_output_dir(model_dir: Path, good_data: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    code, _, err = fastmid_train(capsys, *quick(model_dir, good_data, out))
+    assert_one_line_error(code, err, "not empty", "--overwrite", "--resume")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+    code, _, err = fastmid_train(capsys, *quick(model_dir, good_data, out, "--resume"))
+    assert_one_line_error(code, err, "no checkpoint")
+
+    # --overwrite replaces fastmid's own results and leaves the user's other files alone.
+    code, stdout, err = fastmid_train(capsys, *quick(model_dir, good_data, out, "--overwrite"))
+    assert code == 0, err
+    assert "step 1/1 | loss" in stdout
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["adapter", "config.yaml", "metrics.jsonl", "notes.txt", "summary.json"]
+
+
+def test_config_file_with_flag_overrides(model_dir: Path, good_data: Path, tmp_path, capsys):
+    out = tmp_path / "out"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"rank: 2\nalpha: 4\nmax_steps: 5\nband: all\nmodel: {model_dir}\n")
+    args = ["--config", str(config), *quick(model_dir, good_data, out, "--max-steps", "2")]
+    code, _, err = fastmid_train(capsys, *args)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2  # the flag beat the file's max_steps: 5
+    assert summary["resolved"]["rank"] == 4  # --rank 4 beat the file's rank: 2
+    assert summary["resolved"]["layers"] == [0, 1, 2, 3, 4]
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4 and adapter_config["lora_alpha"] == 4  # alpha from the file
+
+    config.write_text("rank: 2\nranks: 3\n")
+    code, _, err = fastmid_train(capsys, "--config", str(config))
+    assert_one_line_error(code, err, "unknown config key 'ranks'")
+
+
+def test_real_process_exit_code_and_stderr(good_data: Path, tmp_path: Path):
+    """The installed entry point, as a user runs it: exit 2 and exactly one stderr line."""
+    out = tmp_path / "out"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastmid", "train", "--data", str(tmp_path / "nope.jsonl"),
+         "--output-dir", str(out)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"fastmid train: error: data file not found: {tmp_path / 'nope.jsonl'}"
+    ]
+    assert not out.exists()
