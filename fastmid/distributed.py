@@ -1,0 +1,453 @@
+"""Data-parallel training on many devices: torchrun process groups, DDP or FSDP2, rank sharding.
+
+One process per device, started by ``torchrun`` (or by ``fastmid train --nproc N``, which runs
+torchrun for you). Every rank holds the same adapters and the same optimizer state; what
+differs is which micro-batches of each optimizer step a rank computes:
+
+- a step's micro-batches (the same list a single process would accumulate) are dealt out
+  round-robin, ``micro_batches[rank::world]``;
+- every rank divides its summed loss by the label count of the *whole* step, so summing the
+  ranks' gradients gives exactly the gradient one process gets from the whole step. Gradients
+  are therefore all-reduced with SUM (not DDP's default mean);
+- clipping, the optimizer step and the schedule then run identically on every rank, so the
+  adapters stay bit-identical without being broadcast again, and a checkpoint written by rank
+  0 resumes under any world size.
+
+Two ways to hold the frozen base model:
+
+- ``ddp``: every rank has the whole model. ``DistributedDataParallel`` wraps a small module
+  whose forward is the training loss, and reduces only the adapter gradients (the frozen
+  weights are excluded from its broadcast and buckets), overlapping the all-reduce with the
+  backward of the last micro-batch.
+- ``fsdp``: the frozen weights of every decoder block are sharded across ranks with FSDP2
+  (``fully_shard``) and all-gathered one block at a time; the adapters stay whole on every
+  rank (FSDP's ``ignored_params``) and are all-reduced like above. Blocks below the band still
+  run under ``no_grad``: gathered for the forward, never for a backward.
+
+``auto`` picks ``fsdp`` when the frozen weights would take more than half of one GPU's memory,
+else ``ddp``. On CPU the backend is gloo, which is how this module is tested.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastmid.errors import UserError
+
+T = TypeVar("T")
+PARALLEL_MODES = ("auto", "ddp", "fsdp")
+# fsdp is chosen by "auto" when the frozen weights exceed this share of one device's memory:
+# activations, the adapters, their optimizer state and the allocator need the rest.
+FSDP_MEMORY_SHARE = 0.5
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
+
+
+# --------------------------------------------------------------------------------------------
+# Process group and rank helpers
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: rank, world size, local rank and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_world_size() -> int:
+    """World size announced by torchrun's environment (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def default_device() -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` when CUDA exists, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device | None = None) -> DistEnv:
+    """Join the process group torchrun describes (nccl on CUDA, gloo on CPU).
+
+    Outside torchrun (or with one process) nothing is initialised and rank 0 of 1 is returned,
+    so single-process callers can use the same code path.
+    """
+    device = device or default_device()
+    world = env_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not is_distributed():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return DistEnv(get_rank(), get_world_size(), local_rank, device)
+
+
+def shutdown() -> None:
+    """Leave the process group (after a final barrier, so no rank exits while others write)."""
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """This process's global rank (0 when not distributed)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes in the group (1 when not distributed)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """Only rank 0 writes files and prints progress."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def _comm_device() -> torch.device:
+    # nccl only moves CUDA tensors; gloo only CPU ones.
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(*values: float | int | torch.Tensor) -> list[float]:
+    """Sum scalars over all ranks in one collective; returns Python floats (a host sync)."""
+    flat = torch.tensor(
+        [float(v.detach().float().sum()) if torch.is_tensor(v) else float(v) for v in values],
+        dtype=torch.float64,
+        device=_comm_device(),
+    )
+    if is_distributed():
+        dist.all_reduce(flat)
+    return flat.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (e.g. a stop signal seen by one)."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def shard(items: Sequence[T], rank: int | None = None, world_size: int | None = None) -> list[T]:
+    """This rank's share of ``items``, dealt round-robin: ``items[rank::world_size]``.
+
+    The shares of all ranks partition ``items``; when ``len(items)`` is not a multiple of the
+    world size the first ranks get one more, and a rank may get none.
+    """
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size}")
+    return list(items[rank::world_size])
+
+
+@contextlib.contextmanager
+def main_writes() -> Iterator[bool]:
+    """``with main_writes() as mine: if mine: write(...)`` then every rank waits for rank 0.
+
+    Ranks must not read (or exit past) a file rank 0 is still writing.
+    """
+    try:
+        yield is_main()
+    finally:
+        barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing DDP or FSDP
+
+
+def frozen_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters that do not train (what FSDP would shard)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+
+
+def resolve_parallel(mode: str, model: nn.Module, device: torch.device, world_size: int) -> str:
+    """ "none" for one process, else ``mode``; "auto" → "fsdp" when the frozen weights would
+    take more than half of one GPU's memory, "ddp" otherwise (always "ddp" on CPU)."""
+    if mode not in PARALLEL_MODES:
+        raise UserError(f"parallel must be one of {'|'.join(PARALLEL_MODES)}, got {mode!r}")
+    if world_size <= 1:
+        return "none"
+    if mode != "auto":
+        return mode
+    if device.type != "cuda":
+        return "ddp"
+    total = torch.cuda.get_device_properties(device).total_memory
+    return "fsdp" if frozen_bytes(model) > FSDP_MEMORY_SHARE * total else "ddp"
+
+
+# --------------------------------------------------------------------------------------------
+# The data-parallel step
+
+
+class _LossModule(nn.Module):
+    """The model with the training loss as its forward, so DDP sees the whole computation."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self._loss_fn = loss_fn
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return self._loss_fn(self.model, batch)
+
+
+# No annotations: DDP checks a hook's annotations against real classes, and postponed
+# evaluation (``from __future__ import annotations``) turns them into strings.
+def _sum_allreduce_hook(group, bucket):
+    """DDP comm hook: SUM the bucket (each rank's loss is already divided by the global count)."""
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def _check_unfused(model: nn.Module) -> None:
+    # Fused q/k/v and gate/up run from a concatenated copy of the frozen weights that FSDP
+    # cannot see or shard; FSDP needs each LoraLinear reading its own (gathered) weight.
+    for name, module in model.named_modules():
+        if getattr(module, "_group", None) is not None or "_fastmid_gate_up_weight" in vars(module):
+            raise ValueError(f"FSDP needs a model patched with fuse_groups=False ({name} is fused)")
+
+
+class DataParallel:
+    """One rank's part of a data-parallel optimizer step; a no-op shell with one process.
+
+    Use::
+
+        dp = DataParallel(model, "ddp", forward_loss, device)
+        for batch_ids, sync in dp.micro_batches(step_batches):
+            with sync:
+                loss_sum, _ = dp.forward_loss(batch)
+                (loss_sum / labels_of_the_whole_step).backward()
+        dp.reduce_gradients()
+        optimizer.step()
+    """
+
+    def __init__(self, model: nn.Module, mode: str, loss_fn: LossFn, device: torch.device) -> None:
+        if mode not in ("none", "ddp", "fsdp"):
+            raise ValueError(f"mode must be none|ddp|fsdp, got {mode!r}")
+        self.model = model
+        self.mode = mode
+        self.rank = get_rank()
+        self.world_size = get_world_size()
+        self._loss_fn = loss_fn
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._ddp: nn.parallel.DistributedDataParallel | None = None
+        # True while a step's gradients still need the explicit all-reduce.
+        self._manual_reduce = False
+        # True during an FSDP padding pass (a rank with fewer micro-batches than others).
+        self._padding = False
+        if mode != "none" and self.world_size == 1:
+            self.mode = "none"
+        if self.mode == "ddp":
+            self._wrap_ddp(device)
+        elif self.mode == "fsdp":
+            self._wrap_fsdp(device)
+
+    # --- wrapping ---
+
+    def _wrap_ddp(self, device: torch.device) -> None:
+        module = _LossModule(self.model, self._loss_fn)
+        frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+        frozen += [n for n, _ in module.named_buffers()]
+        # Every rank loaded the same frozen weights; broadcasting or bucketing them is waste.
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            module, frozen
+        )
+        self._ddp = nn.parallel.DistributedDataParallel(
+            module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
+        self._ddp.register_comm_hook(None, _sum_allreduce_hook)
+
+    def _wrap_fsdp(self, device: torch.device) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from fastmid.patch import find_decoder_layers
+
+        _check_unfused(self.model)
+        mesh = init_device_mesh(device.type, (self.world_size,))
+        adapters = set(self._params)
+        # Each decoder block is one FSDP unit (gathered for its forward, freed after); the
+        # embeddings, final norm and LM head stay whole: they are small next to the blocks
+        # and a tied LM head must stay one tensor with the embedding.
+        for block in find_decoder_layers(self.model):
+            fully_shard(block, mesh=mesh, ignored_params=adapters)
+        self.model.to(device)
+        self._broadcast_adapters()
+
+    def _broadcast_adapters(self) -> None:
+        # Ranks seed identically, but make the starting adapters identical by construction.
+        for p in self._params:
+            dist.broadcast(p.data, src=0)
+
+    # --- the step ---
+
+    def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(summed loss, label count) of this rank's micro-batch, through the DDP wrapper.
+
+        On a padding pass (see :meth:`micro_batches`) the loss is multiplied by 0: the
+        collectives run, the gradients and the metrics do not change.
+        """
+        if self._ddp is not None:
+            loss_sum, count = self._ddp(batch)
+        else:
+            loss_sum, count = self._loss_fn(self.model, batch)
+        if self._padding:
+            return loss_sum * 0.0, 0
+        return loss_sum, count
+
+    def micro_batches(
+        self, step_batches: Sequence[T]
+    ) -> Iterator[tuple[T, contextlib.AbstractContextManager]]:
+        """This rank's micro-batches of one step, each with the context to run it in.
+
+        Under DDP the gradient all-reduce rides on the backward of the last micro-batch when
+        every rank has the same number of them; otherwise (a short final step) all backward
+        passes run without sync and :meth:`reduce_gradients` reduces once at the end.
+
+        FSDP gathers weights inside every forward and backward, so all ranks must run the
+        same number of passes: a rank short of micro-batches repeats its first one (or the
+        step's first) as a padding pass whose loss counts zero.
+        """
+        mine = shard(step_batches, self.rank, self.world_size)
+        even = len(step_batches) % self.world_size == 0
+        self._manual_reduce = self.mode == "fsdp" or (self.mode == "ddp" and not even)
+        passes = len(mine)
+        if self.mode == "fsdp":
+            passes = -(-len(step_batches) // self.world_size)
+        for j in range(passes):
+            self._padding = j >= len(mine)
+            item = mine[j] if not self._padding else (mine or list(step_batches))[0]
+            last = j == passes - 1
+            if self._ddp is not None and (self._manual_reduce or not last):
+                yield item, self._ddp.no_sync()
+            else:
+                yield item, contextlib.nullcontext()
+        self._padding = False
+
+    def reduce_gradients(self) -> None:
+        """Sum the adapter gradients over ranks where DDP has not already done it."""
+        if not self._manual_reduce or not is_distributed():
+            return
+        self._manual_reduce = False
+        for p in self._params:
+            if p.grad is None:
+                # A rank with no micro-batch this step still contributes (zeros).
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self._params]
+        # One collective for all adapters: they are small, latency dominates.
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[offset : offset + n].view_as(g))
+            offset += n
+
+    def adapters_in_sync(self) -> bool:
+        """True when every rank holds bit-identical adapters (a checksum all-gather)."""
+        if not is_distributed():
+            return True
+        local = torch.stack([p.detach().double().sum() for p in self._params]).to(_comm_device())
+        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(gathered, local)
+        return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+
+
+def torchrun_command(nproc: int, argv: Sequence[str]) -> list[str]:
+    """The command that runs ``fastmid <argv>`` on ``nproc`` local processes with torchrun."""
+    if nproc < 1:
+        raise UserError(f"nproc must be a positive integer, got {nproc}")
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",  # a free local port per run, so parallel jobs never collide
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "fastmid",
+        *argv,
+    ]
+
+
+def under_torchrun() -> bool:
+    """True inside a process started by torchrun."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launch(nproc: int, argv: Sequence[str], config: dict[str, Any] | None = None) -> int:
+    """Run ``fastmid <argv>`` under torchrun on ``nproc`` processes; returns its exit code.
+
+    ``config``, when given, is written to a temporary YAML file appended as ``--config`` so the
+    workers see exactly the configuration this process resolved.
+    """
+    import yaml
+
+    argv = list(argv)
+    tmp_path: Path | None = None
+    if config is not None:
+        fd, name = tempfile.mkstemp(prefix="fastmid-launch-", suffix=".yaml")
+        tmp_path = Path(name)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+        argv += ["--config", str(tmp_path)]
+    # Ctrl-C reaches torchrun and the workers too (same process group): they save a checkpoint
+    # and stop. This process must outlive them rather than kill torchrun on KeyboardInterrupt.
+    proc = subprocess.Popen(torchrun_command(nproc, argv))
+    forward = lambda signum, frame: proc.send_signal(signum)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda signum, frame: None)
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, forward)
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)

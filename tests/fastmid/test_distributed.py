@@ -1,0 +1,345 @@
+"""Data-parallel training on 2 CPU processes (gloo): DDP and FSDP2 against one process.
+
+The 2-process runs start this file under torchrun (see ``_worker`` at the bottom); the
+single-process reference runs the same loop in the pytest process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fastmid.kernels._common as kernel_dispatch
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastmid import distributed
+from fastmid.checkpoint import load_checkpoint, save_checkpoint
+from fastmid.data import Example, collate_packed
+from fastmid.errors import UserError
+from fastmid.patch import MidBlockConfig, adapter_parameters, apply_midblock
+from fastmid.train import forward_loss
+
+REPO = Path(__file__).resolve().parents[2]
+# Micro-batches per optimizer step. 3 and 1 do not split evenly over 2 ranks (with 1, one
+# rank computes nothing), which takes the explicit all-reduce path instead of DDP's.
+STEP_SIZES = [4, 3, 2, 1, 4, 2]
+RESUME_AT = 3  # the resume test stops after this many steps
+
+
+def make_examples(n: int = 40, seed: int = 5) -> list[Example]:
+    """Random token sequences of 6..18 tokens; the first 3 positions carry no loss."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(6, 19, (1,), generator=gen))
+        ids = torch.randint(3, 256, (length,), generator=gen).tolist()
+        targets = [-100] * 3 + ids[4:] + [-100]
+        out.append(Example(input_ids=ids, targets=targets[:length]))
+    return out
+
+
+def schedule() -> list[list[list[int]]]:
+    """Per step, its micro-batches; each micro-batch packs 2 examples."""
+    steps, nxt = [], 0
+    for size in STEP_SIZES:
+        step = []
+        for _ in range(size):
+            step.append([nxt, nxt + 1])
+            nxt += 2
+        steps.append(step)
+    return steps
+
+
+def build(mode: str):
+    """Tiny patched Llama (5 blocks, band 1..3), its data-parallel shell and optimizer."""
+    from tests.fastmid._tiny import tiny_model
+
+    model = tiny_model("llama", num_layers=5)
+    cfg = MidBlockConfig(
+        band=(0.2, 0.8),
+        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"),
+        rank=4,
+        dropout=0.0,  # dropout masks depend on which rank draws them; keep runs comparable
+        # FSDP needs unfused groups; every mode uses them so all runs do the same arithmetic.
+        fuse_groups=False,
+    )
+    torch.manual_seed(0)
+    apply_midblock(model, cfg)
+    model.train()
+    dp = distributed.DataParallel(model, mode, forward_loss, torch.device("cpu"))
+    # Plain SGD: Adam's normalised step would hide a gradient off by a constant factor.
+    optimizer = torch.optim.SGD(adapter_parameters(model), lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - 0.1 * s)
+    return model, dp, optimizer, scheduler
+
+
+def train_steps(mode: str, first: int = 0, last: int = len(STEP_SIZES), ckpt: Path | None = None):
+    """Run steps [first, last) the way fastmid's loop does; returns (losses, adapter tensors).
+
+    With ``first > 0`` the run resumes from checkpoint ``ckpt``; with ``ckpt`` and
+    ``first == 0`` it saves there (rank 0) after step ``last``.
+    """
+    examples = make_examples()
+    model, dp, optimizer, scheduler = build(mode)
+    if first > 0:
+        load_checkpoint(ckpt, model, optimizer, scheduler)
+    losses = []
+    for step_batches in schedule()[first:last]:
+        step_labels = sum(examples[i].num_loss_tokens for b in step_batches for i in b)
+        total = torch.zeros(())
+        for ids, sync in dp.micro_batches(step_batches):
+            with sync:
+                loss_sum, _ = dp.forward_loss(collate_packed([examples[i] for i in ids]))
+                (loss_sum / step_labels).backward()
+            total += loss_sum.detach()
+        dp.reduce_gradients()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(distributed.all_reduce_sum(total)[0] / step_labels)
+    assert dp.adapters_in_sync()
+    if ckpt is not None and first == 0:
+        with distributed.main_writes() as mine:
+            if mine:
+                save_checkpoint(ckpt, model, optimizer, scheduler, {"step": last})
+    names = {id(p): n for n, p in model.named_parameters()}
+    return losses, {names[id(p)]: p.detach().clone() for p in adapter_parameters(model)}
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers for the tests
+
+
+@pytest.fixture
+def torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the kernels' torch path, as the 2-process workers do."""
+    monkeypatch.setattr(kernel_dispatch, "INTERPRET", False)
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 240) -> None:
+    """Run this file's ``_worker`` under torchrun on ``nproc`` CPU processes."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        __file__,
+        *args,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    # torchrun's own report hides the worker's traceback: show the workers' lines first.
+    workers = "\n".join(line for line in proc.stderr.splitlines() if line.startswith("[rank"))
+    assert proc.returncode == 0, workers[-6000:] or proc.stderr[-6000:]
+
+
+def read_result(prefix: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
+    losses = json.loads(prefix.with_suffix(".json").read_text())
+    return losses, load_file(str(prefix.with_suffix(".safetensors")))
+
+
+def assert_adapters_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        # fp32 sums in another order (2 ranks vs 1) differ by rounding only.
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The single-process run every 2-process run is compared with."""
+    with single_process_torch_path():
+        return train_steps("none")
+
+
+@contextlib.contextmanager
+def single_process_torch_path():
+    saved = kernel_dispatch.INTERPRET
+    kernel_dispatch.INTERPRET = False
+    try:
+        yield
+    finally:
+        kernel_dispatch.INTERPRET = saved
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One torchrun launch (process start-up dominates): DDP and FSDP over all steps, a DDP run
+    that checkpoints at RESUME_AT, and a DDP run resuming a 1-process checkpoint."""
+    out = tmp_path_factory.mktemp("dist")
+    with single_process_torch_path():
+        first, _ = train_steps("none", last=RESUME_AT, ckpt=out / "single_ckpt")
+    (out / "single_first.json").write_text(json.dumps(first))
+    torchrun(2, "all", str(out))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tests
+
+
+def test_shard_partitions_round_robin():
+    items = list(range(7))
+    shares = [distributed.shard(items, r, 3) for r in range(3)]
+    assert shares == [[0, 3, 6], [1, 4], [2, 5]]
+    assert distributed.shard([9], 1, 2) == []
+    with pytest.raises(ValueError):
+        distributed.shard(items, 2, 2)
+
+
+def test_single_process_helpers_are_identity():
+    assert not distributed.is_distributed()
+    assert distributed.get_rank() == 0 and distributed.get_world_size() == 1
+    assert distributed.is_main()
+    assert distributed.all_reduce_sum(1.5, 2, torch.tensor([1.0, 2.0])) == [1.5, 2.0, 3.0]
+    assert distributed.any_rank(True) and not distributed.any_rank(False)
+    env = distributed.init_distributed(torch.device("cpu"))
+    assert (env.rank, env.world_size, env.is_main) == (0, 1, True)
+    assert not distributed.is_distributed()
+
+
+def test_resolve_parallel_modes():
+    model = torch.nn.Linear(4, 4)
+    cpu = torch.device("cpu")
+    assert distributed.resolve_parallel("auto", model, cpu, 1) == "none"
+    assert distributed.resolve_parallel("auto", model, cpu, 2) == "ddp"
+    assert distributed.resolve_parallel("fsdp", model, cpu, 2) == "fsdp"
+    with pytest.raises(UserError, match="parallel must be one of"):
+        distributed.resolve_parallel("zero3", model, cpu, 2)
+    model.weight.requires_grad_(False)
+    assert distributed.frozen_bytes(model) == 16 * 4
+
+
+def test_torchrun_command_runs_fastmid_standalone():
+    cmd = distributed.torchrun_command(4, ["train", "--max-steps", "3"])
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--standalone" in cmd and "--nproc-per-node=4" in cmd
+    assert cmd[-5:] == ["-m", "fastmid", "train", "--max-steps", "3"]
+    with pytest.raises(UserError):
+        distributed.torchrun_command(0, ["train"])
+
+
+def test_fsdp_refuses_fused_groups(torch_path: None):
+    from tests.fastmid._tiny import tiny_model
+
+    model = apply_midblock(tiny_model("llama", 5), MidBlockConfig(rank=2, fuse_groups=True))
+    with pytest.raises(ValueError, match="fuse_groups=False"):
+        distributed._check_unfused(model)
+    unfused = apply_midblock(tiny_model("llama", 5), MidBlockConfig(rank=2, fuse_groups=False))
+    distributed._check_unfused(unfused)
+
+
+def test_ddp_two_ranks_match_one_process(two_process_runs: Path, reference):
+    ref_losses, ref_adapter = reference
+    losses, adapter = read_result(two_process_runs / "ddp")
+    assert len(losses) == len(STEP_SIZES)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    # The adapters actually moved, so matching them is a real check.
+    assert max((t.abs().max() for n, t in ref_adapter.items() if "lora_B" in n)) > 1e-3
+    assert_adapters_close(adapter, ref_adapter)
+
+
+def test_fsdp_gives_the_same_adapter_as_ddp(two_process_runs: Path):
+    ddp_losses, ddp_adapter = read_result(two_process_runs / "ddp")
+    fsdp_losses, fsdp_adapter = read_result(two_process_runs / "fsdp")
+    torch.testing.assert_close(
+        torch.tensor(fsdp_losses), torch.tensor(ddp_losses), rtol=1e-5, atol=0
+    )
+    assert_adapters_close(fsdp_adapter, ddp_adapter)
+    # The FSDP run really sharded the frozen block weights (each rank held half).
+    assert json.loads((two_process_runs / "fsdp_sharding.json").read_text()) == {
+        "sharded_blocks": 5,
+        "local_rows": 32,
+        "global_rows": 64,
+    }
+
+
+def test_adapters_identical_on_every_rank(two_process_runs: Path):
+    for mode in ("ddp", "fsdp"):
+        rank0 = load_file(str(two_process_runs / f"{mode}.safetensors"))
+        rank1 = load_file(str(two_process_runs / f"{mode}_rank1.safetensors"))
+        for name in rank0:
+            assert torch.equal(rank0[name], rank1[name]), (mode, name)
+
+
+def test_resume_on_another_world_size(two_process_runs: Path, reference, torch_path: None):
+    """2 ranks stop at step 3 and checkpoint; 1 process resumes; equals an unbroken run."""
+    ref_losses, ref_adapter = reference
+    first_losses = json.loads((two_process_runs / "stopped.json").read_text())
+    losses, adapter = train_steps("none", first=RESUME_AT, ckpt=two_process_runs / "stopped_ckpt")
+    torch.testing.assert_close(
+        torch.tensor(first_losses + losses), torch.tensor(ref_losses), rtol=1e-5, atol=0
+    )
+    assert_adapters_close(adapter, ref_adapter)
+
+
+def test_resume_from_one_process_on_two_ranks(two_process_runs: Path, reference):
+    """The other direction: 1 process checkpoints at step 3, 2 ranks (DDP) finish."""
+    ref_losses, ref_adapter = reference
+    first = json.loads((two_process_runs / "single_first.json").read_text())
+    losses, adapter = read_result(two_process_runs / "resumed")
+    torch.testing.assert_close(
+        torch.tensor(first + losses), torch.tensor(ref_losses), rtol=1e-5, atol=0
+    )
+    assert_adapters_close(adapter, ref_adapter)
+
+
+# --------------------------------------------------------------------------------------------
+# The torchrun side
+
+
+def _write(prefix: Path, losses: list[float], adapter: dict[str, torch.Tensor]) -> None:
+    rank = distributed.get_rank()
+    if rank == 0:
+        prefix.with_suffix(".json").write_text(json.dumps(losses))
+        save_file(adapter, str(prefix.with_suffix(".safetensors")))
+    else:
+        save_file(adapter, str(prefix.parent / f"{prefix.name}_rank{rank}.safetensors"))
+
+
+def _fsdp_sharding(model: torch.nn.Module) -> dict[str, int]:
+    from torch.distributed.tensor import DTensor
+
+    from fastmid.patch import find_decoder_layers
+
+    blocks = find_decoder_layers(model)
+    sharded = [b for b in blocks if isinstance(b.self_attn.o_proj.weight, DTensor)]
+    w = blocks[0].mlp.down_proj.weight
+    return {
+        "sharded_blocks": len(sharded),
+        "local_rows": w.to_local().shape[0],
+        "global_rows": w.shape[0],
+    }
+
+
+def _worker(scenario: str, out: Path) -> None:
+    distributed.init_distributed(torch.device("cpu"))
+    try:
+        if scenario != "all":
+            raise SystemExit(f"unknown scenario {scenario}")
+        for mode in ("ddp", "fsdp"):
+            losses, adapter = train_steps(mode)
+            _write(out / mode, losses, adapter)
+        model, _, _, _ = build("fsdp")
+        if distributed.is_main():
+            (out / "fsdp_sharding.json").write_text(json.dumps(_fsdp_sharding(model)))
+        losses, _ = train_steps("ddp", last=RESUME_AT, ckpt=out / "stopped_ckpt")
+        if distributed.is_main():
+            (out / "stopped.json").write_text(json.dumps(losses))
+        losses, adapter = train_steps("ddp", first=RESUME_AT, ckpt=out / "single_ckpt")
+        _write(out / "resumed", losses, adapter)
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    _worker(sys.argv[1], Path(sys.argv[2]))
