@@ -395,7 +395,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="base model: HF dir, .gguf or hub id (default: the embedded SmolLM2-135M-Instruct)",
     )
     parser.add_argument(
-        "--tuned", required=True, help="tuned model dir, or an adapter dir (fastmid's or PEFT's)"
+        "--tuned",
+        required=True,
+        help="tuned model dir, adapter dir (fastmid's or PEFT's) or `fastmid train` output dir",
     )
     parser.add_argument(
         "--data", default=None, help="JSONL records (default: the bundled test split)"
@@ -423,6 +425,8 @@ def run(args: argparse.Namespace) -> int:
     tuned_path = Path(args.tuned)
     if not tuned_path.exists():
         raise UserError(f"--tuned not found: {args.tuned}")
+    if not is_adapter_dir(tuned_path) and is_adapter_dir(tuned_path / "adapter"):
+        tuned_path = tuned_path / "adapter"  # the output dir of a `fastmid train` run
     band = None
     if args.band is not None:
         band = parse_band(args.band)
@@ -456,7 +460,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     result.update(base=base_name, tuned=str(tuned_path), data=str(data))
-    paths = write_outputs(result, args.output_dir, title=f"{tuned_path.name} vs {base_name}")
+    paths = write_outputs(result, args.output_dir, title=f"{args.tuned} vs {base_name}")
     print(
         f"{'layer':>5} {'band':>4} {'cka':>7} {'cos':>7} {'shift':>8} {'erank':>6} "
         f"{'entropy':>7} {'dW/W':>8} {'lens':>6}"

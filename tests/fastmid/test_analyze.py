@@ -137,10 +137,11 @@ def test_cli_on_the_embedded_model(tmp_path: Path, capsys: pytest.CaptureFixture
     with torch.no_grad():
         for _, _, m in lora_modules(patched):
             m.lora_B.normal_(0, 1e-3)
-    save_adapter(patched, tmp_path / "adapter", base_model_name_or_path=name)
+    # Laid out like a `fastmid train` output dir: the adapter in its adapter/ subdir.
+    save_adapter(patched, tmp_path / "run" / "adapter", base_model_name_or_path=name)
     del model, patched
     out = tmp_path / "out"
-    argv = ["analyze", "--tuned", str(tmp_path / "adapter"), "--samples", "8"]
+    argv = ["analyze", "--tuned", str(tmp_path / "run"), "--samples", "8"]
     argv += ["--max-length", "48", "--output-dir", str(out), "--no-progress"]
     assert cli.main(argv) == 0
     assert "layers.csv" in capsys.readouterr().out
