@@ -24,7 +24,7 @@ Two ways to hold the frozen base model:
   rank (FSDP's ``ignored_params``) and are all-reduced like above. Blocks below the band still
   run under ``no_grad``: gathered for the forward, never for a backward.
 
-``auto`` picks ``fsdp`` when the frozen weights would take more than half of one GPU's memory,
+``auto`` picks ``fsdp`` when the model's weights would take more than half of one GPU's memory,
 else ``ddp``. On CPU the backend is gloo, which is how this module is tested.
 """
 
@@ -195,9 +195,9 @@ def main_writes() -> Iterator[bool]:
 # Choosing DDP or FSDP
 
 
-def frozen_bytes(model: nn.Module) -> int:
-    """Bytes of the parameters that do not train (what FSDP would shard)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+def param_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters (before patching: the frozen base FSDP would shard)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def resolve_parallel(mode: str, model: nn.Module, device: torch.device, world_size: int) -> str:
@@ -212,7 +212,7 @@ def resolve_parallel(mode: str, model: nn.Module, device: torch.device, world_si
     if device.type != "cuda":
         return "ddp"
     total = torch.cuda.get_device_properties(device).total_memory
-    return "fsdp" if frozen_bytes(model) > FSDP_MEMORY_SHARE * total else "ddp"
+    return "fsdp" if param_bytes(model) > FSDP_MEMORY_SHARE * total else "ddp"
 
 
 # --------------------------------------------------------------------------------------------
