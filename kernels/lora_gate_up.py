@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    InspectTarget,
     check_dropout,
     compute_dtype,
     cuda_arch,
@@ -40,7 +41,13 @@ from ._common import (
     torch_keep_mask,
     use_triton,
 )
-from .lora_qkv import add_segment, launch_grouped_mm, launch_thin, launch_tn, scale_vector
+from .lora_qkv import (
+    add_segment,
+    inspect_target,
+    launch_grouped_mm,
+    launch_thin,
+    launch_tn,
+)
 
 __all__ = ["LoraGateUpFunction", "lora_gate_up", "lora_gate_up_reference"]
 
@@ -158,9 +165,7 @@ def _forward_triton(x, w, a_list, b_list, scales, p, seed):
     M = x.shape[0]
     ranks = [a.shape[0] for a in a_list]
     xa = torch.empty(M, sum(ranks), dtype=x.dtype, device=x.device)
-    launch_thin(
-        x, torch.cat(a_list).to(x.dtype), scale_vector(ranks, scales, x.device), xa, p, seed
-    )
+    launch_thin(x, torch.cat(a_list).to(x.dtype), xa, scales, ranks, p, seed)
     h = torch.empty(M, w.shape[0] // 2, dtype=x.dtype, device=x.device)
     b_g, b_u = (b.to(x.dtype).contiguous() for b in b_list)
     launch_gate_up(x, w, xa, b_g, b_u, h)
@@ -195,8 +200,8 @@ def _backward_triton(x, dh, w, a_list, b_list, scales, xa, p, seed, need_dx):
     launch_gate_up(x, w, xa, b_g, b_u, dgu, dh)
     dg, du = dgu[:, :half], dgu[:, half:]
     gs = torch.empty(M, rg + ru, dtype=x.dtype, device=x.device)
-    launch_thin(dg, b_g.t(), scale_vector([rg], [sg], x.device), gs[:, :rg])
-    launch_thin(du, b_u.t(), scale_vector([ru], [su], x.device), gs[:, rg:])
+    launch_thin(dg, b_g.t(), gs[:, :rg], [sg], [rg])
+    launch_thin(du, b_u.t(), gs[:, rg:], [su], [ru])
     da = torch.empty(rg + ru, K, dtype=torch.float32, device=x.device)
     launch_tn(gs, x, da, p, seed)
     dbs = [torch.empty(b.shape, dtype=torch.float32, device=x.device) for b in b_list]
@@ -303,7 +308,7 @@ class LoraGateUpFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             dx, da, dbs = run(
                 x.reshape(-1, K).to(dt).contiguous(),
-                dh.reshape(-1, dh.shape[-1]).to(dt),
+                dh.reshape(-1, dh.shape[-1]).to(dt).contiguous(),
                 w.to(dt),
                 a_list,
                 b_list,
@@ -362,3 +367,21 @@ def lora_gate_up(
         x, weight_gate_up, a_g, a_u, b_g, b_u, _pair(scales), float(dropout_p),
         draw_seed(dropout_p, seed),
     )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compilation targets (`python -m fastmid.kernels.inspect`). The backward's
+# thin, weight-gradient and dx GEMMs are the lora_qkv kernels, registered there.
+# --------------------------------------------------------------------------------------------
+_PTRS = {n: "*{dtype}" for n in ("X", "W", "XA", "BG", "BU", "DH", "OUT")}
+_DIVISIBLE = ("I", "K", "stride_xm", "stride_wn", "stride_om", "stride_dhm")
+INSPECT_TARGETS: list[InspectTarget] = [
+    inspect_target(
+        "lora_gate_up_fwd", _lora_gate_up_kernel, GATE_UP_CONFIGS, _PTRS, ones=(),
+        divisible=_DIVISIBLE, BACKWARD=False,
+    ),
+    inspect_target(
+        "lora_gate_up_bwd_recompute", _lora_gate_up_kernel, GATE_UP_CONFIGS, _PTRS,
+        ones=(), divisible=_DIVISIBLE, BACKWARD=True,
+    ),
+]  # fmt: skip

@@ -35,12 +35,14 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    InspectTarget,
     check_dropout,
     compute_dtype,
     cuda_arch,
     draw_seed,
     effective_scale,
     keep_mask,
+    kernel_signature,
     shipped_arch,
     to_triton_configs,
     torch_keep_mask,
@@ -55,13 +57,14 @@ __all__ = ["LoraQKVFunction", "lora_qkv", "lora_qkv_reference"]
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _thin_kernel(
-    X, W, SCALE, OUT,
+    X, W, OUT,
     M, R, K,
     stride_xm, stride_xk, stride_wr, stride_wk, stride_om,
-    seed, p,
+    scale0, scale1, scale2, c1, c2, seed, p,
     DROPOUT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    """OUT (M,R) = (drop(X)·Wᵀ) * SCALE[r]: the rank-r GEMM (K is the long reduction)."""
+    """OUT (M,R) = (m ⊙ X)·Wᵀ with column r scaled by its member's scale: scale0 on [0, c1),
+    scale1 on [c1, c2), scale2 on [c2, R). The rank-r GEMM (K is the long reduction)."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -82,7 +85,8 @@ def _thin_kernel(
         acc = tl.dot(x, w, acc)
         x_ptr += BK * stride_xk
         w_ptr += BK * stride_wk
-    acc *= tl.load(SCALE + rr, mask=r_ok, other=0.0)[None, :]
+    scale = tl.where(rr < c1, scale0, tl.where(rr < c2, scale1, scale2))
+    acc *= scale[None, :]
     o_ptr = OUT + rm[:, None].to(tl.int64) * stride_om + rr[None, :]
     tl.store(o_ptr, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
 
@@ -228,7 +232,7 @@ def _grouped_mm_kernel(
 # columns), so they get tall M tiles; the base GEMM gets the usual square-ish tiles.
 _MAIN = [
     {"BM": 128, "BN": 128, "BK": 64, "BR": 32, "num_warps": 8, "num_stages": 3},
-    {"BM": 128, "BN": 64, "BK": 64, "BR": 32, "num_warps": 4, "num_stages": 4},
+    {"BM": 128, "BN": 64, "BK": 64, "BR": 32, "num_warps": 8, "num_stages": 3},
     {"BM": 64, "BN": 64, "BK": 64, "BR": 32, "num_warps": 4, "num_stages": 4},
 ]
 _THIN = [
@@ -242,6 +246,13 @@ _TN = [
     {"BP": 64, "BQ": 16, "BM": 128, "num_warps": 4, "num_stages": 3},
 ]
 GROUPED_MM_CONFIGS = {80: _MAIN, 90: _MAIN}
+# dx with dropout keeps a second (BM,BN) accumulator for the masked low-rank term and draws a
+# Philox mask over the tile: half-size tiles.
+_MAIN_DROPOUT = [
+    {"BM": 64, "BN": 128, "BK": 64, "BR": 32, "num_warps": 8, "num_stages": 3},
+    {"BM": 64, "BN": 64, "BK": 64, "BR": 32, "num_warps": 4, "num_stages": 3},
+]
+GROUPED_MM_DROPOUT_CONFIGS = {80: _MAIN_DROPOUT, 90: _MAIN_DROPOUT}
 THIN_CONFIGS = {80: _THIN, 90: _THIN}
 TN_CONFIGS = {80: _TN, 90: _TN}
 
@@ -250,12 +261,14 @@ TN_CONFIGS = {80: _TN, 90: _TN}
 # few times.
 _INTERPRET_META = {
     "grouped_mm": {"BM": 32, "BN": 32, "BK": 32, "BR": 32},
+    "grouped_mm_dropout": {"BM": 32, "BN": 32, "BK": 32, "BR": 32},
     "thin": {"BM": 32, "BR": 64, "BK": 64},
     "tn": {"BP": 32, "BQ": 64, "BM": 64},
 }
 # M is left out of the autotune keys: packed batches change it every step, N and K do not.
 _KERNELS = {
-    "grouped_mm": (_grouped_mm_kernel, GROUPED_MM_CONFIGS, ["N", "K", "NUM_SEG", "DROPOUT"]),
+    "grouped_mm": (_grouped_mm_kernel, GROUPED_MM_CONFIGS, ["N", "K", "NUM_SEG"]),
+    "grouped_mm_dropout": (_grouped_mm_kernel, GROUPED_MM_DROPOUT_CONFIGS, ["N", "K"]),
     "thin": (_thin_kernel, THIN_CONFIGS, ["R", "K", "DROPOUT"]),
     "tn": (_tn_kernel, TN_CONFIGS, ["P", "Q", "DROPOUT"]),
 }
@@ -276,25 +289,32 @@ def _launch(name: str, device: torch.device, grid, **args) -> None:
 def launch_thin(
     x: torch.Tensor,
     w: torch.Tensor,
-    scale: torch.Tensor,
     out: torch.Tensor,
+    scales: Sequence[float],
+    ranks: Sequence[int],
     dropout_p: float = 0.0,
     seed: int = 0,
 ) -> None:
-    """out (M,R) = (m ⊙ x)·wᵀ·diag(scale); x (M,K), w (R,K) any strides, scale (R,) fp32.
+    """out (M,R) = (m ⊙ x)·wᵀ, each member's rank columns times its scale; x (M,K), w (R,K)
+    any strides; one to three members with R = Σ ranks.
 
     The keep-mask m (only when dropout_p > 0) is drawn at x's row-major offsets row·K + col.
     """
     M, K = x.shape
     R = w.shape[0]
     assert w.shape[1] == K and out.shape == (M, R) and out.stride(1) == 1
+    assert sum(ranks) == R and 1 <= len(ranks) <= 3
+    s = [float(v) for v in scales] + [0.0] * (3 - len(scales))
+    c1 = ranks[0] if len(ranks) > 1 else R
+    c2 = c1 + ranks[1] if len(ranks) > 2 else R
     grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(R, meta["BR"]))
     _launch(
         "thin", x.device, grid,
-        X=x, W=w, SCALE=scale, OUT=out, M=M, R=R, K=K,
+        X=x, W=w, OUT=out, M=M, R=R, K=K,
         stride_xm=x.stride(0), stride_xk=x.stride(1),
         stride_wr=w.stride(0), stride_wk=w.stride(1), stride_om=out.stride(0),
-        seed=seed, p=dropout_p, DROPOUT=dropout_p > 0,
+        scale0=s[0], scale1=s[1], scale2=s[2], c1=c1, c2=c2, seed=seed, p=dropout_p,
+        DROPOUT=dropout_p > 0,
     )  # fmt: skip
 
 
@@ -347,7 +367,7 @@ def launch_grouped_mm(
         n1, n2, c1, c2 = N, N, 0, 0
     grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))
     _launch(
-        "grouped_mm", x.device, grid,
+        "grouped_mm_dropout" if dropout_p > 0 else "grouped_mm", x.device, grid,
         X=x, W=w_kn, BIAS=bias if bias is not None else out, Y=out, XA=xa, B0=b0, B1=b1, B2=b2,
         M=M, N=N, K=K,
         stride_xm=x.stride(0), stride_xk=x.stride(1),
@@ -361,12 +381,6 @@ def launch_grouped_mm(
     )  # fmt: skip
 
 
-def scale_vector(ranks: Sequence[int], scales: Sequence[float], device) -> torch.Tensor:
-    """(Σr,) fp32: each member's scale repeated over its rank columns."""
-    parts = [torch.full((r,), float(s)) for r, s in zip(ranks, scales, strict=True)]
-    return torch.cat(parts).to(device=device, dtype=torch.float32)
-
-
 # --------------------------------------------------------------------------------------------
 # Forward / backward on both paths. 2-D operands in the compute dtype; `scales` are the
 # effective ones (dropout's 1/(1-p) folded in), the keep-mask is 0/1.
@@ -376,7 +390,7 @@ def _forward_triton(x, w, bias, a_list, b_list, scales, p, seed):
     ranks = [a.shape[0] for a in a_list]
     xa = torch.empty(M, sum(ranks), dtype=x.dtype, device=x.device)
     a_cat = torch.cat(a_list).to(x.dtype)
-    launch_thin(x, a_cat, scale_vector(ranks, scales, x.device), xa, p, seed)
+    launch_thin(x, a_cat, xa, scales, ranks, p, seed)
     y = torch.empty(M, w.shape[0], dtype=x.dtype, device=x.device)
     segs, n0, c0 = [], 0, 0
     for b, r in zip(b_list, ranks, strict=True):
@@ -407,7 +421,7 @@ def _backward_triton(x, dys, w, a_list, b_list, scales, xa, p, seed, need_dx):
     gs = torch.empty(M, sum(ranks), dtype=x.dtype, device=x.device)
     c0 = 0
     for dy, b, s, r in zip(dys, b_list, scales, ranks, strict=True):
-        launch_thin(dy, b.to(x.dtype).t(), scale_vector([r], [s], x.device), gs[:, c0 : c0 + r])
+        launch_thin(dy, b.to(x.dtype).t(), gs[:, c0 : c0 + r], [s], [r])
         c0 += r
     da = torch.empty(sum(ranks), K, dtype=torch.float32, device=x.device)
     launch_tn(gs, x, da, p, seed)
@@ -602,3 +616,70 @@ def lora_qkv(
         x, weight_qkv, bias_qkv, a_q, a_k, a_v, b_q, b_k, b_v, _triple(scales),
         float(dropout_p), draw_seed(dropout_p, seed),
     )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compilation targets (`python -m fastmid.kernels.inspect`)
+# --------------------------------------------------------------------------------------------
+def inspect_target(
+    name: str,
+    fn,
+    configs: dict[int, list[dict[str, int]]],
+    pointers: dict[str, str],
+    ones: tuple[str, ...],
+    divisible: tuple[str, ...],
+    **constexprs: object,
+) -> InspectTarget:
+    """One launch as the Functions make it: its unit strides (which the runtime turns into
+    constants), the integer arguments taken as multiples of 16, and its fixed constexprs."""
+    floats = ("p", "scale", "scale0", "scale1", "scale2")
+    signature, unit = kernel_signature(fn, pointers, floats=floats, ones=ones)
+    return InspectTarget(
+        name=name,
+        fn=fn,
+        signature=signature,
+        constexprs={**unit, **constexprs},
+        configs=configs,
+        divisible=divisible,
+    )
+
+
+_P = "*{dtype}"
+_MM_PTRS = {n: _P for n in ("X", "W", "BIAS", "Y", "XA", "B0", "B1", "B2")}
+_THIN_PTRS = {"X": _P, "W": _P, "OUT": _P}
+INSPECT_TARGETS: list[InspectTarget] = [
+    inspect_target(
+        "lora_qkv_fwd_xa", _thin_kernel, THIN_CONFIGS, _THIN_PTRS,
+        ones=("stride_xk", "stride_wk"), divisible=("K", "stride_xm", "stride_wr"), DROPOUT=True,
+    ),
+    inspect_target(
+        "lora_qkv_fwd_y", _grouped_mm_kernel, GROUPED_MM_CONFIGS, _MM_PTRS,
+        ones=("stride_xk", "stride_wk", "s0_br", "s1_br", "s2_br"),
+        divisible=("N", "K", "stride_xm", "stride_wn", "stride_ym", "n1", "n2"),
+        HAS_BIAS=True, NUM_SEG=3, DROPOUT=False,
+    ),
+    inspect_target(
+        "lora_qkv_bwd_g", _thin_kernel, THIN_CONFIGS, _THIN_PTRS,
+        ones=("stride_xk", "stride_wr"), divisible=("K", "stride_xm", "stride_wk"), DROPOUT=False,
+    ),
+    inspect_target(
+        "lora_qkv_bwd_dx", _grouped_mm_kernel, GROUPED_MM_CONFIGS, _MM_PTRS,
+        ones=("stride_xk", "stride_wn", "s0_bn", "s1_bn", "s2_bn"),
+        divisible=("N", "K", "stride_xm", "stride_wk", "stride_ym", "s0_br", "s1_br", "s2_br"),
+        HAS_BIAS=False, NUM_SEG=1, DROPOUT=False,
+    ),
+    inspect_target(
+        "lora_qkv_bwd_dx_dropout", _grouped_mm_kernel, GROUPED_MM_DROPOUT_CONFIGS, _MM_PTRS,
+        ones=("stride_xk", "stride_wn", "s0_bn", "s1_bn", "s2_bn"),
+        divisible=("N", "K", "stride_xm", "stride_wk", "stride_ym", "s0_br", "s1_br", "s2_br"),
+        HAS_BIAS=False, NUM_SEG=1, DROPOUT=True,
+    ),
+    inspect_target(
+        "lora_qkv_bwd_da", _tn_kernel, TN_CONFIGS, {"L": _P, "RT": _P, "OUT": "*fp32"},
+        ones=("stride_lp",), divisible=("Q", "stride_lm", "stride_rm", "stride_op"), DROPOUT=True,
+    ),
+    inspect_target(
+        "lora_qkv_bwd_db", _tn_kernel, TN_CONFIGS, {"L": _P, "RT": _P, "OUT": "*fp32"},
+        ones=("stride_lp",), divisible=("P", "stride_lm", "stride_rm"), DROPOUT=False,
+    ),
+]  # fmt: skip
