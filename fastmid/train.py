@@ -324,7 +324,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from fastmid import data, models, patch
 
     wall_start = time.perf_counter()
-    cfg.validate()
+    cfg = cfg.validate().resolved()
     out = _check_output_dir(cfg)
     ckpt_dir = out / CHECKPOINT_DIR
     resumed_extra = read_extra(ckpt_dir) if cfg.resume else None
@@ -410,12 +410,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.max_steps is not None:
         total_steps = cfg.max_steps
     else:
-        total_steps = math.ceil(micro_per_epoch * cfg.epochs / cfg.grad_accum)
+        total_steps = math.ceil(micro_per_epoch * (cfg.epochs or 1) / cfg.grad_accum)
     total_micro = (
-        total_steps * cfg.grad_accum if cfg.max_steps is not None else micro_per_epoch * cfg.epochs
+        total_steps * cfg.grad_accum
+        if cfg.max_steps is not None
+        else micro_per_epoch * (cfg.epochs or 1)
     )
     warmup = (
-        cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
+        cfg.warmup_steps
+        if cfg.warmup_steps is not None
+        else math.ceil(cfg.warmup_ratio * total_steps)
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, warmup, cfg.schedule)

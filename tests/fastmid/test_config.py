@@ -6,15 +6,25 @@ from pathlib import Path
 
 import pytest
 
-from fastmid.config import TrainConfig, build_config, load_yaml, parse_band, save_yaml
+from fastmid.config import DEMO, TrainConfig, build_config, load_yaml, parse_band, save_yaml
 from fastmid.errors import UserError
 
 
 def test_defaults_follow_the_paper():
-    cfg = build_config()
+    cfg = build_config(None, {"data": "mine.jsonl"}).resolved()
     assert (cfg.alpha, cfg.dropout, cfg.rank_budget, cfg.lr) == (128.0, 0.05, 64, 1e-4)
+    assert (cfg.epochs, cfg.max_steps) == (1, None)
     assert cfg.targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert (cfg.band, cfg.schedule, cfg.output_dir) == ("0.2,0.8", "linear", "./fastmid-out")
+
+
+def test_no_arguments_is_the_short_demo():
+    demo = build_config().resolved()
+    assert (demo.max_steps, demo.lr) == (DEMO["max_steps"], DEMO["lr"])
+    # Any of data, length or lr given by the user turns the demo off.
+    assert build_config(None, {"epochs": 2}).resolved().lr == 1e-4
+    assert build_config(None, {"lr": 5e-4}).resolved().max_steps is None
+    assert build_config(None, {"max_steps": 3}).resolved().lr == 1e-4
 
 
 def test_yaml_then_overrides(tmp_path: Path):

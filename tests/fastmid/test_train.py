@@ -102,7 +102,6 @@ def tiny_cfg(model_dir: Path, train_file: Path, out: Path, **over):
         warmup_steps=1,
         eval=False,
         log_every=1,
-        fuse_groups=False,
     )
     values.update(over)
     return build_config(None, values)
@@ -218,3 +217,36 @@ def test_interrupted_run_resumes_with_identical_losses(
 def test_lr_schedule_warms_up_then_decays(schedule: str, expected: list[float]):
     factor = lr_lambda(total_steps=5, warmup_steps=1, schedule=schedule)
     assert [factor(s) for s in range(6)] == pytest.approx(expected)
+
+
+@pytest.mark.slow
+def test_embedded_model_trains_two_steps(tmp_path: Path):
+    """The real default model and data: two steps, eval before/after, a PEFT adapter."""
+    from fastmid.models import native_bf16
+
+    out = tmp_path / "run"
+    cfg = build_config(
+        None,
+        dict(
+            output_dir=str(out),
+            max_steps=2,
+            lr=1e-3,
+            batch_tokens=512,
+            grad_accum=1,
+            eval_limit=2,
+            max_new_tokens=8,
+        ),
+    )
+    summary = train(cfg)
+    resolved = summary["resolved"]
+    assert resolved["layers"] == list(range(6, 24))  # 20%-80% of 30 layers
+    assert resolved["rank"] == 106  # floor(64 * 30 / 18): the uniform r=64 budget
+    assert resolved["precision"] == ("bf16" if native_bf16() else "fp32")
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").open())] == [1, 2]
+    assert 0.5 < summary["loss_first"] < 5.0
+    for when in ("eval_before", "eval_after"):
+        assert 0.0 <= summary[when]["accuracy"] <= 1.0
+        assert 1.0 < summary[when]["heldout_ppl"] < 1000.0
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["layers_to_transform"] == list(range(6, 24))
+    assert adapter_config["r"] == 106
