@@ -170,12 +170,21 @@ def estimate_peak(
     t0 = time.perf_counter()
     tokens = batch_size * seq_len
     fake = FakeTensorMode(allow_non_fake_inputs=True)
+    # The mode remembers every tensor it creates through a weak reference (a cache for
+    # converting real tensors, which never happens here). Module.to() must swap fake parameters
+    # and torch refuses to swap a tensor that has weak references, so PEFT's own .to() calls on
+    # its new adapters would fail: this mode instance keeps no such memo.
+    fake.fake_tensor_converter.set_tensor_memo = lambda t, v: None
     with fake:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).train()
         num_layers = config.num_hidden_layers
         if provider == "fastmid":
-            apply_midblock(model, MidBlockConfig(band=band, rank_budget=RANK_UNIFORM, alpha=ALPHA))
+            # Dropout off: fastmid's kernels redraw the mask from a seed and never store it
+            # (the trace cannot draw the seed, a data-dependent .item()); only the transient
+            # masked copy of x inside one adapter call is left out.
+            cfg = MidBlockConfig(band=band, rank_budget=RANK_UNIFORM, alpha=ALPHA, dropout=0.0)
+            apply_midblock(model, cfg)
             loss_fn = _label_only_loss
             n_labels = int(tokens * loss_fraction)
             batch = {

@@ -120,19 +120,20 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             "fastmid bench compares against PEFT, which is not installed: pip install peft"
         )
-    # Timings must reflect the shipped execution paths, never the Triton interpreter.
-    os.environ.pop("TRITON_INTERPRET", None)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        # The interpreter is a correctness tool: timing it would say nothing about fastmid.
+        raise UserError("TRITON_INTERPRET is set: unset it, the benchmark times the real kernels")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be positive, got {args.threads}")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     import torch
 
     from bench import report, suite
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be positive, got {args.threads}")
-        torch.set_num_threads(args.threads)
     opts = _options(args, suite)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     default_out = root / "bench" / "results" / ("quick" if args.quick else "")
     out_dir = Path(args.out) if args.out else default_out
     results = suite.run_suite(opts, out_dir)

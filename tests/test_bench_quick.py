@@ -1,0 +1,144 @@
+"""The benchmark machinery: ``fastmid bench --quick`` runs end to end and writes its reports.
+
+No speed is asserted anywhere: timings depend on the machine. What is asserted is that every
+workload produced rows with the numbers they must carry, that the files are complete, and
+that the measuring tools count what they claim to count.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmid.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict[str, str]:
+    # The benchmark refuses the Triton interpreter that the test session switches on.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def _fastmid(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fastmid", *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("bench")
+    res = _fastmid("bench", "--quick", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res.stdout
+
+
+def test_quick_writes_every_report(quick_run: tuple[Path, str]) -> None:
+    out, stdout = quick_run
+    for name in ("throughput", "flops", "memory", "estimate", "bands"):
+        assert (out / f"{name}.csv").stat().st_size > 0
+    for png in ("throughput.png", "mfu.png", "memory.png", "estimate.png", "bands.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "vs peft_all" in (out / "summary.md").read_text()
+    assert "Training throughput" in stdout and "ESTIMATED CUDA peak memory" in stdout
+    assert not list(out.glob(".*")), "temporary files left behind"
+
+
+def test_quick_rows_carry_numbers_machine_and_commit(quick_run: tuple[Path, str]) -> None:
+    out, _ = quick_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["machine"]["torch"] == torch.__version__
+    rows = {name: results[name] for name in ("throughput", "flops", "memory", "estimate", "bands")}
+    for name, table in rows.items():
+        assert table, name
+        for r in table:
+            assert r["machine"] and r["commit"] and r["dtype"] and r["shape"], (name, r)
+
+    thr = {(r["provider"], r["dtype"]): r for r in rows["throughput"]}
+    assert set(thr) == {(p, d) for p in ("peft_all", "peft_all_gc", "peft_mid", "fastmid")
+                        for d in ("fp32", "bf16")}  # fmt: skip
+    for (provider, _), r in thr.items():
+        assert r["tokens_per_s"] > 0 and r["epoch_s_est"] > 0
+        # Identical data: every provider trained the same real tokens...
+        assert r["real_tokens"] == thr[("peft_all", "fp32")]["real_tokens"]
+        # ...and only fastmid's packing executes no pad position.
+        if provider == "fastmid":
+            assert r["executed_tokens"] == r["real_tokens"]
+        else:
+            assert r["executed_tokens"] >= r["real_tokens"]
+    assert thr[("peft_all", "bf16")]["vs_peft_all"] == pytest.approx(1.0)
+
+    flops = {(r["provider"], r["dtype"]): r for r in rows["flops"]}
+    # The band skips the backward below it and the label-only head most of the vocabulary
+    # matmul: fastmid's useful work per token is below standard LoRA's.
+    assert (
+        flops[("fastmid", "fp32")]["useful_flops_per_token"]
+        < flops[("peft_all", "fp32")]["useful_flops_per_token"]
+    )
+    for r in flops.values():
+        assert r["executed_over_useful"] >= 1.0 and r["mfu"] > 0
+
+    for r in rows["memory"]:
+        assert r["peak_bytes"] >= r["setup_bytes"] > 0
+        assert r["grad_bytes"] > 0 and r["optimizer_bytes"] >= 2 * r["grad_bytes"]
+
+    est = {r["provider"]: r for r in rows["estimate"]}
+    assert est["fastmid"]["estimate"] is True
+    # Same architecture, same bf16 weights; fastmid's step holds less than all-layer LoRA.
+    assert est["fastmid"]["weights_bytes"] == pytest.approx(est["peft_all"]["weights_bytes"], 0.01)
+    assert est["fastmid"]["step_peak_bytes"] < est["peft_all"]["step_peak_bytes"]
+
+    bands = {r["band"]: r for r in rows["bands"]}
+    assert set(bands) == {"bottom", "middle", "top", "all"}
+    assert bands["all"]["layers"] == "0-9" and bands["middle"]["layers"] == "2-7"
+
+    with (out / "throughput.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows["throughput"]) and "commit" in csv_rows[0]
+
+
+def test_bad_option_is_one_line_exit_2() -> None:
+    res = _fastmid("bench", "--quick", "--providers", "peft_all,nope")
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "nope" in res.stderr
+
+
+def test_without_a_source_checkout_is_a_user_error(monkeypatch, tmp_path: Path) -> None:
+    from fastmid import benchcmd
+
+    monkeypatch.setattr(benchcmd, "_source_checkouts", lambda: [tmp_path])
+    with pytest.raises(UserError, match="source checkout"):
+        benchcmd.find_suite_root()
+
+
+def test_live_storage_tracker_peak() -> None:
+    """The estimator's tracker: views share a storage, freed storages leave the live set."""
+    sys.path.insert(0, str(REPO))
+    from bench.estimate import LiveStorageTracker
+
+    kept = torch.zeros(10)
+    with LiveStorageTracker([kept]) as tracker:
+        a = torch.ones(1000)  # 4,000 bytes
+        view = a[:10]  # same storage: not counted again
+        b = torch.ones(500)  # 2,000 bytes -> 6,000 live
+        del a, view, b
+        c = torch.ones(250)  # 1,000 bytes, after 6,000 were freed
+    assert tracker.base_bytes == 40
+    assert tracker.peak == 6000
+    assert tracker.current == 1000
+    del c
