@@ -30,7 +30,7 @@ LOSS_ON = ("response", "all")
 PAPER_LR = 1e-4
 # `fastmid train` with no arguments: a run of about five minutes on a 2-core CPU in which the
 # embedded model visibly learns the bundled task (the paper's 1e-4 needs far more steps).
-DEMO: dict[str, Any] = {"max_steps": 30, "lr": 1e-3}
+DEMO: dict[str, Any] = {"max_steps": 20, "lr": 1e-3}
 
 # A parsed band: fractions of depth, every layer, explicit layer indices, or ask the probe.
 Band = tuple[float, float] | str | list[int]

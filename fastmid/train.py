@@ -41,7 +41,15 @@ from torch import nn
 
 from fastmid.checkpoint import CHECKPOINT_DIR, find_checkpoint, load_checkpoint, read_extra
 from fastmid.checkpoint import save_checkpoint as _save_checkpoint
-from fastmid.config import TrainConfig, build_config, parse_band, save_yaml, write_text_atomic
+from fastmid.config import (
+    DEMO,
+    PAPER_LR,
+    TrainConfig,
+    build_config,
+    parse_band,
+    save_yaml,
+    write_text_atomic,
+)
 from fastmid.errors import UserError
 
 IGNORE_INDEX = -100
@@ -674,20 +682,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, key, None)
         if isinstance(default, list):
             default = ",".join(default)
-        group.add_argument(flag, default=S, help=f"{help_text} (default: {default})", **kw)
+        if "default:" not in help_text:
+            help_text = f"{help_text} (default: {default})"
+        group.add_argument(flag, default=S, help=help_text, **kw)
 
     parser.add_argument("--config", default=None, help="YAML file of config keys; flags win")
     group = parser.add_argument_group("model and data")
     add("--model", "local HF dir, .gguf file or hub id; default: embedded SmolLM2-135M-Instruct")
-    add("--data", "training JSONL ({prompt,response} | {question,answer} | {messages})")
-    add("--eval-data", "JSONL with gold '#### N' answers for accuracy")
+    add(
+        "--data",
+        "training JSONL ({prompt,response} | {question,answer} | {messages}); "
+        "default: the bundled GSM-style train split",
+    )
+    add(
+        "--eval-data",
+        "JSONL with gold '#### N' answers for accuracy; default: the bundled test split "
+        "when --data is not given, else none",
+    )
     add("--format", "prompt format", choices=["qa", "chat"])
     add("--max-length", "max tokens per example", type=int)
     add("--loss-on", "which tokens carry loss", choices=["response", "all"])
     add("--output-dir", "where adapter, config, metrics and summary go")
     group = parser.add_argument_group("mid-block LoRA")
     add("--band", "0.2,0.8 | all | 6-23 | 3,5,7 | auto")
-    add("--rank", "LoRA rank of active layers (default: budget-matched)", type=int)
+    add("--rank", "LoRA rank of active layers; default: budget-matched", type=int)
     add("--rank-budget", "uniform-LoRA rank whose parameter count is matched", type=int)
     add("--alpha", "LoRA alpha", type=float)
     add("--dropout", "LoRA dropout", type=float)
@@ -696,16 +714,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--gradient-checkpointing", "recompute active blocks in backward", action="store_true")
     group = parser.add_argument_group("optimisation")
     add("--precision", "auto | bf16 | fp32", choices=["auto", "bf16", "fp32"])
-    add("--lr", "peak learning rate", type=float)
+    demo_lr = DEMO["lr"]
+    add("--lr", f"peak lr; default: {PAPER_LR:g}, or {demo_lr:g} in the demo", type=float)
     add("--weight-decay", "AdamW weight decay", type=float)
-    add("--warmup-steps", "warmup optimizer steps", type=int)
+    add("--warmup-steps", "warmup optimizer steps; default: --warmup-ratio of the run", type=int)
     add("--warmup-ratio", "warmup as a fraction of all steps", type=float)
     add("--schedule", "lr decay after warmup", choices=["linear", "cosine", "constant"])
     add("--batch-tokens", "token budget of one packed micro-batch", type=int)
     add("--grad-accum", "micro-batches per optimizer step", type=int)
     add("--max-grad-norm", "gradient clipping norm (0 = off)", type=float)
-    add("--epochs", "passes over the data", type=int)
-    add("--max-steps", "stop after this many optimizer steps", type=int)
+    add("--epochs", "passes over the data; default: 1", type=int)
+    add(
+        "--max-steps",
+        "stop after this many optimizer steps (overrides --epochs); default: all epochs, "
+        f"or {DEMO['max_steps']} in the no-argument demo",
+        type=int,
+    )
     add("--seed", "random seed", type=int)
     add("--equalize-updates", "equal ‖ΔW‖/‖W‖ across layers each step", action="store_true")
     group = parser.add_argument_group("logging, checkpoints, evaluation")
