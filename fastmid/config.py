@@ -26,6 +26,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 FORMATS = ("qa", "chat")
 LOSS_ON = ("response", "all")
+PARALLEL = ("auto", "ddp", "fsdp")
 
 PAPER_LR = 1e-4
 # `fastmid train` with no arguments: a run of about five minutes on a 2-core CPU in which the
@@ -106,6 +107,13 @@ class TrainConfig:
     # Rescale each layer's update so ‖ΔW‖/‖W‖ is equal across layers after every step.
     equalize_updates: bool = False
 
+    # --- many devices ---
+    # Processes (one per GPU) that `fastmid train` starts with torchrun; 1 = just this one.
+    nproc: int = 1
+    # How ranks hold the frozen model: "ddp" (whole copy each), "fsdp" (decoder blocks sharded),
+    # "auto" (fsdp when the weights exceed half of one GPU's memory).
+    parallel: str = "auto"
+
     # --- logging, checkpoints, evaluation ---
     # Print a progress line and append to metrics.jsonl every this many optimizer steps.
     log_every: int = 1
@@ -166,6 +174,8 @@ class TrainConfig:
             _positive("epochs", self.epochs)
         if self.max_steps is not None:
             _positive("max_steps", self.max_steps)
+        _positive("nproc", self.nproc)
+        _one_of("parallel", self.parallel, PARALLEL)
         _positive("log_every", self.log_every)
         if self.save_every < 0:
             raise UserError(f"save_every must be >= 0, got {self.save_every}")
