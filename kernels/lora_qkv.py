@@ -456,7 +456,13 @@ def _backward_torch(x, dys, w, a_list, b_list, scales, xa, p, seed, need_dx):
         c0 += r
     dx = None
     if need_dx:
-        dx = torch.mm(torch.cat(dys, 1), w)
+        # dy·w as three GEMMs accumulating into dx (beta=1): no (M,N) concatenation of dq, dk,
+        # dv, and measured no slower than one GEMM over it.
+        n0 = 0
+        for dy in dys:
+            w_i = w[n0 : n0 + dy.shape[1]]
+            dx = torch.mm(dy, w_i) if dx is None else dx.addmm_(dy, w_i)
+            n0 += dy.shape[1]
         a_cat = torch.cat(a_list).to(x.dtype)
         if keep is None:
             dx.addmm_(gt.t(), a_cat)
