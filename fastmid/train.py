@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmid import distributed
 from fastmid.checkpoint import CHECKPOINT_DIR, find_checkpoint, load_checkpoint, read_extra
 from fastmid.checkpoint import save_checkpoint as _save_checkpoint
 from fastmid.config import (
@@ -74,6 +75,8 @@ RESUME_MAY_CHANGE = {
     "eval_limit",
     "eval_batch_size",
     "max_new_tokens",
+    "nproc",
+    "parallel",
 }
 
 
@@ -340,6 +343,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         _check_resume_compatible(cfg, resumed_extra["config"])
 
     device = _device()
+    # Under torchrun: join the process group. Every rank has passed the output-dir checks
+    # above before rank 0 may write there.
+    world = distributed.init_distributed(device).world_size
+    distributed.barrier()
     precision = resolve_precision(cfg.precision, device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=precision == "bf16")
@@ -354,7 +361,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model, tokenizer, model_name = models.load_model(cfg.model, dtype=dtype)
-    model.to(device)
+    parallel = distributed.resolve_parallel(cfg.parallel, model, device, world)
+    if parallel != "fsdp":  # under FSDP only each rank's shard goes to the device
+        model.to(device)
     examples = data.tokenize_records(
         records, tokenizer, fmt=cfg.format, max_length=cfg.max_length, loss_on=cfg.loss_on
     )
@@ -380,7 +389,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         alpha=cfg.alpha,
         dropout=cfg.dropout,
         use_rslora=cfg.use_rslora,
-        fuse_groups=cfg.fuse_groups,
+        # FSDP shards each linear's own weight; fused groups read a concatenated copy.
+        fuse_groups=cfg.fuse_groups and parallel != "fsdp",
         gradient_checkpointing=cfg.gradient_checkpointing,
     )
     torch.manual_seed(cfg.seed)
@@ -388,6 +398,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     state = model.fastmid_state
     params = patch.adapter_parameters(model)
     n_params = sum(p.numel() for p in params)
+    # One process: a pass-through. Several: DDP or FSDP, this rank's micro-batches, grad sums.
+    dp = distributed.DataParallel(model, parallel, forward_loss, device)
+    if world > 1 and cfg.grad_accum % world:
+        _log(f"note: grad_accum {cfg.grad_accum} is not a multiple of {world} ranks; some idle")
 
     # --- evaluate the base model (skipped on resume: the checkpoint remembers it) ---
     # Freshly patched adapters have lora_B = 0, so this is exactly the base model's output;
@@ -512,15 +526,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             micro_batches = [plan(g // micro_per_epoch)[g % micro_per_epoch] for g in micro_ids]
             # Normalise by every label token of the step, so accumulation equals one big batch.
             step_labels = sum(examples[i].num_loss_tokens for b in micro_batches for i in b)
-            for indices in micro_batches:
+            for indices, grad_sync in dp.micro_batches(micro_batches):
                 batch = data.collate_packed([examples[i] for i in indices])
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with autocast():
-                    loss_sum, _ = forward_loss(model, batch)
-                (loss_sum / step_labels).backward()
+                with grad_sync:
+                    with autocast():
+                        loss_sum, _ = dp.forward_loss(batch)
+                    (loss_sum / step_labels).backward()
                 window_loss += loss_sum.detach()
                 window_tokens += batch["input_ids"].numel()
             window_labels += step_labels
+            dp.reduce_gradients()
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if equalizer is not None:
@@ -532,13 +548,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            # A signal may reach the ranks at different steps: all stop at the same one.
+            stop.requested = distributed.any_rank(stop.requested)
 
-            if step % cfg.log_every == 0 or step == total_steps or stop.requested:
+            # A checkpoint (periodic or on a signal) also flushes the log window, so a resumed
+            # run logs exactly the lines an uninterrupted one does.
+            saving = stop.requested or (cfg.save_every and step % cfg.save_every == 0)
+            saving = bool(saving) and step < total_steps
+            if step % cfg.log_every == 0 or step == total_steps or saving:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 now = time.perf_counter()
                 seconds = now - window_start
-                loss = window_loss.item() / max(1, window_labels)
+                # Each rank summed its own micro-batches; window_labels is already global.
+                window_sum, all_tokens = distributed.all_reduce_sum(window_loss, window_tokens)
+                window_tokens = int(all_tokens)
+                loss = window_sum / max(1, window_labels)
                 totals["tokens"] += window_tokens
                 totals["label_tokens"] += window_labels
                 totals["train_seconds"] += seconds
@@ -564,14 +589,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 window_labels = window_tokens = 0
                 window_start = time.perf_counter()
 
-            if stop.requested and step < total_steps:
+            if saving:
                 save_checkpoint()
+                window_start = time.perf_counter()  # checkpoint time is not training time
+            if saving and stop.requested:
                 interrupted = True
                 _log(f"stopped at step {step}; continue with --resume (checkpoint {ckpt_dir})")
                 break
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                save_checkpoint()
-                window_start = time.perf_counter()
 
     summary: dict[str, Any] = {
         "interrupted": interrupted,
@@ -732,6 +756,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--seed", "random seed", type=int)
     add("--equalize-updates", "equal ‖ΔW‖/‖W‖ across layers each step", action="store_true")
+    group = parser.add_argument_group("many devices")
+    add("--nproc", "processes (one per GPU) to start with torchrun", type=int)
+    add("--parallel", "ddp: model copy per rank; fsdp: sharded", choices=["auto", "ddp", "fsdp"])
     group = parser.add_argument_group("logging, checkpoints, evaluation")
     add("--log-every", "progress line every N steps", type=int)
     add("--save-every", "checkpoint every N steps (0 = only on interrupt)", type=int)
@@ -751,6 +778,10 @@ def run(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "command")}
     cfg = build_config(args.config, overrides)
+    if cfg.nproc > 1 and not distributed.under_torchrun():
+        # Run this command again as nproc torchrun workers, each given the resolved config.
+        return distributed.launch(cfg.nproc, ["train"], config={**cfg.to_dict(), "nproc": 1})
     summary = train(cfg)
+    distributed.shutdown()
     # 130 = the conventional exit status of a run stopped by SIGINT; the checkpoint is saved.
     return 130 if summary["interrupted"] else 0
