@@ -35,7 +35,7 @@ from triton.compiler import ASTSource
 from ._common import InspectTarget, config_name
 
 # One module per op; each lists the launches it makes in `INSPECT_TARGETS`.
-KERNEL_MODULES = ("lora_linear",)
+KERNEL_MODULES = ("lora_linear", "lora_qkv", "lora_gate_up")
 TENSOR_CORE_OPCODE = {90: "HGMMA", 80: "HMMA"}
 
 
@@ -100,13 +100,16 @@ def analyse(cubin: bytes, arch: int) -> tuple[int, int, int, int]:
         # Both tools read the same file; run them side by side.
         commands = ([nvidia_tool("cuobjdump"), "-res-usage"], [nvidia_tool("nvdisasm")])
         procs = [
-            subprocess.Popen([*cmd, str(path)], stdout=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                [*cmd, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
             for cmd in commands
         ]
-        res, sass = (proc.communicate()[0] for proc in procs)
-        for proc in procs:
+        # nvdisasm chatters about ELF formats on stderr; keep it for failures only.
+        (res, res_err), (sass, sass_err) = (proc.communicate() for proc in procs)
+        for proc, err in zip(procs, (res_err, sass_err), strict=True):
             if proc.returncode != 0:
-                raise RuntimeError(f"{proc.args[0]} failed with exit code {proc.returncode}")
+                raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}: {err}")
     match = _RES.search(res)
     if match is None:
         raise RuntimeError(f"unexpected cuobjdump output:\n{res}")
