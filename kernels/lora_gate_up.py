@@ -47,6 +47,7 @@ from .lora_qkv import (
     launch_grouped_mm,
     launch_thin,
     launch_tn,
+    tile_ids,
 )
 
 __all__ = ["LoraGateUpFunction", "lora_gate_up", "lora_gate_up_reference"]
@@ -62,14 +63,14 @@ def _lora_gate_up_kernel(
     stride_xm, stride_wn, stride_xam, stride_dhm, stride_om,
     BACKWARD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """One (BM, BN) tile of h, or in BACKWARD of dg and du (OUT (M,2I) = [dg | du]).
 
     Two fp32 accumulators (gate, up) live through the K loop, so the tiles are smaller than a
     plain GEMM's: the shipped configs are the largest that compile without spills.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = tile_ids(M, I, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -147,13 +148,13 @@ def launch_gate_up(
     assert x.stride(1) == 1 and w.stride(1) == 1 and w.shape == (2 * I, K)
     assert b_g.is_contiguous() and b_u.is_contiguous() and xa.shape == (M, rg + ru)
     assert out.shape == (M, I if dh is None else 2 * I) and out.stride(1) == 1
-    grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(I, meta["BN"]))
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(I, meta["BN"]),)
     args = dict(
         X=x, W=w, XA=xa, BG=b_g, BU=b_u, DH=out if dh is None else dh, OUT=out,
         M=M, I=I, K=K, RG=rg, RU=ru,
         stride_xm=x.stride(0), stride_wn=w.stride(0), stride_xam=xa.stride(0),
         stride_dhm=0 if dh is None else dh.stride(0), stride_om=out.stride(0),
-        BACKWARD=dh is not None,
+        BACKWARD=dh is not None, GROUP_M=8,
     )  # fmt: skip
     if not x.is_cuda:
         _lora_gate_up_kernel[grid](**args, **_INTERPRET_META)
@@ -385,10 +386,10 @@ _DIVISIBLE = ("I", "K", "stride_xm", "stride_wn", "stride_om", "stride_dhm")
 INSPECT_TARGETS: list[InspectTarget] = [
     inspect_target(
         "lora_gate_up_fwd", _lora_gate_up_kernel, GATE_UP_CONFIGS, _PTRS, ones=(),
-        divisible=_DIVISIBLE, BACKWARD=False,
+        divisible=_DIVISIBLE, BACKWARD=False, GROUP_M=8,
     ),
     inspect_target(
         "lora_gate_up_bwd_recompute", _lora_gate_up_kernel, GATE_UP_CONFIGS, _PTRS,
-        ones=(), divisible=_DIVISIBLE, BACKWARD=True,
+        ones=(), divisible=_DIVISIBLE, BACKWARD=True, GROUP_M=8,
     ),
 ]  # fmt: skip

@@ -164,6 +164,19 @@ def add_segment(
 
 
 @triton.jit
+def tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program on a 1-D grid, GROUP_M row tiles at a time: programs
+    that run together share the same weight columns, so they stay in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
+
+
+@triton.jit
 def _grouped_mm_kernel(
     X, W, BIAS, Y, XA, B0, B1, B2,
     M, N, K,
@@ -172,6 +185,7 @@ def _grouped_mm_kernel(
     n1, n2, xa1, xa2, r0_len, r1_len, r2_len, seed, p,
     HAS_BIAS: tl.constexpr, NUM_SEG: tl.constexpr, DROPOUT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """Y (M,N) = X·W (+bias) + Σ_seg XA_seg·B_segᵀ on the segment's columns.
 
@@ -181,8 +195,7 @@ def _grouped_mm_kernel(
     DROPOUT (dx only, one segment) masks the low-rank term with the forward keep-mask of x:
     dx = dy·w + m ⊙ (g·A).
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = tile_ids(M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -365,7 +378,7 @@ def launch_grouped_mm(
     (b0, _, _), (b1, n1, c1), (b2, n2, c2) = segs
     if len(segments) == 1:
         n1, n2, c1, c2 = N, N, 0, 0
-    grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
     _launch(
         "grouped_mm_dropout" if dropout_p > 0 else "grouped_mm", x.device, grid,
         X=x, W=w_kn, BIAS=bias if bias is not None else out, Y=out, XA=xa, B0=b0, B1=b1, B2=b2,
@@ -377,7 +390,7 @@ def launch_grouped_mm(
         s2_bn=b2.stride(0), s2_br=b2.stride(1),
         n1=n1, n2=n2, xa1=c1, xa2=c2,
         r0_len=b0.shape[1], r1_len=b1.shape[1], r2_len=b2.shape[1], seed=seed, p=dropout_p,
-        HAS_BIAS=bias is not None, NUM_SEG=len(segments), DROPOUT=dropout_p > 0,
+        HAS_BIAS=bias is not None, NUM_SEG=len(segments), DROPOUT=dropout_p > 0, GROUP_M=8,
     )  # fmt: skip
 
 
@@ -662,7 +675,7 @@ INSPECT_TARGETS: list[InspectTarget] = [
         "lora_qkv_fwd_y", _grouped_mm_kernel, GROUPED_MM_CONFIGS, _MM_PTRS,
         ones=("stride_xk", "stride_wk", "s0_br", "s1_br", "s2_br"),
         divisible=("N", "K", "stride_xm", "stride_wn", "stride_ym", "n1", "n2"),
-        HAS_BIAS=True, NUM_SEG=3, DROPOUT=False,
+        HAS_BIAS=True, NUM_SEG=3, DROPOUT=False, GROUP_M=8,
     ),
     inspect_target(
         "lora_qkv_bwd_g", _thin_kernel, THIN_CONFIGS, _THIN_PTRS,
@@ -672,13 +685,13 @@ INSPECT_TARGETS: list[InspectTarget] = [
         "lora_qkv_bwd_dx", _grouped_mm_kernel, GROUPED_MM_CONFIGS, _MM_PTRS,
         ones=("stride_xk", "stride_wn", "s0_bn", "s1_bn", "s2_bn"),
         divisible=("N", "K", "stride_xm", "stride_wk", "stride_ym", "s0_br", "s1_br", "s2_br"),
-        HAS_BIAS=False, NUM_SEG=1, DROPOUT=False,
+        HAS_BIAS=False, NUM_SEG=1, DROPOUT=False, GROUP_M=8,
     ),
     inspect_target(
         "lora_qkv_bwd_dx_dropout", _grouped_mm_kernel, GROUPED_MM_DROPOUT_CONFIGS, _MM_PTRS,
         ones=("stride_xk", "stride_wn", "s0_bn", "s1_bn", "s2_bn"),
         divisible=("N", "K", "stride_xm", "stride_wk", "stride_ym", "s0_br", "s1_br", "s2_br"),
-        HAS_BIAS=False, NUM_SEG=1, DROPOUT=True,
+        HAS_BIAS=False, NUM_SEG=1, DROPOUT=True, GROUP_M=8,
     ),
     inspect_target(
         "lora_qkv_bwd_da", _tn_kernel, TN_CONFIGS, {"L": _P, "RT": _P, "OUT": "*fp32"},
