@@ -13,8 +13,8 @@ Per layer (see :mod:`fastmid.metrics` for the formulas):
 - ``weight_change``: ``||ΔW||_F / ||W||_F`` over the layer's adapted projections stacked (for an
   adapter ``ΔW = s·B·A`` of each adapted projection, for a full model the difference of the
   q/k/v/o weights); 0 where nothing changed;
-- ``logit_lens_*``: next-token top-1 accuracy of ``lm_head(final_norm(h_l))`` at every position
-  that has a next token.
+- ``logit_lens_*``: next-token top-1 accuracy of ``lm_head(final_norm(h_l))`` at the positions
+  that have a next token (all of them, or ``--lens-positions`` evenly spaced ones per example).
 
 Outputs in ``--output-dir``: ``layers.csv``, ``analysis.json`` and ``depth_profile.png`` (every
 metric against relative depth ``(l + 1) / L``, the adapted band shaded), each written atomically.
@@ -104,9 +104,15 @@ def collect_states(
     batch_size: int = 8,
     pad_id: int = 0,
     desc: str | None = None,
+    lens_positions: int = 0,
 ) -> LayerStates:
     """Run ``model`` over ``examples`` (with ``input_ids`` and shifted ``targets``) and reduce
-    every decoder block's output as it is produced (see the module docstring)."""
+    every decoder block's output as it is produced (see the module docstring).
+
+    ``lens_positions`` > 0 evaluates the logit lens at that many evenly spaced positions per
+    example instead of all of them: the lens costs a full LM-head matmul per position and
+    layer, far more than the forward pass itself on a CPU.
+    """
     from tqdm.auto import tqdm
 
     from fastmid.data import collate_padded
@@ -114,6 +120,7 @@ def collect_states(
 
     blocks = find_decoder_layers(model)
     norm, head = final_norm(model), model.get_output_embeddings()
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     device = next(model.parameters()).device
     pooled: list[list[Tensor]] = [[] for _ in blocks]
     correct = [0] * len(blocks)
@@ -145,15 +152,31 @@ def collect_states(
             ids = padded["input_ids"].to(device)
             mask = padded["attention_mask"].to(device)
             targets = padded["targets"].to(device)
-            valid = targets != -100
+            valid = _lens_mask(targets != -100, lens_positions)
             batch.update(mask=mask, valid=valid, targets=targets[valid])
             total += int(valid.sum())
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            # The decoder alone: the hooks see every block, and the LM head over all positions
+            # (the model's own logits, unused here) is skipped.
+            decoder(input_ids=ids, attention_mask=mask, use_cache=False)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
     return LayerStates([torch.cat(p) for p in pooled], correct, total)
+
+
+def _lens_mask(valid: Tensor, per_row: int) -> Tensor:
+    """``valid`` thinned to at most ``per_row`` evenly spaced True entries per row (0 = all)."""
+    if per_row <= 0:
+        return valid
+    out = torch.zeros_like(valid)
+    for row in range(valid.shape[0]):
+        idx = valid[row].nonzero().flatten()
+        if idx.numel() > per_row:
+            pick = torch.linspace(0, idx.numel() - 1, per_row, device=idx.device).round().long()
+            idx = idx[pick]
+        out[row, idx] = True
+    return out
 
 
 def _projection_weights(model: nn.Module, names: Sequence[str]) -> dict[int, list[Tensor]]:
@@ -240,19 +263,23 @@ def analyze(
     pad_id: int = 0,
     band: Sequence[int] | None = None,
     progress: bool = False,
+    lens_positions: int = 0,
 ) -> dict[str, Any]:
     """Compare a tuned model with its base on ``examples``; returns the JSON-able result.
 
     ``tuned`` is an adapter directory (applied onto a base loaded by ``load_base``) or a
     callable returning the tuned model. ``band`` (the layers to shade) defaults to the adapter's
-    layers, or for a full model to the layers whose weights changed.
+    layers, or for a full model to the layers whose weights changed. ``lens_positions``: see
+    :func:`collect_states`.
     """
     from fastmid.adapters import load_adapter, merge
     from fastmid.patch import lora_modules
     from fastmid.probe import PROJECTIONS
 
     model = load_base()
-    base = collect_states(model, examples, batch_size, pad_id, desc="base" if progress else None)
+    base = collect_states(
+        model, examples, batch_size, pad_id, "base" if progress else None, lens_positions
+    )
     if not callable(tuned):
         load_adapter(model, tuned)
         adapted = sorted({layer for layer, _, _ in lora_modules(model)})
@@ -266,14 +293,17 @@ def analyze(
         model = tuned()
         changes = weight_change(before, _projection_weights(model, PROJECTIONS))
         adapted = [i for i, c in enumerate(changes) if c > 0]
-    after = collect_states(model, examples, batch_size, pad_id, desc="tuned" if progress else None)
+    after = collect_states(
+        model, examples, batch_size, pad_id, "tuned" if progress else None, lens_positions
+    )
     band = adapted if band is None else sorted(band)
     rows = compare(base, after, changes, band)
     worst = min(rows, key=lambda r: r["cka"])
     return {
         "num_layers": len(rows),
         "samples": len(examples),
-        "tokens": base.lens_total,
+        "tokens": sum(len(e.input_ids) for e in examples),
+        "lens_positions": base.lens_total,
         "band": list(band),
         "min_cka": {"layer": worst["layer"], "cka": worst["cka"]},
         "layers": rows,
@@ -358,6 +388,7 @@ def plot_profile(result: dict[str, Any], path: Path, title: str = "") -> None:
         f"layers: {num_layers}",
         f"band: {band[0]}-{band[-1]}" if band else "band: none",
         f"samples: {result['samples']}, tokens: {result['tokens']}",
+        f"logit-lens positions: {result['lens_positions']}",
         f"min CKA {result['min_cka']['cka']:.4f} at layer {result['min_cka']['layer']}",
     ]
     summary.text(0.02, 0.95, "\n".join(lines), va="top", family="monospace", fontsize=10)
@@ -409,6 +440,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--band", default=None, help="layers to shade, e.g. 6-23 (default: the adapted layers)"
     )
+    parser.add_argument(
+        "--lens-positions",
+        type=int,
+        default=16,
+        help="logit-lens positions per example, evenly spaced (0 = every position)",
+    )
     parser.add_argument("--output-dir", default="./fastmid-analyze", help="where outputs go")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -422,6 +459,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("samples", "max_length", "batch_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
+    if args.lens_positions < 0:
+        raise UserError("--lens-positions must be 0 (all) or positive")
     tuned_path = Path(args.tuned)
     if not tuned_path.exists():
         raise UserError(f"--tuned not found: {args.tuned}")
@@ -458,6 +497,7 @@ def run(args: argparse.Namespace) -> int:
         pad_id=pad_id,
         band=band,
         progress=not args.no_progress,
+        lens_positions=args.lens_positions,
     )
     result.update(base=base_name, tuned=str(tuned_path), data=str(data))
     paths = write_outputs(result, args.output_dir, title=f"{args.tuned} vs {base_name}")

@@ -36,7 +36,8 @@ def test_model_against_itself_shows_no_change() -> None:
     result = analyze(_base, _base, _examples(), batch_size=5)
     rows = result["layers"]
     assert len(rows) == LAYERS and result["band"] == []
-    assert result["tokens"] == sum(e.num_loss_tokens for e in _examples())
+    assert result["tokens"] == sum(len(e.input_ids) for e in _examples())
+    assert result["lens_positions"] == sum(e.num_loss_tokens for e in _examples())
     for r in rows:
         assert r["cka"] == pytest.approx(1.0, abs=1e-9)
         assert r["cosine"] == pytest.approx(1.0, abs=1e-9)
@@ -102,7 +103,8 @@ def test_adapter_dir_matches_the_merged_model(tmp_path: Path) -> None:
 
 
 def test_outputs_are_written(tmp_path: Path) -> None:
-    result = analyze(_base, _base, _examples(n=6), batch_size=6, band=[2, 3, 4])
+    result = analyze(_base, _base, _examples(n=6), batch_size=6, band=[2, 3, 4], lens_positions=3)
+    assert result["lens_positions"] == 6 * 3  # every example has more than 3 positions
     paths = write_outputs(result, tmp_path / "out", title="tiny vs tiny")
     png = paths["png"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
