@@ -280,6 +280,11 @@ def _launch(kind: str, device: torch.device, grid, *args, **kwargs) -> None:
         meta = _INTERPRET_CONFIG[kind]
         _KERNELS[kind][grid(meta)](*args, **kwargs, **meta)
         return
+    if args[0].dtype == torch.float32:
+        # fp32 operands: follow torch's own matmul setting (full fp32 unless TF32 is allowed),
+        # so the kernel is never less precise than the torch matmul it replaces.
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        kwargs["default_dot_input_precision"] = "tf32" if tf32 else "ieee"
     arch = shipped_arch(cuda_arch(device))
     fn = _tuned.get((kind, arch))
     if fn is None:
