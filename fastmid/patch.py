@@ -65,6 +65,9 @@ class MidBlockConfig:
     fuse_groups: bool = True
     # Non-reentrant activation checkpointing over the band and the blocks above it.
     gradient_checkpointing: bool = False
+    # Liger's Triton RMSNorm and SiLU-mul in the frozen blocks (CUDA only, when liger_kernel
+    # is installed; ignored otherwise).
+    use_liger: bool = True
 
 
 @dataclass
@@ -399,8 +402,7 @@ def _is_swiglu(mlp: nn.Module) -> bool:
         return False
     if gate.bias is not None or up.bias is not None:
         return False
-    act = getattr(mlp, "act_fn", None)
-    if not isinstance(act, nn.SiLU) and type(act).__name__ not in {"SiLU", "SiLUActivation"}:
+    if not _is_silu(getattr(mlp, "act_fn", None)):
         return False
     w = gate.weight
     with torch.no_grad():
@@ -408,6 +410,80 @@ def _is_swiglu(mlp: nn.Module) -> bool:
         expected = down(torch.nn.functional.silu(x @ w.T) * (x @ up.weight.T))
         got = type(mlp).forward(mlp, x)
     return torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# Liger kernels for the frozen blocks (CUDA only)
+
+# RMSNorm classes computing w * x / rms(x) with the weight applied after the cast back to the
+# input dtype, i.e. Liger's "llama" casting mode. Gemma's (1 + w) norms are left alone.
+_LLAMA_STYLE_NORMS = {
+    "LlamaRMSNorm",
+    "MistralRMSNorm",
+    "Qwen2RMSNorm",
+    "Qwen3RMSNorm",
+    "Olmo2RMSNorm",
+}
+
+
+def _liger_ops() -> tuple[Any, Any] | None:
+    try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    except ImportError:
+        return None
+    return LigerRMSNormFunction, LigerSiLUMulFunction
+
+
+def apply_liger_to_frozen(blocks: list[nn.Module]) -> int:
+    """Run the RMSNorms and SwiGLU MLPs of frozen ``blocks`` with Liger's Triton kernels.
+
+    Only on CUDA and only when ``liger_kernel`` is importable; adapted blocks keep their own
+    modules (their MLP may already run ``lora_gate_up``). Returns how many modules were patched.
+    """
+    if not blocks or not next(blocks[0].parameters()).is_cuda:
+        return 0
+    ops = _liger_ops()
+    if ops is None:
+        return 0
+    rms_fn, silu_mul_fn = ops
+    patched = 0
+    for block in blocks:
+        for module in block.modules():
+            if "forward" in module.__dict__:
+                continue
+            if type(module).__name__ in _LLAMA_STYLE_NORMS:
+                eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
+                _wrap_forward(module, lambda _, m=module, e=eps: _liger_rms_forward(m, rms_fn, e))
+                patched += 1
+            elif _is_plain_swiglu(module):
+                _wrap_forward(module, lambda _, m=module: _liger_swiglu_forward(m, silu_mul_fn))
+                patched += 1
+    return patched
+
+
+def _liger_rms_forward(module: nn.Module, fn: Any, eps: float) -> Callable[..., Any]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return fn.apply(x, module.weight, eps, 0.0, "llama")
+
+    return forward
+
+
+def _liger_swiglu_forward(mlp: nn.Module, fn: Any) -> Callable[..., Any]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return mlp.down_proj(fn.apply(mlp.gate_proj(x), mlp.up_proj(x)))
+
+    return forward
+
+
+def _is_plain_swiglu(mlp: nn.Module) -> bool:
+    """A frozen down(silu(gate(x)) * up(x)) MLP made of plain nn.Linear layers."""
+    parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    return all(type(p) is nn.Linear for p in parts) and _is_silu(getattr(mlp, "act_fn", None))
+
+
+def _is_silu(act: Any) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ in {"SiLU", "SiLUActivation"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,6 +561,9 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
     if cfg.gradient_checkpointing:
         for i in range(layers[0], num_layers):
             _wrap_forward(blocks[i], _checkpointed_forward)
+    if cfg.use_liger:
+        frozen = [blocks[i] for i in range(num_layers) if i not in set(layers)]
+        apply_liger_to_frozen(frozen)
 
     model.fastmid_state = MidBlockState(
         layers=layers,

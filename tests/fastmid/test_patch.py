@@ -198,6 +198,9 @@ def test_state_modules_and_trainable_set():
     for _, _, m in lora_modules(model):
         assert m.lora_A.dtype == torch.float32 and m.lora_B.shape == (m.out_features, 10)
     assert find_decoder_layers(model) is model.model.layers
+    # Liger is CUDA-only: on CPU no frozen norm or MLP gets another forward.
+    frozen = model.model.layers[9]
+    assert not any("forward" in m.__dict__ for m in frozen.modules())
 
 
 def test_fresh_adapters_leave_the_model_unchanged_and_take_over_weights():
@@ -308,9 +311,16 @@ def test_bf16_base_under_autocast_is_as_accurate_as_peft():
 # Work actually skipped
 
 
-def saved_bytes_per_block(model: nn.Module, blocks: nn.ModuleList) -> dict[int, tuple[int, int]]:
-    """{block index: (tensors saved for backward, bytes)} for one forward of a training step."""
-    counts = {i: [0, 0] for i in range(len(blocks))}
+def saved_bytes_per_block(
+    model: nn.Module, blocks: nn.ModuleList, embeds: torch.Tensor | None = None
+) -> dict[int, tuple[int, int]]:
+    """{block: (tensors saved for backward, activation bytes)} over one training step.
+
+    Bytes count each saved activation once and leave out parameters, which backward keeps
+    alive anyway; ``embeds`` replaces the token ids by input embeddings.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    counts = {i: [0, {}] for i in range(len(blocks))}
     current: list[int | None] = [None]
     handles = []
     for i, block in enumerate(blocks):
@@ -320,20 +330,23 @@ def saved_bytes_per_block(model: nn.Module, blocks: nn.ModuleList) -> dict[int, 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if current[0] is not None:
             counts[current[0]][0] += 1
-            counts[current[0]][1] += t.numel() * t.element_size()
+            if t.untyped_storage().data_ptr() not in params:
+                key = (t.data_ptr(), t.shape, t.stride())
+                counts[current[0]][1][key] = t.numel() * t.element_size()
         return t
 
     ids, labels = batch(t=32)
+    inputs = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=labels).loss
+        loss = model(**inputs, labels=labels, use_cache=False).loss
     loss.backward()
     for h in handles:
         h.remove()
-    return {i: (c, b) for i, (c, b) in counts.items()}
+    return {i: (c, sum(b.values())) for i, (c, b) in counts.items()}
 
 
 def test_nothing_saved_below_the_band_and_no_frozen_grads():
-    model, base = patched("llama", band=(0.3, 0.8))
+    model, base = patched("llama", band=(0.3, 0.8), targets=ALL)
     seen_inputs = []
     first = model.model.layers[3]
     hook = first.register_forward_pre_hook(lambda _m, args: seen_inputs.append(args[0]))
@@ -346,10 +359,25 @@ def test_nothing_saved_below_the_band_and_no_frozen_grads():
     for name, p in model.named_parameters():
         assert (p.grad is not None) == ("lora_" in name), name
 
-    # Same band with PEFT: stock LoRA saves activations in the frozen blocks below too.
+    # Same band with PEFT: the fused gate/up recomputes silu instead of keeping both
+    # pre-activations, so every adapted block keeps fewer activation bytes.
     peft_model = peft_twin(base, model)
     peft_saved = saved_bytes_per_block(peft_model, peft_model.base_model.model.model.layers)
-    assert sum(b for _, b in saved.values()) < sum(b for _, b in peft_saved.values())
+    assert all(saved[i][1] < peft_saved[i][1] for i in range(3, 8))
+    assert all(saved[i][1] == peft_saved[i][1] for i in range(8, 10))
+
+
+def test_blocks_below_the_band_skip_autograd_even_for_inputs_needing_grad():
+    # e.g. embeddings from a trainable prompt: stock LoRA would record the frozen blocks.
+    model, base = patched("qwen3", band=(0.5, 1.0))
+    embeds = model.model.embed_tokens(batch(t=32)[0]).detach().requires_grad_(True)
+    saved = saved_bytes_per_block(model, model.model.layers, embeds)
+    assert [saved[i][0] for i in range(5)] == [0] * 5
+    assert embeds.grad is None
+    peft_model = peft_twin(base, model)
+    layers = peft_model.base_model.model.model.layers
+    peft_saved = saved_bytes_per_block(peft_model, layers, embeds.detach().requires_grad_(True))
+    assert all(peft_saved[i][0] > 0 for i in range(5))
 
 
 def test_gradient_checkpointing_saves_less_and_keeps_grads_with_dropout():
@@ -384,3 +412,19 @@ def test_dropout_is_active_in_training_only():
     c = model(ids).logits
     assert (a - b).abs().max() > 1e-3
     torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_liger_kernels_run_the_frozen_blocks_with_the_same_outputs():
+    pytest.importorskip("liger_kernel")
+    model = tiny_model("llama").cuda()
+    ref = copy.deepcopy(model)
+    apply_midblock(model, MidBlockConfig(rank=4, targets=ALL, dropout=0.0))
+    for i, block in enumerate(model.model.layers):
+        swapped = [n for n, m in block.named_modules() if n and "forward" in m.__dict__]
+        # Frozen blocks: two RMSNorms and the MLP; adapted blocks: only the fused gate/up MLP.
+        expected = ["input_layernorm", "mlp", "post_attention_layernorm"]
+        assert sorted(swapped) == (["mlp"] if 2 <= i < 8 else expected), i
+    ids = batch()[0].cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
