@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from fastmid.data import QA_PROMPT, bundled_path, load_records
 from fastmid.errors import UserError
@@ -60,12 +61,13 @@ def gsm_accuracy(
     records: list[dict],
     batch_size: int = 32,
     max_new_tokens: int = 64,
+    progress: bool = False,
 ) -> tuple[float, list[dict]]:
     """Greedy-decode every question and score the last number; returns (accuracy, predictions).
 
     Each prediction is ``{"question", "gold", "output", "prediction", "correct"}`` in the order
     of ``records``. Prompts are batched by length (less padding); a batch stops as soon as
-    every row has produced EOS.
+    every row has produced EOS. ``progress`` shows a progress bar on stderr.
     """
     if not records:
         raise UserError("no records to evaluate")
@@ -80,6 +82,7 @@ def gsm_accuracy(
     model.eval()
     tokenizer.padding_side = "left"
     outputs: dict[int, str] = {}
+    bar = tqdm(total=len(order), desc="eval", unit="q", disable=not progress, leave=False)
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -96,7 +99,9 @@ def gsm_accuracy(
             new = generated[:, enc["input_ids"].shape[1] :]
             for i, row in zip(idx, new.tolist(), strict=True):
                 outputs[i] = tokenizer.decode(row, skip_special_tokens=True)
+            bar.update(len(idx))
     finally:
+        bar.close()
         tokenizer.padding_side = side
         model.train(was_training)
     predictions = []
@@ -218,20 +223,36 @@ def run(args: argparse.Namespace) -> int:
         records = records[: args.limit]
     if args.adapter is not None and not Path(args.adapter).is_dir():
         raise UserError(f"adapter directory not found: {args.adapter}")
-    model, tokenizer, name = load_model(args.model, dtype=resolve_dtype(args.precision))
+    dtype = resolve_dtype(args.precision)
+    model, tokenizer, name = load_model(args.model, dtype=dtype)
+    if torch.cuda.is_available():
+        model.to("cuda")
     if args.adapter is not None:
         from fastmid.adapters import load_adapter
 
         load_adapter(model, args.adapter)
+    # Adapters keep fp32 weights beside the bf16 base; autocast runs both in the compute dtype.
+    device = next(model.parameters()).device
+
+    def autocast() -> torch.autocast:
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
     start = time.perf_counter()
-    accuracy, predictions = gsm_accuracy(
-        model, tokenizer, records, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
-    )
+    with autocast():
+        accuracy, predictions = gsm_accuracy(
+            model,
+            tokenizer,
+            records,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            progress=True,
+        )
     seconds = time.perf_counter() - start
     correct = sum(p["correct"] for p in predictions)
     print(f"accuracy {accuracy:.4f} ({correct}/{len(predictions)}) in {seconds:.1f}s  [{name}]")
     if args.perplexity:
-        ppl = perplexity(model, tokenizer, heldout_texts())
+        with autocast():
+            ppl = perplexity(model, tokenizer, heldout_texts())
         print(f"held-out perplexity {ppl:.2f}")
     if args.output is not None:
         write_predictions(predictions, args.output)

@@ -176,3 +176,26 @@ def test_embedded_model_answers_and_models_text() -> None:
     assert preds[0]["gold"] == 16.0 and "16" in preds[0]["output"]
     ppl = perplexity(model, tok, heldout_texts()[:4])
     assert math.isfinite(ppl) and 3 < ppl < 40
+
+
+def test_eval_cli_loads_an_adapter(tiny_dir: Path, tmp_path: Path) -> None:
+    from fastmid.adapters import save_adapter
+    from fastmid.models import load_model
+    from fastmid.patch import MidBlockConfig, adapter_parameters, apply_midblock
+
+    model, tok, _ = load_model(str(tiny_dir))
+    apply_midblock(model, MidBlockConfig(band="all", rank=4, dropout=0.0))
+    with torch.no_grad():
+        for p in adapter_parameters(model):
+            p.normal_(0, 0.5)  # a trained-looking adapter that changes the greedy outputs
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tiny_dir))
+    records = load_records(bundled_path("test"))[:3]
+    _, tuned = gsm_accuracy(model, tok, records, max_new_tokens=6)
+    _, base = gsm_accuracy(load_model(str(tiny_dir))[0], tok, records, max_new_tokens=6)
+    assert [p["output"] for p in tuned] != [p["output"] for p in base]
+
+    argv = ["eval", "--model", str(tiny_dir), "--adapter", str(tmp_path / "adapter")]
+    argv += ["--limit", "3", "--max-new-tokens", "6", "--precision", "fp32", "--no-perplexity"]
+    assert main([*argv, "--output", str(tmp_path / "preds.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    assert [r["output"] for r in rows] == [p["output"] for p in tuned]
