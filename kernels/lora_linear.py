@@ -495,7 +495,7 @@ def _torch_backward(
         if keep is None:
             grad_x.addmm_(dyb, lora_a)
         else:
-            grad_x.add_(torch.mm(dyb, lora_a).mul_(keep))
+            grad_x.addcmul_(torch.mm(dyb, lora_a), keep)
     return grad_x, grad_a, grad_b
 
 
