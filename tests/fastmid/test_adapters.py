@@ -191,3 +191,32 @@ def test_loaded_scale_follows_the_adapter(tmp_path):
     load_adapter(other, tmp_path)
     assert {m.scale for _, _, m in lora_modules(other)} == {4.0}
     torch.testing.assert_close(logits(other), logits(model), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_band_step_and_peft_load(tmp_path):
+    from fastmid.models import load_model
+    from fastmid.patch import adapter_parameters
+
+    model, tokenizer, _ = load_model()
+    base = copy.deepcopy(model)
+    apply_midblock(model, MidBlockConfig())  # the paper's defaults
+    state = model.fastmid_state
+    assert state.layers == list(range(6, 24)) and state.rank == 106  # floor(64 * 30 / 18)
+
+    ids = tokenizer("Question: What is 12 + 30?\nAnswer: 42", return_tensors="pt").input_ids
+    model.train()
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    lora_b = adapter_parameters(model)[1::2]  # B starts at zero but its gradient does not
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+
+    randomize_adapters(model)
+    model.eval()
+    save_adapter(model, tmp_path)
+    with torch.no_grad():
+        expected = model(ids).logits
+        got = PeftModel.from_pretrained(base, tmp_path)(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-4)
