@@ -54,6 +54,19 @@ def _question_and_gold(record: dict, index: int) -> tuple[str, float | None]:
     raise UserError(f"record {index}: accuracy needs question/answer or prompt/response records")
 
 
+def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The tokenizer's EOS first, then any other end tokens the model's generation config has."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    for i in extra if isinstance(extra, list) else [extra]:
+        if i is not None and i not in ids:
+            ids.append(i)
+    if not ids:
+        raise UserError("the tokenizer has no EOS token to stop generation at")
+    return ids
+
+
 @torch.inference_mode()
 def gsm_accuracy(
     model: Any,
@@ -76,8 +89,8 @@ def gsm_accuracy(
     lengths = [len(tokenizer(p).input_ids) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    eos = _stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"

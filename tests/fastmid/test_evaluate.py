@@ -85,7 +85,7 @@ def test_gsm_accuracy_scores_in_record_order_with_left_padding() -> None:
     for _shape, mask, max_new, kwargs in model.calls:
         assert mask[:, -1].all()  # left padding: every prompt ends at the last column
         assert max_new == 64 and kwargs["do_sample"] is False
-        assert kwargs["eos_token_id"] == tok.eos_token_id
+        assert kwargs["eos_token_id"] == [tok.eos_token_id]
     # Shortest prompts first: the first batch holds the two shorter questions.
     assert model.calls[0][0][0] == 2 and model.calls[1][0][0] == 1
     assert tok.padding_side == "right" and model.training
