@@ -97,6 +97,7 @@ def tiny_cfg(model_dir: Path, train_file: Path, out: Path, **over):
         alpha=16.0,
         lr=1e-2,
         batch_tokens=256,
+        grad_accum=1,
         max_length=64,
         max_steps=8,
         warmup_steps=1,
@@ -204,6 +205,38 @@ def test_interrupted_run_resumes_with_identical_losses(
     assert not (resumed / "checkpoint").exists()
     a = (straight / "adapter" / "adapter_model.safetensors").read_bytes()
     assert a == (resumed / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_crash_after_a_periodic_checkpoint_resumes_exactly(
+    model_dir: Path, train_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    common = dict(max_steps=5, dropout=0.1, log_every=2, save_every=2, batch_tokens=128)
+    straight = tmp_path / "straight"
+    train(tiny_cfg(model_dir, train_file, straight, **common))
+    want = (straight / "metrics.jsonl").read_text()
+
+    crashed = tmp_path / "crashed"
+    calls = {"n": 0}
+    real_forward_loss = train_mod.forward_loss
+
+    def crashing_forward_loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:  # step 4, after the checkpoint of step 2
+            raise RuntimeError("simulated crash")
+        return real_forward_loss(model, batch)
+
+    monkeypatch.setattr(train_mod, "forward_loss", crashing_forward_loss)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_cfg(model_dir, train_file, crashed, **common))
+    assert [json.loads(x)["step"] for x in (crashed / "metrics.jsonl").open()] == [2]
+
+    monkeypatch.setattr(train_mod, "forward_loss", real_forward_loss)
+    train(tiny_cfg(model_dir, train_file, crashed, resume=True, **common))
+    got = (crashed / "metrics.jsonl").read_text()
+    assert [json.loads(x)["step"] for x in got.splitlines()] == [2, 4, 5]
+    assert [json.loads(x)["loss"] for x in got.splitlines()] == [
+        json.loads(x)["loss"] for x in want.splitlines()
+    ]
 
 
 @pytest.mark.parametrize(
