@@ -220,8 +220,9 @@ class _QKVGroup:
 
     The attention code still calls q_proj(x), k_proj(x), v_proj(x) one after the other. The
     first of the three calls computes all projections with ``lora_qkv`` and keeps the other two
-    outputs, keyed by the identity of ``x``; the next calls on the same tensor take theirs and
-    the stash is dropped once empty. A call on any other input falls back to ``lora_linear``.
+    outputs, keyed by the identity of ``x`` (and the grad mode); the next calls on the same
+    tensor take theirs and the stash is dropped once empty. A call that finds no matching stash
+    (another input, or a module called twice) computes the three projections afresh.
     """
 
     def __init__(self, modules: dict[str, LoraLinear], weight: torch.Tensor, bias: Any) -> None:
