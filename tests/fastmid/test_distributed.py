@@ -24,12 +24,15 @@ from fastmid.data import Example, collate_packed
 from fastmid.errors import UserError
 from fastmid.patch import MidBlockConfig, adapter_parameters, apply_midblock
 from fastmid.train import forward_loss
+from tests.fastmid.test_train import RECORDS, make_model_dir, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 # Micro-batches per optimizer step. 3 and 1 do not split evenly over 2 ranks (with 1, one
 # rank computes nothing), which takes the explicit all-reduce path instead of DDP's.
 STEP_SIZES = [4, 3, 2, 1, 4, 2]
 RESUME_AT = 3  # the resume test stops after this many steps
+# A short evaluation (greedy accuracy and held-out perplexity) in the end-to-end runs.
+EVAL = dict(eval=True, eval_limit=4, max_new_tokens=6)
 
 
 def make_examples(n: int = 40, seed: int = 5) -> list[Example]:
@@ -178,8 +181,53 @@ def two_process_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with single_process_torch_path():
         first, _ = train_steps("none", last=RESUME_AT, ckpt=out / "single_ckpt")
     (out / "single_first.json").write_text(json.dumps(first))
+    model_dir = make_model_dir(out)
+    train_file = write_jsonl(out / "train.jsonl", RECORDS)
+    paths = {"model": str(model_dir), "data": str(train_file), "eval_data": str(train_file)}
+    (out / "cli.json").write_text(json.dumps(paths))
     torchrun(2, "all", str(out))
     return out
+
+
+def cli_config(out: Path, run: str, **over):
+    """``fastmid train`` settings of the end-to-end runs (tiny model; 3 micro-batches a step,
+    so 2 ranks split every step unevenly)."""
+    paths = json.loads((out / "cli.json").read_text())
+    values = dict(
+        **paths,
+        output_dir=str(out / run),
+        precision="fp32",
+        band="0.2,0.8",
+        rank=8,
+        alpha=16.0,
+        lr=1e-2,
+        dropout=0.0,
+        fuse_groups=False,  # as FSDP runs them, so every run does the same arithmetic
+        batch_tokens=128,
+        max_length=64,
+        grad_accum=3,
+        max_steps=6,
+        warmup_steps=1,
+        eval=False,
+        log_every=1,
+    )
+    values.update(over)
+    return values
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single_process_cli(two_process_runs: Path) -> Path:
+    """The same ``fastmid train`` run in one process (the reference of the 2-rank runs)."""
+    from fastmid.config import build_config
+    from fastmid.train import train
+
+    with single_process_torch_path():
+        train(build_config(None, cli_config(two_process_runs, "cli_single", **EVAL)))
+    return two_process_runs / "cli_single"
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,6 +339,56 @@ def test_resume_from_one_process_on_two_ranks(two_process_runs: Path, reference)
     assert_adapters_close(adapter, ref_adapter)
 
 
+def test_fastmid_train_on_two_ranks_matches_one_process(
+    two_process_runs: Path, single_process_cli: Path
+):
+    two = two_process_runs / "cli_ddp"
+    got, want = metrics(two), metrics(single_process_cli)
+    assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(1, 7))
+    torch.testing.assert_close(
+        torch.tensor([m["loss"] for m in got]),
+        torch.tensor([m["loss"] for m in want]),
+        rtol=1e-5,
+        atol=0,
+    )
+    # Token counts are summed over the ranks: the same tokens as one process saw.
+    assert [m["tokens"] for m in got] == [m["tokens"] for m in want]
+    assert_adapters_close(
+        load_file(str(two / "adapter" / "adapter_model.safetensors")),
+        load_file(str(single_process_cli / "adapter" / "adapter_model.safetensors")),
+    )
+    summary, ref = (json.loads((d / "summary.json").read_text()) for d in (two, single_process_cli))
+    assert summary["eval_after"]["accuracy"] == ref["eval_after"]["accuracy"]
+    assert summary["eval_after"]["heldout_ppl"] == pytest.approx(
+        ref["eval_after"]["heldout_ppl"], rel=1e-4
+    )
+    assert not (two / "checkpoint").exists()
+
+
+def test_stopped_two_rank_run_resumes_in_one_process(
+    two_process_runs: Path, single_process_cli: Path
+):
+    """SIGTERM on one rank mid-step 2: both ranks stop after step 2 and checkpoint; one
+    process resumes to the end with the losses of the unbroken run."""
+    from fastmid.config import build_config
+    from fastmid.train import train
+
+    root = two_process_runs
+    stopped = root / "cli_stopped"
+    assert json.loads((root / "cli_stopped.json").read_text())["interrupted"] is True
+    assert [m["step"] for m in metrics(stopped)] == [1, 2]
+    assert (stopped / "checkpoint").is_dir()
+    with single_process_torch_path():
+        summary = train(build_config(None, cli_config(root, "cli_stopped", resume=True)))
+    assert summary["steps"] == 6 and not summary["interrupted"]
+    torch.testing.assert_close(
+        torch.tensor([m["loss"] for m in metrics(stopped)]),
+        torch.tensor([m["loss"] for m in metrics(single_process_cli)]),
+        rtol=1e-5,
+        atol=0,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The torchrun side
 
@@ -319,6 +417,35 @@ def _fsdp_sharding(model: torch.nn.Module) -> dict[str, int]:
     }
 
 
+def _cli_runs(out: Path) -> None:
+    """``fastmid train`` end to end on 2 ranks: a full run, and one stopped by SIGTERM."""
+    import signal
+
+    import fastmid.train as train_mod
+    from fastmid.config import build_config
+
+    train_mod.train(build_config(None, cli_config(out, "cli_ddp", **EVAL)))
+
+    real_forward_loss = train_mod.forward_loss
+    calls = {"n": 0}
+
+    def signalling_forward_loss(model, batch):
+        # Rank 0 computes 2 micro-batches a step: its 4th is in step 2. Rank 1 (1 a step)
+        # never gets there; it learns of the stop from rank 0.
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_forward_loss(model, batch)
+
+    train_mod.forward_loss = signalling_forward_loss
+    try:
+        summary = train_mod.train(build_config(None, cli_config(out, "cli_stopped")))
+    finally:
+        train_mod.forward_loss = real_forward_loss
+    if distributed.is_main():
+        (out / "cli_stopped.json").write_text(json.dumps({"interrupted": summary["interrupted"]}))
+
+
 def _worker(scenario: str, out: Path) -> None:
     distributed.init_distributed(torch.device("cpu"))
     try:
@@ -335,6 +462,7 @@ def _worker(scenario: str, out: Path) -> None:
             (out / "stopped.json").write_text(json.dumps(losses))
         losses, adapter = train_steps("ddp", first=RESUME_AT, ckpt=out / "single_ckpt")
         _write(out / "resumed", losses, adapter)
+        _cli_runs(out)
     finally:
         distributed.shutdown()
 
