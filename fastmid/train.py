@@ -456,6 +456,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "model_name": model_name,
         "device": str(device),
         "precision": precision,
+        "parallel": parallel,
+        "world_size": world,
         "layers": list(state.layers),
         "num_layers": state.num_layers,
         "rank": state.rank,
