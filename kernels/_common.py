@@ -4,7 +4,9 @@
 - LoRA dropout: one Bernoulli keep-mask drawn from a seed, in-kernel (`keep_mask`, Philox
   via `tl.rand`) or on the torch path (`torch_keep_mask`, a seeded `torch.Generator`), so
   backward redraws the mask instead of storing it;
-- the shipped autotune configs for sm_80 / sm_90 and the registry `inspect` compiles.
+- shipped autotune configs: each kernel module lists its own per arch (sm_80 / sm_90); here
+  are the helpers to name them, turn them into `triton.Config`s, pick the family for a device,
+  and `InspectTarget`, the registry entry `python -m fastmid.kernels.inspect` compiles.
 
 Dropout convention used by every kernel: the mask is 0/1 and the 1/(1-p) rescale is folded
 into the LoRA scale (`effective_scale`), so no kernel ever rescales a copy of `x`.
