@@ -239,6 +239,36 @@ def test_crash_after_a_periodic_checkpoint_resumes_exactly(
     ]
 
 
+def test_band_auto_and_equalized_updates(model_dir: Path, train_file: Path, tmp_path: Path):
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from fastmid.adapters import load_adapter
+    from fastmid.patch import lora_modules
+
+    out = tmp_path / "run"
+    summary = train(tiny_cfg(model_dir, train_file, out, band="auto", equalize_updates=True,
+                             max_steps=1, dropout=0.0))  # fmt: skip
+    layers = summary["resolved"]["layers"]
+    assert summary["resolved"]["band_reason"]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["band"] == ",".join(map(str, layers))  # "auto" recorded as what it chose
+
+    # One equalized step from B = 0: every layer moved by the same ||ΔW|| / ||W||.
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    load_adapter(model, out / "adapter")
+    delta_sq: dict[int, float] = {}
+    weight_sq: dict[int, float] = {}
+    for layer, _, m in lora_modules(model):
+        delta = m.scale * (m.lora_B.double() @ m.lora_A.double())
+        delta_sq[layer] = delta_sq.get(layer, 0.0) + float(delta.square().sum())
+        weight_sq[layer] = weight_sq.get(layer, 0.0) + float(m.weight.double().square().sum())
+    assert sorted(delta_sq) == layers and len(layers) > 1
+    ratios = [(delta_sq[i] / weight_sq[i]) ** 0.5 for i in layers]
+    assert min(ratios) > 0
+    assert max(ratios) == pytest.approx(min(ratios), rel=1e-4)
+
+
 @pytest.mark.parametrize(
     ("schedule", "expected"),
     [
