@@ -530,7 +530,7 @@ class LoraLinearFunction(torch.autograd.Function):
             x2 = x.reshape(-1, k).to(dtype)
             w = weight.to(dtype)
             b_ = None if bias is None else bias.to(dtype)
-            forward = lora_linear_forward if use_triton(x) else _torch_forward
+            forward = lora_linear_forward if use_triton(x2) else _torch_forward
             y, xa = forward(
                 x2, w, lora_a.to(dtype), lora_b.to(dtype), b_, scale_eff, dropout_p, seed
             )

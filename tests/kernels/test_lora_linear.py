@@ -216,6 +216,12 @@ def test_triton_autocast_fp16():
     _autocast_case(torch.float16, DEVICE)
 
 
+def test_bf16_autocast_is_correct_on_every_path():
+    # No path override: on CUDA this is the Triton kernel, without CUDA the dispatch must
+    # avoid the interpreter's bf16 dot (wrong results, no error) and take the torch path.
+    _autocast_case(torch.bfloat16, DEVICE)
+
+
 # --- CUDA only: bf16 (the interpreter cannot run bf16 tl.dot) and training-sized shapes ---
 
 
