@@ -300,11 +300,17 @@ def test_bf16_base_under_autocast_is_as_accurate_as_peft():
         ours = loss_and_grads(model, adapter_parameters(model))
         theirs = loss_and_grads(peft_model, peft_params(peft_model, model))
     assert all(g.dtype == torch.float32 for g in ours[2:])
-    # Error against fp32 at most ~2x what stock PEFT gets wrong in the same precision.
-    for r, a, b in zip(ref, ours, theirs, strict=True):
-        err_ours = (a.float() - r).abs().max().item()
-        err_peft = (b.float() - r).abs().max().item()
-        assert err_ours <= 2 * err_peft + 1e-3 * r.abs().max().item()
+
+    # Error against fp32 at most ~2x what stock PEFT gets wrong in the same precision, for the
+    # logits, the loss and all LoRA gradients together (single near-zero gradients of a random
+    # model are mostly bf16 rounding noise, for PEFT as much as for fastmid).
+    def rel_err(got: tuple[torch.Tensor, ...], part: slice) -> float:
+        a = torch.cat([t.float().flatten() for t in got[part]])
+        b = torch.cat([t.flatten() for t in ref[part]])
+        return ((a - b).norm() / b.norm()).item()
+
+    for part in (slice(0, 1), slice(1, 2), slice(2, None)):
+        assert rel_err(ours, part) <= 2 * rel_err(theirs, part) + 1e-3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,3 +434,16 @@ def test_liger_kernels_run_the_frozen_blocks_with_the_same_outputs():
     ids = batch()[0].cuda()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_qkv_group_serves_any_call_order():
+    grouped, _ = patched("qwen2", rank=4)
+    separate, _ = patched("qwen2", rank=4, fuse_groups=False)
+    attn, ref = grouped.model.layers[4].self_attn, separate.model.layers[4].self_attn
+    x, y = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    with torch.no_grad():
+        # v first, then q twice (the second call recomputes), k on another input, then k on x.
+        calls = [("v_proj", x), ("q_proj", x), ("q_proj", x), ("k_proj", y), ("k_proj", x)]
+        for name, inp in calls:
+            got = getattr(attn, name)(inp)
+            assert_close(got, getattr(ref, name)(inp), rel=1e-5)
