@@ -28,11 +28,12 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """True when the Triton kernels should run on `t`, given in the dtype the kernels would
-    compute in (after any autocast cast): CUDA tensors, or under the Triton interpreter
-    (`TRITON_INTERPRET=1`, as in the CPU test suite) any tensor but bf16, because the
-    interpreter's bf16 `tl.dot` returns garbage silently; bf16 then takes the torch path."""
-    return t.is_cuda or (INTERPRET and t.dtype != torch.bfloat16)
+    """True when the Triton kernels should run on `t`: CUDA tensors, or under the Triton
+    interpreter (`TRITON_INTERPRET=1`, as in the CPU test suite) anything not computed in
+    bf16, because the interpreter's bf16 `tl.dot` returns wrong numbers without an error.
+    Pass the tensor in the dtype the kernels will compute in (in backward, where autocast is
+    usually off, the cast copy rather than the saved original)."""
+    return t.is_cuda or (INTERPRET and compute_dtype(t) != torch.bfloat16)
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
