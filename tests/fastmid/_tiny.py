@@ -82,7 +82,7 @@ def peft_twin(base: torch.nn.Module, patched: torch.nn.Module) -> torch.nn.Modul
     """A PEFT LoRA model on ``base`` (an unpatched copy) with ``patched``'s adapter weights."""
     from peft import LoraConfig, get_peft_model
 
-    from fastmid.patch import lora_modules
+    from fastmid.patch import LoraLinear
 
     state = patched.fastmid_state
     config = LoraConfig(
@@ -95,11 +95,14 @@ def peft_twin(base: torch.nn.Module, patched: torch.nn.Module) -> torch.nn.Modul
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(base, config)
-    ours = {name: m for name, m in patched.named_modules() if hasattr(m, "lora_A")}
+    ours = {name: m for name, m in patched.named_modules() if isinstance(m, LoraLinear)}
+    copied = 0
     with torch.no_grad():
         for name, m in peft_model.base_model.model.named_modules():
-            if hasattr(m, "lora_A") and isinstance(m.lora_A, torch.nn.ModuleDict):
+            if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict):
                 m.lora_A["default"].weight.copy_(ours[name].lora_A)
                 m.lora_B["default"].weight.copy_(ours[name].lora_B)
-    assert len(ours) == sum(1 for _ in lora_modules(patched))
+                copied += 1
+    if copied != len(ours):
+        raise AssertionError(f"PEFT adapted {copied} modules, fastmid {len(ours)}")
     return peft_model
