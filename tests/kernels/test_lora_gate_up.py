@@ -243,3 +243,9 @@ def test_cuda_bf16_smollm2_shapes(r, p):
     want = run(ref(128 / r, p, keep), *as64(x, w, a, b), upstream)
     for name, g, w64, b_ in zip(NAMES, got, want, base, strict=True):
         assert_within_torch_error(name, g, w64, b_)
+
+
+@triton_only
+def test_triton_many_row_tiles():
+    """More row tiles than GROUP_M (8) with a partial last group: every tile is computed once."""
+    check_against_reference((293,), 16, 20, (2, 3), torch.float32, 0.0, None)

@@ -270,3 +270,18 @@ def test_cuda_bf16_smollm2_shapes(r, p):
         upstream)  # fmt: skip
     for name, g, w64, b_ in zip(NAMES, got, want, base, strict=True):
         assert_within_torch_error(name, g, w64, b_)
+
+
+@triton_only
+def test_triton_many_row_tiles():
+    """More row tiles than GROUP_M (8) with a partial last group: every tile is computed once."""
+    check_against_reference((293,), 16, (16, 8, 9), (2, 3, 2), torch.float32, True, 0.0, None)
+
+
+def test_saves_only_x_and_xa(torch_path):
+    """Backward state is x, xa (M, r_q+r_k+r_v) and the parameters: no (M,N) tensor."""
+    x, w, a, b, bias = make_inputs((24,), 16, (8, 4, 4), (2, 3, 4), torch.float32, True)
+    params = [t.requires_grad_() for t in (*a, *b)]
+    q, _, _ = MODULE.lora_qkv(x.requires_grad_(), w, *params, 1.0, bias)
+    own = [t for t in q.grad_fn.saved_tensors if not any(t is p for p in (x, w, *params))]
+    assert [tuple(t.shape) for t in own] == [(24, 9)]
