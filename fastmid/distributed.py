@@ -314,6 +314,12 @@ class DataParallel:
         for block in find_decoder_layers(self.model):
             fully_shard(block, mesh=mesh, ignored_params=adapters)
         self.model.to(device)
+        # FSDP allocates a block's gathered weights on its first forward and reuses them. Were
+        # that first forward an evaluation under torch.inference_mode, they would be inference
+        # tensors that training cannot save for backward: gather each block once here.
+        with torch.no_grad():
+            tokens = torch.zeros((1, 1), dtype=torch.long, device=device)
+            self.model.get_decoder()(input_ids=tokens, use_cache=False)
         self._broadcast_adapters()
 
     def _broadcast_adapters(self) -> None:

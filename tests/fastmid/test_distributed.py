@@ -389,6 +389,43 @@ def test_stopped_two_rank_run_resumes_in_one_process(
     )
 
 
+def test_nproc_launcher_runs_fsdp_end_to_end(
+    two_process_runs: Path, single_process_cli: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """``fastmid train --nproc 2 --parallel fsdp`` starts torchrun itself; sharded blocks
+    train and evaluate to the numbers of the single-process run."""
+    import yaml
+
+    from fastmid.cli import main
+
+    config = two_process_runs / "fsdp.yaml"
+    config.write_text(yaml.safe_dump(cli_config(two_process_runs, "cli_fsdp", **EVAL)))
+    # The workers inherit this environment: the kernels' torch path, one thread each.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert main(["train", "--config", str(config), "--nproc", "2", "--parallel", "fsdp"]) == 0
+    fsdp = two_process_runs / "cli_fsdp"
+    torch.testing.assert_close(
+        torch.tensor([m["loss"] for m in metrics(fsdp)]),
+        torch.tensor([m["loss"] for m in metrics(single_process_cli)]),
+        rtol=1e-5,
+        atol=0,
+    )
+    assert_adapters_close(
+        load_file(str(fsdp / "adapter" / "adapter_model.safetensors")),
+        load_file(str(single_process_cli / "adapter" / "adapter_model.safetensors")),
+    )
+    summary, ref = (
+        json.loads((d / "summary.json").read_text()) for d in (fsdp, single_process_cli)
+    )
+    assert summary["resolved"]["parallel"] == "fsdp"
+    assert summary["eval_after"]["accuracy"] == ref["eval_after"]["accuracy"]
+    assert summary["eval_after"]["heldout_ppl"] == pytest.approx(
+        ref["eval_after"]["heldout_ppl"], rel=1e-4
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The torchrun side
 
