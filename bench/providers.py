@@ -76,15 +76,16 @@ def device() -> torch.device:
 
 
 def tiny_config(vocab_size: int) -> Any:
-    """A 10-layer, 256-wide Llama (SmolLM2's family) for quick runs; random init, no download."""
+    """A 10-layer, 128-wide Llama (SmolLM2's family) for quick runs; random init, no download."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=256,
-        intermediate_size=512,
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=10,
-        num_attention_heads=4,
+        # head_dim 64: k/v projections stay 128 wide, enough for the band's budget rank 106.
+        num_attention_heads=2,
         num_key_value_heads=2,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
@@ -107,7 +108,7 @@ def load_base(quick: bool) -> tuple[nn.Module, Any, str]:
     tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir()))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer)), dtype=torch.float32)
-    return model.train(), tokenizer, "tiny-llama-10L-256"
+    return model.train(), tokenizer, "tiny-llama-10L-128"
 
 
 # --------------------------------------------------------------------------------------------

@@ -226,8 +226,10 @@ def _plot(results: dict[str, Any], workload: str) -> bytes | None:
         key, scale, ylabel, title = {
             "throughput": ("tokens_per_s", 1, "real tokens / s", "Training throughput"),
             "flops": ("mfu", 100, "MFU (% of measured matmul peak)", "Useful-FLOP utilisation"),
-            "memory": ("peak_bytes", 1 / MB, "MiB", f"Peak training memory ({rows[0]['kind']})"),
+            "memory": ("peak_bytes", 1 / MB, "MiB", "Peak training memory"),
         }[workload]
+        if workload == "memory":
+            title += f" ({rows[0]['kind']})"
         series = {
             d: [
                 next((r[key] * scale for r in rows if r["provider"] == p and r["dtype"] == d), 0.0)

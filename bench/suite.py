@@ -74,10 +74,10 @@ class SuiteOptions:
             quick=True,
             warmup=1,
             steps=1,
-            batch_tokens=512,
+            batch_tokens=256,
             estimate_models=("OLMo2-1B",),
-            estimate_batch=2,
-            estimate_seq=256,
+            estimate_batch=1,
+            estimate_seq=128,
         )
         base.update(overrides)
         return cls(**base)
@@ -220,7 +220,9 @@ def _memory(
     """Peak memory of each provider in a fresh process, joined with its exact state bytes."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    names = opts.providers if not opts.quick else [n for n in opts.providers if n != "peft_all_gc"]
+    names = opts.providers
+    if opts.quick:
+        names = [n for n in names if n in ("peft_all", "fastmid")]
     dtypes = opts.dtypes if not opts.quick else opts.dtypes[:1]
     rows = []
     for dtype in dtypes:
