@@ -24,10 +24,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# Fusion of mul+add into FMA is what the runtime does today; saying so explicitly keeps the
-# build identical and silences triton's warning about the default changing.
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -197,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("inspect compiles real kernels: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
+    # Fusing mul+add into FMA is what the runtime does today; saying so explicitly keeps the
+    # build identical to a launch and silences triton's warning about the default changing.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     reports = inspect_all(
         args.arch, cubin_dir=args.cubin_dir, kernel_filter=args.kernel, jobs=args.jobs
     )

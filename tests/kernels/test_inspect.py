@@ -11,7 +11,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import fastmid.kernels
 import pytest
+from fastmid.kernels.inspect import KERNEL_MODULES, targets
 
 KEYS = {
     "kernel",
@@ -83,3 +85,21 @@ def test_refuses_to_run_under_the_interpreter():
     proc = run_inspect("--arch", "90", interpret=True)
     assert proc.returncode == 2
     assert "TRITON_INTERPRET" in proc.stderr
+
+
+def test_registry_covers_every_kernel_module():
+    # Every op module of the package registers its launches, with configs for both arches.
+    package = Path(fastmid.kernels.__file__).parent
+    ops = {p.stem for p in package.glob("lora_*.py")}
+    assert ops and ops == set(KERNEL_MODULES)
+    found = targets()
+    assert {t.name.split("_fwd")[0].split("_bwd")[0] for t in found} == ops
+    for target in found:
+        constexprs = {k for k, v in target.signature.items() if v == "constexpr"}
+        for arch in (80, 90):
+            assert target.configs[arch], (target.name, arch)
+            for config in target.configs[arch]:
+                # Fixed constexprs plus the config's block sizes bind every constexpr exactly.
+                tuned = set(config) - {"num_warps", "num_stages"}
+                assert tuned.isdisjoint(target.constexprs), (target.name, config)
+                assert tuned | set(target.constexprs) == constexprs, (target.name, config)
