@@ -15,6 +15,8 @@ _EXPORTS = {
     "MidBlockConfig": "fastmid.patch",
     "apply_midblock": "fastmid.patch",
     "resolve_band": "fastmid.patch",
+    "lora_modules": "fastmid.patch",
+    "adapter_parameters": "fastmid.patch",
     "save_adapter": "fastmid.adapters",
     "load_adapter": "fastmid.adapters",
     "merge": "fastmid.adapters",
