@@ -31,7 +31,7 @@ PARALLEL = ("auto", "ddp", "fsdp")
 PAPER_LR = 1e-4
 # `fastmid train` with no arguments: a run of about five minutes on a 2-core CPU in which the
 # embedded model visibly learns the bundled task (the paper's 1e-4 needs far more steps).
-DEMO: dict[str, Any] = {"max_steps": 20, "lr": 1e-3}
+DEMO: dict[str, Any] = {"max_steps": 16, "lr": 1e-3}
 
 # A parsed band: fractions of depth, every layer, explicit layer indices, or ask the probe.
 Band = tuple[float, float] | str | list[int]
@@ -125,8 +125,9 @@ class TrainConfig:
     overwrite: bool = False
     # Evaluate accuracy and held-out perplexity before and after training.
     eval: bool = True
-    # Evaluate on at most this many records; None = all of them.
-    eval_limit: int | None = 64
+    # Evaluate on at most this many records (greedy generation is the slow part on a CPU:
+    # 32 problems take about a minute there); None = all of them.
+    eval_limit: int | None = 32
     # Prompts per batched greedy generation.
     eval_batch_size: int = 32
     # Greedy tokens generated per eval prompt (the GSM8K protocol uses 64).
