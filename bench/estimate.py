@@ -158,6 +158,9 @@ def estimate_peak(
 ) -> Estimate:
     """Estimated CUDA peak bytes of one bf16-mixed training step of ``provider`` on ``config``.
 
+    ``provider`` is one of the benchmark's providers, or ``fastmid_gc``: fastmid with its own
+    activation checkpointing of the band and the blocks above it.
+
     The batch holds ``batch_size`` full sequences of ``seq_len`` tokens: padded (B, T) for the
     PEFT providers (no pad at all, their best case), one packed row of B·T tokens for fastmid
     with ``loss_fraction`` of the positions carrying a label.
@@ -179,11 +182,17 @@ def estimate_peak(
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).train()
         num_layers = config.num_hidden_layers
-        if provider == "fastmid":
+        if provider in ("fastmid", "fastmid_gc"):
             # Dropout off: fastmid's kernels redraw the mask from a seed and never store it
             # (the trace cannot draw the seed, a data-dependent .item()); only the transient
             # masked copy of x inside one adapter call is left out.
-            cfg = MidBlockConfig(band=band, rank_budget=RANK_UNIFORM, alpha=ALPHA, dropout=0.0)
+            cfg = MidBlockConfig(
+                band=band,
+                rank_budget=RANK_UNIFORM,
+                alpha=ALPHA,
+                dropout=0.0,
+                gradient_checkpointing=provider == "fastmid_gc",
+            )
             apply_midblock(model, cfg)
             loss_fn = _label_only_loss
             n_labels = int(tokens * loss_fraction)

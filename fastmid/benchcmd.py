@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     default_out = root / "bench" / "results" / ("quick" if args.quick else "")
     out_dir = Path(args.out) if args.out else default_out
-    results = suite.run_suite(opts, out_dir)
+    results = suite.run_suite(opts, out_dir, on_partial=lambda r: report.write_reports(r, out_dir))
     written = report.write_reports(results, out_dir)
     print(report.summary_tables(results))
     print(f"wrote {len(written)} files to {out_dir} in {results['wall_s']:.0f} s")

@@ -48,6 +48,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return out, res.stdout
 
 
+@pytest.mark.slow
 def test_quick_writes_every_report(quick_run: tuple[Path, str]) -> None:
     out, stdout = quick_run
     for name in ("throughput", "flops", "memory", "estimate", "bands"):
@@ -59,6 +60,7 @@ def test_quick_writes_every_report(quick_run: tuple[Path, str]) -> None:
     assert not list(out.glob(".*")), "temporary files left behind"
 
 
+@pytest.mark.slow
 def test_quick_rows_carry_numbers_machine_and_commit(quick_run: tuple[Path, str]) -> None:
     out, _ = quick_run
     results = json.loads((out / "results.json").read_text())
