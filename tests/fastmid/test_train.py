@@ -16,6 +16,7 @@ import torch
 import fastmid.train as train_mod
 from fastmid import data
 from fastmid.config import build_config
+from fastmid.errors import UserError
 from fastmid.train import forward_loss, lr_lambda, train
 from tests.fastmid._tiny import tiny_model
 
@@ -229,6 +230,10 @@ def test_crash_after_a_periodic_checkpoint_resumes_exactly(
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(tiny_cfg(model_dir, train_file, crashed, **common))
     assert [json.loads(x)["step"] for x in (crashed / "metrics.jsonl").open()] == [2]
+
+    # Resuming with different training settings would silently mix two runs.
+    with pytest.raises(UserError, match=r"--resume: lr is 0.02 but the checkpoint .* 0.01"):
+        train(tiny_cfg(model_dir, train_file, crashed, resume=True, **{**common, "lr": 2e-2}))
 
     monkeypatch.setattr(train_mod, "forward_loss", real_forward_loss)
     train(tiny_cfg(model_dir, train_file, crashed, resume=True, **common))
