@@ -312,10 +312,13 @@ class LoraGateUpFunction(torch.autograd.Function):
         x, w, a_g, a_u, b_g, b_u, xa = ctx.saved_tensors
         dt, K = ctx.dtype, x.shape[-1]
         a_list, b_list = (a_g, a_u), (b_g, b_u)
-        run = _backward_triton if use_triton(x) else _backward_torch
+        x2 = x.reshape(-1, K).to(dt).contiguous()
+        # Dispatch on the compute-dtype copy: autocast is off in backward, so the saved x alone
+        # would not tell that the GEMMs run in bf16 (which the interpreter cannot do).
+        run = _backward_triton if use_triton(x2) else _backward_torch
         with torch.autocast(x.device.type, enabled=False):
             dx, da, dbs = run(
-                x.reshape(-1, K).to(dt).contiguous(),
+                x2,
                 dh.reshape(-1, dh.shape[-1]).to(dt).contiguous(),
                 w.to(dt),
                 a_list,

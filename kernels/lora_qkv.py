@@ -572,7 +572,9 @@ class LoraQKVFunction(torch.autograd.Function):
         a_list, b_list = (a_q, a_k, a_v), (b_q, b_k, b_v)
         dys = [d.reshape(-1, d.shape[-1]).to(dt) for d in (dq, dk, dv)]
         x2 = x.reshape(-1, K).to(dt)
-        run = _backward_triton if use_triton(x) else _backward_torch
+        # Dispatch on the compute-dtype copy: autocast is off in backward, so the saved x alone
+        # would not tell that the GEMMs run in bf16 (which the interpreter cannot do).
+        run = _backward_triton if use_triton(x2) else _backward_torch
         with torch.autocast(x.device.type, enabled=False):
             dx, da, dbs = run(
                 x2.contiguous(),

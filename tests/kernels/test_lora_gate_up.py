@@ -202,7 +202,12 @@ def test_dropout_mask_shared_and_redrawn():
     assert torch.equal(h, again) and not torch.equal(h, other)
 
 
-def test_autocast_bf16_torch_path(torch_path):
+@pytest.mark.parametrize("force_torch", [True, False], ids=["torch_path", "dispatched"])
+def test_autocast_bf16(force_torch, monkeypatch):
+    # "dispatched" keeps the op's own choice: under the interpreter, backward (where autocast is
+    # off) must still see that it computes in bf16 and stay on the torch path.
+    if force_torch:
+        monkeypatch.setattr(MODULE, "use_triton", lambda t: False)
     """CPU autocast: bf16 compute, bf16 h, fp32 adapter grads, within autocast torch's error."""
     x, w, a, b = make_inputs((4, 13), 48, 40, (8, 16), torch.float32)
     w = w.bfloat16()

@@ -206,7 +206,12 @@ def test_dx_skipped_when_x_needs_no_grad(monkeypatch, path):
         torch.testing.assert_close(g_without, g_with)
 
 
-def test_autocast_bf16_torch_path(torch_path):
+@pytest.mark.parametrize("force_torch", [True, False], ids=["torch_path", "dispatched"])
+def test_autocast_bf16(force_torch, monkeypatch):
+    # "dispatched" keeps the op's own choice: under the interpreter, backward (where autocast is
+    # off) must still see that it computes in bf16 and stay on the torch path.
+    if force_torch:
+        monkeypatch.setattr(MODULE, "use_triton", lambda t: False)
     """Under CPU autocast the op computes in bf16 and returns fp32 adapter grads, as close to
     the fp64 reference as autocast torch gets."""
     x, w, a, b, bias = make_inputs((4, 13), 48, (32, 16, 16), (8, 16, 4), torch.float32, True)
