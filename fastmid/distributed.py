@@ -271,6 +271,7 @@ class DataParallel:
         self._loss_fn = loss_fn
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._ddp: nn.parallel.DistributedDataParallel | None = None
+        self._root: nn.Module | None = None  # the FSDP root (fsdp mode)
         # True while a step's gradients still need the explicit all-reduce.
         self._manual_reduce = False
         # True during an FSDP padding pass (a rank with fewer micro-batches than others).
@@ -307,19 +308,29 @@ class DataParallel:
 
         _check_unfused(self.model)
         mesh = init_device_mesh(device.type, (self.world_size,))
+        blocks = find_decoder_layers(self.model)
         adapters = set(self._params)
-        # Each decoder block is one FSDP unit (gathered for its forward, freed after); the
-        # embeddings, final norm and LM head stay whole: they are small next to the blocks
-        # and a tied LM head must stay one tensor with the embedding.
-        for block in find_decoder_layers(self.model):
+        # Each decoder block is one FSDP unit: gathered for its forward, freed after it (and
+        # gathered again for its backward when it is in or above the band).
+        for block in blocks:
             fully_shard(block, mesh=mesh, ignored_params=adapters)
+        # The root unit is the loss module, so one training forward is one FSDP iteration. It
+        # shards nothing itself: the embeddings, final norm and LM head stay whole on every
+        # rank (small next to the blocks, and a tied LM head is the embedding), so evaluation
+        # can also call the model directly, each block gathering itself.
+        in_blocks = {p for block in blocks for p in block.parameters()}
+        whole = {p for p in self.model.parameters() if p not in in_blocks} | adapters
+        self._root = fully_shard(
+            _LossModule(self.model, self._loss_fn), mesh=mesh, ignored_params=whole
+        )
         self.model.to(device)
-        # FSDP allocates a block's gathered weights on its first forward and reuses them. Were
-        # that first forward an evaluation under torch.inference_mode, they would be inference
-        # tensors that training cannot save for backward: gather each block once here.
+        # One forward through the root now: it makes the root the root before anything calls
+        # a block on its own (an evaluation), and it allocates the blocks' gathered weights
+        # outside torch.inference_mode (FSDP reuses them; inference tensors cannot be saved
+        # for backward).
         with torch.no_grad():
             tokens = torch.zeros((1, 1), dtype=torch.long, device=device)
-            self.model.get_decoder()(input_ids=tokens, use_cache=False)
+            self._root({"input_ids": tokens, "position_ids": tokens, "targets": tokens - 100})
         self._broadcast_adapters()
 
     def _broadcast_adapters(self) -> None:
@@ -337,6 +348,8 @@ class DataParallel:
         """
         if self._ddp is not None:
             loss_sum, count = self._ddp(batch)
+        elif self._root is not None:
+            loss_sum, count = self._root(batch)
         else:
             loss_sum, count = self._loss_fn(self.model, batch)
         if self._padding:

@@ -206,7 +206,7 @@ def cli_config(out: Path, run: str, **over):
         batch_tokens=128,
         max_length=64,
         grad_accum=3,
-        max_steps=6,
+        max_steps=4,
         warmup_steps=1,
         eval=False,
         log_every=1,
@@ -301,12 +301,10 @@ def test_fsdp_gives_the_same_adapter_as_ddp(two_process_runs: Path):
         torch.tensor(fsdp_losses), torch.tensor(ddp_losses), rtol=1e-5, atol=0
     )
     assert_adapters_close(fsdp_adapter, ddp_adapter)
-    # The FSDP run really sharded the frozen block weights (each rank held half).
-    assert json.loads((two_process_runs / "fsdp_sharding.json").read_text()) == {
-        "sharded_blocks": 5,
-        "local_rows": 32,
-        "global_rows": 64,
-    }
+    # The blocks really are sharded (each rank holds half) after training and evaluating.
+    shard = {"sharded_blocks": 5, "local_rows": 32, "global_rows": 64}
+    sharding = json.loads((two_process_runs / "fsdp_sharding.json").read_text())
+    assert sharding == {"after_step": shard, "after_eval": shard}
 
 
 def test_adapters_identical_on_every_rank(two_process_runs: Path):
@@ -344,7 +342,7 @@ def test_fastmid_train_on_two_ranks_matches_one_process(
 ):
     two = two_process_runs / "cli_ddp"
     got, want = metrics(two), metrics(single_process_cli)
-    assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(1, 7))
+    assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(1, 5))
     torch.testing.assert_close(
         torch.tensor([m["loss"] for m in got]),
         torch.tensor([m["loss"] for m in want]),
@@ -380,7 +378,7 @@ def test_stopped_two_rank_run_resumes_in_one_process(
     assert (stopped / "checkpoint").is_dir()
     with single_process_torch_path():
         summary = train(build_config(None, cli_config(root, "cli_stopped", resume=True)))
-    assert summary["steps"] == 6 and not summary["interrupted"]
+    assert summary["steps"] == 4 and not summary["interrupted"]
     torch.testing.assert_close(
         torch.tensor([m["loss"] for m in metrics(stopped)]),
         torch.tensor([m["loss"] for m in metrics(single_process_cli)]),
@@ -445,13 +443,14 @@ def _fsdp_sharding(model: torch.nn.Module) -> dict[str, int]:
     from fastmid.patch import find_decoder_layers
 
     blocks = find_decoder_layers(model)
-    sharded = [b for b in blocks if isinstance(b.self_attn.o_proj.weight, DTensor)]
+    sharded = [b for b in blocks if all(isinstance(p, DTensor) for p in _frozen(b))]
     w = blocks[0].mlp.down_proj.weight
-    return {
-        "sharded_blocks": len(sharded),
-        "local_rows": w.to_local().shape[0],
-        "global_rows": w.shape[0],
-    }
+    local = w.to_local().shape[0] if isinstance(w, DTensor) else w.shape[0]
+    return {"sharded_blocks": len(sharded), "local_rows": local, "global_rows": w.shape[0]}
+
+
+def _frozen(block: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in block.parameters() if not p.requires_grad]
 
 
 def _cli_runs(out: Path) -> None:
@@ -491,9 +490,17 @@ def _worker(scenario: str, out: Path) -> None:
         for mode in ("ddp", "fsdp"):
             losses, adapter = train_steps(mode)
             _write(out / mode, losses, adapter)
-        model, _, _, _ = build("fsdp")
+        # After a training forward/backward and after a direct model call under
+        # inference_mode (as evaluation does), every block is back to its shard.
+        model, dp, _, _ = build("fsdp")
+        loss_sum, _ = dp.forward_loss(collate_packed(make_examples()[:2]))
+        loss_sum.backward()
+        after_step = _fsdp_sharding(model)
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=False)
         if distributed.is_main():
-            (out / "fsdp_sharding.json").write_text(json.dumps(_fsdp_sharding(model)))
+            sharding = {"after_step": after_step, "after_eval": _fsdp_sharding(model)}
+            (out / "fsdp_sharding.json").write_text(json.dumps(sharding))
         losses, _ = train_steps("ddp", last=RESUME_AT, ckpt=out / "stopped_ckpt")
         if distributed.is_main():
             (out / "stopped.json").write_text(json.dumps(losses))
