@@ -202,19 +202,29 @@ def test_dropout_mask_shared_and_redrawn():
     assert torch.equal(h, again) and not torch.equal(h, other)
 
 
+def bf16_forward(fn):
+    """`fn` with its forward under CPU bf16 autocast; backward then runs outside autocast, as
+    in a training step, so the op itself must remember that it computed in bf16."""
+
+    def wrapped(*args):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn(*args)
+
+    return wrapped
+
+
 @pytest.mark.parametrize("force_torch", [True, False], ids=["torch_path", "dispatched"])
 def test_autocast_bf16(force_torch, monkeypatch):
-    # "dispatched" keeps the op's own choice: under the interpreter, backward (where autocast is
-    # off) must still see that it computes in bf16 and stay on the torch path.
+    """CPU autocast: bf16 compute, bf16 h, fp32 adapter grads, within autocast torch's error.
+    "dispatched" keeps the op's own path choice: under the interpreter its backward must still
+    stay off the (bf16-incapable) kernels."""
     if force_torch:
         monkeypatch.setattr(MODULE, "use_triton", lambda t: False)
-    """CPU autocast: bf16 compute, bf16 h, fp32 adapter grads, within autocast torch's error."""
     x, w, a, b = make_inputs((4, 13), 48, 40, (8, 16), torch.float32)
     w = w.bfloat16()
     upstream = torch.randn(4, 13, 40, dtype=torch.float64)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = run(op(2.0), x, w, a, b, upstream)
-        base = run(ref(2.0), x, w, a, b, upstream)
+    got = run(bf16_forward(op(2.0)), x, w, a, b, upstream)
+    base = run(bf16_forward(ref(2.0)), x, w, a, b, upstream)
     want = run(ref(2.0), *as64(x, w, a, b), upstream)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
     assert all(g.dtype == torch.float32 for g in got[2:])

@@ -206,24 +206,37 @@ def test_dx_skipped_when_x_needs_no_grad(monkeypatch, path):
         torch.testing.assert_close(g_without, g_with)
 
 
+def bf16_forward(fn):
+    """`fn` with its forward under CPU bf16 autocast; backward then runs outside autocast, as
+    in a training step, so the op itself must remember that it computed in bf16."""
+
+    def wrapped(*args):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn(*args)
+
+    return wrapped
+
+
 @pytest.mark.parametrize("force_torch", [True, False], ids=["torch_path", "dispatched"])
 def test_autocast_bf16(force_torch, monkeypatch):
-    # "dispatched" keeps the op's own choice: under the interpreter, backward (where autocast is
-    # off) must still see that it computes in bf16 and stay on the torch path.
+    """Under CPU autocast the op computes in bf16 and returns fp32 adapter grads, as close to
+    the fp64 reference as autocast torch gets. "dispatched" keeps the op's own path choice:
+    under the interpreter its backward must still stay off the (bf16-incapable) kernels."""
     if force_torch:
         monkeypatch.setattr(MODULE, "use_triton", lambda t: False)
-    """Under CPU autocast the op computes in bf16 and returns fp32 adapter grads, as close to
-    the fp64 reference as autocast torch gets."""
     x, w, a, b, bias = make_inputs((4, 13), 48, (32, 16, 16), (8, 16, 4), torch.float32, True)
     w, bias = w.bfloat16(), bias.bfloat16()
     upstream = [torch.randn(4, 13, n, dtype=torch.float64) for n in (32, 16, 16)]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = run(lambda *t: MODULE.lora_qkv(t[0], t[1], *t[2], *t[3], 2.0, t[4]),
-                  x, w, a, b, bias, upstream)  # fmt: skip
-        base = run(lambda *t: MODULE.lora_qkv_reference(t[0], t[1], *t[2], *t[3], 2.0, t[4]),
-                   x, w, a, b, bias, upstream)  # fmt: skip
-    want = run(lambda *t: MODULE.lora_qkv_reference(t[0], t[1], *t[2], *t[3], 2.0, t[4]),
-               x.double(), w.double(), [t.double() for t in a], [t.double() for t in b],
+
+    def op(*t):
+        return MODULE.lora_qkv(t[0], t[1], *t[2], *t[3], 2.0, t[4])
+
+    def ref(*t):
+        return MODULE.lora_qkv_reference(t[0], t[1], *t[2], *t[3], 2.0, t[4])
+
+    got = run(bf16_forward(op), x, w, a, b, bias, upstream)
+    base = run(bf16_forward(ref), x, w, a, b, bias, upstream)
+    want = run(ref, x.double(), w.double(), [t.double() for t in a], [t.double() for t in b],
                bias.double(), upstream)  # fmt: skip
     assert [g.dtype for g in got[:3]] == [torch.bfloat16] * 3
     assert all(g.dtype == torch.float32 for g in got[3:])
