@@ -5,10 +5,14 @@ Depends only on torch and triton, so other trainers can import it on its own::
     from fastmid.kernels import lora_linear
 """
 
-from ._common import use_triton
-from .lora_gate_up import LoraGateUpFunction, lora_gate_up, lora_gate_up_reference
-from .lora_linear import LoraLinearFunction, lora_linear, lora_linear_reference
-from .lora_qkv import LoraQKVFunction, lora_qkv, lora_qkv_reference
+# With a source checkout's root on sys.path (pytest, `python -m` from the checkout), a probe for
+# an unrelated top-level package named "kernels" (transformers looks for one) can import this
+# folder under that bare name. It then defines nothing, so the probe stays cheap and harmless.
+if __name__ != "kernels":
+    from ._common import use_triton
+    from .lora_gate_up import LoraGateUpFunction, lora_gate_up, lora_gate_up_reference
+    from .lora_linear import LoraLinearFunction, lora_linear, lora_linear_reference
+    from .lora_qkv import LoraQKVFunction, lora_qkv, lora_qkv_reference
 
 __all__ = [
     "LoraGateUpFunction",
