@@ -21,8 +21,12 @@ Two ways to hold the frozen base model:
   backward of the last micro-batch.
 - ``fsdp``: the frozen weights of every decoder block are sharded across ranks with FSDP2
   (``fully_shard``) and all-gathered one block at a time; the adapters stay whole on every
-  rank (FSDP's ``ignored_params``) and are all-reduced like above. Blocks below the band still
-  run under ``no_grad``: gathered for the forward, never for a backward.
+  rank (FSDP's ``ignored_params``) and are all-reduced like above, and so do the embeddings,
+  final norm and LM head (small next to the blocks). Blocks below the band still run under
+  ``no_grad``: gathered for the forward, never for a backward. The patch must not fuse q/k/v
+  or gate/up (``fuse_groups=False``): fused groups read a concatenated copy FSDP cannot shard.
+
+Evaluation runs the same prompts on every rank (identical results; rank 0 writes them).
 
 ``auto`` picks ``fsdp`` when the model's weights would take more than half of one GPU's memory,
 else ``ddp``. On CPU the backend is gloo, which is how this module is tested.
