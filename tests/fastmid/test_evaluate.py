@@ -179,7 +179,9 @@ def test_embedded_model_answers_and_models_text() -> None:
     assert math.isfinite(ppl) and 3 < ppl < 100
 
 
-def test_eval_cli_loads_an_adapter(tiny_dir: Path, tmp_path: Path) -> None:
+def test_eval_cli_loads_an_adapter(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    # The kernels' interpreter path has its own tests; the torch path keeps this one fast.
+    monkeypatch.setattr("fastmid.kernels._common.INTERPRET", False, raising=False)
     from fastmid.adapters import save_adapter
     from fastmid.models import load_model
     from fastmid.patch import MidBlockConfig, adapter_parameters, apply_midblock
