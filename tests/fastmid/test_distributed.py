@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -138,7 +139,19 @@ def torchrun(nproc: int, *args: str, timeout: float = 240) -> None:
         __file__,
         *args,
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    # A session of its own, so a hung run is killed with all its workers rather than leaving
+    # them orphaned and waiting on the rendezvous.
+    with subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    ) as popen:  # fmt: skip
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.communicate()
+            raise
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     # torchrun's own report hides the worker's traceback: show the workers' lines first.
     workers = "\n".join(line for line in proc.stderr.splitlines() if line.startswith("[rank"))
     assert proc.returncode == 0, workers[-6000:] or proc.stderr[-6000:]
@@ -455,8 +468,6 @@ def _frozen(block: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def _cli_runs(out: Path) -> None:
     """``fastmid train`` end to end on 2 ranks: a full run, and one stopped by SIGTERM."""
-    import signal
-
     import fastmid.train as train_mod
     from fastmid.config import build_config
 
