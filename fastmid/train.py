@@ -395,6 +395,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     torch.manual_seed(cfg.seed)
     patch.apply_midblock(model, mid_cfg)
+    # Packed rows attend within each example instead of over the whole masked T×T square;
+    # where flash-attn is installed on CUDA its own varlen kernels are the better choice.
+    from importlib.util import find_spec
+
+    from fastmid.attention import enable_varlen_attention
+
+    if device.type != "cuda" or find_spec("flash_attn") is None:
+        enable_varlen_attention(model)
     state = model.fastmid_state
     params = patch.adapter_parameters(model)
     n_params = sum(p.numel() for p in params)

@@ -1,0 +1,171 @@
+"""Variable-length attention for packed batches.
+
+fastmid packs whole examples into one row (batch 1) with ``position_ids`` restarting at 0 for
+each example. Plain SDPA then attends over the full ``T×T`` square under a block-diagonal
+causal mask, and almost all of that work lands on blocks the mask throws away. The attention
+function here recognises such a packed call and runs causal SDPA once per example (equal-length
+examples batched into one call), so the cost is ``Σ Lᵢ²`` instead of ``T²``. Every other call
+(padding, a KV cache, generation) goes to transformers' own SDPA path unchanged.
+
+Use ``enable_varlen_attention(model)``. Supported: families whose attention goes through
+transformers' ``AttentionInterface`` with plain softmax attention (Llama, Qwen2/3, Mistral,
+OLMo2, ...). Models with attention logit soft-capping (Gemma2) are left on their current
+implementation: SDPA has no soft-capping, so neither does this path.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+#: Name under which the attention and mask functions are registered with transformers.
+VARLEN_ATTENTION = "fastmid_varlen"
+
+# The decoder passes the same ``position_ids`` tensor to every layer; the segment boundaries
+# (a host sync to read) are computed once per forward and reused while the tensor is unchanged.
+# A strong reference keeps the tensor alive, so identity cannot be confused with a new tensor.
+_segments_cache: tuple[torch.Tensor, int, list[tuple[int, int]]] | None = None
+
+
+def _segments(position_ids: torch.Tensor) -> list[tuple[int, int]] | None:
+    """``[(start, end), ...]`` of the examples packed in a (1, T) row, or None if not packed.
+
+    Packed means: positions count 0, 1, 2, ... within each example and restart at 0 at every
+    example boundary, with at least one restart. Anything else (e.g. the position ids of a
+    left-padded generation row) is not treated as packed.
+    """
+    global _segments_cache
+    cached = _segments_cache
+    if cached is not None and cached[0] is position_ids and cached[1] == position_ids._version:
+        return cached[2]
+    pos = position_ids[0]
+    starts = (pos == 0).nonzero().squeeze(1)
+    result: list[tuple[int, int]] | None = None
+    if starts.numel() > 1 and int(starts[0]) == 0:
+        # Within an example each position is the previous one plus one.
+        steps_ok = bool(((pos[1:] == pos[:-1] + 1) | (pos[1:] == 0)).all())
+        if steps_ok:
+            bounds = [*starts.tolist(), pos.numel()]
+            result = list(itertools.pairwise(bounds))
+    _segments_cache = (position_ids, position_ids._version, result)
+    return result
+
+
+def _is_block_causal(mask: torch.Tensor, segments: list[tuple[int, int]]) -> bool:
+    """Whether a boolean (1, 1, T, T) mask is exactly the block-diagonal causal mask."""
+    t = mask.shape[-1]
+    seg_id = torch.zeros(t, dtype=torch.long, device=mask.device)
+    for i, (start, _) in enumerate(segments[1:], start=1):
+        seg_id[start:] = i
+    idx = torch.arange(t, device=mask.device)
+    expected = (seg_id[:, None] == seg_id[None, :]) & (idx[:, None] >= idx[None, :])
+    return bool(torch.equal(mask[0, 0], expected))
+
+
+def _packed_segments(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    kwargs: dict[str, Any],
+) -> list[tuple[int, int]] | None:
+    """The example segments when this call is a packed training/prefill call we can split."""
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or kwargs.get("softcap") is not None:
+        return None
+    if kwargs.get("output_attentions", False) or kwargs.get("position_bias") is not None:
+        return None
+    t = query.shape[2]
+    # Batch 1 and no cached keys (key length == query length).
+    if query.shape[0] != 1 or key.shape[2] != t or t < 2 or position_ids.shape != (1, t):
+        return None
+    segments = _segments(position_ids)
+    if segments is None:
+        return None
+    window = kwargs.get("sliding_window")
+    if window is not None and max(end - start for start, end in segments) > window:
+        return None
+    if attention_mask is not None:
+        # Only the mask transformers builds for packing may be dropped; any other mask (e.g. a
+        # padding mask the caller passed) changes the result and must be honoured.
+        if attention_mask.dtype != torch.bool or attention_mask.shape != (1, 1, t, t):
+            return None
+        if not _is_block_causal(attention_mask, segments):
+            return None
+    return segments
+
+
+def varlen_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention with transformers' signature: per-example causal SDPA on packed rows.
+
+    ``query`` is (1, H, T, D), ``key``/``value`` (1, H_kv, T, D); returns (1, T, H, D) like
+    ``sdpa_attention_forward``, to which every non-packed call is delegated.
+    """
+    segments = _packed_segments(query, key, attention_mask, kwargs)
+    if segments is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    # GQA inside SDPA (as transformers' unmasked path does) instead of materialising repeat_kv.
+    gqa = query.shape[1] != key.shape[1]
+    by_length: dict[int, list[int]] = {}
+    for start, end in segments:
+        by_length.setdefault(end - start, []).append(start)
+    out = query.new_empty(query.shape)
+    for length, starts in by_length.items():
+        if len(starts) == 1:
+            s = starts[0]
+            q, k, v = (x[:, :, s : s + length] for x in (query, key, value))
+        else:
+            # Equal-length examples become one batched call; gathering them copies only q/k/v.
+            q, k, v = (
+                torch.cat([x[:, :, s : s + length] for s in starts]) for x in (query, key, value)
+            )
+        o = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa
+        )
+        for i, s in enumerate(starts):
+            out[:, :, s : s + length] = o[i : i + 1]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    # Same masks as SDPA, so a delegated call sees exactly what plain SDPA would.
+    AttentionMaskInterface.register(VARLEN_ATTENTION, sdpa_mask)
+
+
+_register()
+
+
+def supports_varlen_attention(model: nn.Module) -> bool:
+    """Whether ``model``'s attention can run on the varlen path (no logit soft-capping)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        return False
+    return getattr(config, "attn_logit_softcapping", None) is None
+
+
+def enable_varlen_attention(model: nn.Module) -> None:
+    """Switch ``model`` to varlen attention for packed batches; a no-op where unsupported.
+
+    Gemma2 (attention soft-capping) and models outside transformers' attention interface keep
+    their current implementation.
+    """
+    if supports_varlen_attention(model):
+        model.set_attn_implementation(VARLEN_ATTENTION)
