@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastmid.attention import enable_varlen_attention
 from fastmid.data import (
     Example,
     bundled_path,
@@ -295,6 +296,8 @@ def build_provider(
     num_layers = model.config.num_hidden_layers
     if name == "fastmid":
         apply_midblock(model, MidBlockConfig(band=band, rank_budget=RANK_UNIFORM, alpha=ALPHA))
+        # As the trainer does: packed rows attend per example instead of over a T x T mask.
+        enable_varlen_attention(model)
         state = model.fastmid_state
         params = adapter_parameters(model)
         layers, rank, loss_fn, collate = state.layers, state.rank, _fastmid_loss, packed_batch
