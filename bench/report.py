@@ -9,10 +9,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from fastmid.fileio import write_bytes_atomic
 
 CSV_WORKLOADS = ("throughput", "flops", "memory", "estimate", "bands")
 PLOTS = {
@@ -24,18 +24,6 @@ PLOTS = {
 }
 GB = 1024**3
 MB = 1024**2
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _csv_bytes(rows: list[dict[str, Any]]) -> bytes:
@@ -275,18 +263,18 @@ def write_reports(results: dict[str, Any], out_dir: Path) -> list[Path]:
     for workload in CSV_WORKLOADS:
         if results.get(workload):
             path = out_dir / f"{workload}.csv"
-            _atomic_write(path, _csv_bytes(results[workload]))
+            write_bytes_atomic(path, _csv_bytes(results[workload]))
             written.append(path)
         png = _plot(results, workload)
         if png is not None:
             path = out_dir / PLOTS[workload]
-            _atomic_write(path, png)
+            write_bytes_atomic(path, png)
             written.append(path)
     path = out_dir / "summary.md"
-    _atomic_write(path, summary_tables(results).encode())
+    write_bytes_atomic(path, summary_tables(results).encode())
     written.append(path)
     # results.json last: its presence marks a complete report.
     path = out_dir / "results.json"
-    _atomic_write(path, (json.dumps(results, indent=1, default=str) + "\n").encode())
+    write_bytes_atomic(path, (json.dumps(results, indent=1, default=str) + "\n").encode())
     written.append(path)
     return written

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fastmid.errors import UserError
+from fastmid.fileio import replace_atomic
 from fastmid.patch import (
     KNOWN_TARGETS,
     LoraLinear,
@@ -52,18 +52,6 @@ _COMMON_LAYER_NAMES = ("layers", "h", "blocks", "layer")
 def _module_paths(model: nn.Module) -> dict[str, LoraLinear]:
     """Module path relative to the model (PEFT's key stem) -> LoraLinear."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    """Write through a temp file in the same directory, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
@@ -117,9 +105,9 @@ def save_adapter(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create adapter directory {out}: {e.strerror}") from None
-    _write_atomic(out / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    replace_atomic(out / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _write_atomic(out / CONFIG_NAME, lambda f: Path(f).write_text(text))
+    replace_atomic(out / CONFIG_NAME, lambda f: Path(f).write_text(text))
     return out
 
 

@@ -28,7 +28,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from torch import Tensor, nn
 
 from fastmid import metrics
 from fastmid.errors import UserError
+from fastmid.fileio import replace_atomic
 
 __all__ = [
     "COLUMNS",
@@ -314,18 +314,6 @@ def analyze(
 # Outputs
 
 
-def _replace_atomic(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _csv_text(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
@@ -394,7 +382,7 @@ def plot_profile(result: dict[str, Any], path: Path, title: str = "") -> None:
     summary.text(0.02, 0.95, "\n".join(lines), va="top", family="monospace", fontsize=10)
     if title:
         fig.suptitle(title)
-    _replace_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    replace_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -407,9 +395,9 @@ def write_outputs(result: dict[str, Any], out_dir: str | os.PathLike, title: str
         "png": out / "depth_profile.png",
     }
     text = _csv_text(result["layers"])
-    _replace_atomic(paths["csv"], lambda tmp: Path(tmp).write_text(text))
+    replace_atomic(paths["csv"], lambda tmp: Path(tmp).write_text(text))
     blob = json.dumps(result, indent=2) + "\n"
-    _replace_atomic(paths["json"], lambda tmp: Path(tmp).write_text(blob))
+    replace_atomic(paths["json"], lambda tmp: Path(tmp).write_text(blob))
     plot_profile(result, paths["png"], title)
     return paths
 

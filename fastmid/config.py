@@ -11,7 +11,6 @@ import dataclasses
 import difflib
 import os
 import re
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any
 import yaml
 
 from fastmid.errors import UserError
+from fastmid.fileio import write_text_atomic
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -284,19 +284,6 @@ def build_config(
 def save_yaml(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Write a mapping as YAML atomically (temp file in the same dir, then rename)."""
     write_text_atomic(Path(path), yaml.safe_dump(data, sort_keys=False))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text to path so readers see the old file or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:

@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from tqdm import tqdm
 
 from fastmid.data import QA_PROMPT, bundled_path, load_records
 from fastmid.errors import UserError
+from fastmid.fileio import write_text_atomic
 
 _NUMBER = re.compile(r"-?[\d,]*\d\.?\d*")
 
@@ -190,15 +189,7 @@ def write_predictions(predictions: list[dict], path: str | Path) -> None:
     path = Path(path)
     if path.parent and not path.parent.exists():
         raise UserError(f"output directory does not exist: {path.parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for p in predictions:
-                f.write(json.dumps(p, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

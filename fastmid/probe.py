@@ -234,8 +234,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``fastmid probe``: print the per-layer profile and the recommended band."""
-    from fastmid.config import write_text_atomic
     from fastmid.data import bundled_path, load_records, tokenize_records
+    from fastmid.fileio import write_text_atomic
     from fastmid.models import load_model
     from fastmid.patch import find_decoder_layers
 

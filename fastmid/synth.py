@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from fastmid.fileio import write_text_atomic
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
 TRAIN_SIZE = 2000
@@ -323,15 +323,7 @@ def splits() -> dict[str, list[dict[str, str]]]:
 def write_jsonl(records: list[dict[str, str]], path: Path) -> None:
     """Write ``records`` one JSON object per line, atomically."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,9 +49,9 @@ from fastmid.config import (
     build_config,
     parse_band,
     save_yaml,
-    write_text_atomic,
 )
 from fastmid.errors import UserError
+from fastmid.fileio import write_text_atomic
 
 IGNORE_INDEX = -100
 # Files a run writes; --overwrite removes exactly these and nothing else the user keeps there.
