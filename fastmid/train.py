@@ -395,13 +395,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     torch.manual_seed(cfg.seed)
     patch.apply_midblock(model, mid_cfg)
-    # Packed rows attend within each example instead of over the whole masked T×T square;
-    # where flash-attn is installed on CUDA its own varlen kernels are the better choice.
+    # Packed rows attend within each example instead of over the whole masked T×T square:
+    # flash-attn's varlen kernels on CUDA where installed (half precision only), else
+    # fastmid's per-example SDPA.
     from importlib.util import find_spec
 
     from fastmid.attention import enable_varlen_attention
 
-    if device.type != "cuda" or find_spec("flash_attn") is None:
+    half = model.dtype in (torch.bfloat16, torch.float16)
+    if device.type == "cuda" and half and find_spec("flash_attn") is not None:
+        model.set_attn_implementation("flash_attention_2")
+    else:
         enable_varlen_attention(model)
     state = model.fastmid_state
     params = patch.adapter_parameters(model)
