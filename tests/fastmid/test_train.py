@@ -265,7 +265,7 @@ def test_band_auto_and_equalized_updates(model_dir: Path, train_file: Path, tmp_
     delta_sq: dict[int, float] = {}
     weight_sq: dict[int, float] = {}
     for layer, _, m in lora_modules(model):
-        delta = m.scale * (m.lora_B.double() @ m.lora_A.double())
+        delta = m.scale * (m.lora_B.detach().double() @ m.lora_A.detach().double())
         delta_sq[layer] = delta_sq.get(layer, 0.0) + float(delta.square().sum())
         weight_sq[layer] = weight_sq.get(layer, 0.0) + float(m.weight.double().square().sum())
     assert sorted(delta_sq) == layers and len(layers) > 1
