@@ -43,6 +43,7 @@ from ._common import (
 )
 from .lora_qkv import (
     add_segment,
+    grouped_backward_torch,
     inspect_target,
     launch_grouped_mm,
     launch_thin,
@@ -224,9 +225,7 @@ def _backward_triton(x, dh, w, a_list, b_list, scales, xa, p, seed, need_dx):
 
 
 def _backward_torch(x, dh, w, a_list, b_list, scales, xa, p, seed, need_dx):
-    M = x.shape[0]
     half = w.shape[0] // 2
-    rg = a_list[0].shape[0]
     # Recompute [g | u] into one buffer, then overwrite it in place: u → dh⊙u → dg, and
     # g → silu(g) → du. Peak extra memory is this (M,2I) buffer, nothing else of that size.
     gu = _gate_up_torch(x, w, xa, b_list)
@@ -234,22 +233,8 @@ def _backward_torch(x, dh, w, a_list, b_list, scales, xa, p, seed, need_dx):
     u.mul_(dh)
     dg = torch.ops.aten.silu_backward.grad_input(u, g, grad_input=u)
     du = torch.nn.functional.silu(g, inplace=True).mul_(dh)
-    keep = None if p == 0 else torch_keep_mask(x.shape, p, seed, x.device, x.dtype)
-    gt = torch.empty(sum(a.shape[0] for a in a_list), M, dtype=x.dtype, device=x.device)
-    torch.mm((b_list[0] * scales[0]).to(x.dtype).t(), dg.t(), out=gt[:rg])
-    torch.mm((b_list[1] * scales[1]).to(x.dtype).t(), du.t(), out=gt[rg:])
-    da = torch.mm(gt, x if keep is None else x * keep)
-    dbs = [torch.mm(dg.t(), xa[:, :rg]), torch.mm(du.t(), xa[:, rg:])]
-    dx = None
-    if need_dx:
-        dx = torch.mm(dg, w[:half])
-        dx.addmm_(du, w[half:])
-        a_cat = torch.cat(a_list).to(x.dtype)
-        if keep is None:
-            dx.addmm_(gt.t(), a_cat)
-        else:
-            dx.add_(torch.mm(gt.t(), a_cat).mul_(keep))
-    return dx, da, dbs
+    # From here gate and up are two grouped LoRA linears with output gradients dg and du.
+    return grouped_backward_torch(x, [dg, du], w, a_list, b_list, scales, xa, p, seed, need_dx)
 
 
 # --------------------------------------------------------------------------------------------

@@ -456,7 +456,10 @@ def _backward_triton(x, dys, w, a_list, b_list, scales, xa, p, seed, need_dx):
     return dx, da, dbs
 
 
-def _backward_torch(x, dys, w, a_list, b_list, scales, xa, p, seed, need_dx):
+def grouped_backward_torch(x, dys, w, a_list, b_list, scales, xa, p, seed, need_dx):
+    """Torch backward of grouped LoRA linears over the frozen concatenation `w`, given each
+    member's output gradient in `dys`: (dx or None, dA of all members stacked, [dB_i]).
+    Shared with lora_gate_up, whose member gradients are dg and du."""
     M = x.shape[0]
     ranks = [a.shape[0] for a in a_list]
     keep = None if p == 0 else torch_keep_mask(x.shape, p, seed, x.device, x.dtype)
@@ -574,7 +577,7 @@ class LoraQKVFunction(torch.autograd.Function):
         x2 = x.reshape(-1, K).to(dt)
         # Dispatch on the compute-dtype copy: autocast is off in backward, so the saved x alone
         # would not tell that the GEMMs run in bf16 (which the interpreter cannot do).
-        run = _backward_triton if use_triton(x2) else _backward_torch
+        run = _backward_triton if use_triton(x2) else grouped_backward_torch
         with torch.autocast(x.device.type, enabled=False):
             dx, da, dbs = run(
                 x2.contiguous(),
