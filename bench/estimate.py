@@ -23,7 +23,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from bench.providers import ALPHA, DROPOUT, RANK_UNIFORM, TARGETS
+from bench.providers import ALPHA, RANK_UNIFORM, peft_model
 
 
 def real_configs() -> dict[str, Any]:
@@ -165,7 +165,6 @@ def estimate_peak(
     PEFT providers (no pad at all, their best case), one packed row of B·T tokens for fastmid
     with ``loss_fraction`` of the positions carrying a label.
     """
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from fastmid.patch import MidBlockConfig, apply_midblock, resolve_band, resolve_rank
@@ -208,19 +207,7 @@ def estimate_peak(
                 rank = resolve_rank(None, RANK_UNIFORM, num_layers, len(layers))
             else:
                 layers, rank = None, RANK_UNIFORM
-            if provider == "peft_all_gc":
-                model.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False}
-                )
-            lora = LoraConfig(
-                r=rank,
-                lora_alpha=ALPHA,
-                lora_dropout=DROPOUT,
-                target_modules=list(TARGETS),
-                layers_to_transform=layers,
-                task_type="CAUSAL_LM",
-            )
-            model = get_peft_model(model, lora).train()
+            model = peft_model(model, rank, layers, gc=provider == "peft_all_gc").train()
             loss_fn = _peft_loss
             batch = {"input_ids": torch.zeros(batch_size, seq_len, dtype=torch.long)}
         params = list(model.parameters())

@@ -253,7 +253,9 @@ class Provider:
         return [p for p in self.model.parameters() if p.requires_grad]
 
 
-def _peft_model(base: nn.Module, rank: int, layers: list[int] | None, gc: bool) -> nn.Module:
+def peft_model(base: nn.Module, rank: int, layers: list[int] | None, gc: bool) -> nn.Module:
+    """PEFT LoRA as its users set it up (q/k/v/o, alpha 128, dropout 0.05), optionally on
+    `layers` only and with non-reentrant gradient checkpointing."""
     from peft import LoraConfig, get_peft_model
 
     if gc:
@@ -305,10 +307,10 @@ def build_provider(
         if name == "peft_mid":
             layers = resolve_band(band, num_layers)
             rank = _resolve_rank(None, RANK_UNIFORM, num_layers, len(layers))
-            model = _peft_model(model, rank, layers, gc=False)
+            model = peft_model(model, rank, layers, gc=False)
         else:
             layers, rank = list(range(num_layers)), RANK_UNIFORM
-            model = _peft_model(model, rank, None, gc=name == "peft_all_gc")
+            model = peft_model(model, rank, None, gc=name == "peft_all_gc")
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         loss_fn, collate = _peft_loss, padded_batch
