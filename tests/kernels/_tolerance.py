@@ -1,4 +1,5 @@
-"""The one tolerance rule for kernel tests.
+"""The one tolerance rule for kernel tests, and what the kernel tests share around it (the
+device, the dropout masks of both execution paths).
 
 A kernel result in some dtype is compared with an fp64 reference. Its error may be at most
 `FACTOR` times the error plain torch makes on the same math in the same dtype (the baseline),
@@ -9,7 +10,9 @@ plus a small absolute slack of a few units in the last place of the largest refe
 from __future__ import annotations
 
 import torch
+from fastmid.kernels._common import torch_keep_mask, triton_keep_mask
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FACTOR = 2.0
 ULPS = 4.0
 
@@ -34,3 +37,24 @@ def assert_within_torch_error(
     assert err <= bound, (
         f"{name}: max error {err:.3e} > {FACTOR}x torch's {err_torch:.3e} + atol {atol:.1e}"
     )
+
+
+def assert_all_within_torch_error(
+    names, actual, reference64, baseline, dtype: torch.dtype | None = None
+) -> None:
+    """`assert_within_torch_error` for each named result; with `dtype`, each result must also
+    come back in that dtype."""
+    for name, a, r, b in zip(names, actual, reference64, baseline, strict=True):
+        if dtype is not None:
+            assert a.dtype == dtype, f"{name} dtype {a.dtype}"
+        assert_within_torch_error(name, a, r, b)
+
+
+def triton_keep(shape, p: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """The Triton kernels' dropout keep-mask for (shape, p, seed), as a `dtype` tensor."""
+    return triton_keep_mask(shape, p, seed, torch.device(DEVICE)).to(dtype)
+
+
+def torch_keep(shape, p: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """The torch path's dropout keep-mask for (shape, p, seed), as a `dtype` tensor."""
+    return torch_keep_mask(shape, p, seed, torch.device(DEVICE), dtype)

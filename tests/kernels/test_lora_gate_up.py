@@ -10,9 +10,13 @@ import pytest
 import torch
 from fastmid.kernels._common import INTERPRET, torch_keep_mask, triton_keep_mask
 
-from ._tolerance import assert_within_torch_error
+from ._tolerance import (
+    DEVICE,
+    assert_all_within_torch_error,
+    torch_keep,
+    triton_keep,
+)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 triton_only = pytest.mark.skipif(
     DEVICE == "cpu" and not INTERPRET, reason="Triton needs CUDA or TRITON_INTERPRET=1"
 )
@@ -70,17 +74,7 @@ def check_against_reference(lead, k, inter, ranks, dtype, p, keep_fn, seed=41):
     got = run(op(scales, p, seed), x, w, a, b, upstream)
     want = run(ref(scales, p, keep), *as64(x, w, a, b), upstream)
     base = run(ref(scales, p, keep), x, w, a, b, upstream)
-    for name, g, w64, b_ in zip(NAMES, got, want, base, strict=True):
-        assert g.dtype == dtype, f"{name} dtype {g.dtype}"
-        assert_within_torch_error(name, g, w64, b_)
-
-
-def triton_keep(shape, p, seed, dtype):
-    return triton_keep_mask(shape, p, seed, torch.device(DEVICE)).to(dtype)
-
-
-def torch_keep(shape, p, seed, dtype):
-    return torch_keep_mask(shape, p, seed, torch.device(DEVICE), dtype)
+    assert_all_within_torch_error(NAMES, got, want, base, dtype)
 
 
 # (leading dims, K, I, (r_g, r_u), dropout): sizes that are no multiple of any block, ranks
@@ -228,8 +222,7 @@ def test_autocast_bf16(force_torch, monkeypatch):
     want = run(ref(2.0), *as64(x, w, a, b), upstream)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
     assert all(g.dtype == torch.float32 for g in got[2:])
-    for name, g, w64, b_ in zip(NAMES, got, want, base, strict=True):
-        assert_within_torch_error(name, g, w64, b_)
+    assert_all_within_torch_error(NAMES, got, want, base)
 
 
 def test_rejects_bad_arguments():
@@ -256,8 +249,7 @@ def test_cuda_bf16_smollm2_shapes(r, p):
         got = run(op(128 / r, p, 9), x, w, a, b, upstream)
         base = run(ref(128 / r, p, keep), x, w, a, b, upstream)
     want = run(ref(128 / r, p, keep), *as64(x, w, a, b), upstream)
-    for name, g, w64, b_ in zip(NAMES, got, want, base, strict=True):
-        assert_within_torch_error(name, g, w64, b_)
+    assert_all_within_torch_error(NAMES, got, want, base)
 
 
 @triton_only

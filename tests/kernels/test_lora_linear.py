@@ -9,11 +9,16 @@ import math
 import pytest
 import torch
 from fastmid.kernels import lora_linear, lora_linear_reference
-from fastmid.kernels._common import INTERPRET, torch_keep_mask, triton_keep_mask
+from fastmid.kernels._common import INTERPRET
 
-from ._tolerance import assert_within_torch_error
+from ._tolerance import (
+    DEVICE,
+    assert_all_within_torch_error,
+    assert_within_torch_error,
+    torch_keep,
+    triton_keep,
+)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 triton_only = pytest.mark.skipif(
     DEVICE == "cpu" and not INTERPRET, reason="Triton needs CUDA or TRITON_INTERPRET=1"
 )
@@ -63,17 +68,7 @@ def check_against_reference(lead, k, n, r, dtype, bias, p, keep_fn, scale=2.0, s
     )
     want = grads_of(ref, *(as64(t) for t in (x, w, a, b, bias_t)), upstream)
     base = grads_of(ref, x, w, a, b, bias_t, upstream)
-    for name, g, w64, b_ in zip(("y", "dx", "dA", "dB"), got, want, base, strict=True):
-        assert g.dtype == dtype, f"{name} dtype {g.dtype}"
-        assert_within_torch_error(name, g, w64, b_)
-
-
-def triton_keep(shape, p, seed, dtype):
-    return triton_keep_mask(shape, p, seed, torch.device(DEVICE)).to(dtype)
-
-
-def torch_keep(shape, p, seed, dtype):
-    return torch_keep_mask(shape, p, seed, torch.device(DEVICE), dtype)
+    assert_all_within_torch_error(("y", "dx", "dA", "dB"), got, want, base, dtype)
 
 
 # (leading dims, K, N, rank, dtype, bias, dropout): odd sizes that are no multiple of any

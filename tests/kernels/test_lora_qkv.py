@@ -10,9 +10,13 @@ import pytest
 import torch
 from fastmid.kernels._common import INTERPRET, torch_keep_mask, triton_keep_mask
 
-from ._tolerance import assert_within_torch_error
+from ._tolerance import (
+    DEVICE,
+    assert_all_within_torch_error,
+    torch_keep,
+    triton_keep,
+)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 triton_only = pytest.mark.skipif(
     DEVICE == "cpu" and not INTERPRET, reason="Triton needs CUDA or TRITON_INTERPRET=1"
 )
@@ -68,17 +72,7 @@ def check_against_reference(lead, k, sizes, ranks, dtype, bias, p, keep_fn, seed
     want = run(ref, as64(x), as64(w), [as64(t) for t in a], [as64(t) for t in b], as64(bias_t),
                upstream)  # fmt: skip
     base = run(ref, x, w, a, b, bias_t, upstream)
-    for name, g, w64, b_ in zip(NAMES, got, want, base, strict=True):
-        assert g.dtype == dtype, f"{name} dtype {g.dtype}"
-        assert_within_torch_error(name, g, w64, b_)
-
-
-def triton_keep(shape, p, seed, dtype):
-    return triton_keep_mask(shape, p, seed, torch.device(DEVICE)).to(dtype)
-
-
-def torch_keep(shape, p, seed, dtype):
-    return torch_keep_mask(shape, p, seed, torch.device(DEVICE), dtype)
+    assert_all_within_torch_error(NAMES, got, want, base, dtype)
 
 
 # (leading dims, K, (Nq, Nk, Nv), (r_q, r_k, r_v), bias, dropout): sizes that are no multiple
@@ -240,8 +234,7 @@ def test_autocast_bf16(force_torch, monkeypatch):
                bias.double(), upstream)  # fmt: skip
     assert [g.dtype for g in got[:3]] == [torch.bfloat16] * 3
     assert all(g.dtype == torch.float32 for g in got[3:])
-    for name, g, w64, b_ in zip(NAMES, got, want, base, strict=True):
-        assert_within_torch_error(name, g, w64, b_)
+    assert_all_within_torch_error(NAMES, got, want, base)
 
 
 def test_outputs_are_views_of_one_buffer(torch_path):
@@ -286,8 +279,7 @@ def test_cuda_bf16_smollm2_shapes(r, p):
         t[0], t[1], *t[2], *t[3], scales, None, p, keep=None if keep is None else keep.double()),
         x.double(), w.double(), [t.double() for t in a], [t.double() for t in b], None,
         upstream)  # fmt: skip
-    for name, g, w64, b_ in zip(NAMES, got, want, base, strict=True):
-        assert_within_torch_error(name, g, w64, b_)
+    assert_all_within_torch_error(NAMES, got, want, base)
 
 
 @triton_only
