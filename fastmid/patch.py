@@ -357,14 +357,19 @@ def _no_grad_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+
+
 def _checkpointed_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         # The recomputation would append this block's keys and values to a KV cache a second
-        # time; a cache has no use in a training step, so it is left out (as HF does).
-        if kwargs.get("past_key_values") is not None:
-            kwargs["past_key_values"] = None
+        # time; a cache has no use in a training step, so it is left out (as HF does). The
+        # argument was renamed across transformers releases (`cache` from 5.24 on).
+        for name in _CACHE_KWARGS:
+            if kwargs.get(name) is not None:
+                kwargs[name] = None
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)

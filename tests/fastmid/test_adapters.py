@@ -72,6 +72,19 @@ def test_fastmid_adapter_loads_in_peft_with_equal_logits(tmp_path):
     torch.testing.assert_close(logits(peft_model), ours, rtol=1e-4, atol=1e-5)
 
 
+def test_fastmid_adapter_loads_through_transformers_adapter_api(tmp_path):
+    # transformers' own PEFT integration checks the installed PEFT version: this fails when
+    # the pinned transformers and PEFT do not work together.
+    model, base = patched(targets=("q_proj", "v_proj"))
+    save_adapter(model, tmp_path)
+    base_logits = logits(base)
+    base.load_adapter(str(tmp_path), adapter_name="mid")
+    assert base.active_adapters() == ["mid"]
+    got = logits(base)
+    assert (got - base_logits).abs().max() > 0.01
+    torch.testing.assert_close(got, logits(model), rtol=1e-4, atol=1e-5)
+
+
 def test_peft_adapter_loads_into_unpatched_model_with_equal_logits(tmp_path):
     peft_base = tiny_model("mistral")
     fresh = copy.deepcopy(peft_base)
