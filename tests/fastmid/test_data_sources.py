@@ -109,7 +109,8 @@ def test_hub_id_without_network_is_one_line(monkeypatch: pytest.MonkeyPatch):
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(datasets, "load_dataset", spy)
-    with pytest.raises(UserError, match=r"^cannot load dataset no-such-org/no-such-set:main:test: .*Hub"):
+    offline = r"^cannot load dataset no-such-org/no-such-set:main:test: .*Hub"
+    with pytest.raises(UserError, match=offline):
         data.load_records("no-such-org/no-such-set:main:test")
     assert calls == [("no-such-org/no-such-set", "main", "test")]
 
