@@ -74,6 +74,22 @@ def _shape_error(record: Any, where: str) -> UserError:
     return UserError(f"{where}: unknown record shape with {got}; expected {_SHAPES}")
 
 
+def _record_problem(record: dict) -> str | None:
+    """Why a record of a known shape cannot be used (a malformed turn, a blank answer), or None."""
+    if _record_kind(record) == "messages":
+        turns = record["messages"]
+        for turn in turns:
+            fields = ("role", "content")
+            if not (isinstance(turn, dict) and all(isinstance(turn.get(k), str) for k in fields)):
+                return "each message needs 'role' and 'content' strings"
+        answers = [t["content"] for t in turns if t["role"] == "assistant"]
+    else:
+        answers = [record["answer"] if "answer" in record else record["response"]]
+    if any(not a.strip() for a in answers):
+        return "empty answer (the record has nothing to learn)"
+    return None
+
+
 def load_records(path: str | Path) -> list[dict]:
     """Read a JSONL file of records; UserError naming ``file:line`` for a bad line."""
     path = Path(path)
@@ -95,6 +111,9 @@ def load_records(path: str | Path) -> list[dict]:
             raise UserError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
         if _record_kind(record) is None:
             raise _shape_error(record, f"{path}:{lineno}")
+        problem = _record_problem(record)
+        if problem is not None:
+            raise UserError(f"{path}:{lineno}: {problem}")
         records.append(record)
     if not records:
         raise UserError(f"data file has no records: {path}")

@@ -39,7 +39,13 @@ import torch
 from torch import nn
 
 from fastmid import distributed
-from fastmid.checkpoint import CHECKPOINT_DIR, find_checkpoint, load_checkpoint, read_extra
+from fastmid.checkpoint import (
+    CHECKPOINT_DIR,
+    find_checkpoint,
+    load_checkpoint,
+    read_extra,
+    remove_checkpoint,
+)
 from fastmid.checkpoint import save_checkpoint as _save_checkpoint
 from fastmid.config import (
     DEMO,
@@ -613,7 +619,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 "".join(json.dumps(p) + "\n" for p in predictions),
             )
         _write_json_atomic(out / "summary.json", summary)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        remove_checkpoint(ckpt_dir)
     _log(format_summary(summary))
     return summary
 
