@@ -47,6 +47,21 @@ def test_chunked_linear_cross_entropy_matches_full_logits(softcap, chunk):
     assert_within_torch_error("grad", grad, ref_grad64, ref_grad32)
 
 
+def test_trainable_head_gets_its_weight_gradient():
+    # A model fastmid did not patch keeps a trainable head: the loss must not cut its gradient.
+    gen = torch.Generator().manual_seed(4)
+    head = nn.Linear(8, 13, bias=True)
+    hidden = torch.randn(9, 8, generator=gen)
+    labels = torch.randint(0, 13, (9,), generator=gen)
+    ours = linear_cross_entropy(hidden, head, labels, softcap=2.0)
+    (grad,) = torch.autograd.grad(ours, head.weight)
+    ref = _full_logits_loss(hidden, head, labels, 2.0)
+    (ref_grad,) = torch.autograd.grad(ref, head.weight)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(grad, ref_grad)
+    assert grad.abs().max() > 0
+
+
 def test_linear_cross_entropy_without_labels_is_a_differentiable_zero():
     head = nn.Linear(8, 11, bias=False).requires_grad_(False)
     x = torch.randn(0, 8, requires_grad=True)
