@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workloads",
         type=_csv,
         default=None,
-        help="comma list of throughput,flops,memory,estimate,bands,kernels (default: all)",
+        help="comma list of throughput,flops,memory,estimate,bands,profile,engine,kernels "
+        "(default: all)",
     )
     parser.add_argument(
         "--providers",

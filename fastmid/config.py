@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -334,5 +335,7 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _positive(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value}")
     if value <= 0:
         raise UserError(f"{name} must be positive, got {value}")

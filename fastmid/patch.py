@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastmid import kernels
 from fastmid.errors import UserError
+from fastmid.loss import install_label_only_loss
 
 Band = tuple[float, float] | str | list[int]
 
@@ -570,6 +571,8 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
     if cfg.use_liger:
         frozen = [blocks[i] for i in range(num_layers) if i not in set(layers)]
         apply_liger_to_frozen(frozen)
+    # model(input_ids=..., labels=...) applies the LM head only where a label exists.
+    install_label_only_loss(model, _wrap_forward)
 
     model.fastmid_state = MidBlockState(
         layers=layers,

@@ -36,11 +36,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastmid import distributed
-from fastmid.checkpoint import CHECKPOINT_DIR, find_checkpoint, load_checkpoint, read_extra
+from fastmid.checkpoint import (
+    CHECKPOINT_DIR,
+    find_checkpoint,
+    load_checkpoint,
+    read_extra,
+    remove_checkpoint,
+)
 from fastmid.checkpoint import save_checkpoint as _save_checkpoint
 from fastmid.config import (
     DEMO,
@@ -52,8 +57,8 @@ from fastmid.config import (
 )
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
+from fastmid.loss import forward_loss
 
-IGNORE_INDEX = -100
 # Files a run writes; --overwrite removes exactly these and nothing else the user keeps there.
 OUTPUT_ENTRIES = (
     "adapter",
@@ -78,40 +83,6 @@ RESUME_MAY_CHANGE = {
     "nproc",
     "parallel",
 }
-
-
-# --------------------------------------------------------------------------------------------
-# The loss: decoder body everywhere, LM head only where a label exists
-# --------------------------------------------------------------------------------------------
-
-
-def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the label positions of ``batch`` and how many there are.
-
-    ``batch["targets"]`` is already shifted (targets[t] is the token to predict at t; -100 =
-    no loss). Packed batches carry ``position_ids`` restarting at 0 per example and no
-    ``attention_mask``, from which the attention builds a block-diagonal causal mask so
-    examples never see each other. The LM head (the largest matmul of a small model) runs only
-    on the hidden states that carry a label.
-    """
-    targets = batch["targets"]
-    body = model.get_decoder()
-    out = body(
-        input_ids=batch["input_ids"],
-        position_ids=batch.get("position_ids"),
-        attention_mask=batch.get("attention_mask"),
-        use_cache=False,
-    )
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    # One host sync here (nonzero) gives the label count without a separate .item().
-    index = (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
-    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
-    logits = model.get_output_embeddings()(picked).float()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    labels = targets.reshape(-1).index_select(0, index)
-    return F.cross_entropy(logits, labels, reduction="sum"), int(index.numel())
 
 
 # --------------------------------------------------------------------------------------------
@@ -648,7 +619,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 "".join(json.dumps(p) + "\n" for p in predictions),
             )
         _write_json_atomic(out / "summary.json", summary)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        remove_checkpoint(ckpt_dir)
     _log(format_summary(summary))
     return summary
 

@@ -126,7 +126,9 @@ def test_fields_map_other_columns(tmp_path: Path):
     assert "columns [q_text, a_text, id]" in message
     assert "--fields prompt=COLUMN,response=COLUMN" in message
     records = data.load_records(path, fields="prompt=q_text,response=a_text")
-    assert list(records) == [{"prompt": "Q1", "response": "A1"}, {"prompt": "Q2", "response": ""}]
+    assert records[0] == {"prompt": "Q1", "response": "A1"}
+    with pytest.raises(UserError, match="row 1: empty answer"):
+        records[1]
     chats = tmp_path / "chats.jsonl"
     chats.write_text(json.dumps({"dialog": [{"role": "user", "content": "x"}]}) + "\n")
     assert data.load_records(chats, fields="messages=dialog") == [
