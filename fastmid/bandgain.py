@@ -47,8 +47,8 @@ def layer_gains(
     is not modified.
     """
     from fastmid.data import collate_padded
+    from fastmid.loss import forward_loss
     from fastmid.patch import MidBlockConfig, apply_midblock, lora_modules
-    from fastmid.train import forward_loss
 
     examples = [e for e in examples if e.num_loss_tokens > 0]
     if not examples:

@@ -195,29 +195,12 @@ def run_config(
     return build_config(None, overrides)
 
 
-def answer_nll(model: Any, examples: Sequence[Any], pad_id: int, batch_size: int = 16) -> float:
-    """Mean negative log-likelihood per answer token of ``examples`` (their label positions)."""
-    import torch
-
-    from fastmid.data import collate_padded
-    from fastmid.train import forward_loss
-
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            batch = collate_padded(list(examples[start : start + batch_size]), pad_id)
-            loss_sum, n = forward_loss(model, {k: v.to(device) for k, v in batch.items()})
-            total += float(loss_sum)
-            count += n
-    return total / max(count, 1)
-
-
 def evaluate_model(model: Any, tokenizer: Any, settings: Settings, precision: str) -> dict:
     """Accuracy, answer NLL/token and general-text perplexity of ``model`` (tuned or base)."""
     import torch
 
     from fastmid import data, evaluate
+    from fastmid.heldout import answer_nll
 
     shared = run_config(settings)
     records = _eval_records(settings)
