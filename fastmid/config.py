@@ -57,6 +57,16 @@ class TrainConfig:
     loss_on: str = "response"
     # Where the adapter, checkpoints, metrics and summary go.
     output_dir: str = "./fastmid-out"
+    # --- inputs and tracking beyond JSONL (fastmid.data, fastmid.tracking) ---
+    # Columns of records in another shape: "prompt=COL,response=COL" or "messages=COL".
+    fields: str | None = None
+    # Hold out this share of the training records (chosen by the seed) for the held-out loss.
+    eval_split_ratio: float = 0.0
+    # Held-out answer loss every this many optimizer steps (on the eval_split_ratio share,
+    # else on eval_data), logged with the training metrics; 0 = never.
+    eval_every: int = 0
+    # Experiment tracker: "none", "tensorboard" or "wandb" (offline unless WANDB_MODE says).
+    report_to: str = "none"
 
     # --- Mid-Block LoRA ---
     # "0.2,0.8" (fractions of depth), "all", "6-23" (inclusive layer range), "3,5,7", or "auto".
@@ -189,7 +199,19 @@ class TrainConfig:
         _positive("max_new_tokens", self.max_new_tokens)
         if not self.output_dir:
             raise UserError("output_dir must not be empty")
+        self._validate_inputs_and_tracking()
         return self
+
+    def _validate_inputs_and_tracking(self) -> None:
+        from fastmid.data import parse_fields
+        from fastmid.tracking import check_available
+
+        parse_fields(self.fields)
+        if not 0.0 <= self.eval_split_ratio < 1.0:
+            raise UserError(f"eval_split_ratio must be in [0, 1), got {self.eval_split_ratio}")
+        if self.eval_every < 0:
+            raise UserError(f"eval_every must be >= 0, got {self.eval_every}")
+        check_available(self.report_to)
 
     @property
     def is_demo(self) -> bool:

@@ -111,6 +111,18 @@ class WandbTracker:
             wandb.teardown()
 
 
+def namespaced(metrics: dict[str, Any], default: str = "train") -> dict[str, float]:
+    """``{"loss": …, "eval_loss": …}`` → ``{"train/loss": …, "eval/loss": …}``: numbers only,
+    ``eval_``-prefixed names under ``eval/``, the rest under ``default/``."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or key == "step":
+            continue
+        group, name = ("eval", key[5:]) if key.startswith("eval_") else (default, key)
+        out[f"{group}/{name}"] = float(value)
+    return out
+
+
 def check_available(kind: str) -> None:
     """UserError (one line, with the install command) if ``kind`` is unknown or not installed."""
     from importlib.util import find_spec

@@ -66,11 +66,15 @@ OUTPUT_ENTRIES = (
     "metrics.jsonl",
     "summary.json",
     "predictions.jsonl",
+    "tensorboard",
+    "wandb",
     CHECKPOINT_DIR,
     CHECKPOINT_DIR + ".old",
 )
 # Config fields that may differ between an interrupted run and its --resume.
 RESUME_MAY_CHANGE = {
+    "report_to",
+    "eval_every",
     "resume",
     "overwrite",
     "output_dir",
@@ -283,13 +287,30 @@ def _load_eval_inputs(cfg: TrainConfig) -> tuple[list[dict] | None, list[str] | 
     eval_path = cfg.eval_data
     if eval_path is None and cfg.data is None:
         eval_path = str(data.bundled_path("test"))
-    records = data.load_records(eval_path) if eval_path is not None else None
+    records = data.load_records(eval_path, cfg.fields) if eval_path is not None else None
     if records is not None and cfg.eval_limit is not None:
         records = records[: cfg.eval_limit]
     heldout = evaluate.heldout_texts()
     if cfg.eval_limit is not None:
         heldout = heldout[: cfg.eval_limit]
     return records, heldout
+
+
+def _heldout_loss_records(cfg: TrainConfig, records: Any) -> Any:
+    """Records for the held-out loss: the eval_split_ratio share of the training records, else
+    (with eval_every) the eval data; None when no held-out loss is asked for."""
+    from fastmid import data
+
+    if cfg.eval_split_ratio > 0:
+        return data.split_records(records, cfg.eval_split_ratio, cfg.seed)[1]
+    if not cfg.eval_every:
+        return None
+    eval_path = cfg.eval_data
+    if eval_path is None and cfg.data is None:
+        eval_path = str(data.bundled_path("test"))
+    if eval_path is None:
+        raise UserError("--eval-every needs held-out records: --eval-split-ratio or --eval-data")
+    return data.load_records(eval_path, cfg.fields)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,7 +324,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     On SIGINT/SIGTERM the loop checkpoints and returns early with ``summary["interrupted"]``
     set; ``--resume`` then continues with the same losses an uninterrupted run would have.
     """
-    from fastmid import data, models, patch
+    from fastmid import data, models, patch, tracking
+    from fastmid.heldout import answer_nll
 
     wall_start = time.perf_counter()
     cfg = cfg.validate().resolved()
@@ -324,8 +346,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     # --- data first: a bad file should fail in a second, not after loading a model ---
     data_path = cfg.data if cfg.data is not None else str(data.bundled_path("train"))
-    records = data.load_records(data_path)
+    records = data.load_records(data_path, cfg.fields)
     eval_records, heldout_texts = _load_eval_inputs(cfg)
+    loss_records = _heldout_loss_records(cfg, records)
+    if cfg.eval_split_ratio > 0:
+        records = data.split_records(records, cfg.eval_split_ratio, cfg.seed)[0]
 
     # --- model and tokenizer ---
     random.seed(cfg.seed)
@@ -338,6 +363,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     examples = data.tokenize_records(
         records, tokenizer, fmt=cfg.format, max_length=cfg.max_length, loss_on=cfg.loss_on
     )
+    heldout_examples = None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if loss_records is not None:
+        heldout_examples = data.tokenize_records(
+            loss_records, tokenizer, fmt=cfg.format, max_length=cfg.max_length, loss_on="response"
+        )
 
     # --- band: explicit, or measured by the probe on the untuned model ---
     band = parse_band(cfg.band)
@@ -476,6 +507,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # Record what "auto" chose, so feeding this config back reproduces the run.
         config_dump["band"] = ",".join(str(i) for i in state.layers)
 
+    tracker = tracking.make_tracker(cfg.report_to if is_main_process() else "none", out)
+    tracker.open({**config_dump, "resolved": resolved})
+
     def checkpoint_extra() -> dict[str, Any]:
         return {
             "step": step,
@@ -523,7 +557,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             window_labels += step_labels
             dp.reduce_gradients()
             if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if equalizer is not None:
                 equalizer.before_step()
             optimizer.step()
@@ -540,7 +574,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             # run logs exactly the lines an uninterrupted one does.
             saving = stop.requested or (cfg.save_every and step % cfg.save_every == 0)
             saving = bool(saving) and step < total_steps
-            if step % cfg.log_every == 0 or step == total_steps or saving:
+            evaluating = heldout_examples is not None and (
+                step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)
+            )
+            if step % cfg.log_every == 0 or step == total_steps or saving or evaluating:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 now = time.perf_counter()
@@ -563,6 +600,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     "mem_gb": _memory_gb(device),
                     "elapsed_s": totals["train_seconds"],
                 }
+                if cfg.max_grad_norm > 0:
+                    record["grad_norm"] = float(grad_norm)
+                if evaluating:
+                    with autocast():
+                        record["eval_loss"] = answer_nll(model, heldout_examples, pad_id)
+                tracker.log(step, tracking.namespaced(record))
                 if is_main_process():
                     with metrics_path.open("a", encoding="utf-8") as f:
                         f.write(json.dumps(record) + "\n")
@@ -594,6 +637,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "resolved": resolved,
     }
     if interrupted:
+        tracker.close()
         return summary
 
     # --- evaluate the tuned model, then save everything atomically ---
@@ -604,6 +648,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         eval_after, predictions = _evaluate(
             model, tokenizer, eval_records, heldout_texts, cfg, autocast
         )
+    tracker.log(step, tracking.namespaced(eval_after, "eval"))
+    tracker.close()
     adapter_dir = out / "adapter"
     summary.update(
         eval_after=eval_after,
@@ -700,14 +746,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--model", "local HF dir, .gguf file or hub id; default: embedded SmolLM2-135M-Instruct")
     add(
         "--data",
-        "training JSONL ({prompt,response} | {question,answer} | {messages}); "
-        "default: the bundled GSM-style train split",
+        "training records: JSONL, .parquet, .csv, .json, a save_to_disk dir or a dataset id "
+        "NAME[:CONFIG[:SPLIT]]; default: the bundled GSM-style train split",
     )
     add(
         "--eval-data",
         "JSONL with gold '#### N' answers for accuracy; default: the bundled test split "
         "when --data is not given, else none",
     )
+    add("--fields", "columns of other record shapes: prompt=COL,response=COL or messages=COL")
     add("--format", "prompt format", choices=["qa", "chat"])
     add("--max-length", "max tokens per example", type=int)
     add("--loss-on", "which tokens carry loss", choices=["response", "all"])
@@ -753,6 +800,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--eval-limit", "evaluate on at most N records", type=int)
     add("--eval-batch-size", "prompts per generation batch", type=int)
     add("--max-new-tokens", "greedy tokens per eval prompt", type=int)
+    add("--eval-split-ratio", "hold out this share of --data for the held-out loss", type=float)
+    add("--eval-every", "held-out answer loss every N steps (0 = never)", type=int)
+    add("--report-to", "experiment tracker", choices=["none", "tensorboard", "wandb"])
 
 
 def run(args: argparse.Namespace) -> int:
