@@ -31,6 +31,7 @@ import io
 import json
 import multiprocessing
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -305,7 +306,10 @@ def _run_isolated(settings: Settings, plan: Plan, run_dir: Path) -> dict:
     try:
         proc.join()
     except KeyboardInterrupt:
-        # The child got the same SIGINT: it checkpoints and stops; wait for that to finish.
+        # Ask the run to stop the way `fastmid train` stops on a signal (checkpoint after the
+        # current step), and wait for that, so the next compare resumes it.
+        if proc.is_alive():
+            proc.terminate()
         proc.join()
         raise
     if proc.exitcode == 130:
@@ -839,17 +843,22 @@ def run(args: argparse.Namespace) -> int:
     )
     placements = [p for p in args.placements.replace(" ", "").split(",") if p] + list(args.band)
     policies = [p for p in args.alpha_policy.replace(" ", "").split(",") if p]
-    result = compare(
-        settings,
-        placements,
-        policies,
-        args.seeds,
-        args.output_dir,
-        width=args.width,
-        auto_criterion=args.auto_criterion,
-        overwrite=args.overwrite,
-        log=lambda m: print(m, flush=True),
-    )
+    # SIGTERM stops a compare as Ctrl-C does: the running training checkpoints first.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        result = compare(
+            settings,
+            placements,
+            policies,
+            args.seeds,
+            args.output_dir,
+            width=args.width,
+            auto_criterion=args.auto_criterion,
+            overwrite=args.overwrite,
+            log=lambda m: print(m, flush=True),
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print()
     print(to_markdown(result["rows"], result["base"]))
     print(result["verdict"])

@@ -294,3 +294,44 @@ def test_cli_compare_in_subprocesses(model_dir: Path, tmp_path: Path, monkeypatc
     assert result["rank"] == 6
     assert result["scale"] == pytest.approx(128 / math.sqrt(6))
     assert "step 1/1" in next((out / "runs").glob("*/log.txt")).read_text()
+
+
+def test_a_run_interrupted_mid_training_resumes_from_its_checkpoint(
+    model_dir: Path, tmp_path: Path, monkeypatch
+):
+    import os
+    import signal
+
+    import fastmid.train as train_mod
+
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS[:16])
+    held = write_jsonl(tmp_path / "test.jsonl", RECORDS[16:24])
+    settings = tiny_settings(model_dir, data, held, max_steps=4)
+    quiet = dict(isolate=False, log=lambda m: None)
+    straight = cmp.compare(settings, ["top"], ["ratio"], 1, tmp_path / "straight", **quiet)
+
+    calls = {"n": 0}
+    real = train_mod.forward_loss
+
+    def interrupting(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:  # during step 2: the run checkpoints after it and stops
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(model, batch)
+
+    monkeypatch.setattr(train_mod, "forward_loss", interrupting)
+    out = tmp_path / "cmp"
+    with pytest.raises(KeyboardInterrupt):
+        cmp.compare(settings, ["top"], ["ratio"], 1, out, **quiet)
+    (run_dir,) = (out / "runs").iterdir()
+    assert (run_dir / "train" / "checkpoint").is_dir()
+    assert not (run_dir / "result.json").exists()
+
+    monkeypatch.setattr(train_mod, "forward_loss", real)
+    resumed = cmp.compare(settings, ["top"], ["ratio"], 1, out, **quiet)
+    steps = [json.loads(x)["step"] for x in (run_dir / "train" / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3, 4]
+    # Resuming is exact: the same adapter, so the same held-out numbers as a straight run.
+    (got,), (want,) = resumed["results"], straight["results"]
+    assert got["answer_nll"] == want["answer_nll"]
+    assert got["loss_last"] == want["loss_last"]
