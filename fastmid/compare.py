@@ -218,14 +218,16 @@ def evaluate_model(model: Any, tokenizer: Any, settings: Settings, precision: st
     model.eval()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=half):
         nll = answer_nll(model, examples, pad)
-        accuracy, _ = evaluate.gsm_accuracy(model, tokenizer, records[: settings.eval_limit])
+        accuracy = None
+        if settings.eval_limit > 0:  # greedy generation: the slow part on a CPU
+            accuracy, _ = evaluate.gsm_accuracy(model, tokenizer, records[: settings.eval_limit])
         ppl = evaluate.perplexity(
             model,
             tokenizer,
             evaluate.heldout_texts()[: settings.ppl_limit],
             max_length=shared.max_length,
         )
-    return {"answer_nll": nll, "accuracy": float(accuracy), "general_ppl": float(ppl)}
+    return {"answer_nll": nll, "accuracy": accuracy, "general_ppl": float(ppl)}
 
 
 def _eval_records(settings: Settings) -> list[dict]:
@@ -328,8 +330,11 @@ def _run_isolated(settings: Settings, plan: Plan, run_dir: Path) -> dict:
 # Aggregation, verdict, table, plot
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (None with a single value: no spread measured)."""
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (std None with a single value: no spread measured;
+    both None when the metric was not measured)."""
+    if any(v is None for v in values):
+        return None, None
     mean = statistics.fmean(values)
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
 
@@ -387,6 +392,8 @@ def _name(row: dict) -> str:
 
 def _pm(row: dict, key: str, fmt: str = ".3f") -> str:
     std = row[key + "_std"]
+    if row[key] is None:
+        return "—"
     return f"{row[key]:{fmt}}" + (f" ± {std:{fmt}}" if std is not None else "")
 
 
@@ -469,7 +476,7 @@ def to_markdown(rows: Sequence[dict], base: dict | None) -> str:
     fmts = {"train_seconds": ".0f", "tokens_per_s": ".0f", "peak_mem_gb": ".2f"}
     if base is not None:
         cells = ["base model", "—", "—", "—", "0"]
-        cells += [f"{base[k]:.3f}" if k in base else "—" for k, _, _ in METRICS]
+        cells += [f"{base[k]:.3f}" if base.get(k) is not None else "—" for k, _, _ in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     for row in rows:
         cells = [
@@ -500,8 +507,12 @@ def plot(rows: Sequence[dict], base: dict | None, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(4.2 * 3, 4.2))
     for ax, key, colour in ((axes[0], "answer_nll", "C0"), (axes[1], "accuracy", "C2")):
+        if any(r[key] is None for r in rows):
+            ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+            ax.set_title(dict((k, v) for k, v, _ in METRICS)[key])
+            continue
         ax.errorbar(x, [r[key] for r in rows], yerr=err(key), fmt="o", capsize=5, color=colour)
-        if base is not None and key in base:
+        if base is not None and base.get(key) is not None:
             ax.axhline(base[key], color="grey", linestyle="--", label="base model")
             ax.legend(loc="best", fontsize=8)
         ax.set_title(dict((k, v) for k, v, _ in METRICS)[key] + " (mean ± std over seeds)")
@@ -712,10 +723,11 @@ def compare(
         # One run can serve several placements with the same layers (e.g. auto = middle).
         result = {**result, "placement": plan.placement}
         results.append(result)
+        acc = "—" if result["accuracy"] is None else f"{result['accuracy']:.3f}"
         log(
             f"[{i}/{len(plans)}] {plan.placement} layers {layers_label(plan.layers)} "
             f"{plan.policy} seed {plan.seed}: answer NLL {result['answer_nll']:.4f}, "
-            f"accuracy {result['accuracy']:.3f}, ppl {result['general_ppl']:.2f} ({how})"
+            f"accuracy {acc}, ppl {result['general_ppl']:.2f} ({how})"
         )
 
     rows = aggregate(results, list(placements))
@@ -787,7 +799,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-limit",
         type=int,
         default=32,
-        help="records for accuracy (greedy generation; default: 32)",
+        help="records for accuracy (greedy generation, slow on a CPU; 0 = skip; default: 32)",
     )
     parser.add_argument(
         "--nll-limit", type=int, default=200, help="records for answer NLL (default: 200)"
@@ -824,7 +836,9 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    for name in ("eval_limit", "nll_limit", "ppl_limit"):
+    if args.eval_limit < 0:
+        raise UserError("--eval-limit must be 0 (no accuracy) or positive")
+    for name in ("nll_limit", "ppl_limit"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     given = [k for k in PASSTHROUGH if hasattr(args, k)]

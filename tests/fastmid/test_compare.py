@@ -258,7 +258,7 @@ def test_cli_compare_in_subprocesses(model_dir: Path, tmp_path: Path, monkeypatc
         "--max-length",
         "64",
         "--eval-limit",
-        "2",
+        "0",
         "--nll-limit",
         "4",
         "--ppl-limit",
@@ -292,6 +292,8 @@ def test_cli_compare_in_subprocesses(model_dir: Path, tmp_path: Path, monkeypatc
     result = json.loads(next((out / "runs").glob("*/result.json")).read_text())
     # Budget 4 on 6 of 10 layers: rank 6, rsLoRA scale 128 / sqrt(6) (alpha's default 128).
     assert result["rank"] == 6
+    assert result["accuracy"] is None  # --eval-limit 0: no generation
+    assert result["answer_nll"] > 0 and result["general_ppl"] > 1
     assert result["scale"] == pytest.approx(128 / math.sqrt(6))
     assert "step 1/1" in next((out / "runs").glob("*/log.txt")).read_text()
 
