@@ -99,7 +99,7 @@ def recommend_band(
     ``.grad`` fields are left empty.
     """
     from fastmid.data import collate_padded
-    from fastmid.patch import find_decoder_layers, resolve_band
+    from fastmid.midblock import find_decoder_layers, resolve_band
 
     if getattr(model, "fastmid_state", None) is not None:
         raise ValueError("recommend_band needs the untuned model, before apply_midblock")
@@ -236,8 +236,8 @@ def run(args: argparse.Namespace) -> int:
     """``fastmid probe``: print the per-layer profile and the recommended band."""
     from fastmid.data import bundled_path, load_records, tokenize_records
     from fastmid.fileio import write_text_atomic
+    from fastmid.midblock import find_decoder_layers
     from fastmid.models import load_model
-    from fastmid.patch import find_decoder_layers
 
     for name in ("max_length", "batch_size", "batches"):
         if getattr(args, name) <= 0:

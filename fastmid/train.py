@@ -332,7 +332,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     On SIGINT/SIGTERM the loop checkpoints and returns early with ``summary["interrupted"]``
     set; ``--resume`` then continues with the same losses an uninterrupted run would have.
     """
-    from fastmid import data, models, patch
+    from fastmid import data, midblock, models
 
     wall_start = time.perf_counter()
     cfg = cfg.validate().resolved()
@@ -381,7 +381,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         _log(f"band auto → layers {band[0]}-{band[-1]}: {band_reason}")
 
     # --- patch: adapters in the band, everything else frozen ---
-    mid_cfg = patch.MidBlockConfig(
+    mid_cfg = midblock.MidBlockConfig(
         band=band,
         targets=tuple(cfg.targets),
         rank=cfg.rank,
@@ -394,7 +394,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         gradient_checkpointing=cfg.gradient_checkpointing,
     )
     torch.manual_seed(cfg.seed)
-    patch.apply_midblock(model, mid_cfg)
+    midblock.apply_midblock(model, mid_cfg)
     # Packed rows attend within each example instead of over the whole masked T×T square:
     # flash-attn's varlen kernels on CUDA where installed (half precision only), else
     # fastmid's per-example SDPA.
@@ -408,7 +408,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     else:
         enable_varlen_attention(model)
     state = model.fastmid_state
-    params = patch.adapter_parameters(model)
+    params = midblock.adapter_parameters(model)
     n_params = sum(p.numel() for p in params)
     # One process: a pass-through. Several: DDP or FSDP, this rank's micro-batches, grad sums.
     dp = distributed.DataParallel(model, parallel, forward_loss, device)

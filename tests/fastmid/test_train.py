@@ -249,7 +249,7 @@ def test_band_auto_and_equalized_updates(model_dir: Path, train_file: Path, tmp_
     from transformers import AutoModelForCausalLM
 
     from fastmid.adapters import load_adapter
-    from fastmid.patch import lora_modules
+    from fastmid.midblock import lora_modules
 
     out = tmp_path / "run"
     summary = train(tiny_cfg(model_dir, train_file, out, band="auto", equalize_updates=True,

@@ -39,6 +39,9 @@ QKV = ("q_proj", "k_proj", "v_proj")
 
 # Instance attribute names used to remember what a patch replaced, so merge() can undo it.
 _ORIG_FORWARD = "_fastmid_orig_forward"
+# The concatenated frozen [W_gate; W_up] of a fused SwiGLU MLP (a plain attribute: gate and up
+# already own the matrix, as views).
+_GATE_UP_WEIGHT = "_fastmid_gate_up_weight"
 
 
 @dataclass
@@ -174,7 +177,7 @@ def _num_layers(model: nn.Module) -> int | None:
     return getattr(text, "num_hidden_layers", None)
 
 
-def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def find_layers_with_path(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(path, list) of the decoder blocks: the ModuleList of num_hidden_layers same-class blocks."""
     expected = _num_layers(model)
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
@@ -190,7 +193,7 @@ def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ``nn.ModuleList`` of decoder blocks of a HF causal LM (e.g. ``model.model.layers``)."""
-    return _find_layers(model)[1]
+    return find_layers_with_path(model)[1]
 
 
 def _linear_names(block: nn.Module) -> list[str]:
@@ -205,7 +208,8 @@ def _find_target(block: nn.Module, target: str) -> str | None:
     return hits[0] if hits else None
 
 
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``path`` inside ``root``."""
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, name, module)
@@ -333,14 +337,15 @@ class LoraLinear(nn.Module):
 # Instance-level forward wrappers
 
 
-def _wrap_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]):
+def wrap_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]):
     """Replace ``module.forward`` on this instance only, remembering what was there."""
     if _ORIG_FORWARD not in module.__dict__:
         setattr(module, _ORIG_FORWARD, module.__dict__.get("forward"))
     module.forward = make(module.forward)
 
 
-def _unwrap_forward(module: nn.Module) -> None:
+def unwrap_forward(module: nn.Module) -> None:
+    """Undo :func:`wrap_forward` on this instance (no-op when it was never wrapped)."""
     if _ORIG_FORWARD not in module.__dict__:
         return
     orig = module.__dict__.pop(_ORIG_FORWARD)
@@ -379,7 +384,7 @@ def _checkpointed_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
 
 def _swiglu_forward(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     gate, up = mlp.gate_proj, mlp.up_proj
-    weight = mlp._fastmid_gate_up_weight
+    weight = getattr(mlp, _GATE_UP_WEIGHT)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         h = kernels.lora_gate_up(
@@ -408,7 +413,7 @@ def _is_swiglu(mlp: nn.Module) -> bool:
         return False
     if gate.bias is not None or up.bias is not None:
         return False
-    if not _is_silu(getattr(mlp, "act_fn", None)):
+    if not is_silu(getattr(mlp, "act_fn", None)):
         return False
     w = gate.weight
     with torch.no_grad():
@@ -418,77 +423,8 @@ def _is_swiglu(mlp: nn.Module) -> bool:
     return torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-3)
 
 
-# --------------------------------------------------------------------------------------------
-# Liger kernels for the frozen blocks (CUDA only)
-
-# RMSNorm classes computing w * x / rms(x) with the weight applied after the cast back to the
-# input dtype, i.e. Liger's "llama" casting mode. Gemma's (1 + w) norms are left alone.
-_LLAMA_STYLE_NORMS = {
-    "LlamaRMSNorm",
-    "MistralRMSNorm",
-    "Qwen2RMSNorm",
-    "Qwen3RMSNorm",
-    "Olmo2RMSNorm",
-}
-
-
-def _liger_ops() -> tuple[Any, Any] | None:
-    try:
-        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-    except ImportError:
-        return None
-    return LigerRMSNormFunction, LigerSiLUMulFunction
-
-
-def apply_liger_to_frozen(blocks: list[nn.Module]) -> int:
-    """Run the RMSNorms and SwiGLU MLPs of frozen ``blocks`` with Liger's Triton kernels.
-
-    Only on CUDA and only when ``liger_kernel`` is importable; adapted blocks keep their own
-    modules (their MLP may already run ``lora_gate_up``). Returns how many modules were patched.
-    """
-    if not blocks or not next(blocks[0].parameters()).is_cuda:
-        return 0
-    ops = _liger_ops()
-    if ops is None:
-        return 0
-    rms_fn, silu_mul_fn = ops
-    patched = 0
-    for block in blocks:
-        for module in block.modules():
-            if "forward" in module.__dict__:
-                continue
-            if type(module).__name__ in _LLAMA_STYLE_NORMS:
-                eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
-                _wrap_forward(module, lambda _, m=module, e=eps: _liger_rms_forward(m, rms_fn, e))
-                patched += 1
-            elif _is_plain_swiglu(module):
-                _wrap_forward(module, lambda _, m=module: _liger_swiglu_forward(m, silu_mul_fn))
-                patched += 1
-    return patched
-
-
-def _liger_rms_forward(module: nn.Module, fn: Any, eps: float) -> Callable[..., Any]:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return fn.apply(x, module.weight, eps, 0.0, "llama")
-
-    return forward
-
-
-def _liger_swiglu_forward(mlp: nn.Module, fn: Any) -> Callable[..., Any]:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return mlp.down_proj(fn.apply(mlp.gate_proj(x), mlp.up_proj(x)))
-
-    return forward
-
-
-def _is_plain_swiglu(mlp: nn.Module) -> bool:
-    """A frozen down(silu(gate(x)) * up(x)) MLP made of plain nn.Linear layers."""
-    parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-    return all(type(p) is nn.Linear for p in parts) and _is_silu(getattr(mlp, "act_fn", None))
-
-
-def _is_silu(act: Any) -> bool:
+def is_silu(act: Any) -> bool:
+    """True for SiLU activation modules (torch's and transformers' own class)."""
     return isinstance(act, nn.SiLU) or type(act).__name__ in {"SiLU", "SiLUActivation"}
 
 
@@ -516,7 +452,7 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
     if getattr(model, "fastmid_state", None) is not None:
         raise UserError("model is already patched by apply_midblock")
     _validate_config(cfg)
-    layers_path, blocks = _find_layers(model)
+    layers_path, blocks = find_layers_with_path(model)
     num_layers = len(blocks)
     layers = resolve_band(cfg.band, num_layers)
     rank = resolve_rank(cfg.rank, cfg.rank_budget, num_layers, len(layers))
@@ -553,7 +489,7 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
         mods: dict[str, LoraLinear] = {}
         for t, p in found[i].items():
             lora = LoraLinear(block.get_submodule(p), rank, scale, cfg.dropout, name=t)
-            _set_submodule(block, p, lora)
+            set_submodule(block, p, lora)
             mods[t] = lora
             module_paths.append(f"{layers_path}.{i}.{p}")
         if cfg.fuse_groups:
@@ -563,11 +499,13 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
     # Below the band: no autograd at all. The embeddings are frozen, so their output already
     # needs no grad; wrapping the blocks also guards against inputs that do require grad.
     for i in range(layers[0]):
-        _wrap_forward(blocks[i], _no_grad_forward)
+        wrap_forward(blocks[i], _no_grad_forward)
     if cfg.gradient_checkpointing:
         for i in range(layers[0], num_layers):
-            _wrap_forward(blocks[i], _checkpointed_forward)
+            wrap_forward(blocks[i], _checkpointed_forward)
     if cfg.use_liger:
+        from fastmid.liger import apply_liger_to_frozen
+
         frozen = [blocks[i] for i in range(num_layers) if i not in set(layers)]
         apply_liger_to_frozen(frozen)
 
@@ -626,16 +564,15 @@ def _fuse_gate_up(block: nn.Module, paths: dict[str, str], mods: dict[str, LoraL
     weight = torch.cat([gate.weight.detach(), up.weight.detach()], 0)
     gate.weight = nn.Parameter(weight[: gate.out_features], requires_grad=False)
     up.weight = nn.Parameter(weight[gate.out_features :], requires_grad=False)
-    # A buffer-free plain attribute: the frozen matrix is already owned by gate/up (as views).
-    mlp._fastmid_gate_up_weight = weight
-    _wrap_forward(mlp, lambda _orig: _swiglu_forward(mlp))
+    setattr(mlp, _GATE_UP_WEIGHT, weight)
+    wrap_forward(mlp, lambda _orig: _swiglu_forward(mlp))
 
 
 def unpatch_forwards(model: nn.Module) -> None:
     """Remove every instance-level forward wrapper apply_midblock installed."""
     for module in model.modules():
-        _unwrap_forward(module)
-        module.__dict__.pop("_fastmid_gate_up_weight", None)
+        unwrap_forward(module)
+        module.__dict__.pop(_GATE_UP_WEIGHT, None)
         if isinstance(module, LoraLinear):
             module._group = None
 
@@ -646,7 +583,7 @@ def unpatch_forwards(model: nn.Module) -> None:
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[int, str, LoraLinear]]:
     """(layer index, target name, module) for every adapter, in layer order."""
-    state = _state(model)
+    state = midblock_state(model)
     blocks = model.get_submodule(state.layers_path)
     for i in state.layers:
         for name, module in blocks[i].named_modules():
@@ -654,25 +591,27 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[int, str, LoraLinear]]:
                 yield i, name.rpartition(".")[2], module
 
 
+def is_fused(model: nn.Module) -> bool:
+    """True when q/k/v or gate/up of some block run from one concatenated frozen weight.
+
+    FSDP cannot shard such a copy; it needs a model patched with ``fuse_groups=False``.
+    """
+    for module in model.modules():
+        if isinstance(module, LoraLinear) and module._group is not None:
+            return True
+        if _GATE_UP_WEIGHT in vars(module):
+            return True
+    return False
+
+
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Exactly the trainable parameters: every lora_A and lora_B, in layer order."""
     return [p for _, _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)]
 
 
-def _state(model: nn.Module) -> MidBlockState:
+def midblock_state(model: nn.Module) -> MidBlockState:
+    """What apply_midblock did to ``model``; UserError when it was never patched."""
     state = getattr(model, "fastmid_state", None)
     if state is None:
         raise UserError("model is not patched; call fastmid.apply_midblock(model, cfg) first")
     return state
-
-
-def band_summary(model: nn.Module) -> str:
-    """One line describing the patch, e.g. for logs: layers, rank, targets, trainable params."""
-    state = _state(model)
-    n = sum(p.numel() for p in adapter_parameters(model))
-    lo, hi = state.layers[0], state.layers[-1]
-    span = f"{lo}..{hi}" if state.layers == list(range(lo, hi + 1)) else str(state.layers)
-    return (
-        f"layers {span} of {state.num_layers} | rank {state.rank} | alpha {state.alpha:g} | "
-        f"targets {','.join(state.targets)} | {n:,} trainable params"
-    )
