@@ -440,8 +440,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``fastmid analyze``: compute the table, write CSV + JSON + PNG, print the table."""
-    from fastmid.config import parse_band
     from fastmid.data import bundled_path, load_records, tokenize_records
+    from fastmid.midblock import parse_band
     from fastmid.models import load_model
 
     for name in ("samples", "max_length", "batch_size"):

@@ -20,6 +20,7 @@ Everything is patched on module *instances*; the model's classes are never touch
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -32,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from fastmid import kernels
 from fastmid.errors import UserError
 
+# A band: (lo, hi) fractions of depth, "all", explicit layer indices, or "auto" (the probe picks).
 Band = tuple[float, float] | str | list[int]
 
 KNOWN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -44,33 +46,98 @@ _ORIG_FORWARD = "_fastmid_orig_forward"
 _GATE_UP_WEIGHT = "_fastmid_gate_up_weight"
 
 
+# The paper's setting (arXiv 2604.11838): LoRA on q/k/v/o of the 20%-80% depth band, alpha 128,
+# dropout 0.05, rank budget-matched to uniform LoRA of rank 64 on every layer.
+PAPER_BAND = (0.2, 0.8)
+PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+PAPER_ALPHA = 128.0
+PAPER_DROPOUT = 0.05
+PAPER_RANK_BUDGET = 64
+
+
 @dataclass
 class MidBlockConfig:
-    """Where and how to place LoRA adapters. The defaults are the paper's setting."""
+    """Where and how to place LoRA adapters. The defaults are the paper's setting.
 
-    # Depth band: (lo, hi) fractions -> layers [floor(lo*L), floor(hi*L)); a list of layer
-    # indices; or "all" (standard LoRA on every layer).
-    band: Band = (0.2, 0.8)
-    # Linear layers inside each adapted block that get an adapter.
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    # Explicit LoRA rank; None derives it from rank_budget.
-    rank: int | None = None
-    # Budget matching: rank = floor(rank_budget * L / n_active), i.e. as many adapter
-    # parameters as uniform LoRA of rank rank_budget on all L layers.
-    rank_budget: int = 64
-    # LoRA scale numerator: scale = alpha / r (alpha / sqrt(r) with rsLoRA).
-    alpha: float = 128
-    # Dropout on the adapter input only (the frozen path never sees it).
-    dropout: float = 0.05
-    # rsLoRA scaling alpha / sqrt(r) instead of alpha / r.
-    use_rslora: bool = False
-    # One kernel call for q/k/v and for gate/up when all members are targets.
-    fuse_groups: bool = True
-    # Non-reentrant activation checkpointing over the band and the blocks above it.
-    gradient_checkpointing: bool = False
-    # Liger's Triton RMSNorm and SiLU-mul in the frozen blocks (CUDA only, when liger_kernel
-    # is installed; ignored otherwise).
-    use_liger: bool = True
+    Each field's ``help`` is its documentation, the ``fastmid train`` flag's help and the
+    config file's meaning at once.
+    """
+
+    band: Band = field(
+        default=PAPER_BAND,
+        metadata={
+            "help": "depth band: 0.2,0.8 (fractions, layers [floor(lo*L), floor(hi*L))) | "
+            "all | 6-23 | 3,5,7 | auto (chosen by the probe)",
+            "group": "mid-block LoRA",
+        },
+    )
+    targets: tuple[str, ...] = field(
+        default=PAPER_TARGETS,
+        metadata={"help": f"comma-separated linear layers of a block: {','.join(KNOWN_TARGETS)}"},
+    )
+    rank: int | None = field(
+        default=None,
+        metadata={"help": "LoRA rank of the adapted layers; default: budget-matched"},
+    )
+    rank_budget: int = field(
+        default=PAPER_RANK_BUDGET,
+        metadata={
+            "help": "budget matching: rank = floor(rank_budget * L / n_active), the parameter "
+            "count of uniform LoRA of this rank on all L layers"
+        },
+    )
+    alpha: float = field(
+        default=PAPER_ALPHA,
+        metadata={"help": "LoRA alpha; scale = alpha / rank (alpha / sqrt(rank) with rsLoRA)"},
+    )
+    dropout: float = field(
+        default=PAPER_DROPOUT,
+        metadata={"help": "dropout on the adapter input (the frozen path never sees it)"},
+    )
+    use_rslora: bool = field(
+        default=False, metadata={"help": "rank-stabilised scale alpha / sqrt(rank)"}
+    )
+    fuse_groups: bool = field(
+        default=True,
+        metadata={"help": "one kernel call for q/k/v and for gate/up when all are targets"},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute the band and the blocks above it in backward"},
+    )
+    use_liger: bool = field(
+        default=True,
+        metadata={
+            "help": "Liger's RMSNorm and SiLU-mul kernels in the frozen blocks (CUDA with "
+            "liger_kernel installed; ignored otherwise)"
+        },
+    )
+
+    def validate(self) -> MidBlockConfig:
+        """Check every field that does not depend on the model; UserError names the first bad
+        one. Returns self. The band and rank are checked against the model when patching."""
+        if self.band != "auto":
+            check_band(self.band)
+        if isinstance(self.targets, str) or not self.targets:
+            raise UserError("targets must name at least one linear layer, e.g. q_proj,v_proj")
+        unknown = [t for t in self.targets if t not in KNOWN_TARGETS]
+        if unknown:
+            raise UserError(f"unknown target {unknown[0]!r}; known: {', '.join(KNOWN_TARGETS)}")
+        if len(set(self.targets)) != len(self.targets):
+            raise UserError(f"targets list a module twice: {','.join(self.targets)}")
+        if self.rank is not None:
+            _positive_int("rank", self.rank)
+        _positive_int("rank_budget", self.rank_budget)
+        if not self.alpha > 0:
+            raise UserError(f"alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        return self
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass
@@ -107,58 +174,102 @@ def _fraction(value: Any, what: str) -> Fraction:
     return frac
 
 
+def parse_band(band: str) -> Band:
+    """Parse a band spec: "0.2,0.8" → (0.2, 0.8); "all"; "auto"; "6-23" / "3,5,7" → layer list."""
+    text = str(band).strip().replace(" ", "")
+    if text in ("all", "auto"):
+        return text
+    range_match = re.fullmatch(r"(\d+)-(\d+)", text)
+    if range_match:
+        lo, hi = int(range_match[1]), int(range_match[2])
+        if lo > hi:
+            raise UserError(f"band {band!r}: range start {lo} is after its end {hi}")
+        return list(range(lo, hi + 1))
+    parts = text.split(",")
+    if all(re.fullmatch(r"\d+", p) for p in parts):
+        return sorted({int(p) for p in parts})
+    if len(parts) == 2 and all(re.fullmatch(r"\d*\.?\d+", p) for p in parts):
+        lo_f, hi_f = float(parts[0]), float(parts[1])
+        if not 0.0 <= lo_f < hi_f <= 1.0:
+            raise UserError(f"band {band!r}: fractions must satisfy 0 <= start < end <= 1")
+        return (lo_f, hi_f)
+    raise UserError(
+        f"band {band!r} is not one of: 0.2,0.8 (fractions) | all | auto | 6-23 | 3,5,7 (layers)"
+    )
+
+
+def format_band(band: Band) -> str:
+    """The spec :func:`parse_band` reads back as ``band``: (0.2, 0.8) → "0.2,0.8"."""
+    if isinstance(band, str):
+        return band
+    if isinstance(band, tuple):
+        return ",".join(f"{float(x):g}" for x in band)
+    return ",".join(str(i) for i in band)
+
+
+def _is_pair(band: Band) -> bool:
+    # A tuple is always (lo, hi); so is a two-element list holding a float (YAML has no tuple).
+    return isinstance(band, tuple) or (
+        isinstance(band, list) and len(band) == 2 and any(isinstance(b, float) for b in band)
+    )
+
+
+def check_band(band: Band) -> None:
+    """Reject a band that is malformed whatever the model (UserError, one line)."""
+    usage = "band must be (lo, hi) fractions, a list of layer indices or 'all'"
+    if isinstance(band, str):
+        if band != "all":
+            raise UserError(f"{usage}, got {band!r}")
+    elif _is_pair(band):
+        if len(band) != 2:
+            raise UserError(f"{usage}, got {band!r}")
+        if _fraction(band[0], "start") >= _fraction(band[1], "end"):
+            raise UserError(f"band start must be below its end, got ({band[0]}, {band[1]})")
+    elif isinstance(band, list):
+        if not band:
+            raise UserError("band is an empty list of layers")
+        bad = [i for i in band if isinstance(i, bool) or not isinstance(i, int)]
+        if bad:
+            raise UserError(f"band layer indices must be integers, got {bad[0]!r}")
+        if any(i < 0 for i in band):
+            raise UserError(f"band layer {min(band)} is negative")
+        if len(set(band)) != len(band):
+            raise UserError(f"band lists a layer twice: {band}")
+    else:
+        raise UserError(f"{usage}, got {band!r}")
+
+
 def resolve_band(band: Band, num_layers: int) -> list[int]:
     """Layer indices adapted for ``band`` in a model with ``num_layers`` decoder blocks.
 
     ``(lo, hi)`` gives ``[floor(lo*L), floor(hi*L))`` (L=32, (0.2, 0.8) -> 6..24);
     ``"all"`` gives every layer; a list of ints is checked and returned sorted.
     """
-    usage = "band must be (lo, hi) fractions, a list of layer indices or 'all'"
     if num_layers <= 0:
         raise UserError(f"model has no decoder layers (num_layers={num_layers})")
+    check_band(band)
     if isinstance(band, str):
-        if band != "all":
-            raise UserError(f"{usage}, got {band!r}")
         return list(range(num_layers))
-    # A tuple is always (lo, hi); so is a two-element list holding a float (YAML has no tuple).
-    is_pair = isinstance(band, tuple) or (
-        isinstance(band, list) and len(band) == 2 and any(isinstance(b, float) for b in band)
-    )
-    if is_pair:
-        if len(band) != 2:
-            raise UserError(f"{usage}, got {band!r}")
+    if _is_pair(band):
         lo, hi = _fraction(band[0], "start"), _fraction(band[1], "end")
-        if lo >= hi:
-            raise UserError(f"band start must be below its end, got ({band[0]}, {band[1]})")
         layers = list(range(math.floor(lo * num_layers), math.floor(hi * num_layers)))
         if not layers:
             raise UserError(
                 f"band ({band[0]}, {band[1]}) selects no layer of a {num_layers}-layer model"
             )
         return layers
-    if isinstance(band, list):
-        if not band:
-            raise UserError("band is an empty list of layers")
-        bad = [i for i in band if isinstance(i, bool) or not isinstance(i, int)]
-        if bad:
-            raise UserError(f"band layer indices must be integers, got {bad[0]!r}")
-        out = [i for i in band if not 0 <= i < num_layers]
-        if out:
-            raise UserError(f"band layer {out[0]} is outside the layers 0..{num_layers - 1}")
-        if len(set(band)) != len(band):
-            raise UserError(f"band lists a layer twice: {band}")
-        return sorted(band)
-    raise UserError(f"{usage}, got {band!r}")
+    out = [i for i in band if i >= num_layers]
+    if out:
+        raise UserError(f"band layer {out[0]} is outside the layers 0..{num_layers - 1}")
+    return sorted(band)
 
 
 def resolve_rank(rank: int | None, rank_budget: int, num_layers: int, num_active: int) -> int:
     """Explicit ``rank``, or the budget-matched ``floor(rank_budget * L / n_active)``."""
     if rank is None:
-        if isinstance(rank_budget, bool) or not isinstance(rank_budget, int) or rank_budget <= 0:
-            raise UserError(f"rank_budget must be a positive integer, got {rank_budget!r}")
+        _positive_int("rank_budget", rank_budget)
         rank = (rank_budget * num_layers) // num_active
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise UserError(f"rank must be a positive integer, got {rank!r}")
+    _positive_int("rank", rank)
     return rank
 
 
@@ -432,26 +543,12 @@ def is_silu(act: Any) -> bool:
 # Patching
 
 
-def _validate_config(cfg: MidBlockConfig) -> None:
-    if isinstance(cfg.targets, str) or not cfg.targets:
-        raise UserError(f"targets must be a non-empty list of names, got {cfg.targets!r}")
-    unknown = [t for t in cfg.targets if t not in KNOWN_TARGETS]
-    if unknown:
-        raise UserError(f"unknown target {unknown[0]!r}; known: {', '.join(KNOWN_TARGETS)}")
-    if len(set(cfg.targets)) != len(cfg.targets):
-        raise UserError(f"targets list a module twice: {list(cfg.targets)}")
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
-    if not cfg.alpha > 0:
-        raise UserError(f"alpha must be positive, got {cfg.alpha}")
-
-
 def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Module:
     """Patch ``model`` in place into a Mid-Block model (see the module docstring); returns it."""
     cfg = cfg or MidBlockConfig()
     if getattr(model, "fastmid_state", None) is not None:
         raise UserError("model is already patched by apply_midblock")
-    _validate_config(cfg)
+    cfg.validate()
     layers_path, blocks = find_layers_with_path(model)
     num_layers = len(blocks)
     layers = resolve_band(cfg.band, num_layers)

@@ -135,7 +135,7 @@ def test_bad_band_is_one_clear_error(band, message):
         (dict(rank=33), r"rank 33 is larger than k_proj of layer 2 \(32x64\)"),
         (dict(rank_budget=0), "rank_budget must be a positive integer"),
         (dict(targets=("q_proj", "qkv_proj")), "unknown target 'qkv_proj'"),
-        (dict(targets=()), "targets must be a non-empty"),
+        (dict(targets=()), "targets must name at least one"),
         (dict(dropout=1.0), "dropout must be in"),
         (dict(band=(0.9, 0.95)), "selects no layer"),
     ],
