@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmid import layerstats
+from fastmid.data import IGNORE_INDEX
 from fastmid.errors import UserError
 from fastmid.fileio import replace_atomic
 
@@ -152,7 +153,7 @@ def collect_states(
             ids = padded["input_ids"].to(device)
             mask = padded["attention_mask"].to(device)
             targets = padded["targets"].to(device)
-            valid = _lens_mask(targets != -100, lens_positions)
+            valid = _lens_mask(targets != IGNORE_INDEX, lens_positions)
             batch.update(mask=mask, valid=valid, targets=targets[valid])
             total += int(valid.sum())
             # The decoder alone: the hooks see every block, and the LM head over all positions

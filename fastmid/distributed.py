@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastmid.data import IGNORE_INDEX
 from fastmid.errors import UserError
 from fastmid.midblock import is_fused
 
@@ -315,7 +316,8 @@ class ParallelStep:
         # for backward).
         with torch.no_grad():
             tokens = torch.zeros((1, 1), dtype=torch.long, device=device)
-            self._root({"input_ids": tokens, "position_ids": tokens, "targets": tokens - 100})
+            no_label = torch.full_like(tokens, IGNORE_INDEX)
+            self._root({"input_ids": tokens, "position_ids": tokens, "targets": no_label})
         self._broadcast_adapters()
 
     def _broadcast_adapters(self) -> None:
