@@ -156,6 +156,8 @@ class MidBlockState:
     layers_path: str = "model.layers"
     # Module paths (relative to the model) of every LoraLinear, in layer order.
     module_paths: list[str] = field(default_factory=list)
+    # Set when the budget-matched rank was wider than a target and was clamped to it.
+    rank_note: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -556,6 +558,7 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
 
     # Locate every target first so that a bad config fails before anything is modified.
     found: dict[int, dict[str, str]] = {}
+    narrowest: tuple[int, int, str, nn.Linear] | None = None
     for i in layers:
         paths = {t: _find_target(blocks[i], t) for t in cfg.targets}
         missing = [t for t, p in paths.items() if p is None]
@@ -568,13 +571,19 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
             lin = blocks[i].get_submodule(p)
             if isinstance(lin, LoraLinear):
                 raise UserError(f"layer {i} {t} already has an adapter")
-            if rank > min(lin.in_features, lin.out_features):
-                raise UserError(
-                    f"rank {rank} is larger than {t} of layer {i} "
-                    f"({lin.out_features}x{lin.in_features}); use rank <= "
-                    f"{min(lin.in_features, lin.out_features)}"
-                )
+            if narrowest is None or min(lin.in_features, lin.out_features) < narrowest[0]:
+                narrowest = (min(lin.in_features, lin.out_features), i, t, lin)
         found[i] = paths  # type: ignore[assignment]
+    width, i, t, lin = narrowest
+    rank_note = None
+    if rank > width:
+        shape = f"{t} of layer {i} ({lin.out_features}x{lin.in_features})"
+        if cfg.rank is not None:
+            raise UserError(f"rank {rank} is larger than {shape}; use rank <= {width}")
+        # A derived rank must never fail on a valid model: the budget asks for more than the
+        # layer can hold, so the adapter takes the full width.
+        rank_note = f"rank {rank} from the budget is wider than {shape}; using rank {width}"
+        rank = width
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -617,6 +626,7 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
         config=cfg,
         layers_path=layers_path,
         module_paths=module_paths,
+        rank_note=rank_note,
     )
     return model
 

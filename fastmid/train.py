@@ -259,13 +259,17 @@ def describe_run(
     }
     if band_reason is not None:
         resolved["band_reason"] = band_reason
+    if state.rank_note is not None:
+        resolved["rank_note"] = state.rank_note
     return resolved
 
 
 def format_header(resolved: dict[str, Any]) -> str:
-    """The opening line of a run: model, band, rank, adapter size, precision, data, length."""
+    """The opening line of a run: model, band, rank, adapter size, precision, data, length
+    (after a line saying so when the budget's rank was clamped to a layer's width)."""
     r = resolved
-    return (
+    note = f"note: {r['rank_note']}\n" if "rank_note" in r else ""
+    return note + (
         f"fastmid train: {r['model_name']} | layers {r['layers'][0]}-{r['layers'][-1]} of "
         f"{r['num_layers']} | rank {r['rank']} | {r['adapter_parameters']:,} adapter params | "
         f"{r['precision']} | {r['train_examples']} examples, {r['micro_batches_per_epoch']} "

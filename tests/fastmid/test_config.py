@@ -134,3 +134,12 @@ def test_every_field_is_one_flag_with_its_help_and_default():
     cfg = build_config(None, given)
     assert (cfg.midblock.rank, cfg.eval, cfg.midblock.use_rslora) == (4, False, True)
     assert cfg.midblock.use_liger is False
+
+
+def test_user_errors_are_value_errors_for_library_callers():
+    from fastmid.midblock import MidBlockConfig
+
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        build_config(None, {"rank": 0})
+    with pytest.raises(ValueError, match="dropout must be in"):
+        MidBlockConfig(dropout=1.5).validate()

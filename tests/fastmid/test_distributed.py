@@ -25,7 +25,7 @@ from fastmid.data import Example, collate_packed
 from fastmid.errors import UserError
 from fastmid.midblock import MidBlockConfig, adapter_parameters, apply_midblock, is_fused
 from fastmid.train import forward_loss
-from tests.fastmid.test_train import RECORDS, make_model_dir, write_jsonl
+from tests.fastmid._runs import RECORDS, make_model_dir, metrics, tiny_settings, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 # Micro-batches per optimizer step. 3 and 1 do not split evenly over 2 ranks (with 1, one
@@ -205,30 +205,15 @@ def cli_config(out: Path, run: str, **over):
     """``fastmid train`` settings of the end-to-end runs (tiny model; 3 micro-batches a step,
     so 2 ranks split every step unevenly)."""
     paths = json.loads((out / "cli.json").read_text())
-    values = dict(
-        **paths,
-        output_dir=str(out / run),
-        precision="fp32",
-        band="0.2,0.8",
-        rank=8,
-        alpha=16.0,
-        lr=1e-2,
+    settings = dict(
+        eval_data=paths["eval_data"],
         dropout=0.0,
         fuse_groups=False,  # as FSDP runs them, so every run does the same arithmetic
         batch_tokens=128,
-        max_length=64,
         grad_accum=3,
         max_steps=4,
-        warmup_steps=1,
-        eval=False,
-        log_every=1,
     )
-    values.update(over)
-    return values
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return tiny_settings(paths["model"], paths["data"], out / run, **{**settings, **over})
 
 
 @pytest.fixture(scope="module")

@@ -132,7 +132,7 @@ def test_bad_band_is_one_clear_error(band, message):
     [
         (dict(rank=0), "rank must be a positive integer"),
         (dict(rank=-3), "rank must be a positive integer"),
-        (dict(rank=33), r"rank 33 is larger than k_proj of layer 2 \(32x64\)"),
+        (dict(rank=33), r"rank 33 is larger than k_proj of layer 2 \(32x64\); use rank <= 32"),
         (dict(rank_budget=0), "rank_budget must be a positive integer"),
         (dict(targets=("q_proj", "qkv_proj")), "unknown target 'qkv_proj'"),
         (dict(targets=()), "targets must name at least one"),
@@ -148,10 +148,23 @@ def test_bad_config_is_one_clear_error_and_leaves_model_untouched(cfg, message):
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_budget_rank_too_large_for_the_layer_is_rejected():
-    # Budget 16 over 1 of 10 layers -> rank 160 > the 32 outputs of k_proj.
-    with pytest.raises(UserError, match="rank 160 is larger than q_proj of layer 4"):
-        apply_midblock(tiny_model("llama"), MidBlockConfig(band=[4], rank_budget=16))
+def test_budget_rank_wider_than_a_layer_is_clamped_to_its_width():
+    # Budget 16 over 1 of 10 layers -> rank 160, wider than k_proj (32 outputs x 64 inputs).
+    model = apply_midblock(tiny_model("llama"), MidBlockConfig(band=[4], rank_budget=16))
+    state = model.fastmid_state
+    assert state.rank == 32
+    assert {m.rank for _, _, m in lora_modules(model)} == {32}
+    assert state.rank_note == (
+        "rank 160 from the budget is wider than k_proj of layer 4 (32x64); using rank 32"
+    )
+    # Within the width nothing is clamped or said.
+    fits = apply_midblock(tiny_model("llama"), MidBlockConfig(band=[4], rank_budget=2))
+    assert (fits.fastmid_state.rank, fits.fastmid_state.rank_note) == (20, None)
+
+
+def test_explicit_rank_wider_than_a_layer_is_an_error():
+    with pytest.raises(UserError, match=r"rank 33 is larger than k_proj of layer 4 \(32x64\)"):
+        apply_midblock(tiny_model("llama"), MidBlockConfig(band=[4], rank=33))
 
 
 def test_unknown_layout_names_what_was_found():
