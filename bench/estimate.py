@@ -167,7 +167,7 @@ def estimate_peak(
     """
     from transformers import AutoModelForCausalLM
 
-    from fastmid.patch import MidBlockConfig, apply_midblock, resolve_band, resolve_rank
+    from fastmid.midblock import MidBlockConfig, apply_midblock, resolve_band, resolve_rank
 
     t0 = time.perf_counter()
     tokens = batch_size * seq_len

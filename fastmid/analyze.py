@@ -6,7 +6,7 @@ kept: per layer only the mean-pooled ``(N, D)`` matrix of the N examples (mean o
 and a logit-lens hit count survive a batch. The two models are run one after the other, never
 both in memory (an adapter is applied onto the same base model after its pass).
 
-Per layer (see :mod:`fastmid.metrics` for the formulas):
+Per layer (see :mod:`fastmid.layerstats` for the formulas):
 
 - ``cka``, ``cosine``, ``mean_shift``: base vs tuned pooled states of the same inputs;
 - ``erank_*``, ``entropy_*``: normalised effective rank and matrix entropy of each model's states;
@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastmid import metrics
+from fastmid import layerstats
+from fastmid.data import IGNORE_INDEX
 from fastmid.errors import UserError
 from fastmid.fileio import replace_atomic
 
@@ -116,7 +117,7 @@ def collect_states(
     from tqdm.auto import tqdm
 
     from fastmid.data import collate_padded
-    from fastmid.patch import find_decoder_layers
+    from fastmid.midblock import find_decoder_layers
 
     blocks = find_decoder_layers(model)
     norm, head = final_norm(model), model.get_output_embeddings()
@@ -152,7 +153,7 @@ def collect_states(
             ids = padded["input_ids"].to(device)
             mask = padded["attention_mask"].to(device)
             targets = padded["targets"].to(device)
-            valid = _lens_mask(targets != -100, lens_positions)
+            valid = _lens_mask(targets != IGNORE_INDEX, lens_positions)
             batch.update(mask=mask, valid=valid, targets=targets[valid])
             total += int(valid.sum())
             # The decoder alone: the hooks see every block, and the LM head over all positions
@@ -180,7 +181,7 @@ def _lens_mask(valid: Tensor, per_row: int) -> Tensor:
 
 
 def _projection_weights(model: nn.Module, names: Sequence[str]) -> dict[int, list[Tensor]]:
-    from fastmid.patch import find_decoder_layers
+    from fastmid.midblock import find_decoder_layers
     from fastmid.probe import layer_projections
 
     return {
@@ -198,7 +199,7 @@ def weight_change(base: dict[int, list[Tensor]], tuned: dict[int, list[Tensor]])
         b, t = base[layer], [w.to(device=base[layer][0].device) for w in tuned[layer]]
         if [w.shape for w in b] != [w.shape for w in t]:
             raise UserError(f"layer {layer}: base and tuned projections differ in shape")
-        out.append(metrics.relative_change(b, t))
+        out.append(layerstats.relative_change(b, t))
     return out
 
 
@@ -206,7 +207,7 @@ def weight_change(base: dict[int, list[Tensor]], tuned: dict[int, list[Tensor]])
 def adapter_weight_change(model: nn.Module) -> list[float]:
     """Per layer ``||s·B·A||_F / ||W||_F`` over the layer's adapted projections stacked, for a
     model with adapters applied (0 for layers without adapters)."""
-    from fastmid.patch import find_decoder_layers, lora_modules
+    from fastmid.midblock import find_decoder_layers, lora_modules
 
     num = [0.0] * len(find_decoder_layers(model))
     den = [0.0] * len(num)
@@ -234,13 +235,13 @@ def compare(
                 "layer": layer,
                 "depth": (layer + 1) / num_layers,
                 "in_band": layer in band,
-                "cka": metrics.linear_cka(x, y),
-                "cosine": metrics.cosine_similarity(x, y),
-                "mean_shift": metrics.mean_shift(x, y),
-                "erank_base": metrics.effective_rank(x),
-                "erank_tuned": metrics.effective_rank(y),
-                "entropy_base": metrics.matrix_entropy(x),
-                "entropy_tuned": metrics.matrix_entropy(y),
+                "cka": layerstats.linear_cka(x, y),
+                "cosine": layerstats.cosine_similarity(x, y),
+                "mean_shift": layerstats.mean_shift(x, y),
+                "erank_base": layerstats.effective_rank(x),
+                "erank_tuned": layerstats.effective_rank(y),
+                "entropy_base": layerstats.matrix_entropy(x),
+                "entropy_tuned": layerstats.matrix_entropy(y),
                 "weight_change": float(changes[layer]),
                 "logit_lens_base": base.lens_correct[layer] / max(base.lens_total, 1),
                 "logit_lens_tuned": tuned.lens_correct[layer] / max(tuned.lens_total, 1),
@@ -273,7 +274,7 @@ def analyze(
     :func:`collect_states`.
     """
     from fastmid.adapters import load_adapter, merge
-    from fastmid.patch import lora_modules
+    from fastmid.midblock import lora_modules
     from fastmid.probe import PROJECTIONS
 
     model = load_base()
@@ -440,8 +441,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``fastmid analyze``: compute the table, write CSV + JSON + PNG, print the table."""
-    from fastmid.config import parse_band
     from fastmid.data import bundled_path, load_records, tokenize_records
+    from fastmid.midblock import parse_band
     from fastmid.models import load_model
 
     for name in ("samples", "max_length", "batch_size"):

@@ -48,7 +48,7 @@ def layer_gains(
     """
     from fastmid.data import collate_padded
     from fastmid.loss import forward_loss
-    from fastmid.patch import MidBlockConfig, apply_midblock, lora_modules
+    from fastmid.midblock import MidBlockConfig, apply_midblock, lora_modules
 
     examples = [e for e in examples if e.num_loss_tokens > 0]
     if not examples:
@@ -110,13 +110,13 @@ def recommend_band_by_gain(
     ``gain``, the probe's ``losses`` and a one-line ``reason``; ``probe`` goes to
     :func:`layer_gains`.
     """
-    from fastmid.patch import find_decoder_layers, resolve_band
-    from fastmid.probe import DEFAULT_BAND, select_band
+    from fastmid.midblock import PAPER_BAND, find_decoder_layers, resolve_band
+    from fastmid.probe import select_band
 
     if getattr(model, "fastmid_state", None) is not None:
         raise ValueError("recommend_band_by_gain needs the untuned model, before apply_midblock")
     num_layers = len(find_decoder_layers(model))
-    default = resolve_band(DEFAULT_BAND, num_layers)
+    default = resolve_band(PAPER_BAND, num_layers)
     width = len(default) if width is None else width
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     gains, losses = layer_gains(model, examples, pad_id, **probe)

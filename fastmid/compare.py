@@ -89,8 +89,7 @@ def placement_band(name: str, num_layers: int, width: int) -> list[int]:
     ``bottom``/``middle``/``top`` are ``width`` contiguous layers at the start, the centre (the
     default 20%–80% band when ``width`` is its width) and the end of depth.
     """
-    from fastmid.patch import resolve_band
-    from fastmid.probe import DEFAULT_BAND
+    from fastmid.midblock import PAPER_BAND, resolve_band
 
     if not 1 <= width <= num_layers:
         raise UserError(f"--width must be between 1 and the model's {num_layers} layers")
@@ -99,7 +98,7 @@ def placement_band(name: str, num_layers: int, width: int) -> list[int]:
     if name == "top":
         return list(range(num_layers - width, num_layers))
     if name == "middle":
-        default = resolve_band(DEFAULT_BAND, num_layers)
+        default = resolve_band(PAPER_BAND, num_layers)
         if len(default) == width:
             return default
         start = (num_layers - width) // 2
@@ -160,8 +159,9 @@ class Settings:
     eval_limit: int
     nll_limit: int
     ppl_limit: int
-    # Depth of the model, filled in once it is loaded.
+    # Depth of the model and the width of its narrowest target, filled in once it is loaded.
     num_layers: int = 0
+    max_rank: int = 0
 
 
 def run_config(
@@ -174,13 +174,16 @@ def run_config(
 
     Without a plan: the shared settings alone (what every run has in common).
     """
-    from fastmid.patch import resolve_rank
+    from fastmid.midblock import resolve_rank
 
     shared = build_config(None, settings.train)
     if plan is None:
         return shared
-    rank = resolve_rank(None, shared.rank_budget, settings.num_layers, len(plan.layers))
-    alpha, rslora = policy_alpha(plan.policy, shared.alpha, rank, shared.rank_budget)
+    budget = shared.get("rank_budget")
+    rank = resolve_rank(None, budget, settings.num_layers, len(plan.layers))
+    # The trainer clamps a budget-matched rank wider than a target to the target's width.
+    rank = min(rank, settings.max_rank or rank)
+    alpha, rslora = policy_alpha(plan.policy, shared.get("alpha"), rank, budget)
     overrides = {
         **settings.train,
         "band": ",".join(map(str, plan.layers)),
@@ -605,8 +608,7 @@ def compare(
     import torch
 
     from fastmid import models
-    from fastmid.patch import find_decoder_layers, resolve_band
-    from fastmid.probe import DEFAULT_BAND
+    from fastmid.midblock import PAPER_BAND, find_decoder_layers, resolve_band
     from fastmid.train import resolve_precision
 
     if seeds < 1:
@@ -669,9 +671,15 @@ def compare(
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model, tokenizer, model_name = models.load_model(shared.model, dtype=dtype)
     model.to(device)
-    num_layers = len(find_decoder_layers(model))
+    blocks = find_decoder_layers(model)
+    num_layers = len(blocks)
     settings.num_layers = num_layers
-    width = len(resolve_band(DEFAULT_BAND, num_layers)) if width is None else width
+    settings.max_rank = min(
+        min(m.in_features, m.out_features)
+        for name, m in blocks[0].named_modules()
+        if name.rsplit(".", 1)[-1] in shared.get("targets") and hasattr(m, "in_features")
+    )
+    width = len(resolve_band(PAPER_BAND, num_layers)) if width is None else width
     base_path = out / "base.json"
     if base_path.exists():
         base = json.loads(base_path.read_text(encoding="utf-8"))
@@ -823,7 +831,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def typing_hint(name: str) -> Any:
     """argparse type of a pass-through TrainConfig field (lists and None stay strings)."""
-    default = getattr(TrainConfig(), name)
+    default = TrainConfig().get(name)
     if isinstance(default, bool):
         return str
     if isinstance(default, (int, float)):
@@ -845,7 +853,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(None, {k: getattr(args, k) for k in given})
     # Typed values, and the same rule as `fastmid train`: the demo lr and length when no data,
     # length or lr is given.
-    train_fields = {k: getattr(cfg, k) for k in given}
+    train_fields = {k: cfg.get(k) for k in given}
     if cfg.is_demo:
         train_fields.update(lr=cfg.resolved().lr, max_steps=cfg.resolved().max_steps)
     settings = Settings(

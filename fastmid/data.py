@@ -31,7 +31,7 @@ import torch
 
 from fastmid.errors import UserError
 
-IGNORE = -100
+IGNORE_INDEX = -100
 QA_PROMPT = "Question: {question}\nAnswer:"
 _BUNDLED = {"train": "gsm_train.jsonl", "test": "gsm_test.jsonl", "heldout": "heldout.txt"}
 
@@ -46,7 +46,7 @@ class Example:
     @property
     def num_loss_tokens(self) -> int:
         """Positions that carry a label."""
-        return sum(t != IGNORE for t in self.targets)
+        return sum(t != IGNORE_INDEX for t in self.targets)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -438,7 +438,8 @@ def _messages(record: dict, index: int) -> list[dict]:
 
 def _shift(ids: list[int], loss_mask: list[bool]) -> list[int]:
     """targets[t] = ids[t+1] where token t+1 carries loss; -100 elsewhere and at the end."""
-    return [ids[t + 1] if loss_mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
+    shifted = [ids[t + 1] if loss_mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)]
+    return [*shifted, IGNORE_INDEX]
 
 
 def _encode_qa(record: dict, index: int, tokenizer: Any) -> tuple[list[int], list[bool]]:
@@ -575,7 +576,7 @@ def collate_padded(examples: list[Example], pad_id: int) -> dict[str, torch.Tens
     width = max(len(e) for e in examples)
     batch = len(examples)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    targets = torch.full((batch, width), IGNORE, dtype=torch.long)
+    targets = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((batch, width), dtype=torch.long)
     position_ids = torch.zeros((batch, width), dtype=torch.long)
     for row, e in enumerate(examples):

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from fastmid.data import QA_PROMPT, bundled_path, load_records
+from fastmid.data import IGNORE_INDEX, QA_PROMPT, bundled_path, load_records
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
 
@@ -171,11 +171,11 @@ def perplexity(
                 mask[row, : len(c)] = 1
             ids, mask = ids.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
             nll += torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().flatten(0, 1),
                 targets.flatten(),
-                ignore_index=-100,
+                ignore_index=IGNORE_INDEX,
                 reduction="sum",
             ).item()
             count += int(mask[:, 1:].sum())

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from fastmid.data import IGNORE_INDEX
+
 # Rows of one logits chunk: 256 x vocab 49k fp32 is 48 MiB, small beside a step's
 # activations, and large enough that the head GEMM stays efficient.
 CHUNK_ROWS = 256

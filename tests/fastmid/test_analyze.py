@@ -13,7 +13,7 @@ from fastmid import cli
 from fastmid.adapters import merge, save_adapter
 from fastmid.analyze import COLUMNS, analyze, write_outputs
 from fastmid.data import Example
-from fastmid.patch import MidBlockConfig, apply_midblock, lora_modules
+from fastmid.midblock import MidBlockConfig, apply_midblock, lora_modules
 from tests.fastmid._tiny import tiny_model
 
 LAYERS = 10

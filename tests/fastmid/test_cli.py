@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fastmid.cli import main
-from tests.fastmid.test_train import RECORDS, make_model_dir, write_jsonl
+from tests.fastmid._runs import RECORDS, as_flags, make_model_dir, write_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -44,11 +44,11 @@ def fastmid_train(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, 
 
 
 def quick(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--model", str(model_dir), "--data", str(data), "--output-dir", str(out),
-        "--precision", "fp32", "--max-steps", "1", "--no-eval", "--batch-tokens", "256",
-        "--max-length", "64", "--rank", "4", *extra,
-    ]  # fmt: skip
+    settings = dict(
+        model=model_dir, data=data, output_dir=out, precision="fp32", max_steps=1, eval=False,
+        batch_tokens=256, max_length=64, rank=4,
+    )  # fmt: skip
+    return [*as_flags(settings), *extra]
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:

@@ -16,8 +16,8 @@ import torch
 from fastmid import compare as cmp
 from fastmid.cli import main as cli_main
 from fastmid.errors import UserError
-from fastmid.patch import lora_scale, resolve_rank
-from tests.fastmid.test_train import RECORDS, make_model_dir, write_jsonl
+from fastmid.midblock import lora_scale, resolve_rank
+from tests.fastmid._runs import RECORDS, make_model_dir, write_jsonl
 
 
 @pytest.fixture(autouse=True)

@@ -183,8 +183,8 @@ def test_eval_cli_loads_an_adapter(tiny_dir: Path, tmp_path: Path, monkeypatch) 
     # The kernels' interpreter path has its own tests; the torch path keeps this one fast.
     monkeypatch.setattr("fastmid.kernels._common.INTERPRET", False, raising=False)
     from fastmid.adapters import save_adapter
+    from fastmid.midblock import MidBlockConfig, adapter_parameters, apply_midblock
     from fastmid.models import load_model
-    from fastmid.patch import MidBlockConfig, adapter_parameters, apply_midblock
 
     model, tok, _ = load_model(str(tiny_dir))
     apply_midblock(model, MidBlockConfig(band="all", rank=4, dropout=0.0))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmid.loss import IGNORE_INDEX, linear_cross_entropy
-from fastmid.patch import MidBlockConfig, adapter_parameters, apply_midblock, unpatch_forwards
+from fastmid.midblock import MidBlockConfig, adapter_parameters, apply_midblock, unpatch_forwards
 from tests.fastmid._tiny import randomize_adapters, tiny_model
 from tests.kernels._tolerance import assert_within_torch_error
 

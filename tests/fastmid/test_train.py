@@ -18,52 +18,8 @@ from fastmid import data
 from fastmid.config import build_config
 from fastmid.errors import UserError
 from fastmid.train import forward_loss, lr_lambda, train
+from tests.fastmid._runs import RECORDS, losses, make_model_dir, tiny_cfg, write_jsonl
 from tests.fastmid._tiny import tiny_model
-
-# Short arithmetic records: a tiny model can visibly learn them in a few steps.
-RECORDS = [
-    {"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = {a + b}. #### {a + b}"}
-    for a in range(1, 9)
-    for b in range(1, 5)
-]
-
-
-def make_tokenizer(texts: list[str]):
-    """A small byte-level BPE tokenizer trained on ``texts`` (no downloads, milliseconds)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<pad>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
-
-
-def make_model_dir(root: Path, num_layers: int = 10) -> Path:
-    """A tiny Llama (hidden 64, ``num_layers`` blocks) with its tokenizer, saved as an HF dir."""
-    texts = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in RECORDS]
-    tokenizer = make_tokenizer(texts)
-    # A wide init lets a rank-8 adapter move the (frozen, random) LM head's logits far.
-    model = tiny_model(
-        "llama", num_layers, vocab_size=len(tokenizer), pad_token_id=0, initializer_range=0.2
-    )
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.bos_token_id = None
-    path = root / "tiny-llama"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(autouse=True)
@@ -85,33 +41,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def train_file(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "train.jsonl", RECORDS)
-
-
-def tiny_cfg(model_dir: Path, train_file: Path, out: Path, **over):
-    values = dict(
-        model=str(model_dir),
-        data=str(train_file),
-        output_dir=str(out),
-        precision="fp32",
-        band="0.2,0.8",
-        rank=8,
-        alpha=16.0,
-        lr=1e-2,
-        batch_tokens=256,
-        grad_accum=1,
-        max_length=64,
-        max_steps=8,
-        warmup_steps=1,
-        eval=False,
-        log_every=1,
-    )
-    values.update(over)
-    return build_config(None, values)
-
-
-def losses(out: Path) -> list[float]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
 
 
 def test_loss_falls_and_adapter_loads_in_peft(model_dir: Path, train_file: Path, tmp_path: Path):
@@ -249,7 +178,7 @@ def test_band_auto_and_equalized_updates(model_dir: Path, train_file: Path, tmp_
     from transformers import AutoModelForCausalLM
 
     from fastmid.adapters import load_adapter
-    from fastmid.patch import lora_modules
+    from fastmid.midblock import lora_modules
 
     out = tmp_path / "run"
     summary = train(tiny_cfg(model_dir, train_file, out, band="auto", equalize_updates=True,
@@ -318,3 +247,22 @@ def test_embedded_model_trains_two_steps(tmp_path: Path):
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["layers_to_transform"] == list(range(6, 24))
     assert adapter_config["r"] == 106
+
+
+# Per-step losses of one fixed-seed run (dropout 0.05, two micro-batches a step, warmup and
+# decay), recorded before the loop was split into named steps: any change in data order, RNG
+# use, accumulation or schedule moves them far more than the tolerance.
+PINNED_LOSSES = [
+    6.943142926251447,
+    7.126263936360677,
+    6.490850377965857,
+    6.051272074381511,
+    5.566971955475984,
+]
+
+
+def test_fixed_seed_run_gives_the_pinned_losses(model_dir: Path, train_file: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    train(tiny_cfg(model_dir, train_file, out, max_steps=5, dropout=0.05, grad_accum=2,
+                   batch_tokens=128, seed=3))  # fmt: skip
+    assert losses(out) == pytest.approx(PINNED_LOSSES, rel=1e-6, abs=0)

@@ -13,7 +13,7 @@ import torch
 
 from fastmid.cli import main as cli_main
 from tests.fastmid.test_tracking import read_scalars, read_text
-from tests.fastmid.test_train import RECORDS, make_model_dir
+from tests.fastmid._runs import RECORDS, make_model_dir
 
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("tensorboard")
