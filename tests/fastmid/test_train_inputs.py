@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fastmid.cli import main as cli_main
-from tests.fastmid.test_tracking import read_scalars, read_text
 from tests.fastmid._runs import RECORDS, make_model_dir
+from tests.fastmid.test_tracking import read_scalars, read_text
 
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("tensorboard")
