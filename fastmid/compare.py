@@ -40,9 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastmid.config import TrainConfig, build_config, parse_band
+from fastmid.config import TrainConfig, build_config, config_fields, parse_band
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
+from fastmid.options import add_field_arguments
 
 PLACEMENTS = ("bottom", "middle", "top", "all", "auto")
 ALPHA_POLICIES = ("fixed", "ratio", "rslora")
@@ -762,7 +763,6 @@ def compare(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``fastmid compare``; training flags mean what they mean for ``fastmid train``."""
-    S = argparse.SUPPRESS
     parser.add_argument(
         "--placements",
         default="bottom,middle,top,all",
@@ -818,25 +818,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=32,
         help="general-text paragraphs for perplexity (default: 32)",
     )
-    group = parser.add_argument_group("training (as in fastmid train; same defaults)")
-    for name in PASSTHROUGH:
-        hint = typing_hint(name)
-        group.add_argument(
-            "--" + name.replace("_", "-"),
-            default=S,
-            type=hint,
-            help=f"{name.replace('_', '-')} of every run",
-        )
-
-
-def typing_hint(name: str) -> Any:
-    """argparse type of a pass-through TrainConfig field (lists and None stay strings)."""
-    default = TrainConfig().get(name)
-    if isinstance(default, bool):
-        return str
-    if isinstance(default, (int, float)):
-        return type(default)
-    return str
+    # The training flags are fastmid train's own, generated from the same config fields (and
+    # shown under the same groups).
+    add_field_arguments(
+        parser,
+        [f for f in config_fields() if f.name in PASSTHROUGH],
+        show=lambda name, value: ",".join(value) if isinstance(value, tuple) else str(value),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
