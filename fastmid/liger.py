@@ -55,10 +55,10 @@ def apply_liger_to_frozen(blocks: list[nn.Module]) -> int:
                 continue
             if type(module).__name__ in _LLAMA_STYLE_NORMS:
                 eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
-                wrap_forward(module, lambda _, m=module, e=eps: _liger_rms_forward(m, rms_fn, e))
+                wrap_forward(module, lambda m, _f, e=eps: _liger_rms_forward(m, rms_fn, e))
                 patched += 1
             elif _is_plain_swiglu(module):
-                wrap_forward(module, lambda _, m=module: _liger_swiglu_forward(m, silu_mul_fn))
+                wrap_forward(module, lambda m, _f: _liger_swiglu_forward(m, silu_mul_fn))
                 patched += 1
     return patched
 

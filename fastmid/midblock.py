@@ -19,6 +19,7 @@ Everything is patched on module *instances*; the model's classes are never touch
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -451,11 +452,36 @@ class LoraLinear(nn.Module):
 # Instance-level forward wrappers
 
 
-def wrap_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]):
-    """Replace ``module.forward`` on this instance only, remembering what was there."""
+class _WrappedForward:
+    """An instance-level forward built by ``make(module, inner_forward)``.
+
+    ``copy.deepcopy`` of a patched model rebuilds the wrapper around the copy (a plain closure
+    would keep calling the original module and leave the copy's parameters without grads).
+    """
+
+    def __init__(self, module: nn.Module, make: ForwardMaker, inner: Any) -> None:
+        self.module, self.make, self.inner = module, make, inner
+        base = inner if inner is not None else type(module).forward.__get__(module)
+        self.run = make(module, base)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.run(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _WrappedForward:
+        # The module's copy is in `memo` already: copy registers it before copying its state.
+        module = memo.get(id(self.module), self.module)
+        return _WrappedForward(module, self.make, copy.deepcopy(self.inner, memo))
+
+
+ForwardMaker = Callable[[nn.Module, Callable[..., Any]], Callable[..., Any]]
+
+
+def wrap_forward(module: nn.Module, make: ForwardMaker) -> None:
+    """Replace ``module.forward`` on this instance only with ``make(module, forward)``,
+    remembering what was there."""
     if _ORIG_FORWARD not in module.__dict__:
         setattr(module, _ORIG_FORWARD, module.__dict__.get("forward"))
-    module.forward = make(module.forward)
+    module.forward = _WrappedForward(module, make, module.__dict__.get("forward"))
 
 
 def unwrap_forward(module: nn.Module) -> None:
@@ -468,7 +494,7 @@ def unwrap_forward(module: nn.Module) -> None:
         module.forward = orig
 
 
-def _no_grad_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
+def _no_grad_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
             return forward(*args, **kwargs)
@@ -479,7 +505,7 @@ def _no_grad_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 
 
-def _checkpointed_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
+def _checkpointed_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
@@ -675,7 +701,7 @@ def _fuse_gate_up(block: nn.Module, paths: dict[str, str], mods: dict[str, LoraL
     gate.weight = nn.Parameter(weight[: gate.out_features], requires_grad=False)
     up.weight = nn.Parameter(weight[gate.out_features :], requires_grad=False)
     setattr(mlp, _GATE_UP_WEIGHT, weight)
-    wrap_forward(mlp, lambda _orig: _swiglu_forward(mlp))
+    wrap_forward(mlp, lambda module, _forward: _swiglu_forward(module))
 
 
 def unpatch_forwards(model: nn.Module) -> None:

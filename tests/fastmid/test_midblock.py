@@ -448,3 +448,18 @@ def test_qkv_group_serves_any_call_order():
         for name, inp in calls:
             got = getattr(attn, name)(inp)
             assert_close(got, getattr(ref, name)(inp), rel=1e-5)
+
+
+def test_deepcopy_of_a_patched_model_runs_its_own_modules():
+    # Instance-level forwards (below-band no-grad, fused SwiGLU, label-only loss) must call the
+    # copy's modules, or the copy's adapters get no gradient and the original's get them.
+    model, _ = patched(targets=ALL, gradient_checkpointing=True)
+    twin = copy.deepcopy(model)
+    ids, labels = batch()
+    twin(input_ids=ids, labels=labels).loss.backward()
+    assert all(p.grad is None for p in adapter_parameters(model))
+    grads = [p.grad for p in adapter_parameters(twin)]
+    assert all(g is not None for g in grads) and any(g.abs().max() > 0 for g in grads)
+    want = torch.autograd.grad(model(input_ids=ids, labels=labels).loss, adapter_parameters(model))
+    for got, ref in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, ref)
