@@ -461,10 +461,13 @@ class _WrappedForward:
 
     def __init__(self, module: nn.Module, make: ForwardMaker, inner: Any) -> None:
         self.module, self.make, self.inner = module, make, inner
-        base = inner if inner is not None else type(module).forward.__get__(module)
-        self.run = make(module, base)
+        self.run: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Built on first call: during a deepcopy the module's copy has no attributes yet.
+        if self.run is None:
+            inner = self.inner or type(self.module).forward.__get__(self.module)
+            self.run = self.make(self.module, inner)
         return self.run(*args, **kwargs)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _WrappedForward:
