@@ -185,3 +185,24 @@ def test_real_process_exit_code_and_stderr(good_data: Path, tmp_path: Path):
         f"fastmid train: error: data file not found: {tmp_path / 'nope.jsonl'}"
     ]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "analyze", "probe"])
+def test_help_states_every_default(command: str, capsys: pytest.CaptureFixture):
+    """Each option's help says what happens when it is not given, as ``train --help`` does."""
+    import argparse
+    import importlib
+
+    from fastmid.cli import COMMANDS
+
+    parser = argparse.ArgumentParser(prog=f"fastmid {command}")
+    importlib.import_module(COMMANDS[command][0]).add_arguments(parser)
+    options = [a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")]
+    assert options
+    for action in options:
+        if action.required:
+            continue
+        assert "default:" in (action.help or ""), f"{command} {action.option_strings[0]}"
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "(default: " in capsys.readouterr().out
