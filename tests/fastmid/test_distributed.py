@@ -297,6 +297,7 @@ def test_fsdp_refuses_fused_groups(torch_path: None):
     distributed._check_unfused(unfused)
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_ddp_two_ranks_match_one_process(two_process_runs: Path, reference):
     ref_losses, ref_adapter = reference
     losses, adapter = read_result(two_process_runs / "ddp")
@@ -307,6 +308,7 @@ def test_ddp_two_ranks_match_one_process(two_process_runs: Path, reference):
     assert_adapters_close(adapter, ref_adapter)
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_fsdp_gives_the_same_adapter_as_ddp(two_process_runs: Path):
     ddp_losses, ddp_adapter = read_result(two_process_runs / "ddp")
     fsdp_losses, fsdp_adapter = read_result(two_process_runs / "fsdp")
@@ -320,6 +322,7 @@ def test_fsdp_gives_the_same_adapter_as_ddp(two_process_runs: Path):
     assert sharding == {"after_step": shard, "after_eval": shard}
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_adapters_identical_on_every_rank(two_process_runs: Path):
     for mode in ("ddp", "fsdp"):
         rank0 = load_file(str(two_process_runs / f"{mode}.safetensors"))
@@ -328,6 +331,7 @@ def test_adapters_identical_on_every_rank(two_process_runs: Path):
             assert torch.equal(rank0[name], rank1[name]), (mode, name)
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_resume_on_another_world_size(two_process_runs: Path, reference, torch_path: None):
     """2 ranks stop at step 3 and checkpoint; 1 process resumes; equals an unbroken run."""
     ref_losses, ref_adapter = reference
@@ -339,6 +343,7 @@ def test_resume_on_another_world_size(two_process_runs: Path, reference, torch_p
     assert_adapters_close(adapter, ref_adapter)
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_resume_from_one_process_on_two_ranks(two_process_runs: Path, reference):
     """The other direction: 1 process checkpoints at step 3, 2 ranks (DDP) finish."""
     ref_losses, ref_adapter = reference
@@ -350,6 +355,7 @@ def test_resume_from_one_process_on_two_ranks(two_process_runs: Path, reference)
     assert_adapters_close(adapter, ref_adapter)
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_fastmid_train_on_two_ranks_matches_one_process(
     two_process_runs: Path, single_process_cli: Path
 ):
@@ -376,6 +382,7 @@ def test_fastmid_train_on_two_ranks_matches_one_process(
     assert not (two / "checkpoint").exists()
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_stopped_two_rank_run_resumes_in_one_process(
     two_process_runs: Path, single_process_cli: Path
 ):
@@ -400,6 +407,7 @@ def test_stopped_two_rank_run_resumes_in_one_process(
     )
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_nproc_launcher_runs_fsdp_end_to_end(
     two_process_runs: Path, single_process_cli: Path, monkeypatch: pytest.MonkeyPatch
 ):
