@@ -55,6 +55,8 @@ __all__ = [
     "write_outputs",
 ]
 
+# `fastmid analyze` writes here unless --output-dir says otherwise (announced when it starts).
+DEFAULT_OUTPUT_DIR = "./fastmid-analyze"
 COLUMNS = (
     "layer",
     "depth",
@@ -422,10 +424,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", default=None, help="JSONL records (default: the bundled test split)"
     )
-    parser.add_argument("--samples", type=int, default=200, help="examples to analyse")
-    parser.add_argument("--format", default="qa", choices=("qa", "chat"), help="record format")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per example")
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
+    parser.add_argument(
+        "--samples", type=int, default=200, help="examples to analyse (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--format",
+        default="qa",
+        choices=("qa", "chat"),
+        help="record format (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-length", type=int, default=128, help="tokens per example (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="examples per forward pass (default: %(default)s)"
+    )
     parser.add_argument(
         "--band", default=None, help="layers to shade, e.g. 6-23 (default: the adapted layers)"
     )
@@ -433,10 +446,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lens-positions",
         type=int,
         default=16,
-        help="logit-lens positions per example, evenly spaced (0 = every position)",
+        help="logit-lens positions per example, evenly spaced; 0 = every position "
+        "(default: %(default)s)",
     )
-    parser.add_argument("--output-dir", default="./fastmid-analyze", help="where outputs go")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--output-dir",
+        default=DEFAULT_OUTPUT_DIR,
+        help="where layers.csv, analysis.json and depth_profile.png go (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bar (default: shown)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -462,6 +482,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--band must list layers, e.g. 6-23 or 3,5,7")
     data = Path(args.data) if args.data else bundled_path("test")
     records = load_records(data)[: args.samples]
+    print(f"fastmid analyze: results go to {args.output_dir} (--output-dir)", flush=True)
     # The base is loaded here for its tokenizer; analyze() takes it over (and may free it).
     model, tokenizer, base_name = load_model(args.base)
     examples = tokenize_records(

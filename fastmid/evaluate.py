@@ -194,21 +194,49 @@ def write_predictions(predictions: list[dict], path: str | Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``fastmid eval``."""
-    parser.add_argument("--model", default=None, help="HF dir, .gguf, or hub id (default: SmolLM2)")
-    parser.add_argument("--adapter", default=None, help="adapter directory to load (PEFT format)")
-    parser.add_argument("--data", default=None, help="JSONL test records (default: bundled test)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
-    parser.add_argument("--output", default=None, help="write predictions to this JSONL file")
-    parser.add_argument("--batch-size", type=int, default=32, help="generation batch size")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens per answer")
     parser.add_argument(
-        "--precision", default="auto", choices=["auto", "bf16", "fp32"], help="compute dtype"
+        "--model",
+        default=None,
+        help="HF dir, .gguf or hub id (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        help="adapter directory to load, PEFT format (default: none, the base model alone)",
+    )
+    parser.add_argument(
+        "--data", default=None, help="JSONL test records (default: the bundled test split)"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="evaluate the first N records (default: all)"
+    )
+    parser.add_argument(
+        "--output", default=None, help="write predictions to this JSONL file (default: not written)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="prompts per batched generation (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=64,
+        help="greedy tokens per answer (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="compute dtype; auto = bf16 where matmul is native in bf16, else fp32 "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--perplexity",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also report perplexity on the bundled held-out text",
+        help="also report perplexity on the bundled held-out text (default: on)",
     )
 
 

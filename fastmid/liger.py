@@ -27,7 +27,10 @@ _LLAMA_STYLE_NORMS = {
 }
 
 
-def _liger_ops() -> tuple[Any, Any] | None:
+def _liger_ops(device: torch.device) -> tuple[Any, Any] | None:
+    """Liger's RMSNorm and SiLU-mul Functions where they run: on CUDA, with liger_kernel."""
+    if device.type != "cuda":
+        return None
     try:
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
@@ -42,9 +45,7 @@ def apply_liger_to_frozen(blocks: list[nn.Module]) -> int:
     Only on CUDA and only when ``liger_kernel`` is importable; adapted blocks keep their own
     modules (their MLP may already run ``lora_gate_up``). Returns how many modules were patched.
     """
-    if not blocks or not next(blocks[0].parameters()).is_cuda:
-        return 0
-    ops = _liger_ops()
+    ops = _liger_ops(next(blocks[0].parameters()).device) if blocks else None
     if ops is None:
         return 0
     rms_fn, silu_mul_fn = ops

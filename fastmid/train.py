@@ -846,10 +846,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``fastmid train``: build the config from --config and flags, train, print the summary."""
-    from transformers.utils import logging as hf_logging
-
-    # Our own progress line replaces the weight-loading bars; stderr stays for errors only.
-    hf_logging.disable_progress_bar()
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "command")}
     cfg = build_config(args.config, overrides)
     if cfg.nproc > 1 and not distributed.under_torchrun():

@@ -15,6 +15,8 @@ import fastmid.kernels
 import pytest
 from fastmid.kernels.inspect import KERNEL_MODULES, targets
 
+pytestmark = pytest.mark.slow  # compiles every kernel for two GPU targets
+
 KEYS = {
     "kernel",
     "config",
