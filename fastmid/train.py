@@ -5,8 +5,9 @@ model → choose the band → patch it (:func:`fastmid.models.prepare_model`) �
 model → AdamW over the adapter parameters only and a schedule sized by :func:`plan_steps` →
 the loop of :func:`train_step` over packed token-budget batches, logged through a
 :class:`MetricsWindow` and checkpointed → evaluate again → save the adapter (PEFT format), the
-resolved config and a summary. Checkpoints (every ``save_every`` steps and on SIGINT/SIGTERM)
-make ``--resume`` continue exactly where the run stopped.
+resolved config and a summary. Checkpoints make ``--resume`` continue exactly where the run
+stopped: written atomically every ``save_every_minutes`` (10 by default), every ``save_every``
+steps, and on SIGINT/SIGTERM.
 
 Output directory layout::
 
@@ -158,7 +159,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     update = optimizer_update(optimizer, scheduler, cfg.max_grad_norm, equalizer)
     window = MetricsWindow(rt.device, out / "metrics.jsonl", plan.total_steps)
-    checkpoints = CheckpointSchedule(cfg.save_every)
+    checkpoints = CheckpointSchedule(cfg.save_every, cfg.save_every_minutes)
     model.train()
     with StopFlag().installed() as stop:
         while progress.step < plan.total_steps:
@@ -714,16 +715,27 @@ def start_or_resume(
 
 
 class CheckpointSchedule:
-    """When the loop writes a periodic checkpoint: every ``every_steps`` optimizer steps."""
+    """When the loop writes a periodic checkpoint: every ``every_steps`` optimizer steps, and
+    once ``every_minutes`` have passed since the last checkpoint (or the start)."""
 
-    def __init__(self, every_steps: int) -> None:
+    def __init__(self, every_steps: int, every_minutes: float) -> None:
         self.every_steps = every_steps
+        self.every_seconds = every_minutes * 60.0
+        self.saved()
 
     def due(self, step: int) -> bool:
-        return self.every_steps > 0 and step % self.every_steps == 0
+        """Whether to checkpoint after ``step``; the same answer on every rank."""
+        if self.every_steps > 0 and step % self.every_steps == 0:
+            return True
+        if self.every_seconds <= 0:
+            return False
+        # Clocks differ between ranks: rank 0's decides for all.
+        late = distributed.is_main() and time.monotonic() - self.last >= self.every_seconds
+        return distributed.any_rank(late)
 
     def saved(self) -> None:
-        """A checkpoint was just written."""
+        """A checkpoint was just written (or the loop starts): restart the clock."""
+        self.last = time.monotonic()
 
 
 def save_progress(
