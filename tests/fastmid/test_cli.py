@@ -149,7 +149,9 @@ def test_non_empty_output_dir(model_dir: Path, good_data: Path, tmp_path: Path, 
     assert code == 0, err
     assert "step 1/1 | loss" in stdout
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["adapter", "config.yaml", "metrics.jsonl", "notes.txt", "summary.json"]
+    assert names == [
+        "adapter", "config.yaml", "curve.png", "metrics.jsonl", "notes.txt", "summary.json"
+    ]  # fmt: skip
 
 
 def test_config_file_with_flag_overrides(model_dir: Path, good_data: Path, tmp_path, capsys):
@@ -185,3 +187,16 @@ def test_real_process_exit_code_and_stderr(good_data: Path, tmp_path: Path):
         f"fastmid train: error: data file not found: {tmp_path / 'nope.jsonl'}"
     ]
     assert not out.exists()
+
+
+def test_budget_rank_is_clamped_with_one_line(model_dir: Path, good_data: Path, tmp_path, capsys):
+    out = tmp_path / "out"
+    # Budget 64 over 3 of 5 layers: rank 106, wider than the tiny model's 32-wide k/v.
+    flags = [f for f in quick(model_dir, good_data, out) if f not in ("--rank", "4")]
+    code, stdout, err = fastmid_train(capsys, *flags)
+    assert code == 0, err
+    notes = [line for line in stdout.splitlines() if "from the budget" in line]
+    assert notes == [
+        "note: rank 106 from the budget is wider than k_proj of layer 1 (32x64); using rank 32"
+    ]
+    assert json.loads((out / "summary.json").read_text())["resolved"]["rank"] == 32

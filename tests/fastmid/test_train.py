@@ -3,6 +3,7 @@ PEFT with the same logits, packing equals padding, and an interrupted run resume
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -66,6 +67,7 @@ def test_loss_falls_and_adapter_loads_in_peft(model_dir: Path, train_file: Path,
     assert sorted(p.name for p in out.iterdir()) == [
         "adapter",
         "config.yaml",
+        "curve.png",
         "metrics.jsonl",
         "summary.json",
     ]
@@ -319,3 +321,31 @@ def test_killed_run_resumes_from_its_periodic_checkpoint_bit_identically(
     a = (straight / "adapter" / "adapter_model.safetensors").read_bytes()
     assert a == (killed / "adapter" / "adapter_model.safetensors").read_bytes()
     assert losses(killed) == losses(straight)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_terminal_shows_a_progress_bar_and_the_run_plots_its_curve(
+    model_dir: Path, train_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import matplotlib.image
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    out = tmp_path / "run"
+    # --data without --eval-data: only held-out perplexity is evaluated.
+    train(tiny_cfg(model_dir, train_file, out, max_steps=3, eval=True, eval_limit=2))
+    text = terminal.getvalue()
+    assert "3/3" in text and "<00:00" in text  # tqdm's count and ETA
+    assert "step/s" in text or "s/step" in text
+    assert "step 1/3 |" not in text  # no line per step in a terminal
+    assert "loss " in text  # the bar carries the metrics
+    assert "evaluating the base model on 2 held-out texts" in text
+    assert "0 records" not in text
+
+    image = matplotlib.image.imread(out / "curve.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image.std() > 0.05  # lines drawn, not a blank canvas
