@@ -146,7 +146,13 @@ class TrainConfig:
         **MAY_CHANGE_ON_RESUME,
     )
     save_every: int = option(
-        0, "checkpoint every N optimizer steps (0 = only on interrupt)", **MAY_CHANGE_ON_RESUME
+        0, "also checkpoint every N optimizer steps (0 = off)", **MAY_CHANGE_ON_RESUME
+    )
+    save_every_minutes: float = option(
+        10.0,
+        "checkpoint after this many minutes of training since the last one, so a killed run "
+        "loses at most that much (0 = off; SIGINT/SIGTERM always checkpoint)",
+        **MAY_CHANGE_ON_RESUME,
     )
     resume: bool = option(
         False,
@@ -203,6 +209,7 @@ class TrainConfig:
         _positive("nproc", self.nproc)
         _positive("log_every", self.log_every)
         _at_least_zero("save_every", self.save_every)
+        _at_least_zero("save_every_minutes", self.save_every_minutes)
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite exclude each other")
         if self.eval_limit is not None and self.eval_limit < 1:

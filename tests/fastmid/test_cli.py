@@ -149,7 +149,9 @@ def test_non_empty_output_dir(model_dir: Path, good_data: Path, tmp_path: Path, 
     assert code == 0, err
     assert "step 1/1 | loss" in stdout
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["adapter", "config.yaml", "metrics.jsonl", "notes.txt", "summary.json"]
+    assert names == [
+        "adapter", "config.yaml", "curve.png", "metrics.jsonl", "notes.txt", "summary.json"
+    ]  # fmt: skip
 
 
 def test_overwrite_replaces_a_previous_runs_results(
@@ -169,7 +171,9 @@ def test_overwrite_replaces_a_previous_runs_results(
     assert code == 0, err
     assert "step 2/2 | loss" in stdout
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["adapter", "config.yaml", "metrics.jsonl", "notes.txt", "summary.json"]
+    assert names == [
+        "adapter", "config.yaml", "curve.png", "metrics.jsonl", "notes.txt", "summary.json"
+    ]  # fmt: skip
     assert (out / "notes.txt").read_text() == "keep me"
     # Every result is the new run's: nothing kept from the old files, nothing appended to them.
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
@@ -237,3 +241,16 @@ def test_help_states_every_default(command: str, capsys: pytest.CaptureFixture):
     with pytest.raises(SystemExit):
         main([command, "--help"])
     assert "(default: " in capsys.readouterr().out
+
+
+def test_budget_rank_is_clamped_with_one_line(model_dir: Path, good_data: Path, tmp_path, capsys):
+    out = tmp_path / "out"
+    # Budget 64 over 3 of 5 layers: rank 106, wider than the tiny model's 32-wide k/v.
+    flags = [f for f in quick(model_dir, good_data, out) if f not in ("--rank", "4")]
+    code, stdout, err = fastmid_train(capsys, *flags)
+    assert code == 0, err
+    notes = [line for line in stdout.splitlines() if "from the budget" in line]
+    assert notes == [
+        "note: rank 106 from the budget is wider than k_proj of layer 1 (32x64); using rank 32"
+    ]
+    assert json.loads((out / "summary.json").read_text())["resolved"]["rank"] == 32
