@@ -29,6 +29,7 @@ from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
 from fastmid.midblock import MidBlockConfig, format_band, parse_band
 from fastmid.options import add_field_arguments, option
+from fastmid.tracking import REPORT_TO
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -55,13 +56,16 @@ class TrainConfig:
     )
     data: str | None = option(
         None,
-        "training JSONL ({prompt,response} | {question,answer} | {messages}); "
-        "default: the bundled GSM-style train split",
+        "training records: JSONL, .parquet, .csv, .json, a save_to_disk dir or a dataset id "
+        "NAME[:CONFIG[:SPLIT]]; default: the bundled GSM-style train split",
     )
     eval_data: str | None = option(
         None,
-        "JSONL with gold '#### N' answers for accuracy; default: the bundled test split "
-        "when --data is not given, else none",
+        "records with gold '#### N' answers for accuracy (the forms of --data); default: the "
+        "bundled test split when --data is not given, else none",
+    )
+    fields: str | None = option(
+        None, "columns of another record shape: prompt=COL,response=COL or messages=COL"
     )
     format: str = option(
         "qa",
@@ -179,6 +183,22 @@ class TrainConfig:
     max_new_tokens: int = option(
         64, "greedy tokens per eval prompt (the GSM8K protocol: 64)", **MAY_CHANGE_ON_RESUME
     )
+    eval_split_ratio: float = option(
+        0.0, "hold out this share of --data (chosen by the seed) for the held-out loss"
+    )
+    eval_every: int = option(
+        0,
+        "held-out answer loss every N optimizer steps (on the --eval-split-ratio share, else on "
+        "--eval-data), logged with the training metrics; 0 = never",
+        **MAY_CHANGE_ON_RESUME,
+    )
+    report_to: str = option(
+        "none",
+        "experiment tracker: tensorboard (<output-dir>/tensorboard) or wandb (offline unless "
+        "WANDB_MODE says otherwise); pip install 'fastmid[track]'",
+        choices=REPORT_TO,
+        **MAY_CHANGE_ON_RESUME,
+    )
 
     def validate(self) -> TrainConfig:
         """Check every field once; raise UserError naming the first bad one. Returns self."""
@@ -218,7 +238,18 @@ class TrainConfig:
         _positive("max_new_tokens", self.max_new_tokens)
         if not self.output_dir:
             raise UserError("output_dir must not be empty")
+        self._validate_inputs_and_tracking()
         return self
+
+    def _validate_inputs_and_tracking(self) -> None:
+        from fastmid.data import parse_fields
+        from fastmid.tracking import check_available
+
+        parse_fields(self.fields)
+        if not 0.0 <= self.eval_split_ratio < 1.0:
+            raise UserError(f"eval_split_ratio must be in [0, 1), got {self.eval_split_ratio}")
+        _at_least_zero("eval_every", self.eval_every)
+        check_available(self.report_to)
 
     @property
     def is_demo(self) -> bool:

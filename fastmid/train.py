@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastmid import data, distributed, models
+from fastmid import data, distributed, models, tracking
 from fastmid.checkpoint import (
     CHECKPOINT_DIR,
     find_checkpoint,
@@ -69,6 +69,8 @@ OUTPUT_ENTRIES = (
     "summary.json",
     "predictions.jsonl",
     "curve.png",
+    "tensorboard",
+    "wandb",
     CHECKPOINT_DIR,
     CHECKPOINT_DIR + ".old",
 )
@@ -94,7 +96,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     resumed = read_resume_point(cfg, out)
     rt = init_runtime(cfg)
     # Data first: a bad file should fail in a second, not after loading a model.
-    records = data.load_records(cfg.data or str(data.bundled_path("train")))
+    records = data.load_records(cfg.data or str(data.bundled_path("train")), cfg.fields)
+    records, loss_records = split_heldout(cfg, records)
     eval_set = load_eval_set(cfg)
     seed_everything(cfg.seed)
     model, tokenizer, model_name = models.load_model(cfg.model, dtype=rt.dtype)
@@ -104,6 +107,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     examples = data.tokenize_records(
         records, tokenizer, fmt=cfg.format, max_length=cfg.max_length, loss_on=cfg.loss_on
     )
+    heldout = HeldoutLoss.build(cfg, loss_records, tokenizer)
     adapter_cfg, band_reason = choose_band(cfg.midblock, model, tokenizer, examples, rt.autocast)
     # FSDP shards each linear's own weight; fused groups read a concatenated copy.
     fuse = adapter_cfg.fuse_groups and parallel != "fsdp"
@@ -126,6 +130,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     resolved = describe_run(rt, model_name, parallel, state, params, plan, examples, band_reason)
     progress = start_or_resume(cfg, out, model, optimizer, scheduler, eval_before, plan)
     log(format_header(resolved))
+    tracker = tracking.make_tracker(cfg.report_to if distributed.is_main() else "none", out)
+    tracker.open({**cfg.to_dict(), "resolved": resolved})
 
     update = optimizer_update(optimizer, scheduler, cfg.max_grad_norm, equalizer)
     checkpoints = CheckpointSchedule(cfg.save_every, cfg.save_every_minutes)
@@ -143,17 +149,28 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             saving = due and progress.step < plan.total_steps
             # A checkpoint also flushes the log window, so a resumed run logs exactly the
             # lines an uninterrupted one does.
-            if saving or progress.step % cfg.log_every == 0 or progress.step == plan.total_steps:
-                window.flush(progress, result.lr)
+            evaluating = heldout is not None and heldout.due(progress.step, plan.total_steps)
+            if (
+                saving
+                or evaluating
+                or progress.step % cfg.log_every == 0
+                or progress.step == plan.total_steps
+            ):
+                extra = {"eval_loss": heldout(model, rt.autocast)} if evaluating else {}
+                record = window.flush(progress, result.lr, result.grad_norm, extra)
+                tracker.log(progress.step, tracking.namespaced(record))
             if saving:
                 save_progress(out, model, optimizer, scheduler, progress, cfg)
                 checkpoints.saved()
                 window.restart_clock()  # checkpoint time is not training time
             if saving and stop.requested:
                 log(f"stopped at step {progress.step}; continue with --resume (in {out})")
+                tracker.close()
                 return progress.summary(plan, resolved, interrupted=True)
 
     eval_after, predictions = evaluate(model, tokenizer, eval_set, cfg, rt.autocast, tuned=True)
+    tracker.log(progress.step, tracking.namespaced(eval_after, "eval"))
+    tracker.close()
     summary = progress.summary(plan, resolved, interrupted=False)
     summary.update(eval_after=eval_after, adapter=str(out / "adapter"))
     summary["wall_seconds"] = time.perf_counter() - wall_start
@@ -335,12 +352,57 @@ def load_eval_set(cfg: TrainConfig) -> EvalSet | None:
     eval_path = cfg.eval_data
     if eval_path is None and cfg.data is None:
         eval_path = str(data.bundled_path("test"))
-    records = data.load_records(eval_path) if eval_path is not None else None
+    records = data.load_records(eval_path, cfg.fields) if eval_path is not None else None
     heldout = ev.heldout_texts()
     if cfg.eval_limit is not None:
         records = records[: cfg.eval_limit] if records is not None else None
         heldout = heldout[: cfg.eval_limit]
     return EvalSet(records, heldout) if records or heldout else None
+
+
+def split_heldout(cfg: TrainConfig, records: Any) -> tuple[Any, Any]:
+    """(training records, held-out loss records): the eval_split_ratio share of ``records``
+    held out, else (with eval_every) the eval data; None when no held-out loss is asked for."""
+    if cfg.eval_split_ratio > 0:
+        return data.split_records(records, cfg.eval_split_ratio, cfg.seed)
+    if not cfg.eval_every:
+        return records, None
+    eval_path = cfg.eval_data
+    if eval_path is None and cfg.data is None:
+        eval_path = str(data.bundled_path("test"))
+    if eval_path is None:
+        raise UserError("--eval-every needs held-out records: --eval-split-ratio or --eval-data")
+    return records, data.load_records(eval_path, cfg.fields)
+
+
+@dataclass
+class HeldoutLoss:
+    """The held-out answer loss, every ``every`` steps and at the last one."""
+
+    examples: list[Example]
+    pad_id: int
+    every: int
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, records: Any, tokenizer: Any) -> HeldoutLoss | None:
+        if records is None:
+            return None
+        examples = data.tokenize_records(
+            records, tokenizer, fmt=cfg.format, max_length=cfg.max_length, loss_on="response"
+        )
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return cls(examples, pad, cfg.eval_every)
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return step == total_steps or (self.every > 0 and step % self.every == 0)
+
+    def __call__(
+        self, model: nn.Module, autocast: Callable[[], contextlib.AbstractContextManager]
+    ) -> float:
+        from fastmid.heldout import answer_nll
+
+        with autocast():
+            return answer_nll(model, self.examples, self.pad_id)
 
 
 def evaluate(
@@ -507,18 +569,21 @@ class StepResult:
     labels: int
     tokens: int
     lr: float
+    # The global gradient norm before clipping (None when clipping is off).
+    grad_norm: torch.Tensor | None = None
 
 
 def train_step(
     dp: distributed.ParallelStep,
     step_batches: list[list[Example]],
-    update: Callable[[], float],
+    update: Callable[[], tuple[float, torch.Tensor | None]],
     autocast: Callable[[], contextlib.AbstractContextManager],
     device: torch.device,
 ) -> StepResult:
     """Forward and backward over this rank's micro-batches of one step, then ``update()``
-    (clip, optimizer, schedule; returns the lr used). The loss is normalised by every label
-    token of the step, so accumulation (and any number of ranks) equals one big batch."""
+    (clip, optimizer, schedule; returns the lr used and the gradient norm). The loss is
+    normalised by every label token of the step, so accumulation (and any number of ranks)
+    equals one big batch."""
     from fastmid.data import collate_packed
 
     labels = sum(e.num_loss_tokens for batch in step_batches for e in batch)
@@ -534,7 +599,8 @@ def train_step(
         losses.append(loss_sum.detach())
         tokens += batch["input_ids"].numel()
     dp.reduce_gradients()
-    return StepResult(losses, labels, tokens, update())
+    lr, grad_norm = update()
+    return StepResult(losses, labels, tokens, lr, grad_norm)
 
 
 def optimizer_update(
@@ -542,13 +608,15 @@ def optimizer_update(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     max_grad_norm: float,
     equalizer: Any,
-) -> Callable[[], float]:
-    """The update after the gradients: clip, (equalize), AdamW, schedule; returns the lr."""
+) -> Callable[[], tuple[float, torch.Tensor | None]]:
+    """The update after the gradients: clip, (equalize), AdamW, schedule; returns the lr and
+    the gradient norm before clipping (None without clipping)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
-    def update() -> float:
+    def update() -> tuple[float, torch.Tensor | None]:
+        grad_norm = None
         if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         if equalizer is not None:
             equalizer.before_step()
         optimizer.step()
@@ -557,7 +625,7 @@ def optimizer_update(
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return lr
+        return lr, grad_norm
 
     return update
 
@@ -639,8 +707,15 @@ class MetricsWindow:
         if self.bar is not None:
             self.bar.update(1)
 
-    def flush(self, progress: Progress, lr: float) -> dict[str, Any]:
-        """Close the window at ``progress.step``: sum over ranks, update ``progress``, log."""
+    def flush(
+        self,
+        progress: Progress,
+        lr: float,
+        grad_norm: torch.Tensor | None = None,
+        extra: dict[str, float] | None = None,
+    ) -> dict[str, Any]:
+        """Close the window at ``progress.step``: sum over ranks, update ``progress``, log
+        (with the last step's gradient norm and ``extra`` numbers such as the eval loss)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - self.start
@@ -663,6 +738,9 @@ class MetricsWindow:
             "mem_gb": _memory_gb(self.device),
             "elapsed_s": totals["train_seconds"],
         }
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        record.update(extra or {})
         if distributed.is_main():
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
