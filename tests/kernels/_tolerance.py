@@ -9,6 +9,9 @@ plus a small absolute slack of a few units in the last place of the largest refe
 
 from __future__ import annotations
 
+import importlib
+
+import pytest
 import torch
 from fastmid.kernels._common import torch_keep_mask, triton_keep_mask
 
@@ -57,4 +60,39 @@ def triton_keep(shape, p: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
 
 def torch_keep(shape, p: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
     """The torch path's dropout keep-mask for (shape, p, seed), as a `dtype` tensor."""
-    return torch_keep_mask(shape, p, seed, torch.device(DEVICE), dtype)
+    return torch_keep_mask(shape, p, seed, torch.device(DEVICE)).to(dtype)
+
+
+# The modules that choose between the Triton kernels and the torch path.
+_DISPATCHERS = ("fastmid.kernels._gemm", "fastmid.kernels.lora_gate_up")
+
+
+def force_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every op take the torch path, even where Triton would run (CUDA, interpreter)."""
+    for name in _DISPATCHERS:
+        monkeypatch.setattr(importlib.import_module(name), "use_triton", lambda t, dt=None: False)
+
+
+def bf16_forward(fn):
+    """`fn` with its forward under bf16 autocast on DEVICE; backward then runs outside
+    autocast, as in a training step, so the op itself must remember that it computed in bf16."""
+
+    def wrapped(*args):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            return fn(*args)
+
+    return wrapped
+
+
+def saved_by_op(out: torch.Tensor, inputs) -> list[torch.Tensor]:
+    """The tensors the fused op behind `out` saved for backward, other than (views of) the
+    `inputs`: walks back from `out` through view nodes to the first node that saved tensors."""
+    node = out.grad_fn
+    while not getattr(node, "saved_tensors", None):
+        node = node.next_functions[0][0]
+    storages = {t.untyped_storage().data_ptr() for t in inputs}
+    return [
+        t
+        for t in node.saved_tensors
+        if t is not None and t.untyped_storage().data_ptr() not in storages
+    ]
