@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("fastmid.analyze", "layer-wise metrics of a tuned model against its base"),
     "probe": ("fastmid.probe", "per-layer sensitivity of an untuned model; recommends a band"),
     "bench": ("fastmid.benchcmd", "benchmark fastmid against PEFT LoRA"),
+    "selfcheck": ("fastmid.selfcheck", "prove the kernels on this machine; JSON report + table"),
 }
 
 

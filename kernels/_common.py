@@ -149,7 +149,7 @@ def rank_block(rank: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Shipped configs. Each is a plain dict of block sizes + num_warps/num_stages; `inspect`
+# Shipped configs. Each is a plain dict of block sizes + num_warps/num_stages; `cubin_report`
 # (`cubin_report`) compiles every one for its arch and fails on any spill or a missing
 # tensor-core instruction.
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def shipped_arch(arch: int) -> int:
 
 @dataclass(frozen=True)
 class InspectTarget:
-    """One kernel `inspect` compiles ahead of time: the jit function, its argument signature
+    """One kernel `cubin_report` compiles ahead of time: the jit function, its argument signature
     (`{"X": "*{dtype}", "M": "i32", "scale": "fp32", ...}`; `{dtype}` is filled in per
     compute dtype), constexprs fixed for this target, and the shipped configs per arch whose
     keys are the remaining constexprs plus `num_warps` / `num_stages`."""

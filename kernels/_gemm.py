@@ -60,6 +60,16 @@ def tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def flat_offsets(rows, cols, width, WIDE: tl.constexpr):
+    """Row-major flat offsets rows·width + cols of a tile, the dropout mask's counters: int64
+    when the tensor has 2³¹ elements or more (WIDE), else int32, which needs half the
+    registers and gives the same Philox counters (the high word is zero either way)."""
+    if WIDE:
+        return rows[:, None].to(tl.int64) * width + cols[None, :]
+    return rows[:, None] * width + cols[None, :]
+
+
+@triton.jit
 def add_segment(
     acc, XA, stride_xam, rm, m_ok, B, stride_bn, stride_br, rn, n0, n_lo, n_hi, r_len,
     BN: tl.constexpr, BR: tl.constexpr, DOT: tl.constexpr,
@@ -92,7 +102,7 @@ def _thin_kernel(
     M, R, K,
     stride_xm, stride_xk, stride_wr, stride_wk, stride_om,
     scale0, scale1, scale2, c1, c2, p,
-    DROPOUT: tl.constexpr, DOT: tl.constexpr,
+    DROPOUT: tl.constexpr, WIDE: tl.constexpr, DOT: tl.constexpr,
     BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     """OUT (M,R) = (m ⊙ X)·Wᵀ with column r scaled by its member's scale: scale0 on [0, c1),
@@ -116,7 +126,7 @@ def _thin_kernel(
         x = tl.load(x_ptr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if DROPOUT:
             # Flat row-major offsets of x: the numbers the backward kernels redraw from.
-            offs = rows[:, None] * K + (k0 + rk)[None, :]
+            offs = flat_offsets(rm, k0 + rk, K, WIDE)
             x = tl.where(keep_mask(seed, offs, p), x, 0.0).to(x.dtype)
         w = tl.load(w_ptr, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=DOT)
@@ -134,7 +144,7 @@ def _tn_kernel(
     P, Q, M, rows_per_split,
     stride_lm, stride_lp, stride_rm, stride_os, stride_op,
     p,
-    DROPOUT: tl.constexpr, DOT: tl.constexpr,
+    DROPOUT: tl.constexpr, WIDE: tl.constexpr, DOT: tl.constexpr,
     BP: tl.constexpr, BQ: tl.constexpr, BM: tl.constexpr,
 ):  # fmt: skip
     """OUT[s] (P,Q) = Lᵀ·(m ⊙ RT) over rows [s·rows_per_split, (s+1)·rows_per_split) of M,
@@ -170,7 +180,7 @@ def _tn_kernel(
             other=0.0,
         )
         if DROPOUT:
-            offs = rows[:, None] * Q + rq[None, :]
+            offs = flat_offsets(m0 + rm, rq, Q, WIDE)
             rt = tl.where(keep_mask(seed, offs, p), rt, 0.0).to(rt.dtype)
         acc = tl.dot(lt, rt, acc, input_precision=DOT)
     o_ptr = OUT + pid_s * stride_os + rp[:, None].to(tl.int64) * stride_op + rq[None, :]
@@ -184,7 +194,8 @@ def _main_kernel(
     stride_xm, stride_xk, stride_wk, stride_wn, stride_ym, stride_xam,
     s0_bn, s0_br, s1_bn, s1_br, s2_bn, s2_br,
     n1, n2, xa1, xa2, r0_len, r1_len, r2_len, p,
-    HAS_BIAS: tl.constexpr, NUM_SEG: tl.constexpr, DROPOUT: tl.constexpr, DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NUM_SEG: tl.constexpr, DROPOUT: tl.constexpr, WIDE: tl.constexpr,
+    DOT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -219,8 +230,7 @@ def _main_kernel(
             BN, BR, DOT,
         )  # fmt: skip
     if DROPOUT:
-        offs = rows[:, None] * N + rn[None, :]
-        acc = tl.where(keep_mask(tl.load(SEED), offs, p), acc, 0.0)
+        acc = tl.where(keep_mask(tl.load(SEED), flat_offsets(rm, rn, N, WIDE), p), acc, 0.0)
     x_ptr = X + rows[:, None] * stride_xm + rk[None, :] * stride_xk
     w_ptr = W + rn[None, :].to(tl.int64) * stride_wn + rk[:, None].to(tl.int64) * stride_wk
     for k0 in range(0, K, BK):
@@ -302,8 +312,8 @@ def _swiglu_kernel(
 MAIN_CONFIGS: dict[int, list[dict[str, int]]] = {
     90: [
         {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
+        {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 4},
         {"BM": 64, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4},
-        {"BM": 128, "BN": 256, "BK": 64, "num_warps": 8, "num_stages": 3},
     ],
     80: [
         {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
@@ -311,12 +321,14 @@ MAIN_CONFIGS: dict[int, list[dict[str, int]]] = {
         {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3},
     ],
 }
-# The dx GEMM with dropout also draws a Philox mask over its whole output tile: a 128x128 tile
-# needs more registers per thread than the mask leaves, so that variant ships smaller tiles.
+# The dx GEMM with dropout also draws a Philox mask over its whole output tile, 64 values per
+# thread at a wgmma N = 128 tile (128x128 with 8 warps, 64x128 with 4): with the accumulator
+# that spilled over 1 KB on sm_90 even with int32 counters (measured), so this variant ships
+# tiles where each thread holds 32 values: 64x128 with 8 warps (wgmma N = 64) and 64x64.
 MAIN_DROPOUT_CONFIGS: dict[int, list[dict[str, int]]] = {
     90: [
-        {"BM": 64, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4},
         {"BM": 64, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
+        {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 4},
     ],
     80: [
         {"BM": 64, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
@@ -445,7 +457,7 @@ def launch_thin(
         stride_xm=x.stride(0), stride_xk=x.stride(1),
         stride_wr=w.stride(0), stride_wk=w.stride(1), stride_om=out.stride(0),
         scale0=s[0], scale1=s[1], scale2=s[2], c1=c1, c2=c2, p=dropout_p,
-        DROPOUT=dropout_p > 0, DOT=dot_precision(x.dtype), BR=br,
+        DROPOUT=dropout_p > 0, WIDE=M * K >= 2**31, DOT=dot_precision(x.dtype), BR=br,
     )  # fmt: skip
     return out
 
@@ -477,7 +489,7 @@ def launch_tn(
         P=P, Q=Q, M=M, rows_per_split=rows_per_split,
         stride_lm=lhs.stride(0), stride_lp=lhs.stride(1), stride_rm=rhs.stride(0),
         stride_os=out.stride(0), stride_op=out.stride(1), p=dropout_p,
-        DROPOUT=dropout_p > 0, DOT=dot_precision(lhs.dtype),
+        DROPOUT=dropout_p > 0, WIDE=M * Q >= 2**31, DOT=dot_precision(lhs.dtype),
     )  # fmt: skip
     return out[0] if splits == 1 else out.sum(0)
 
@@ -521,7 +533,7 @@ def launch_main(
         n1=n1, n2=n2, xa1=c1, xa2=c2,
         r0_len=b0.shape[1], r1_len=b1.shape[1], r2_len=b2.shape[1], p=dropout_p,
         HAS_BIAS=bias is not None, NUM_SEG=len(segments), DROPOUT=dropout_p > 0,
-        DOT=dot_precision(x.dtype), BR=br, GROUP_M=8,
+        WIDE=M * N >= 2**31, DOT=dot_precision(x.dtype), BR=br, GROUP_M=8,
     )  # fmt: skip
     return out
 

@@ -186,7 +186,8 @@ def inspect_target(
 ) -> InspectTarget:
     """One launch of the shared GEMM `kind` as an op makes it: its unit strides (which the
     runtime turns into constants), the integer arguments taken as multiples of 16, and its
-    fixed constexprs (DOT is irrelevant for the bf16/fp16 operands compiled)."""
+    fixed constexprs (DOT is irrelevant for the bf16/fp16 operands compiled; dropout counters
+    are int32, WIDE=False, as for every tensor under 2³¹ elements)."""
     fn, configs, _ = _gemm.KERNELS[kind]
     pointers = {n: "*{dtype}" for n in _POINTERS[kind]}
     pointers.update({"SEED": "*i64"} if "SEED" in _POINTERS[kind] else {})
@@ -198,7 +199,12 @@ def inspect_target(
         name=name,
         fn=fn,
         signature=signature,
-        constexprs={**unit, "DOT": "tf32", **constexprs},
+        constexprs={
+            **unit,
+            **({"WIDE": False} if "WIDE" in signature else {}),
+            "DOT": "tf32",
+            **constexprs,
+        },
         configs=configs,
         divisible=divisible,
     )

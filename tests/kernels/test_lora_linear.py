@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from fastmid.kernels import _gemm, lora_linear, lora_linear_reference
-from fastmid.kernels._common import INTERPRET
+from fastmid.kernels._common import INTERPRET, torch_keep_mask
 
 from ._tolerance import (
     DEVICE,
@@ -245,3 +245,26 @@ def test_cuda_bf16_large(m, k, n, r, p):
 @pytest.mark.gpu
 def test_cuda_fp32_adapters_bf16_autocast():
     _autocast_case(torch.bfloat16, "cuda")
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_torch_keep_mask_is_uniform_and_seeded(p):
+    """The torch path's counter-based mask behaves like independent Bernoulli draws: keep rate,
+    the two elements sharing one 32-bit hash word, row and column rates, neighbouring rows,
+    other seeds; and the same seed (int or tensor) gives the same mask."""
+    rows, cols = 512, 576
+    mask = torch_keep_mask((rows, cols), p, 123).double()
+    q = 1 - p
+    n = mask.numel()
+    assert abs(mask.mean().item() - q) < 5 * math.sqrt(p * q / n)
+    both = (mask[:, 0::2] * mask[:, 1::2]).mean().item()  # one hash word per pair
+    assert abs(both - q * q) < 5 * math.sqrt(q * q * (1 - q * q) / (n / 2))
+    agree = q * q + p * p  # two independent masks agree on this fraction
+    next_row = (mask[1:] == mask[:-1]).double().mean().item()
+    assert abs(next_row - agree) < 5 * math.sqrt(agree * (1 - agree) / n)
+    for spread, length in ((mask.mean(1).std().item(), cols), (mask.mean(0).std().item(), rows)):
+        assert 0.8 < spread / math.sqrt(p * q / length) < 1.2
+    other = torch_keep_mask((rows, cols), p, 124).double()
+    assert abs((mask == other).double().mean().item() - agree) < 5 * math.sqrt(agree / n)
+    assert torch.equal(mask, torch_keep_mask((rows, cols), p, torch.tensor(123)).double())
+    assert torch_keep_mask((rows, cols), p, 123).dtype == torch.bool
