@@ -142,10 +142,11 @@ def triton_keep_mask(
     return out
 
 
-def rank_block(rank: int) -> int:
+def rank_block(rank: int, widest: int = 64) -> int:
     """Block size over the LoRA rank: a power of two >= 16 (the smallest `tl.dot` dimension),
-    capped at 64 so a rank-128 adapter is walked in two chunks instead of one huge tile."""
-    return min(64, max(16, triton.next_power_of_2(rank)))
+    at most `widest`. The main GEMM's epilogue walks the rank in chunks of at most 64; the thin
+    GEMM takes up to 128 at once, so x is read once for every rank up to 128."""
+    return min(widest, max(16, triton.next_power_of_2(rank)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -360,15 +360,18 @@ TN_CONFIGS: dict[int, list[dict[str, int]]] = {
     ],
 }
 # Two live (BM,BN) fp32 accumulators: 128x64 with 8 warps holds as many accumulator registers
-# per thread as one 128x128 GEMM tile (the wgmma N is 64 here: N = 128 would need twice that).
+# per thread as one 128x128 GEMM tile, so the wgmma N is 64 here. N = 128 tiles measured at the
+# 255-register cap (128x128, 8 warps) or spilling 16 bytes (64x128, 4 warps) on sm_90.
+# The rank chunk BR is part of the config: 64 on sm_90 (32 there costs 60-70 more registers),
+# 32 on sm_80 (64 put the 64x64 tile at the 255-register cap); measured with cubin_report.
 SWIGLU_CONFIGS: dict[int, list[dict[str, int]]] = {
     90: [
-        {"BM": 128, "BN": 64, "BK": 64, "num_warps": 8, "num_stages": 3},
-        {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3},
+        {"BM": 128, "BN": 64, "BK": 64, "BR": 64, "num_warps": 8, "num_stages": 3},
+        {"BM": 64, "BN": 64, "BK": 64, "BR": 64, "num_warps": 4, "num_stages": 3},
     ],
     80: [
-        {"BM": 128, "BN": 64, "BK": 32, "num_warps": 8, "num_stages": 4},
-        {"BM": 64, "BN": 64, "BK": 32, "num_warps": 4, "num_stages": 3},
+        {"BM": 128, "BN": 64, "BK": 32, "BR": 32, "num_warps": 8, "num_stages": 4},
+        {"BM": 64, "BN": 64, "BK": 32, "BR": 32, "num_warps": 4, "num_stages": 3},
     ],
 }
 
@@ -389,7 +392,7 @@ _INTERPRET_CONFIGS = {
     "main_dropout": {"BM": 32, "BN": 32, "BK": 32},
     "thin": {"BM": 32, "BK": 64},
     "tn": {"BP": 32, "BQ": 64, "BM": 64},
-    "swiglu": {"BM": 32, "BN": 32, "BK": 32},
+    "swiglu": {"BM": 32, "BN": 32, "BK": 32, "BR": 16},
 }
 _tuned: dict[tuple[str, int], object] = {}
 
@@ -449,7 +452,7 @@ def launch_thin(
     s = [float(v) for v in scales] + [0.0] * (3 - len(scales))
     c1 = ranks[0] if len(ranks) > 1 else R
     c2 = c1 + ranks[1] if len(ranks) > 2 else R
-    br = max(16, triton.next_power_of_2(R)) if R <= 128 else 64
+    br = rank_block(R, widest=128)
     grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(R, br))
     launch(
         "thin", x.device, grid,
@@ -562,8 +565,7 @@ def launch_swiglu(
         M=M, I=I, K=K, RG=rg, RU=ru,
         stride_xm=x.stride(0), stride_wn=w.stride(0), stride_xam=xa.stride(0),
         stride_dhm=0 if dh is None else dh.stride(0), stride_om=out.stride(0),
-        BACKWARD=dh is not None, DOT=dot_precision(x.dtype), BR=rank_block(max(rg, ru)),
-        GROUP_M=8,
+        BACKWARD=dh is not None, DOT=dot_precision(x.dtype), GROUP_M=8,
     )  # fmt: skip
     return out
 

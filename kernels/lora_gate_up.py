@@ -301,10 +301,9 @@ _DIVISIBLE = ("I", "K", "stride_xm", "stride_wn", "stride_om", "stride_dhm")
 INSPECT_TARGETS = [
     inspect_target(
         "lora_gate_up_fwd", "swiglu", ones=(), divisible=_DIVISIBLE, BACKWARD=False, GROUP_M=8,
-        BR=64,
     ),
     inspect_target(
         "lora_gate_up_bwd_recompute", "swiglu", ones=(), divisible=_DIVISIBLE, BACKWARD=True,
-        GROUP_M=8, BR=64,
+        GROUP_M=8,
     ),
 ]  # fmt: skip
