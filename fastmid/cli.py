@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("fastmid.probe", "per-layer sensitivity of an untuned model; recommends a band"),
     "bench": ("fastmid.benchcmd", "benchmark fastmid against PEFT LoRA"),
     "compare": ("fastmid.compare", "train several depth placements alike and compare them"),
+    "selfcheck": ("fastmid.selfcheck", "prove the kernels on this machine; JSON report + table"),
 }
 
 
