@@ -31,7 +31,7 @@ from triton.compiler import ASTSource
 from ._common import InspectTarget, config_name
 
 # One module per op; each lists the launches it makes in `INSPECT_TARGETS`.
-KERNEL_MODULES = ("lora_linear", "lora_qkv", "lora_gate_up")
+KERNEL_MODULES = ("lora_linear", "lora_qkv", "lora_gate_up", "nf4_matmul")
 TENSOR_CORE_OPCODE = {90: "HGMMA", 80: "HMMA"}
 
 
