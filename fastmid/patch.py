@@ -68,6 +68,9 @@ class MidBlockConfig:
     # Liger's Triton RMSNorm and SiLU-mul in the frozen blocks (CUDA only, when liger_kernel
     # is installed; ignored otherwise).
     use_liger: bool = True
+    # Frozen linears of every decoder block stored quantized after patching: "nf4" (4-bit,
+    # QLoRA's NormalFloat), "int8" (per-channel), or "none" (see fastmid.quantize).
+    quantize: str = "none"
 
 
 @dataclass
@@ -379,12 +382,12 @@ def _checkpointed_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
 
 def _swiglu_forward(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     gate, up = mlp.gate_proj, mlp.up_proj
-    weight = mlp._fastmid_gate_up_weight
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         h = kernels.lora_gate_up(
             x,
-            weight,
+            # Read per call: quantize_frozen may replace the matrix after patching.
+            mlp._fastmid_gate_up_weight,
             gate.lora_A,
             up.lora_A,
             gate.lora_B,
@@ -508,6 +511,9 @@ def _validate_config(cfg: MidBlockConfig) -> None:
         raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
     if not cfg.alpha > 0:
         raise UserError(f"alpha must be positive, got {cfg.alpha}")
+    from fastmid.quantize import check_quantize_method
+
+    check_quantize_method(cfg.quantize)
 
 
 def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Module:
@@ -515,6 +521,8 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
     cfg = cfg or MidBlockConfig()
     if getattr(model, "fastmid_state", None) is not None:
         raise UserError("model is already patched by apply_midblock")
+    if getattr(model, "fastmid_quantize", "none") != "none":
+        raise UserError("patch the model before quantizing it (MidBlockConfig(quantize=...))")
     _validate_config(cfg)
     layers_path, blocks = _find_layers(model)
     num_layers = len(blocks)
@@ -583,6 +591,10 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
         layers_path=layers_path,
         module_paths=module_paths,
     )
+    if cfg.quantize != "none":
+        from fastmid.quantize import quantize_frozen
+
+        quantize_frozen(model, cfg.quantize)
     return model
 
 
@@ -629,6 +641,20 @@ def _fuse_gate_up(block: nn.Module, paths: dict[str, str], mods: dict[str, LoraL
     # A buffer-free plain attribute: the frozen matrix is already owned by gate/up (as views).
     mlp._fastmid_gate_up_weight = weight
     _wrap_forward(mlp, lambda _orig: _swiglu_forward(mlp))
+
+
+def fused_weights(block: nn.Module) -> list[tuple[Any, str, list[LoraLinear]]]:
+    """Each frozen concatenated weight of ``block`` as (holder, attribute name, member modules
+    in row order): q/k/v's shared matrix and a fused SwiGLU's gate/up matrix. A later pass
+    (quantization) replaces the matrix and the members' row views of it together."""
+    out: list[tuple[Any, str, list[LoraLinear]]] = []
+    for module in block.modules():
+        group = module._group if isinstance(module, LoraLinear) else None
+        if group is not None and all(g is not group for g, _, _ in out):
+            out.append((group, "weight", [group.modules[n] for n in QKV]))
+        if "_fastmid_gate_up_weight" in module.__dict__:
+            out.append((module, "_fastmid_gate_up_weight", [module.gate_proj, module.up_proj]))
+    return out
 
 
 def unpatch_forwards(model: nn.Module) -> None:
