@@ -24,6 +24,8 @@ from fastmid.fileio import write_text_atomic
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
+# How the frozen base is stored (fastmid.quantize).
+QUANTIZE_METHODS = ("none", "nf4", "int8")
 FORMATS = ("qa", "chat")
 LOSS_ON = ("response", "all")
 PARALLEL = ("auto", "ddp", "fsdp")
@@ -76,6 +78,9 @@ class TrainConfig:
     fuse_groups: bool = True
     # Recompute activations of the active blocks in backward instead of storing them.
     gradient_checkpointing: bool = False
+    # Frozen linears of every decoder block stored quantized: "nf4" (4-bit, QLoRA's NormalFloat),
+    # "int8" (per-channel), or "none"; the adapters and their optimizer state stay fp32.
+    quantize: str = "none"
 
     # --- optimisation ---
     # "auto" = bf16 mixed precision on CUDA or CPUs with native bf16 matmul, else fp32.
@@ -138,6 +143,7 @@ class TrainConfig:
         _one_of("format", self.format, FORMATS)
         _one_of("loss_on", self.loss_on, LOSS_ON)
         _one_of("precision", self.precision, PRECISIONS)
+        _one_of("quantize", self.quantize, QUANTIZE_METHODS)
         _one_of("schedule", self.schedule, SCHEDULES)
         parse_band(self.band)
         if self.rank is not None and self.rank < 1:
@@ -176,6 +182,8 @@ class TrainConfig:
         if self.max_steps is not None:
             _positive("max_steps", self.max_steps)
         _positive("nproc", self.nproc)
+        if self.nproc > 1 and self.quantize != "none":
+            raise UserError(f"quantize {self.quantize} trains in one process only (nproc 1)")
         _one_of("parallel", self.parallel, PARALLEL)
         _positive("log_every", self.log_every)
         if self.save_every < 0:

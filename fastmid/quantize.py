@@ -33,10 +33,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from fastmid.config import QUANTIZE_METHODS
 from fastmid.errors import UserError
 from fastmid.kernels.nf4_matmul import NF4Weight, nf4_dequantize, nf4_linear
 
-QUANTIZE_METHODS = ("none", "nf4", "int8")
 # Values per NF4 block (one absmax scale each): QLoRA's choice; must divide each layer's width.
 NF4_BLOCK = 64
 # Upper bound on NF4 scales per double-quantization group (torchao's default); a smaller power

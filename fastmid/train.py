@@ -45,6 +45,7 @@ from fastmid.checkpoint import save_checkpoint as _save_checkpoint
 from fastmid.config import (
     DEMO,
     PAPER_LR,
+    QUANTIZE_METHODS,
     TrainConfig,
     build_config,
     parse_band,
@@ -346,6 +347,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # Under torchrun: join the process group. Every rank has passed the output-dir checks
     # above before rank 0 may write there.
     world = distributed.init_distributed(device).world_size
+    if world > 1 and cfg.quantize != "none":
+        # DDP broadcasts and FSDP shards plain parameters; a quantized base is one process's.
+        raise UserError(f"--quantize {cfg.quantize} runs in one process only; this run has {world}")
     distributed.barrier()
     precision = resolve_precision(cfg.precision, device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -392,6 +396,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # FSDP shards each linear's own weight; fused groups read a concatenated copy.
         fuse_groups=cfg.fuse_groups and parallel != "fsdp",
         gradient_checkpointing=cfg.gradient_checkpointing,
+        quantize=cfg.quantize,
     )
     torch.manual_seed(cfg.seed)
     patch.apply_midblock(model, mid_cfg)
@@ -750,6 +755,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--targets", "comma-separated linear layers, e.g. q_proj,k_proj,v_proj,o_proj")
     add("--use-rslora", "scale alpha/sqrt(rank)", action="store_true")
     add("--gradient-checkpointing", "recompute active blocks in backward", action="store_true")
+    add("--quantize", "store the frozen decoder linears quantized", choices=QUANTIZE_METHODS)
     group = parser.add_argument_group("optimisation")
     add("--precision", "auto | bf16 | fp32", choices=["auto", "bf16", "fp32"])
     demo_lr = DEMO["lr"]
