@@ -27,6 +27,7 @@ backward.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, NamedTuple
 
@@ -71,9 +72,26 @@ def _nf4_scaler_block(row_blocks: list[int]) -> int:
     return min(NF4_SCALER_BLOCK, g & -g)
 
 
-def _quantize_nf4(weight: torch.Tensor, parts: list[int], block: int) -> NF4Weight:
-    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+def _torchao_to_nf4() -> Any:
+    """torchao's NF4 quantizer, imported quietly: on a CPU-only torch, torchao logs a warning
+    per CUDA extension it cannot load (and torch one about an enum it registers); neither
+    concerns NF4, which is plain PyTorch."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+    except ImportError as e:
+        raise UserError(f"--quantize nf4 needs torchao: pip install 'fastmid[quant]' ({e})") from e
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
+    return to_nf4
 
+
+def _quantize_nf4(weight: torch.Tensor, parts: list[int], block: int) -> NF4Weight:
+    to_nf4 = _torchao_to_nf4()
     k = weight.shape[1]
     nf4 = to_nf4(weight.contiguous(), block, _nf4_scaler_block([n * k // block for n in parts]))
     return NF4Weight(
