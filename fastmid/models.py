@@ -137,6 +137,9 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> t
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fastmid.quantize import import_torchao_quietly
+
+    import_torchao_quietly()  # before transformers imports it, and logs CUDA-only noise
     if spec is None:
         source, name = str(default_model_dir()), DEFAULT_HUB_ID
     else:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+from importlib.util import find_spec
 from typing import Any, NamedTuple
 
 import torch
@@ -72,26 +73,39 @@ def _nf4_scaler_block(row_blocks: list[int]) -> int:
     return min(NF4_SCALER_BLOCK, g & -g)
 
 
-def _torchao_to_nf4() -> Any:
-    """torchao's NF4 quantizer, imported quietly: on a CPU-only torch, torchao logs a warning
-    per CUDA extension it cannot load (and torch one about an enum it registers); neither
-    concerns NF4, which is plain PyTorch."""
+def _enum_notice(record: logging.LogRecord) -> bool:
+    return "register_constant() on Enum subclasses is deprecated" not in record.getMessage()
+
+
+def import_torchao_quietly() -> Any | None:
+    """torchao's NF4 module, or None where torchao is not installed. On a CPU-only torch,
+    importing torchao logs a warning per CUDA extension it cannot load (and torch one per enum
+    it registers); none concerns NF4, which is plain PyTorch. transformers imports torchao
+    itself whenever it is installed, so model loading calls this first."""
+    if find_spec("torchao") is None:
+        return None
+    # transformers later imports more of torchao, registering more enums: drop just that
+    # deprecation notice, for good (a filter, so every other pytree message still shows).
+    pytree = logging.getLogger("torch.utils._pytree")
+    if _enum_notice not in pytree.filters:
+        pytree.addFilter(_enum_notice)
     loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
     levels = [log.level for log in loggers]
     for log in loggers:
         log.setLevel(logging.ERROR)
     try:
-        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
-    except ImportError as e:
-        raise UserError(f"--quantize nf4 needs torchao: pip install 'fastmid[quant]' ({e})") from e
+        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
     finally:
         for log, level in zip(loggers, levels, strict=True):
             log.setLevel(level)
-    return to_nf4
+    return nf4_tensor
 
 
 def _quantize_nf4(weight: torch.Tensor, parts: list[int], block: int) -> NF4Weight:
-    to_nf4 = _torchao_to_nf4()
+    nf4_tensor = import_torchao_quietly()
+    if nf4_tensor is None:
+        raise UserError("--quantize nf4 needs torchao: pip install 'fastmid[quant]'")
+    to_nf4 = nf4_tensor.to_nf4
     k = weight.shape[1]
     nf4 = to_nf4(weight.contiguous(), block, _nf4_scaler_block([n * k // block for n in parts]))
     return NF4Weight(
@@ -166,8 +180,11 @@ class QuantizedWeight(torch.Tensor):
         self.payload = payload
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The full weight as a plain tensor (in its own dtype unless ``dtype`` is given)."""
-        return dequantize_payload(self.payload, dtype or self.dtype)
+        """The full weight as a plain tensor (in its own dtype unless ``dtype`` is given).
+        Always the values dequantized in its own dtype, cast after: merge and the training
+        step then see the same weight."""
+        w = dequantize_payload(self.payload, self.dtype)
+        return w if dtype is None else w.to(dtype)
 
     @property
     def method(self) -> str:
