@@ -33,6 +33,7 @@ from fastmid.tracking import REPORT_TO
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
+# How the frozen base is stored (fastmid.quantize).
 FORMATS = ("qa", "chat")
 LOSS_ON = ("response", "all")
 PARALLEL = ("auto", "ddp", "fsdp")
@@ -227,6 +228,10 @@ class TrainConfig:
         if self.max_steps is not None:
             _positive("max_steps", self.max_steps)
         _positive("nproc", self.nproc)
+        if self.nproc > 1 and self.midblock.quantize != "none":
+            raise UserError(
+                f"quantize {self.midblock.quantize} trains in one process only (nproc 1)"
+            )
         _positive("log_every", self.log_every)
         _at_least_zero("save_every", self.save_every)
         _at_least_zero("save_every_minutes", self.save_every_minutes)

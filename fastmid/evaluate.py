@@ -24,6 +24,7 @@ from tqdm import tqdm
 from fastmid.data import IGNORE_INDEX, QA_PROMPT, bundled_path, load_records
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
+from fastmid.midblock import QUANTIZE_METHODS
 
 _NUMBER = re.compile(r"-?[\d,]*\d\.?\d*")
 
@@ -233,6 +234,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=QUANTIZE_METHODS,
+        help="frozen decoder linears stored quantized, as the adapter was trained (default: none)",
+    )
+    parser.add_argument(
         "--perplexity",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -243,6 +250,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``fastmid eval``: print accuracy (and perplexity); optionally write predictions."""
     from fastmid.models import load_model, resolve_dtype
+    from fastmid.quantize import quantize_frozen
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be positive, got {args.limit}")
@@ -263,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
         from fastmid.adapters import load_adapter
 
         load_adapter(model, args.adapter)
+    quantize_frozen(model, args.quantize)
     # Adapters keep fp32 weights beside the bf16 base; autocast runs both in the compute dtype.
     device = next(model.parameters()).device
 

@@ -55,6 +55,8 @@ PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PAPER_ALPHA = 128.0
 PAPER_DROPOUT = 0.05
 PAPER_RANK_BUDGET = 64
+# How quantize_frozen may store the frozen linears (fastmid.quantize).
+QUANTIZE_METHODS = ("none", "nf4", "int8")
 
 
 @dataclass
@@ -114,6 +116,14 @@ class MidBlockConfig:
             "liger_kernel installed; ignored otherwise)"
         },
     )
+    quantize: str = field(
+        default="none",
+        metadata={
+            "help": "frozen linears of every decoder block stored quantized: nf4 (4-bit "
+            "NormalFloat, QLoRA's), int8 (per-channel) or none; adapters stay fp32",
+            "choices": QUANTIZE_METHODS,
+        },
+    )
 
     def validate(self) -> MidBlockConfig:
         """Check every field that does not depend on the model; UserError names the first bad
@@ -134,6 +144,10 @@ class MidBlockConfig:
             raise UserError(f"alpha must be positive, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.quantize not in QUANTIZE_METHODS:
+            raise UserError(
+                f"quantize must be one of {'|'.join(QUANTIZE_METHODS)}, got {self.quantize!r}"
+            )
         return self
 
 
@@ -527,12 +541,12 @@ def _checkpointed_forward(module: nn.Module, forward: Callable[..., Any]) -> Cal
 
 def _swiglu_forward(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     gate, up = mlp.gate_proj, mlp.up_proj
-    weight = getattr(mlp, _GATE_UP_WEIGHT)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         h = kernels.lora_gate_up(
             x,
-            weight,
+            # Read per call: quantize_frozen may replace the matrix after patching.
+            mlp._fastmid_gate_up_weight,
             gate.lora_A,
             up.lora_A,
             gate.lora_B,
@@ -580,6 +594,8 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
     cfg = cfg or MidBlockConfig()
     if getattr(model, "fastmid_state", None) is not None:
         raise UserError("model is already patched by apply_midblock")
+    if getattr(model, "fastmid_quantize", "none") != "none":
+        raise UserError("patch the model before quantizing it (MidBlockConfig(quantize=...))")
     cfg.validate()
     layers_path, blocks = find_layers_with_path(model)
     num_layers = len(blocks)
@@ -660,6 +676,10 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
         module_paths=module_paths,
         rank_note=rank_note,
     )
+    if cfg.quantize != "none":
+        from fastmid.quantize import quantize_frozen
+
+        quantize_frozen(model, cfg.quantize)
     return model
 
 
@@ -705,6 +725,20 @@ def _fuse_gate_up(block: nn.Module, paths: dict[str, str], mods: dict[str, LoraL
     up.weight = nn.Parameter(weight[gate.out_features :], requires_grad=False)
     setattr(mlp, _GATE_UP_WEIGHT, weight)
     wrap_forward(mlp, lambda module, _forward: _swiglu_forward(module))
+
+
+def fused_weights(block: nn.Module) -> list[tuple[Any, str, list[LoraLinear]]]:
+    """Each frozen concatenated weight of ``block`` as (holder, attribute name, member modules
+    in row order): q/k/v's shared matrix and a fused SwiGLU's gate/up matrix. A later pass
+    (quantization) replaces the matrix and the members' row views of it together."""
+    out: list[tuple[Any, str, list[LoraLinear]]] = []
+    for module in block.modules():
+        group = module._group if isinstance(module, LoraLinear) else None
+        if group is not None and all(g is not group for g, _, _ in out):
+            out.append((group, "weight", [group.modules[n] for n in QKV]))
+        if "_fastmid_gate_up_weight" in module.__dict__:
+            out.append((module, "_fastmid_gate_up_weight", [module.gate_proj, module.up_proj]))
+    return out
 
 
 def unpatch_forwards(model: nn.Module) -> None:

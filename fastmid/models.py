@@ -166,6 +166,10 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> t
     # transformers draws a "Loading weights" bar on stderr for every load; fastmid's commands
     # print their own progress, and keep stderr for errors.
     hf_logging.disable_progress_bar()
+
+    from fastmid.quantize import import_torchao_quietly
+
+    import_torchao_quietly()  # before transformers imports it, and logs CUDA-only noise
     if spec is None:
         source, name = str(default_model_dir()), DEFAULT_HUB_ID
     else:

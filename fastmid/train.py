@@ -212,6 +212,10 @@ def init_runtime(cfg: TrainConfig) -> Runtime:
     has passed the output-dir checks before rank 0 may write there (the barrier)."""
     device = distributed.default_device()
     world = distributed.init_distributed(device).world_size
+    quantize = cfg.midblock.quantize
+    if world > 1 and quantize != "none":
+        # DDP broadcasts and FSDP shards plain parameters; a quantized base is one process's.
+        raise UserError(f"--quantize {quantize} runs in one process only; this run has {world}")
     distributed.barrier()
     if world > 1 and cfg.grad_accum % world:
         log(f"note: grad_accum {cfg.grad_accum} is not a multiple of {world} ranks; some idle")

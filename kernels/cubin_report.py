@@ -32,7 +32,7 @@ from triton.compiler import ASTSource
 from ._common import InspectTarget, config_name
 
 # One module per op; each lists the launches it makes in `INSPECT_TARGETS`.
-KERNEL_MODULES = ("lora_linear", "lora_qkv", "lora_gate_up")
+KERNEL_MODULES = ("lora_linear", "lora_qkv", "lora_gate_up", "nf4_matmul")
 TENSOR_CORE_OPCODE = {90: "HGMMA", 80: "HMMA"}
 # Registers per thread a shipped config may use: 255 is the hardware cap, and a kernel at it
 # has no headroom (the next compiler release or a small code change tips it into spilling).
