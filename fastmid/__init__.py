@@ -20,6 +20,7 @@ _EXPORTS = {
     "save_adapter": "fastmid.adapters",
     "load_adapter": "fastmid.adapters",
     "merge": "fastmid.adapters",
+    "quantize_frozen": "fastmid.quantize",
     "UserError": "fastmid.errors",
 }
 

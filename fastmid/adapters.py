@@ -37,6 +37,7 @@ from fastmid.midblock import (
     set_submodule,
     unpatch_forwards,
 )
+from fastmid.quantize import dequantize_frozen, quantized_method
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -217,14 +218,26 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
-def merge(model: nn.Module) -> nn.Module:
+def merge(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Fold every adapter into its base weight (``W += scale·B·A`` in fp32, cast back).
 
     Returns the same model object as a plain Hugging Face model: LoraLinear modules replaced
     by ``nn.Linear``, every instance-level wrapper removed, ``fastmid_state`` deleted, so
     ``save_pretrained`` works. The base parameters stay frozen.
+
+    A quantized base (``fastmid.quantize``) is refused unless ``dequantize=True``: then every
+    frozen weight is dequantized first and the adapters are folded into those values, so the
+    merged model computes what the quantized base plus adapters did, at full-precision size.
     """
     midblock_state(model)  # a clear error for a model that was never patched
+    method = quantized_method(model)
+    if method != "none":
+        if not dequantize:
+            raise UserError(
+                f"cannot merge adapters into a {method}-quantized base; "
+                "merge(model, dequantize=True) folds them into the dequantized weights"
+            )
+        dequantize_frozen(model)
     unpatch_forwards(model)
     for name, module in list(_module_paths(model).items()):
         set_submodule(model, name, module.merged_linear())

@@ -40,6 +40,7 @@ from fastmid import layerstats
 from fastmid.data import IGNORE_INDEX
 from fastmid.errors import UserError
 from fastmid.fileio import replace_atomic
+from fastmid.midblock import QUANTIZE_METHODS
 
 __all__ = [
     "COLUMNS",
@@ -55,6 +56,8 @@ __all__ = [
     "write_outputs",
 ]
 
+# `fastmid analyze` writes here unless --output-dir says otherwise (announced when it starts).
+DEFAULT_OUTPUT_DIR = "./fastmid-analyze"
 COLUMNS = (
     "layer",
     "depth",
@@ -265,27 +268,38 @@ def analyze(
     band: Sequence[int] | None = None,
     progress: bool = False,
     lens_positions: int = 0,
+    quantize: str = "none",
 ) -> dict[str, Any]:
     """Compare a tuned model with its base on ``examples``; returns the JSON-able result.
 
     ``tuned`` is an adapter directory (applied onto a base loaded by ``load_base``) or a
     callable returning the tuned model. ``band`` (the layers to shade) defaults to the adapter's
     layers, or for a full model to the layers whose weights changed. ``lens_positions``: see
-    :func:`collect_states`.
+    :func:`collect_states`. ``quantize`` stores the base's frozen linears quantized (as the
+    adapter was trained), in both passes.
     """
     from fastmid.adapters import load_adapter, merge
     from fastmid.midblock import lora_modules
     from fastmid.probe import PROJECTIONS
+    from fastmid.quantize import quantize_frozen
 
-    model = load_base()
+    if quantize != "none" and callable(tuned):
+        raise UserError("--quantize applies to an adapter; a full tuned model has its own weights")
+    model = quantize_frozen(load_base(), quantize)
     base = collect_states(
         model, examples, batch_size, pad_id, "base" if progress else None, lens_positions
     )
     if not callable(tuned):
+        if quantize != "none":
+            # Adapters are patched in before quantizing: start again from a fresh base.
+            del model
+            model = load_base()
         load_adapter(model, tuned)
+        quantize_frozen(model, quantize)
         adapted = sorted({layer for layer, _, _ in lora_modules(model)})
         changes = adapter_weight_change(model)
-        merge(model)  # the tuned pass then runs the plain model with W + s·B·A folded in
+        # The tuned pass then runs the plain model with W + s·B·A folded in (W dequantized).
+        merge(model, dequantize=True)
     else:
         weights = _projection_weights(model, PROJECTIONS)
         before = {k: [w.cpu().clone() for w in ws] for k, ws in weights.items()}
@@ -422,10 +436,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", default=None, help="JSONL records (default: the bundled test split)"
     )
-    parser.add_argument("--samples", type=int, default=200, help="examples to analyse")
-    parser.add_argument("--format", default="qa", choices=("qa", "chat"), help="record format")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per example")
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
+    parser.add_argument(
+        "--samples", type=int, default=200, help="examples to analyse (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--format",
+        default="qa",
+        choices=("qa", "chat"),
+        help="record format (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-length", type=int, default=128, help="tokens per example (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="examples per forward pass (default: %(default)s)"
+    )
     parser.add_argument(
         "--band", default=None, help="layers to shade, e.g. 6-23 (default: the adapted layers)"
     )
@@ -433,10 +458,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lens-positions",
         type=int,
         default=16,
-        help="logit-lens positions per example, evenly spaced (0 = every position)",
+        help="logit-lens positions per example, evenly spaced; 0 = every position "
+        "(default: %(default)s)",
     )
-    parser.add_argument("--output-dir", default="./fastmid-analyze", help="where outputs go")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--output-dir",
+        default=DEFAULT_OUTPUT_DIR,
+        help="where layers.csv, analysis.json and depth_profile.png go (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bar (default: shown)"
+    )
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=QUANTIZE_METHODS,
+        help="frozen decoder linears stored quantized, as the adapter was trained (default: none)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -462,6 +500,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--band must list layers, e.g. 6-23 or 3,5,7")
     data = Path(args.data) if args.data else bundled_path("test")
     records = load_records(data)[: args.samples]
+    print(f"fastmid analyze: results go to {args.output_dir} (--output-dir)", flush=True)
     # The base is loaded here for its tokenizer; analyze() takes it over (and may free it).
     model, tokenizer, base_name = load_model(args.base)
     examples = tokenize_records(
@@ -487,6 +526,7 @@ def run(args: argparse.Namespace) -> int:
         band=band,
         progress=not args.no_progress,
         lens_positions=args.lens_positions,
+        quantize=args.quantize,
     )
     result.update(base=base_name, tuned=str(tuned_path), data=str(data))
     paths = write_outputs(result, args.output_dir, title=f"{args.tuned} vs {base_name}")

@@ -33,6 +33,7 @@ from fastmid.tracking import REPORT_TO
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
+# How the frozen base is stored (fastmid.quantize).
 FORMATS = ("qa", "chat")
 LOSS_ON = ("response", "all")
 PARALLEL = ("auto", "ddp", "fsdp")
@@ -150,7 +151,13 @@ class TrainConfig:
         **MAY_CHANGE_ON_RESUME,
     )
     save_every: int = option(
-        0, "checkpoint every N optimizer steps (0 = only on interrupt)", **MAY_CHANGE_ON_RESUME
+        0, "also checkpoint every N optimizer steps (0 = off)", **MAY_CHANGE_ON_RESUME
+    )
+    save_every_minutes: float = option(
+        10.0,
+        "checkpoint after this many minutes of training since the last one, so a killed run "
+        "loses at most that much (0 = off; SIGINT/SIGTERM always checkpoint)",
+        **MAY_CHANGE_ON_RESUME,
     )
     resume: bool = option(
         False,
@@ -221,8 +228,13 @@ class TrainConfig:
         if self.max_steps is not None:
             _positive("max_steps", self.max_steps)
         _positive("nproc", self.nproc)
+        if self.nproc > 1 and self.midblock.quantize != "none":
+            raise UserError(
+                f"quantize {self.midblock.quantize} trains in one process only (nproc 1)"
+            )
         _positive("log_every", self.log_every)
         _at_least_zero("save_every", self.save_every)
+        _at_least_zero("save_every_minutes", self.save_every_minutes)
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite exclude each other")
         if self.eval_limit is not None and self.eval_limit < 1:

@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastmid.data import IGNORE_INDEX
-from fastmid.errors import UserError
+from fastmid.errors import INTERRUPTED_EXIT, STATUS_FILE_ENV, USER_ERROR_EXIT, UserError
 from fastmid.midblock import is_fused
 
 T = TypeVar("T")
@@ -435,16 +435,78 @@ def launch(nproc: int, argv: Sequence[str], config: dict[str, Any] | None = None
         argv += ["--config", str(tmp_path)]
     # Ctrl-C reaches torchrun and the workers too (same process group): they save a checkpoint
     # and stop. This process must outlive them rather than kill torchrun on KeyboardInterrupt.
-    proc = subprocess.Popen(torchrun_command(nproc, argv))
-    forward = lambda signum, frame: proc.send_signal(signum)
+    status = _WorkerStatus()
+    proc = subprocess.Popen(torchrun_command(nproc, argv), env=status.env(), stderr=subprocess.PIPE)
+    relay = threading.Thread(target=status.relay, args=(proc.stderr,), daemon=True)
+    relay.start()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        status.stopping = True
+        if signum != signal.SIGINT:
+            proc.send_signal(signum)
+
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda signum, frame: None)
-        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, forward)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
     try:
-        return proc.wait()
+        code = proc.wait()
+        relay.join()
+        return status.exit_code(code)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        status.close()
         if tmp_path is not None:
             tmp_path.unlink(missing_ok=True)
+
+
+class _WorkerStatus:
+    """Report a torchrun run as one process would: one line for a user error (exit 2), a
+    stop on a signal with its checkpoint saved as exit 130, instead of torchrun's report of
+    failed workers.
+
+    Workers append how they ended to a status file (:mod:`fastmid.errors`). The launcher
+    relays torchrun's stderr as it comes, but holds it back from the moment a worker reports
+    a user error or a stop signal arrives; the held text (torchrun's report) is shown only
+    when the workers did not end in one of those two ways.
+    """
+
+    def __init__(self) -> None:
+        fd, name = tempfile.mkstemp(prefix="fastmid-status-", suffix=".txt")
+        os.close(fd)
+        self.path = Path(name)
+        self.stopping = False  # a SIGINT/SIGTERM reached the launcher
+        self._held: list[bytes] = []
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, STATUS_FILE_ENV: str(self.path)}
+
+    def _lines(self, kind: str) -> list[str]:
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        return [line[len(kind) + 1 :] for line in text.splitlines() if line.startswith(kind)]
+
+    def relay(self, stream: Any) -> None:
+        # Raw reads, not lines: progress bars that redraw with "\r" pass through at once.
+        fd = stream.fileno()
+        while chunk := os.read(fd, 65536):
+            if self._held or self.stopping or self._lines("error"):
+                self._held.append(chunk)
+            else:
+                sys.stderr.write(chunk.decode("utf-8", errors="replace"))
+                sys.stderr.flush()
+        stream.close()
+
+    def exit_code(self, code: int) -> int:
+        errors = self._lines("error")
+        if code != 0 and errors:
+            print(errors[0], file=sys.stderr, flush=True)
+            return USER_ERROR_EXIT
+        if code != 0 and set(self._lines("exit")) == {str(INTERRUPTED_EXIT)}:
+            return INTERRUPTED_EXIT  # every worker saved its checkpoint and said so
+        sys.stderr.write(b"".join(self._held).decode("utf-8", errors="replace"))
+        sys.stderr.flush()
+        return code
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from fastmid.data import IGNORE_INDEX, QA_PROMPT, bundled_path, load_records
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
+from fastmid.midblock import QUANTIZE_METHODS
 
 _NUMBER = re.compile(r"-?[\d,]*\d\.?\d*")
 
@@ -194,27 +195,62 @@ def write_predictions(predictions: list[dict], path: str | Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``fastmid eval``."""
-    parser.add_argument("--model", default=None, help="HF dir, .gguf, or hub id (default: SmolLM2)")
-    parser.add_argument("--adapter", default=None, help="adapter directory to load (PEFT format)")
-    parser.add_argument("--data", default=None, help="JSONL test records (default: bundled test)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
-    parser.add_argument("--output", default=None, help="write predictions to this JSONL file")
-    parser.add_argument("--batch-size", type=int, default=32, help="generation batch size")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens per answer")
     parser.add_argument(
-        "--precision", default="auto", choices=["auto", "bf16", "fp32"], help="compute dtype"
+        "--model",
+        default=None,
+        help="HF dir, .gguf or hub id (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        help="adapter directory to load, PEFT format (default: none, the base model alone)",
+    )
+    parser.add_argument(
+        "--data", default=None, help="JSONL test records (default: the bundled test split)"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="evaluate the first N records (default: all)"
+    )
+    parser.add_argument(
+        "--output", default=None, help="write predictions to this JSONL file (default: not written)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="prompts per batched generation (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=64,
+        help="greedy tokens per answer (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="compute dtype; auto = bf16 where matmul is native in bf16, else fp32 "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=QUANTIZE_METHODS,
+        help="frozen decoder linears stored quantized, as the adapter was trained (default: none)",
     )
     parser.add_argument(
         "--perplexity",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also report perplexity on the bundled held-out text",
+        help="also report perplexity on the bundled held-out text (default: on)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     """``fastmid eval``: print accuracy (and perplexity); optionally write predictions."""
     from fastmid.models import load_model, resolve_dtype
+    from fastmid.quantize import quantize_frozen
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be positive, got {args.limit}")
@@ -235,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
         from fastmid.adapters import load_adapter
 
         load_adapter(model, args.adapter)
+    quantize_frozen(model, args.quantize)
     # Adapters keep fp32 weights beside the bf16 base; autocast runs both in the compute dtype.
     device = next(model.parameters()).device
 

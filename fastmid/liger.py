@@ -27,7 +27,10 @@ _LLAMA_STYLE_NORMS = {
 }
 
 
-def _liger_ops() -> tuple[Any, Any] | None:
+def _liger_ops(device: torch.device) -> tuple[Any, Any] | None:
+    """Liger's RMSNorm and SiLU-mul Functions where they run: on CUDA, with liger_kernel."""
+    if device.type != "cuda":
+        return None
     try:
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
@@ -42,9 +45,7 @@ def apply_liger_to_frozen(blocks: list[nn.Module]) -> int:
     Only on CUDA and only when ``liger_kernel`` is importable; adapted blocks keep their own
     modules (their MLP may already run ``lora_gate_up``). Returns how many modules were patched.
     """
-    if not blocks or not next(blocks[0].parameters()).is_cuda:
-        return 0
-    ops = _liger_ops()
+    ops = _liger_ops(next(blocks[0].parameters()).device) if blocks else None
     if ops is None:
         return 0
     rms_fn, silu_mul_fn = ops
@@ -55,10 +56,10 @@ def apply_liger_to_frozen(blocks: list[nn.Module]) -> int:
                 continue
             if type(module).__name__ in _LLAMA_STYLE_NORMS:
                 eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
-                wrap_forward(module, lambda _, m=module, e=eps: _liger_rms_forward(m, rms_fn, e))
+                wrap_forward(module, lambda m, _f, e=eps: _liger_rms_forward(m, rms_fn, e))
                 patched += 1
             elif _is_plain_swiglu(module):
-                wrap_forward(module, lambda _, m=module: _liger_swiglu_forward(m, silu_mul_fn))
+                wrap_forward(module, lambda m, _f: _liger_swiglu_forward(m, silu_mul_fn))
                 patched += 1
     return patched
 

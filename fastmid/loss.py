@@ -264,10 +264,10 @@ def _head_matches(model: nn.Module, forward: Callable[..., Any]) -> bool:
 def install_label_only_loss(model: nn.Module, wrap: Callable[..., None]) -> bool:
     """Give ``model`` (this instance only) the label-only loss forward; False if it does not fit.
 
-    ``wrap(module, make)`` installs ``make(module.forward)`` as the instance's forward (the
+    ``wrap(module, make)`` installs ``make(module, module.forward)`` as the instance's forward (the
     patcher's wrapper, so unpatching restores the original).
     """
     if not _head_matches(model, model.forward):
         return False
-    wrap(model, lambda forward: _label_only_forward(model, forward))
+    wrap(model, _label_only_forward)
     return True

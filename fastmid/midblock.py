@@ -19,6 +19,7 @@ Everything is patched on module *instances*; the model's classes are never touch
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -54,6 +55,8 @@ PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PAPER_ALPHA = 128.0
 PAPER_DROPOUT = 0.05
 PAPER_RANK_BUDGET = 64
+# How quantize_frozen may store the frozen linears (fastmid.quantize).
+QUANTIZE_METHODS = ("none", "nf4", "int8")
 
 
 @dataclass
@@ -113,6 +116,14 @@ class MidBlockConfig:
             "liger_kernel installed; ignored otherwise)"
         },
     )
+    quantize: str = field(
+        default="none",
+        metadata={
+            "help": "frozen linears of every decoder block stored quantized: nf4 (4-bit "
+            "NormalFloat, QLoRA's), int8 (per-channel) or none; adapters stay fp32",
+            "choices": QUANTIZE_METHODS,
+        },
+    )
 
     def validate(self) -> MidBlockConfig:
         """Check every field that does not depend on the model; UserError names the first bad
@@ -133,6 +144,10 @@ class MidBlockConfig:
             raise UserError(f"alpha must be positive, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.quantize not in QUANTIZE_METHODS:
+            raise UserError(
+                f"quantize must be one of {'|'.join(QUANTIZE_METHODS)}, got {self.quantize!r}"
+            )
         return self
 
 
@@ -451,11 +466,39 @@ class LoraLinear(nn.Module):
 # Instance-level forward wrappers
 
 
-def wrap_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]):
-    """Replace ``module.forward`` on this instance only, remembering what was there."""
+class _WrappedForward:
+    """An instance-level forward built by ``make(module, inner_forward)``.
+
+    ``copy.deepcopy`` of a patched model rebuilds the wrapper around the copy (a plain closure
+    would keep calling the original module and leave the copy's parameters without grads).
+    """
+
+    def __init__(self, module: nn.Module, make: ForwardMaker, inner: Any) -> None:
+        self.module, self.make, self.inner = module, make, inner
+        self.run: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Built on first call: during a deepcopy the module's copy has no attributes yet.
+        if self.run is None:
+            inner = self.inner or type(self.module).forward.__get__(self.module)
+            self.run = self.make(self.module, inner)
+        return self.run(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _WrappedForward:
+        # The module's copy is in `memo` already: copy registers it before copying its state.
+        module = memo.get(id(self.module), self.module)
+        return _WrappedForward(module, self.make, copy.deepcopy(self.inner, memo))
+
+
+ForwardMaker = Callable[[nn.Module, Callable[..., Any]], Callable[..., Any]]
+
+
+def wrap_forward(module: nn.Module, make: ForwardMaker) -> None:
+    """Replace ``module.forward`` on this instance only with ``make(module, forward)``,
+    remembering what was there."""
     if _ORIG_FORWARD not in module.__dict__:
         setattr(module, _ORIG_FORWARD, module.__dict__.get("forward"))
-    module.forward = make(module.forward)
+    module.forward = _WrappedForward(module, make, module.__dict__.get("forward"))
 
 
 def unwrap_forward(module: nn.Module) -> None:
@@ -468,7 +511,7 @@ def unwrap_forward(module: nn.Module) -> None:
         module.forward = orig
 
 
-def _no_grad_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
+def _no_grad_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
             return forward(*args, **kwargs)
@@ -479,7 +522,7 @@ def _no_grad_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 
 
-def _checkpointed_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
+def _checkpointed_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
@@ -498,12 +541,12 @@ def _checkpointed_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
 
 def _swiglu_forward(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     gate, up = mlp.gate_proj, mlp.up_proj
-    weight = getattr(mlp, _GATE_UP_WEIGHT)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         h = kernels.lora_gate_up(
             x,
-            weight,
+            # Read per call: quantize_frozen may replace the matrix after patching.
+            mlp._fastmid_gate_up_weight,
             gate.lora_A,
             up.lora_A,
             gate.lora_B,
@@ -551,6 +594,8 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
     cfg = cfg or MidBlockConfig()
     if getattr(model, "fastmid_state", None) is not None:
         raise UserError("model is already patched by apply_midblock")
+    if getattr(model, "fastmid_quantize", "none") != "none":
+        raise UserError("patch the model before quantizing it (MidBlockConfig(quantize=...))")
     cfg.validate()
     layers_path, blocks = find_layers_with_path(model)
     num_layers = len(blocks)
@@ -631,6 +676,10 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
         module_paths=module_paths,
         rank_note=rank_note,
     )
+    if cfg.quantize != "none":
+        from fastmid.quantize import quantize_frozen
+
+        quantize_frozen(model, cfg.quantize)
     return model
 
 
@@ -675,7 +724,21 @@ def _fuse_gate_up(block: nn.Module, paths: dict[str, str], mods: dict[str, LoraL
     gate.weight = nn.Parameter(weight[: gate.out_features], requires_grad=False)
     up.weight = nn.Parameter(weight[gate.out_features :], requires_grad=False)
     setattr(mlp, _GATE_UP_WEIGHT, weight)
-    wrap_forward(mlp, lambda _orig: _swiglu_forward(mlp))
+    wrap_forward(mlp, lambda module, _forward: _swiglu_forward(module))
+
+
+def fused_weights(block: nn.Module) -> list[tuple[Any, str, list[LoraLinear]]]:
+    """Each frozen concatenated weight of ``block`` as (holder, attribute name, member modules
+    in row order): q/k/v's shared matrix and a fused SwiGLU's gate/up matrix. A later pass
+    (quantization) replaces the matrix and the members' row views of it together."""
+    out: list[tuple[Any, str, list[LoraLinear]]] = []
+    for module in block.modules():
+        group = module._group if isinstance(module, LoraLinear) else None
+        if group is not None and all(g is not group for g, _, _ in out):
+            out.append((group, "weight", [group.modules[n] for n in QKV]))
+        if "_fastmid_gate_up_weight" in module.__dict__:
+            out.append((module, "_fastmid_gate_up_weight", [module.gate_proj, module.up_proj]))
+    return out
 
 
 def unpatch_forwards(model: nn.Module) -> None:

@@ -161,7 +161,15 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> t
     ``name`` is what an adapter should record as its base model.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # transformers draws a "Loading weights" bar on stderr for every load; fastmid's commands
+    # print their own progress, and keep stderr for errors.
+    hf_logging.disable_progress_bar()
+
+    from fastmid.quantize import import_torchao_quietly
+
+    import_torchao_quietly()  # before transformers imports it, and logs CUDA-only noise
     if spec is None:
         source, name = str(default_model_dir()), DEFAULT_HUB_ID
     else:
@@ -187,15 +195,30 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> t
     return model.eval(), prepare_tokenizer(tokenizer), name
 
 
+# CPU flags (as /proc/cpuinfo names them) of a native bf16 matmul: AVX512-BF16 or AMX-BF16.
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is absent)."""
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
+        return set()
+    return {
+        flag
+        for line in text.splitlines()
+        if line.split(":", 1)[0].strip() == "flags"
+        for flag in line.split(":", 1)[1].split()
+    }
+
+
 def native_bf16() -> bool:
     """True where bf16 matmul is fast: CUDA with bf16 support, or a CPU with AVX512-BF16/AMX."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    return bool(cpu_flags() & BF16_CPU_FLAGS)
 
 
 def resolve_dtype(precision: str) -> torch.dtype:

@@ -220,16 +220,38 @@ def recommend_band(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``fastmid probe``."""
-    parser.add_argument("--model", default=None, help="HF dir, .gguf or hub id (default: embedded)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="HF dir, .gguf or hub id (default: the embedded SmolLM2-135M-Instruct)",
+    )
     parser.add_argument(
         "--data", default=None, help="JSONL records (default: the bundled train split)"
     )
-    parser.add_argument("--format", default="qa", choices=("qa", "chat"), help="record format")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per example")
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per batch")
-    parser.add_argument("--batches", type=int, default=4, help="batches to profile")
-    parser.add_argument("--width", type=int, default=None, help="band width in layers")
-    parser.add_argument("--output", default=None, help="also write the profile as JSON here")
+    parser.add_argument(
+        "--format",
+        default="qa",
+        choices=("qa", "chat"),
+        help="record format (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-length", type=int, default=128, help="tokens per example (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="examples per batch (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batches", type=int, default=4, help="batches to profile (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="band width in layers (default: as many as the 20%%-80%% band)",
+    )
+    parser.add_argument(
+        "--output", default=None, help="also write the profile as JSON here (default: not written)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,8 +5,9 @@ model → choose the band → patch it (:func:`fastmid.models.prepare_model`) �
 model → AdamW over the adapter parameters only and a schedule sized by :func:`plan_steps` →
 the loop of :func:`train_step` over packed token-budget batches, logged through a
 :class:`MetricsWindow` and checkpointed → evaluate again → save the adapter (PEFT format), the
-resolved config and a summary. Checkpoints (every ``save_every`` steps and on SIGINT/SIGTERM)
-make ``--resume`` continue exactly where the run stopped.
+resolved config and a summary. Checkpoints make ``--resume`` continue exactly where the run
+stopped: written atomically every ``save_every_minutes`` (10 by default), every ``save_every``
+steps, and on SIGINT/SIGTERM.
 
 Output directory layout::
 
@@ -15,6 +16,7 @@ Output directory layout::
     <output-dir>/metrics.jsonl    one JSON object per logged step
     <output-dir>/summary.json     loss first → last, accuracy before → after, tok/s, wall time
     <output-dir>/predictions.jsonl  eval generations of the tuned model
+    <output-dir>/curve.png        loss and learning rate per logged step
     <output-dir>/checkpoint/      only while a run is unfinished (interrupted or in progress)
 """
 
@@ -30,6 +32,7 @@ import random
 import resource
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -54,7 +57,7 @@ from fastmid.checkpoint import (
 from fastmid.config import TrainConfig, build_config, may_change_on_resume, save_yaml
 from fastmid.data import Example
 from fastmid.errors import UserError
-from fastmid.fileio import write_text_atomic
+from fastmid.fileio import write_bytes_atomic, write_text_atomic
 from fastmid.loss import forward_loss
 from fastmid.midblock import MidBlockConfig, adapter_parameters, format_band
 
@@ -65,6 +68,7 @@ OUTPUT_ENTRIES = (
     "metrics.jsonl",
     "summary.json",
     "predictions.jsonl",
+    "curve.png",
     "tensorboard",
     "wandb",
     CHECKPOINT_DIR,
@@ -130,10 +134,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     tracker.open({**cfg.to_dict(), "resolved": resolved})
 
     update = optimizer_update(optimizer, scheduler, cfg.max_grad_norm, equalizer)
-    window = MetricsWindow(rt.device, out / "metrics.jsonl", plan.total_steps)
-    checkpoints = CheckpointSchedule(cfg.save_every)
+    checkpoints = CheckpointSchedule(cfg.save_every, cfg.save_every_minutes)
     model.train()
-    with StopFlag().installed() as stop:
+    window = MetricsWindow(rt.device, out / "metrics.jsonl", progress.step, plan.total_steps)
+    with window, StopFlag().installed() as stop:
         while progress.step < plan.total_steps:
             step_batches = [[examples[i] for i in b] for b in batches.for_step(plan, progress.step)]
             result = train_step(dp, step_batches, update, rt.autocast, rt.device)
@@ -208,6 +212,10 @@ def init_runtime(cfg: TrainConfig) -> Runtime:
     has passed the output-dir checks before rank 0 may write there (the barrier)."""
     device = distributed.default_device()
     world = distributed.init_distributed(device).world_size
+    quantize = cfg.midblock.quantize
+    if world > 1 and quantize != "none":
+        # DDP broadcasts and FSDP shards plain parameters; a quantized base is one process's.
+        raise UserError(f"--quantize {quantize} runs in one process only; this run has {world}")
     distributed.barrier()
     if world > 1 and cfg.grad_accum % world:
         log(f"note: grad_accum {cfg.grad_accum} is not a multiple of {world} ranks; some idle")
@@ -666,16 +674,31 @@ def _memory_gb(device: torch.device) -> float:
 
 
 class MetricsWindow:
-    """Sums since the last log line; each flush logs one line and one metrics.jsonl record."""
+    """Sums since the last log line; each flush writes one metrics.jsonl record and shows it:
+    one line per flush, or (stdout a terminal) a progress bar with ETA that carries it."""
 
-    def __init__(self, device: torch.device, path: Path, total_steps: int) -> None:
+    def __init__(self, device: torch.device, path: Path, first_step: int, total_steps: int) -> None:
         self.device = device
         self.path = path
         self.total_steps = total_steps
         self.loss = torch.zeros((), device=device)
         self.labels = 0
         self.tokens = 0
+        self.bar = None
+        if distributed.is_main() and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total_steps, initial=first_step, unit="step", file=sys.stdout, leave=True
+            )
         self.restart_clock()
+
+    def __enter__(self) -> MetricsWindow:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
     def restart_clock(self) -> None:
         self.start = time.perf_counter()
@@ -685,6 +708,8 @@ class MetricsWindow:
             self.loss += loss
         self.labels += result.labels
         self.tokens += result.tokens
+        if self.bar is not None:
+            self.bar.update(1)
 
     def flush(
         self,
@@ -723,10 +748,14 @@ class MetricsWindow:
         if distributed.is_main():
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-        log(
-            f"step {progress.step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-            f"tok/s {record['tokens_per_s']:,.0f} | mem {record['mem_gb']:.2f} GB"
+        line = (
+            f"loss {loss:.4f} | lr {lr:.2e} | tok/s {record['tokens_per_s']:,.0f} | "
+            f"mem {record['mem_gb']:.2f} GB"
         )
+        if self.bar is not None:
+            self.bar.set_postfix_str(line, refresh=True)
+        else:
+            log(f"step {progress.step}/{self.total_steps} | {line}")
         self.loss.zero_()
         self.labels = self.tokens = 0
         self.restart_clock()
@@ -759,16 +788,27 @@ def start_or_resume(
 
 
 class CheckpointSchedule:
-    """When the loop writes a periodic checkpoint: every ``every_steps`` optimizer steps."""
+    """When the loop writes a periodic checkpoint: every ``every_steps`` optimizer steps, and
+    once ``every_minutes`` have passed since the last checkpoint (or the start)."""
 
-    def __init__(self, every_steps: int) -> None:
+    def __init__(self, every_steps: int, every_minutes: float) -> None:
         self.every_steps = every_steps
+        self.every_seconds = every_minutes * 60.0
+        self.saved()
 
     def due(self, step: int) -> bool:
-        return self.every_steps > 0 and step % self.every_steps == 0
+        """Whether to checkpoint after ``step``; the same answer on every rank."""
+        if self.every_steps > 0 and step % self.every_steps == 0:
+            return True
+        if self.every_seconds <= 0:
+            return False
+        # Clocks differ between ranks: rank 0's decides for all.
+        late = distributed.is_main() and time.monotonic() - self.last >= self.every_seconds
+        return distributed.any_rank(late)
 
     def saved(self) -> None:
-        """A checkpoint was just written."""
+        """A checkpoint was just written (or the loop starts): restart the clock."""
+        self.last = time.monotonic()
 
 
 def save_progress(
@@ -859,7 +899,33 @@ def finish_outputs(
         text = "".join(json.dumps(p) + "\n" for p in predictions)
         write_text_atomic(out / "predictions.jsonl", text)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    save_curve(out / "metrics.jsonl", out / "curve.png")
     remove_checkpoint(out / CHECKPOINT_DIR)
+
+
+def save_curve(metrics_path: Path, png_path: Path) -> None:
+    """Plot loss and learning rate per logged step (metrics.jsonl) into a PNG, atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()]
+    steps = [r["step"] for r in records]
+    fig, loss_ax = plt.subplots(figsize=(7, 4))
+    loss_ax.plot(steps, [r["loss"] for r in records], marker=".", color="tab:blue")
+    loss_ax.set_xlabel("optimizer step")
+    loss_ax.set_ylabel("training loss", color="tab:blue")
+    lr_ax = loss_ax.twinx()
+    lr_ax.plot(steps, [r["lr"] for r in records], color="tab:orange")
+    lr_ax.set_ylabel("learning rate", color="tab:orange")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    write_bytes_atomic(png_path, buffer.getvalue())
 
 
 def _save_adapter_atomic(model: nn.Module, adapter_dir: Path, model_name: str) -> None:
@@ -924,10 +990,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``fastmid train``: build the config from --config and flags, train, print the summary."""
-    from transformers.utils import logging as hf_logging
-
-    # Our own progress line replaces the weight-loading bars; stderr stays for errors only.
-    hf_logging.disable_progress_bar()
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "command")}
     cfg = build_config(args.config, overrides)
     if cfg.nproc > 1 and not distributed.under_torchrun():

@@ -144,6 +144,8 @@ def test_merge_gives_a_plain_model_with_the_same_outputs(tmp_path):
 def test_merge_keeps_bf16_base_dtype():
     model, _ = patched("qwen3")
     expected = logits(model)
+    # What bf16 costs by itself: the exact (fp32) merge, rounded to bf16 once at the end.
+    rounded = merge(copy.deepcopy(model)).to(torch.bfloat16)
     for name, p in model.named_parameters():
         if "lora_" not in name:
             p.data = p.data.to(torch.bfloat16)
@@ -151,7 +153,12 @@ def test_merge_keeps_bf16_base_dtype():
     assert merged.model.layers[4].self_attn.v_proj.weight.dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = logits(merged).float()
-    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+        ref = logits(rounded).float()
+    # Merging into bf16 weights rounds twice (the base, then base + ΔW): at most ~2x the
+    # error of rounding the exact merge once.
+    err, ref_err = (got - expected).abs().max(), (ref - expected).abs().max()
+    assert 0 < ref_err < 0.05 * expected.abs().max()
+    assert err <= 2 * ref_err
 
 
 def test_load_errors_are_one_clear_line(tmp_path):

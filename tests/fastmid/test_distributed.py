@@ -284,6 +284,7 @@ def test_fsdp_refuses_fused_groups(torch_path: None):
     assert is_fused(apply_midblock(tiny_model("llama", 5), gate_up_only))
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_ddp_two_ranks_match_one_process(two_process_runs: Path, reference):
     ref_losses, ref_adapter = reference
     losses, adapter = read_result(two_process_runs / "ddp")
@@ -294,6 +295,7 @@ def test_ddp_two_ranks_match_one_process(two_process_runs: Path, reference):
     assert_adapters_close(adapter, ref_adapter)
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_fsdp_gives_the_same_adapter_as_ddp(two_process_runs: Path):
     ddp_losses, ddp_adapter = read_result(two_process_runs / "ddp")
     fsdp_losses, fsdp_adapter = read_result(two_process_runs / "fsdp")
@@ -307,6 +309,7 @@ def test_fsdp_gives_the_same_adapter_as_ddp(two_process_runs: Path):
     assert sharding == {"after_step": shard, "after_eval": shard}
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_adapters_identical_on_every_rank(two_process_runs: Path):
     for mode in ("ddp", "fsdp"):
         rank0 = load_file(str(two_process_runs / f"{mode}.safetensors"))
@@ -315,6 +318,7 @@ def test_adapters_identical_on_every_rank(two_process_runs: Path):
             assert torch.equal(rank0[name], rank1[name]), (mode, name)
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_resume_on_another_world_size(two_process_runs: Path, reference, torch_path: None):
     """2 ranks stop at step 3 and checkpoint; 1 process resumes; equals an unbroken run."""
     ref_losses, ref_adapter = reference
@@ -326,6 +330,7 @@ def test_resume_on_another_world_size(two_process_runs: Path, reference, torch_p
     assert_adapters_close(adapter, ref_adapter)
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_resume_from_one_process_on_two_ranks(two_process_runs: Path, reference):
     """The other direction: 1 process checkpoints at step 3, 2 ranks (DDP) finish."""
     ref_losses, ref_adapter = reference
@@ -337,6 +342,7 @@ def test_resume_from_one_process_on_two_ranks(two_process_runs: Path, reference)
     assert_adapters_close(adapter, ref_adapter)
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_fastmid_train_on_two_ranks_matches_one_process(
     two_process_runs: Path, single_process_cli: Path
 ):
@@ -363,6 +369,7 @@ def test_fastmid_train_on_two_ranks_matches_one_process(
     assert not (two / "checkpoint").exists()
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_stopped_two_rank_run_resumes_in_one_process(
     two_process_runs: Path, single_process_cli: Path
 ):
@@ -387,6 +394,7 @@ def test_stopped_two_rank_run_resumes_in_one_process(
     )
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_nproc_launcher_runs_fsdp_end_to_end(
     two_process_runs: Path, single_process_cli: Path, monkeypatch: pytest.MonkeyPatch
 ):

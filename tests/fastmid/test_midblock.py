@@ -61,10 +61,34 @@ def loss_and_grads(model: nn.Module, params: list[nn.Parameter]) -> tuple[torch.
     return logits.detach(), out.loss.detach(), *grads
 
 
-def assert_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-3) -> None:
+def assert_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
     """fp32 agreement up to summation order: max error <= rel * the tensor's own scale."""
     err = (a - b).abs().max().item()
     assert err <= rel * b.abs().max().item() + 1e-7, f"max error {err:.3g}"
+
+
+# Whole-network gradients are as accurate as stock PEFT's within this factor, tensor by tensor
+# (norm-wise, against an fp64 PEFT run). Rounding differences grow differently through the
+# blocks above each adapter: fastmid measured up to 8.2x PEFT's error (~1e-4 relative) on
+# the q/k adapters of layer 0 under rsLoRA's scale of 90 with fused q/k/v, about 2x elsewhere.
+GRAD_FACTOR = 10.0
+
+
+def assert_as_accurate_as_peft(model: nn.Module, base: nn.Module) -> None:
+    """fastmid's logits and loss are as close to an fp64 PEFT run as fp32 PEFT is (within 2x,
+    as ``tests/kernels/_tolerance.py`` rules), and each LoRA grad within GRAD_FACTOR."""
+    ref_model = peft_twin(copy.deepcopy(base).double(), model).double()
+    ref = loss_and_grads(ref_model, peft_params(ref_model, model))
+    peft_model = peft_twin(base, model)  # wraps `base` in place
+    ours = loss_and_grads(model, adapter_parameters(model))
+    theirs = loss_and_grads(peft_model, peft_params(peft_model, model))
+    assert len(ours) == len(theirs) == len(ref)
+    assert all(t.dtype == torch.float32 for t in ours)
+    eps = torch.finfo(torch.float32).eps
+    for i, (a, b, r) in enumerate(zip(ours, theirs, ref, strict=True)):
+        err, err_peft = ((t.double() - r).norm().item() / r.norm().item() for t in (a, b))
+        factor = 2.0 if i < 2 else GRAD_FACTOR
+        assert err <= factor * err_peft + 4 * eps, (i, err, err_peft)
 
 
 def peft_params(peft_model: nn.Module, model: nn.Module) -> list[nn.Parameter]:
@@ -259,35 +283,26 @@ def test_matches_peft_logits_loss_and_every_lora_grad(family):
     model, base = patched(family, targets=ALL, rank=4, alpha=16)
     with torch.no_grad():
         base_logits = base(batch()[0]).logits
-    peft_model = peft_twin(base, model)  # wraps `base` in place
-    ours = loss_and_grads(model, adapter_parameters(model))
-    theirs = loss_and_grads(peft_model, peft_params(peft_model, model))
-    assert len(ours) == len(theirs) == 2 + 6 * 7 * 2
+        ours_logits = model(batch()[0]).logits
+    assert len(adapter_parameters(model)) == 6 * 7 * 2
     # The adapters change the logits by far more than the tolerance, so a missing or
     # misplaced adapter cannot pass.
-    assert (ours[0] - base_logits).abs().max() > 1e-2
-    for a, b in zip(ours, theirs, strict=True):
-        assert_close(a, b)
+    assert (ours_logits - base_logits).abs().max() > 1e-2
+    assert_as_accurate_as_peft(model, base)
 
 
 def test_ungrouped_path_matches_grouped_path():
-    grouped, _ = patched("llama", targets=ALL, rank=4, band=(0.3, 0.7))
+    grouped, base = patched("llama", targets=ALL, rank=4, band=(0.3, 0.7))
     separate, _ = patched("llama", targets=ALL, rank=4, band=(0.3, 0.7), fuse_groups=False)
     assert is_fused(grouped) and not is_fused(separate)
-    a = loss_and_grads(grouped, adapter_parameters(grouped))
-    b = loss_and_grads(separate, adapter_parameters(separate))
-    for x, y in zip(a, b, strict=True):
-        assert_close(x, y)
+    assert_as_accurate_as_peft(grouped, copy.deepcopy(base))
+    assert_as_accurate_as_peft(separate, base)
 
 
 def test_all_layers_band_matches_peft():
     model, base = patched("mistral", band="all", rank=2, num_layers=3, use_rslora=True)
     assert model.fastmid_state.scale == pytest.approx(128 / 2**0.5)
-    peft_model = peft_twin(base, model)
-    ours = loss_and_grads(model, adapter_parameters(model))
-    theirs = loss_and_grads(peft_model, peft_params(peft_model, model))
-    for a, b in zip(ours, theirs, strict=True):
-        assert_close(a, b)
+    assert_as_accurate_as_peft(model, base)
 
 
 def test_interpreted_triton_kernels_match_torch_path(monkeypatch):
@@ -448,3 +463,18 @@ def test_qkv_group_serves_any_call_order():
         for name, inp in calls:
             got = getattr(attn, name)(inp)
             assert_close(got, getattr(ref, name)(inp), rel=1e-5)
+
+
+def test_deepcopy_of_a_patched_model_runs_its_own_modules():
+    # Instance-level forwards (below-band no-grad, fused SwiGLU, label-only loss) must call the
+    # copy's modules, or the copy's adapters get no gradient and the original's get them.
+    model, _ = patched(targets=ALL, gradient_checkpointing=True)
+    twin = copy.deepcopy(model)
+    ids, labels = batch()
+    twin(input_ids=ids, labels=labels).loss.backward()
+    assert all(p.grad is None for p in adapter_parameters(model))
+    grads = [p.grad for p in adapter_parameters(twin)]
+    assert all(g is not None for g in grads) and any(g.abs().max() > 0 for g in grads)
+    want = torch.autograd.grad(model(input_ids=ids, labels=labels).loss, adapter_parameters(model))
+    for got, ref in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, ref)
