@@ -183,7 +183,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a fastmid- or PEFT-written LoRA adapter into ``model``; returns the model.
 
     An unpatched model is first patched with the adapter's layers, targets, rank and alpha.
-    Every tensor in the adapter must name an adapted module of the model with the same shape.
+    The adapter and the model must adapt the same modules, with tensors of the same shapes.
     """
     where = Path(path)
     config, modules = _read_adapter(where)
@@ -196,6 +196,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise UserError(
             f"adapter {where} has weights for {missing[0]}, which the model does not adapt "
             f"(adapted layers: {state.layers})"
+        )
+    # Loading into only some adapted modules would leave the others with their old weights.
+    extra = [name for name in present if name not in modules]
+    if extra:
+        raise UserError(
+            f"adapter {where} has no weights for {extra[0]} ({len(extra)} of the model's "
+            f"{len(present)} adapted modules); load it into an unpatched model"
         )
     rank = config["r"]
     scale = lora_scale(config.get("lora_alpha", 8), rank, bool(config.get("use_rslora")))

@@ -32,8 +32,10 @@ from torch.library import wrap_triton
 
 from ._common import (
     INTERPRET,
+    InspectTarget,
     cuda_arch,
     keep_mask,
+    kernel_signature,
     rank_block,
     shipped_arch,
     to_triton_configs,
@@ -395,6 +397,45 @@ _INTERPRET_CONFIGS = {
     "swiglu": {"BM": 32, "BN": 32, "BK": 32, "BR": 16},
 }
 _tuned: dict[tuple[str, int], object] = {}
+
+
+# Pointer arguments of each kernel (`inspect_target` types them).
+_POINTERS = {
+    "thin": ("X", "W", "OUT", "SEED"),
+    "tn": ("L", "RT", "OUT", "SEED"),
+    "main": ("X", "W", "BIAS", "Y", "XA", "B0", "B1", "B2", "SEED"),
+    "main_dropout": ("X", "W", "BIAS", "Y", "XA", "B0", "B1", "B2", "SEED"),
+    "swiglu": ("X", "W", "XA", "BG", "BU", "DH", "OUT"),
+}
+
+
+def inspect_target(
+    name: str, kind: str, ones: tuple[str, ...], divisible: tuple[str, ...], **constexprs: object
+) -> InspectTarget:
+    """One launch of the shared GEMM `kind` as an op makes it: its unit strides (which the
+    runtime turns into constants), the integer arguments taken as multiples of 16, and its
+    fixed constexprs (DOT is irrelevant for the bf16/fp16 operands compiled; dropout counters
+    are int32, WIDE=False, as for every tensor under 2³¹ elements)."""
+    fn, configs, _ = KERNELS[kind]
+    pointers = {n: "*{dtype}" for n in _POINTERS[kind]}
+    pointers.update({"SEED": "*i64"} if "SEED" in _POINTERS[kind] else {})
+    if kind == "tn":
+        pointers["OUT"] = "*fp32"
+    floats = ("p", "scale0", "scale1", "scale2")
+    signature, unit = kernel_signature(fn, pointers, floats=floats, ones=ones)
+    return InspectTarget(
+        name=name,
+        fn=fn,
+        signature=signature,
+        constexprs={
+            **unit,
+            **({"WIDE": False} if "WIDE" in signature else {}),
+            "DOT": "tf32",
+            **constexprs,
+        },
+        configs=configs,
+        divisible=divisible,
+    )
 
 
 def autotuned(kind: str, arch: int):

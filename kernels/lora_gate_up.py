@@ -38,7 +38,7 @@ from ._common import (
     torch_keep_mask,
     use_triton,
 )
-from .lora_linear import inspect_target
+from ._gemm import inspect_target
 
 __all__ = ["lora_gate_up", "lora_gate_up_reference"]
 

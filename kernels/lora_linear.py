@@ -24,14 +24,13 @@ from torch.library import triton_op
 
 from . import _gemm
 from ._common import (
-    InspectTarget,
     check_dropout,
     compute_dtype,
     dropout_seed,
     effective_scale,
-    kernel_signature,
     torch_keep_mask,
 )
+from ._gemm import inspect_target
 
 # --------------------------------------------------------------------------------------------
 # Plain-torch reference (test oracle) and the fast torch path (CPU execution)
@@ -181,46 +180,10 @@ def lora_linear(
 # --------------------------------------------------------------------------------------------
 
 
-def inspect_target(
-    name: str, kind: str, ones: tuple[str, ...], divisible: tuple[str, ...], **constexprs: object
-) -> InspectTarget:
-    """One launch of the shared GEMM `kind` as an op makes it: its unit strides (which the
-    runtime turns into constants), the integer arguments taken as multiples of 16, and its
-    fixed constexprs (DOT is irrelevant for the bf16/fp16 operands compiled; dropout counters
-    are int32, WIDE=False, as for every tensor under 2³¹ elements)."""
-    fn, configs, _ = _gemm.KERNELS[kind]
-    pointers = {n: "*{dtype}" for n in _POINTERS[kind]}
-    pointers.update({"SEED": "*i64"} if "SEED" in _POINTERS[kind] else {})
-    if kind == "tn":
-        pointers["OUT"] = "*fp32"
-    floats = ("p", "scale0", "scale1", "scale2")
-    signature, unit = kernel_signature(fn, pointers, floats=floats, ones=ones)
-    return InspectTarget(
-        name=name,
-        fn=fn,
-        signature=signature,
-        constexprs={
-            **unit,
-            **({"WIDE": False} if "WIDE" in signature else {}),
-            "DOT": "tf32",
-            **constexprs,
-        },
-        configs=configs,
-        divisible=divisible,
-    )
-
-
-_POINTERS = {
-    "thin": ("X", "W", "OUT", "SEED"),
-    "tn": ("L", "RT", "OUT", "SEED"),
-    "main": ("X", "W", "BIAS", "Y", "XA", "B0", "B1", "B2", "SEED"),
-    "main_dropout": ("X", "W", "BIAS", "Y", "XA", "B0", "B1", "B2", "SEED"),
-    "swiglu": ("X", "W", "XA", "BG", "BU", "DH", "OUT"),
-}
 # Each launch as the op makes it, with the unit strides of its real operands, dropout on where
 # it can be (the heaviest variant) and the rank blocks of the default budget-matched rank
 # (r > 64: a 128-wide thin tile, 64-wide chunks in the main GEMM's epilogue).
-INSPECT_TARGETS: list[InspectTarget] = [
+INSPECT_TARGETS = [
     inspect_target(
         "lora_linear_fwd_xa", "thin", ones=("stride_xk", "stride_wk"),
         divisible=("K", "stride_xm", "stride_wr", "stride_om"), DROPOUT=True, BR=128,

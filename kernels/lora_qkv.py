@@ -37,7 +37,7 @@ from ._common import (
     effective_scale,
     torch_keep_mask,
 )
-from .lora_linear import inspect_target
+from ._gemm import inspect_target
 
 __all__ = ["lora_qkv", "lora_qkv_reference"]
 

@@ -62,11 +62,17 @@ def test_saved_files_use_peft_names_and_config(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
 
 
-def test_fastmid_adapter_loads_in_peft_with_equal_logits(tmp_path):
-    model, base = patched("qwen2", targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj"))
+@pytest.mark.parametrize("rslora", [False, True])
+def test_fastmid_adapter_loads_in_peft_with_equal_logits(tmp_path, rslora: bool):
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj")
+    model, base = patched("qwen2", targets=targets, use_rslora=rslora)
+    # alpha 16, rank 4: rsLoRA scales by 16 / sqrt(4) = 8, plain LoRA by 16 / 4 = 4.
+    assert model.fastmid_state.scale == (8.0 if rslora else 4.0)
     save_adapter(model, tmp_path)
     base_logits = logits(base)
     peft_model = PeftModel.from_pretrained(base, tmp_path)  # injects into `base` in place
+    q = peft_model.base_model.model.model.layers[3].self_attn.q_proj
+    assert q.scaling["default"] == pytest.approx(model.fastmid_state.scale)
     ours = logits(model)
     assert (ours - base_logits).abs().max() > 0.01  # the adapter matters
     torch.testing.assert_close(logits(peft_model), ours, rtol=1e-4, atol=1e-5)
@@ -85,7 +91,8 @@ def test_fastmid_adapter_loads_through_transformers_adapter_api(tmp_path):
     torch.testing.assert_close(got, logits(model), rtol=1e-4, atol=1e-5)
 
 
-def test_peft_adapter_loads_into_unpatched_model_with_equal_logits(tmp_path):
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_adapter_loads_into_unpatched_model_with_equal_logits(tmp_path, rslora: bool):
     peft_base = tiny_model("mistral")
     fresh = copy.deepcopy(peft_base)
     config = LoraConfig(
@@ -94,6 +101,7 @@ def test_peft_adapter_loads_into_unpatched_model_with_equal_logits(tmp_path):
         target_modules=["k_proj", "o_proj", "gate_proj"],
         layers_to_transform=[1, 4, 5],
         lora_dropout=0.0,
+        use_rslora=rslora,
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(peft_base, config)
@@ -109,7 +117,7 @@ def test_peft_adapter_loads_into_unpatched_model_with_equal_logits(tmp_path):
     state = fresh.fastmid_state
     assert state.layers == [1, 4, 5] and state.rank == 3
     assert state.targets == ("k_proj", "o_proj", "gate_proj")
-    assert state.scale == pytest.approx(4.0)
+    assert state.scale == pytest.approx(12 / 3**0.5 if rslora else 4.0)
     torch.testing.assert_close(logits(fresh), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -183,6 +191,15 @@ def test_load_errors_are_one_clear_line(tmp_path):
     only_q, _ = patched(targets=("q_proj",))
     with pytest.raises(UserError, match=r"model\.layers\.2\.self_attn\.k_proj.*does not adapt"):
         load_adapter(only_q, tmp_path / "ten")
+
+    # The other way round: the model adapts modules the adapter holds no weights for, which
+    # would keep their old weights.
+    save_adapter(only_q, tmp_path / "only_q")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    message = r"no weights for model\.layers\.2\.self_attn\.k_proj \(18 of the model's 24 adapted"
+    with pytest.raises(UserError, match=message):
+        load_adapter(model, tmp_path / "only_q")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_" in n)
 
     # A different rank.
     rank8, _ = patched(rank=8)

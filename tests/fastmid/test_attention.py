@@ -151,3 +151,50 @@ def test_softcapped_family_stays_on_its_attention() -> None:
     llama = tiny_model("llama", num_layers=2)
     enable_varlen_attention(llama)
     assert llama.config._attn_implementation == VARLEN_ATTENTION
+
+
+def _windowed_pair(window: int | None) -> tuple[nn.Module, nn.Module]:
+    """A patched tiny Mistral with attention window ``window``: plain SDPA and varlen."""
+    model = tiny_model("mistral", num_layers=3, sliding_window=window)
+    apply_midblock(model, MidBlockConfig(rank=4, dropout=0.0))
+    randomize_adapters(model)
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation("sdpa")
+    enable_varlen_attention(model)
+    return ref, model
+
+
+def test_sliding_window_longer_than_an_example_falls_back_to_sdpa(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Per-example causal SDPA ignores a sliding window, so a packed row holding an example
+    longer than the window goes to transformers' SDPA (which applies it); shorter ones stay."""
+    ref, model = _windowed_pair(window=6)
+    real = attention.sdpa_attention_forward
+    delegated: list[int] = []
+
+    def counting(*args: object, **kwargs: object):
+        delegated.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", counting)
+    with torch.no_grad():
+        ids, pos = _packed((5, 6, 4))  # every example fits in the window
+        got = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        assert delegated == []
+        want = ref(input_ids=ids, position_ids=pos, use_cache=False).logits
+        torch.testing.assert_close(got, want)
+
+        ids, pos = _packed(LENGTHS)  # a 9-token example: the window cuts into it
+        delegated.clear()
+        got = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        assert len(delegated) == 3  # every layer fell back
+        delegated.clear()
+        want = ref(input_ids=ids, position_ids=pos, use_cache=False).logits
+        torch.testing.assert_close(got, want)
+        # The window is real here: without it the long example's last tokens come out otherwise.
+        _, unwindowed = _windowed_pair(window=None)
+        plain = unwindowed(input_ids=ids, position_ids=pos, use_cache=False).logits
+    long_example = slice(LENGTHS[0] + 6, LENGTHS[0] + LENGTHS[1])
+    assert (plain[:, long_example] - got[:, long_example]).abs().max() > 1e-3
+    torch.testing.assert_close(plain[:, : LENGTHS[0]], got[:, : LENGTHS[0]])

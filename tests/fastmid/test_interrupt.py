@@ -45,10 +45,12 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def argv(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    """A 5-step run with dropout on, so a resume must restore the RNG state exactly."""
+    """A 5-step run with dropout on, so a resume must restore the RNG state exactly, and a
+    small evaluation before and after."""
     return [
         "train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out),
-        "--precision", "fp32", "--max-steps", "5", "--no-eval", "--batch-tokens", "128",
+        "--precision", "fp32", "--max-steps", "5", "--eval-data", str(data), "--eval-limit", "2",
+        "--max-new-tokens", "3", "--batch-tokens", "128",
         "--max-length", "64", "--rank", "4", "--dropout", "0.1", "--lr", "1e-2",
         "--grad-accum", "1", *extra,
     ]  # fmt: skip
@@ -108,6 +110,12 @@ def test_a_signal_checkpoints_exits_130_and_resumes_exactly(
     assert losses(out) == losses(straight)  # bit-exact, dropout included
     a = (straight / "adapter" / "adapter_model.safetensors").read_bytes()
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == a
+    # The evaluation before training ran in the first part; the resume must carry it over.
+    summary, want = (json.loads((d / "summary.json").read_text()) for d in (out, straight))
+    assert summary["eval_before"] == want["eval_before"] and "heldout_ppl" in want["eval_before"]
+    assert summary["eval_after"] == want["eval_after"]
+    predictions = (straight / "predictions.jsonl").read_text()
+    assert (out / "predictions.jsonl").read_text() == predictions
     assert not (out / "checkpoint").exists() and not (out / "checkpoint.old").exists()
 
 

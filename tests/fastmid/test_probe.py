@@ -91,3 +91,58 @@ def test_probe_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> 
     assert cli.main(["probe", "--batches", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--batches must be positive" in err
+
+
+def test_per_layer_numbers_match_a_hand_computation_without_padding() -> None:
+    """grad_ratio and rotation of a 2-layer model, recomputed from each example alone (no
+    padding at all) with autograd and the model's own hidden states."""
+    model = tiny_model("llama", num_layers=2)
+    examples = _examples(n=6)  # lengths 20, 19, 18, 17, 16, 20: every batch is padded
+    layers, info = recommend_band(model, TOKENIZER, examples, batch_size=3, max_batches=2, width=1)
+    projections = [
+        [getattr(block.self_attn, n).weight for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        for block in model.model.layers
+    ]
+    norms = [torch.sqrt(sum(w.detach().double().square().sum() for w in ws)) for ws in projections]
+
+    grad_ratio = [0.0, 0.0]
+    rot_sum, rot_count = [0.0, 0.0], 0
+    final_norm = model.model.norm
+    for batch in (examples[:3], examples[3:]):
+        labels = sum(len(e.input_ids) - 1 for e in batch)
+        grads = [[torch.zeros_like(w, dtype=torch.float64) for w in ws] for ws in projections]
+        for e in batch:
+            ids = torch.tensor([e.input_ids])
+            logits = model(input_ids=ids).logits[0, :-1]
+            loss = torch.nn.functional.cross_entropy(
+                logits, ids[0, 1:], reduction="sum"
+            )  # this example's share of the batch's mean loss, times the batch's label count
+            flat = [w for ws in projections for w in ws]
+            for g, d in zip(
+                [g for gs in grads for g in gs], torch.autograd.grad(loss, flat), strict=True
+            ):
+                g += d.double() / labels
+            # Block inputs and outputs: the embeddings, block 0's output, and block 1's output
+            # (read with the final norm switched off).
+            model.model.norm = torch.nn.Identity()
+            with torch.no_grad():
+                hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+            model.model.norm = final_norm
+            for layer in (0, 1):
+                cos = torch.nn.functional.cosine_similarity(hs[layer][0], hs[layer + 1][0], dim=-1)
+                rot_sum[layer] += float((1 - cos.double()).sum())
+            rot_count += len(e.input_ids)
+        for layer in (0, 1):
+            g = torch.sqrt(sum(d.square().sum() for d in grads[layer]))
+            grad_ratio[layer] += float(g / norms[layer]) / 2
+    rotation = [r / rot_count for r in rot_sum]
+
+    assert info["tokens"] == sum(len(e.input_ids) - 1 for e in examples)
+    assert info["grad_ratio"] == pytest.approx(grad_ratio, rel=1e-4)
+    assert info["rotation"] == pytest.approx(rotation, rel=1e-4)
+    assert min(grad_ratio) > 0 and min(rotation) > 0
+    # Two layers: the median is the mean, and each score averages the two normalised signals.
+    g_med, r_med = sum(grad_ratio) / 2, sum(rotation) / 2
+    score = [0.5 * g / g_med + 0.5 * r / r_med for g, r in zip(grad_ratio, rotation, strict=True)]
+    assert info["score"] == pytest.approx(score, rel=1e-4)
+    assert layers == [min((0, 1), key=lambda i: score[i])]
