@@ -109,12 +109,17 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Summed cross-entropy of ``softcap(head(hidden))`` against ``labels``.
 
-    ``hidden`` (n, H) holds only rows that carry a label, ``labels`` (n,). The head must be
-    frozen (fastmid never trains it). Liger's fused kernel on CUDA when installed; otherwise
-    chunked torch that never holds more than ``chunk`` rows of fp32 logits.
+    ``hidden`` (n, H) holds only rows that carry a label, ``labels`` (n,). With a frozen head
+    (fastmid never trains it): Liger's fused kernel on CUDA when installed, otherwise chunked
+    torch that never holds more than ``chunk`` rows of fp32 logits. A head that needs a
+    gradient gets plain autograd over the full logits.
     """
-    if head.weight.requires_grad:
-        raise ValueError("linear_cross_entropy needs a frozen LM head")
+    if torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters()):
+        # A trainable head needs its own gradient: plain autograd over the full logits.
+        logits = head(hidden).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, labels, reduction="sum")
     if hidden.is_cuda:
         liger = _liger_loss()
         if liger is not None:
