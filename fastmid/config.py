@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from fastmid.compile import COMPILE_MODES
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
 
@@ -76,6 +77,9 @@ class TrainConfig:
     fuse_groups: bool = True
     # Recompute activations of the active blocks in backward instead of storing them.
     gradient_checkpointing: bool = False
+    # torch.compile the decoder blocks: "on", "off", or "auto" (where the bench shows a win;
+    # see fastmid.compile.resolve_compile).
+    compile: str = "auto"
 
     # --- optimisation ---
     # "auto" = bf16 mixed precision on CUDA or CPUs with native bf16 matmul, else fp32.
@@ -139,6 +143,7 @@ class TrainConfig:
         _one_of("loss_on", self.loss_on, LOSS_ON)
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("schedule", self.schedule, SCHEDULES)
+        _one_of("compile", self.compile, COMPILE_MODES)
         parse_band(self.band)
         if self.rank is not None and self.rank < 1:
             raise UserError(f"rank must be a positive integer, got {self.rank}")

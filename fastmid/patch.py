@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastmid import kernels
+from fastmid.compile import COMPILE_MODES, compile_blocks, resolve_compile
 from fastmid.errors import UserError
 from fastmid.loss import install_label_only_loss
 
@@ -69,6 +70,10 @@ class MidBlockConfig:
     # Liger's Triton RMSNorm and SiLU-mul in the frozen blocks (CUDA only, when liger_kernel
     # is installed; ignored otherwise).
     use_liger: bool = True
+    # torch.compile every decoder block (dynamic shapes): "on", "off", or "auto" (see
+    # fastmid.compile.resolve_compile). Off by default here: compiling is lazy and costs
+    # seconds per block on the first steps, which the trainer decides to pay for a run.
+    compile: str = "off"
 
 
 @dataclass
@@ -509,6 +514,8 @@ def _validate_config(cfg: MidBlockConfig) -> None:
         raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
     if not cfg.alpha > 0:
         raise UserError(f"alpha must be positive, got {cfg.alpha}")
+    if cfg.compile not in COMPILE_MODES:
+        raise UserError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile!r}")
 
 
 def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Module:
@@ -573,6 +580,8 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
         apply_liger_to_frozen(frozen)
     # model(input_ids=..., labels=...) applies the LM head only where a label exists.
     install_label_only_loss(model, _wrap_forward)
+    if resolve_compile(cfg.compile, next(model.parameters()).device, cfg.dropout):
+        compile_blocks(blocks)
 
     model.fastmid_state = MidBlockState(
         layers=layers,

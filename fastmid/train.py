@@ -41,6 +41,7 @@ from torch import nn
 from fastmid import distributed
 from fastmid.checkpoint import CHECKPOINT_DIR, find_checkpoint, load_checkpoint, read_extra
 from fastmid.checkpoint import save_checkpoint as _save_checkpoint
+from fastmid.compile import CompileTimer
 from fastmid.config import (
     DEMO,
     PAPER_LR,
@@ -357,6 +358,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # FSDP shards each linear's own weight; fused groups read a concatenated copy.
         fuse_groups=cfg.fuse_groups and parallel != "fsdp",
         gradient_checkpointing=cfg.gradient_checkpointing,
+        compile=cfg.compile,
     )
     torch.manual_seed(cfg.seed)
     patch.apply_midblock(model, mid_cfg)
@@ -491,6 +493,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
 
     # --- the loop ---
+    # torch.compile (--compile) is lazy: its time accrues in the first steps and is logged once.
+    compile_timer = CompileTimer()
+    compile_s = 0.0
     model.train()
     interrupted = False
     window_loss = torch.zeros((), device=device)
@@ -564,6 +569,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     f"step {step}/{total_steps} | loss {loss:.4f} | lr {lr:.2e} | "
                     f"tok/s {record['tokens_per_s']:,.0f} | mem {record['mem_gb']:.2f} GB"
                 )
+                if compile_timer.seconds() > 0 and not compile_s:
+                    compile_s = compile_timer.seconds()
+                    _log(f"torch.compile: {compile_s:.0f} s, included in the first steps' time")
                 window_loss.zero_()
                 window_labels = window_tokens = 0
                 window_start = time.perf_counter()
@@ -584,6 +592,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "loss_last": loss_last,
         "tokens_per_s": totals["tokens"] / max(totals["train_seconds"], 1e-9),
         "train_seconds": totals["train_seconds"],
+        "compile_seconds": compile_s,
         "eval_before": eval_before,
         "resolved": resolved,
     }
@@ -715,6 +724,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--targets", "comma-separated linear layers, e.g. q_proj,k_proj,v_proj,o_proj")
     add("--use-rslora", "scale alpha/sqrt(rank)", action="store_true")
     add("--gradient-checkpointing", "recompute active blocks in backward", action="store_true")
+    add("--compile", "torch.compile the decoder blocks", choices=["auto", "on", "off"])
     group = parser.add_argument_group("optimisation")
     add("--precision", "auto | bf16 | fp32", choices=["auto", "bf16", "fp32"])
     demo_lr = DEMO["lr"]
