@@ -487,13 +487,16 @@ def run_suite(
         from bench import profile
 
         names = tuple(n for n in profile.PROFILED if n in opts.providers)
+        # --quick proves the machinery: one precision, the profile of the engine case only.
+        dtypes = opts.dtypes[:1] if opts.quick else opts.dtypes
         if "profile" in opts.workloads:
-            rows = profile.run_profile(base, workload, opts.dtypes, names, log=opts.log)
+            cases = ("engine",) if opts.quick else ("trainer", "engine")
+            rows = profile.run_profile(base, workload, dtypes, names, cases, log=opts.log)
             results["profile"] = [_stamp(r, info) for r in rows]
             done()
         if "engine" in opts.workloads:
             rows = profile.run_engine(
-                base, workload, opts.dtypes, names, opts.warmup, opts.steps, log=opts.log
+                base, workload, dtypes, names, opts.warmup, opts.steps, log=opts.log
             )
             results["engine"] = [_stamp(r, info) for r in rows]
             done()

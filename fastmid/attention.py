@@ -101,6 +101,9 @@ def _packed_segments(
     return segments
 
 
+# Example boundaries are read on the host and the per-example calls follow them: compiled
+# blocks (fastmid.compile) run this eagerly instead of specialising a graph on each packing.
+@torch.compiler.disable
 def varlen_attention_forward(
     module: nn.Module,
     query: torch.Tensor,

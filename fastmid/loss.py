@@ -110,13 +110,13 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Summed cross-entropy of ``softcap(head(hidden))`` against ``labels``.
 
-    ``hidden`` (n, H) holds only rows that carry a label, ``labels`` (n,). For a frozen head
-    (fastmid never trains it): Liger's fused kernel on CUDA when installed, otherwise
-    chunked torch that never holds more than ``chunk`` rows of fp32 logits.
+    ``hidden`` (n, H) holds only rows that carry a label, ``labels`` (n,). With a frozen head
+    (fastmid never trains it): Liger's fused kernel on CUDA when installed, otherwise chunked
+    torch that never holds more than ``chunk`` rows of fp32 logits. A head that needs a
+    gradient gets plain autograd over the full logits.
     """
-    if head.weight.requires_grad and torch.is_grad_enabled():
-        # A trainable head (a model fastmid did not patch) needs autograd's own weight
-        # gradient: the plain composition, with the same softcap and sum reduction.
+    if torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters()):
+        # A trainable head needs its own gradient: plain autograd over the full logits.
         logits = head(hidden).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastmid import kernels
+from fastmid.compile import COMPILE_MODES, compile_blocks, resolve_compile
 from fastmid.errors import UserError
 from fastmid.loss import install_label_only_loss
 
@@ -124,6 +125,14 @@ class MidBlockConfig:
             "choices": QUANTIZE_METHODS,
         },
     )
+    compile: str = field(
+        default="off",
+        metadata={
+            "help": "torch.compile every decoder block (dynamic shapes, so packed batches of "
+            "new lengths reuse the graphs); auto = on CPU when dropout is 0",
+            "choices": COMPILE_MODES,
+        },
+    )
 
     def validate(self) -> MidBlockConfig:
         """Check every field that does not depend on the model; UserError names the first bad
@@ -144,6 +153,10 @@ class MidBlockConfig:
             raise UserError(f"alpha must be positive, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.compile not in COMPILE_MODES:
+            raise UserError(
+                f"compile must be one of {'|'.join(COMPILE_MODES)}, got {self.compile!r}"
+            )
         if self.quantize not in QUANTIZE_METHODS:
             raise UserError(
                 f"quantize must be one of {'|'.join(QUANTIZE_METHODS)}, got {self.quantize!r}"
@@ -662,6 +675,8 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
         apply_liger_to_frozen(frozen)
     # model(input_ids=..., labels=...) applies the LM head only where a label exists.
     install_label_only_loss(model, wrap_forward)
+    if resolve_compile(cfg.compile, next(model.parameters()).device, cfg.dropout):
+        compile_blocks(blocks)
 
     model.fastmid_state = MidBlockState(
         layers=layers,

@@ -53,7 +53,16 @@ def test_quick_writes_every_report(quick_run: tuple[Path, str]) -> None:
     out, stdout = quick_run
     for name in ("throughput", "flops", "memory", "estimate", "bands"):
         assert (out / f"{name}.csv").stat().st_size > 0
-    for png in ("throughput.png", "mfu.png", "memory.png", "estimate.png", "bands.png"):
+    for name in ("profile", "engine"):
+        assert (out / f"{name}.csv").stat().st_size > 0
+    for png in (
+        "throughput.png",
+        "mfu.png",
+        "memory.png",
+        "estimate.png",
+        "bands.png",
+        "profile.png",
+    ):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "vs peft_all" in (out / "summary.md").read_text()
     assert "Training throughput" in stdout and "ESTIMATED CUDA peak memory" in stdout

@@ -300,15 +300,15 @@ def _leave_checkpoint(env: Env) -> Path:
     """A run interrupted after its first step: ``out/checkpoint`` holds step 1 of 3."""
     from fastmid import train as train_module
 
-    real = train_module._StopFlag.installed
+    real = train_module.StopFlag.installed
 
     def stop_after_one_step(self):  # the flag is raised before step 1's checkpoint decision
         self.requested = True
         return real(self)
 
-    env.monkeypatch.setattr(train_module._StopFlag, "installed", stop_after_one_step)
+    env.monkeypatch.setattr(train_module.StopFlag, "installed", stop_after_one_step)
     assert main(env.train("--max-steps", "3")) == 130
-    env.monkeypatch.setattr(train_module._StopFlag, "installed", real)
+    env.monkeypatch.setattr(train_module.StopFlag, "installed", real)
     assert (env.out / checkpoint.CHECKPOINT_DIR / "manifest.json").is_file()
     return env.out / checkpoint.CHECKPOINT_DIR
 

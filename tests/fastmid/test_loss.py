@@ -175,3 +175,17 @@ def test_liger_fused_loss_matches_on_cuda():
         (ref_grad,) = torch.autograd.grad(ref, y)
         torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=1e-3, atol=1e-4)
+
+
+def test_trainable_head_gets_its_gradient():
+    gen = torch.Generator().manual_seed(4)
+    head = nn.Linear(6, 13)
+    hidden = torch.randn(9, 6, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 13, (9,), generator=gen)
+    loss = linear_cross_entropy(hidden, head, labels, chunk=4)
+    want = _full_logits_loss(hidden, head, labels, None)
+    torch.testing.assert_close(loss, want)
+    got = torch.autograd.grad(loss, [hidden, head.weight, head.bias])
+    ref = torch.autograd.grad(want, [hidden, head.weight, head.bias])
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r)
