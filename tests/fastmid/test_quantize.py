@@ -215,3 +215,11 @@ def test_quantized_base_model_runs_without_adapters():
         got, want = model(IDS).logits, expected(IDS).logits
     # NF4 perturbs the output but keeps it close to the original one.
     assert 0 < (got - want).abs().max() < 0.2 * want.abs().max()
+
+
+def test_gradient_checkpointing_on_a_quantized_base_gives_the_same_grads():
+    loss, grads = loss_and_grads(patched("nf4"))
+    gc_loss, gc_grads = loss_and_grads(patched("nf4", gradient_checkpointing=True))
+    torch.testing.assert_close(gc_loss, loss, rtol=0, atol=0)
+    for g, r in zip(gc_grads, grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
