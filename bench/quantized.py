@@ -112,12 +112,12 @@ def run_workers(steps: int, batch_tokens: int) -> list[dict[str, Any]]:
     return rows
 
 
-def estimates(batch: int, seq: int) -> list[dict[str, Any]]:
+def estimates(models: list[str], batch: int, seq: int) -> list[dict[str, Any]]:
     """Estimated CUDA peaks (fastmid with checkpointing) per model and method."""
     from bench.estimate import estimate_peak, real_configs
 
     rows = []
-    for name in ESTIMATE_MODELS:
+    for name in models:
         for method in METHODS:
             est = estimate_peak(real_configs()[name], "fastmid_gc", batch, seq, quantize=method)
             rows.append(
@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-steps", action="store_true", help="no RSS / step-time runs")
     parser.add_argument("--skip-estimates", action="store_true", help="no FakeTensor estimates")
     parser.add_argument("--estimate-shape", default="8x1024", help="batch x sequence length")
+    parser.add_argument(
+        "--estimate-models", nargs="+", default=list(ESTIMATE_MODELS), choices=ESTIMATE_MODELS
+    )
     parser.add_argument("--runs", nargs="*", default=[], help="fastmid train output dirs")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         result["workers"] = run_workers(args.steps, args.batch_tokens)
     if not args.skip_estimates:
         batch, seq = (int(x) for x in args.estimate_shape.split("x"))
-        result["estimates"] = estimates(batch, seq)
+        result["estimates"] = estimates(args.estimate_models, batch, seq)
     result["runs"] = [loss_curve(Path(r)) for r in args.runs]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
