@@ -169,7 +169,7 @@ def estimate_peak(
     """
     from transformers import AutoModelForCausalLM
 
-    from fastmid.patch import MidBlockConfig, apply_midblock, resolve_band, resolve_rank
+    from fastmid.midblock import MidBlockConfig, apply_midblock, resolve_band, resolve_rank
     from fastmid.quantize import stored_tensors
 
     t0 = time.perf_counter()

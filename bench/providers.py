@@ -38,8 +38,8 @@ from fastmid.data import (
     tokenize_records,
 )
 from fastmid.errors import UserError
-from fastmid.patch import MidBlockConfig, adapter_parameters, apply_midblock, resolve_band
-from fastmid.patch import resolve_rank as _resolve_rank
+from fastmid.midblock import MidBlockConfig, adapter_parameters, apply_midblock, resolve_band
+from fastmid.midblock import resolve_rank as _resolve_rank
 
 PROVIDERS = ("peft_all", "peft_all_gc", "peft_mid", "fastmid")
 DESCRIPTIONS = {

@@ -37,8 +37,8 @@ def embedded_weight_bytes() -> dict[str, Any]:
     """Frozen-weight bytes of the embedded model per method, and NF4's divisibility check."""
     import torch
 
+    from fastmid.midblock import MidBlockConfig, apply_midblock, find_decoder_layers
     from fastmid.models import load_model
-    from fastmid.patch import MidBlockConfig, apply_midblock, find_decoder_layers
     from fastmid.quantize import NF4_BLOCK, frozen_weight_bytes
 
     out: dict[str, Any] = {}
@@ -64,8 +64,8 @@ def worker(method: str, steps: int, batch_tokens: int) -> dict[str, Any]:
     os.environ.pop("TRITON_INTERPRET", None)
     import torch
 
+    from fastmid.midblock import MidBlockConfig, adapter_parameters, apply_midblock
     from fastmid.models import load_model
-    from fastmid.patch import MidBlockConfig, adapter_parameters, apply_midblock
 
     torch.manual_seed(0)
     model, tokenizer, _ = load_model(dtype=torch.bfloat16)

@@ -168,6 +168,19 @@ def summary_tables(results: dict[str, Any]) -> str:
             "fastmid band placement (throughput)\n\n"
             + _table(["band", "layers", "rank", "precision", "tokens/s", "vs middle"], rows)
         )
+    if results.get("engine") or results.get("profile"):
+        from bench.profile import engine_table, profile_table
+
+        if results.get("engine"):
+            parts.append(
+                "Engine: model(input_ids, labels) on padded 4x256 batches, half prompt "
+                "(best step, providers interleaved)\n\n" + engine_table(results["engine"])
+            )
+        if results.get("profile"):
+            parts.append(
+                "Where a step goes (ms of self CPU time, one profiled step)\n\n"
+                + profile_table(results["profile"])
+            )
     if results.get("matmul_peak_flop_s"):
         peaks = ", ".join(
             f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in results["matmul_peak_flop_s"].items()
@@ -270,6 +283,9 @@ def write_reports(results: dict[str, Any], out_dir: Path) -> list[Path]:
             path = out_dir / PLOTS[workload]
             write_bytes_atomic(path, png)
             written.append(path)
+    from bench.profile import write_reports as write_profile_reports
+
+    written += write_profile_reports(results, out_dir)
     path = out_dir / "summary.md"
     write_bytes_atomic(path, summary_tables(results).encode())
     written.append(path)

@@ -11,6 +11,8 @@ printed table, JSON, CSV and PNG files. Workloads:
   saved activations, gradients and optimizer state;
 - ``estimate``    estimated CUDA peak memory for real model shapes (FakeTensor tracing);
 - ``bands``       fastmid throughput with the band at the bottom, middle, top, or everywhere;
+- ``profile``     one profiled step per provider, time grouped by kind of work (bench.profile);
+- ``engine``      ``model(input_ids, labels)`` on padded batches, providers interleaved;
 - ``kernels``     fused vs unfused kernel microbenchmarks (``bench/test_kernels_*.py``, CUDA).
 """
 
@@ -45,7 +47,7 @@ from bench.providers import (
     make_workload,
 )
 
-WORKLOADS = ("throughput", "flops", "memory", "estimate", "bands", "kernels")
+WORKLOADS = ("throughput", "flops", "memory", "estimate", "bands", "profile", "engine", "kernels")
 
 
 @dataclass
@@ -432,7 +434,9 @@ def run_suite(
         "device": str(device()),
         "providers": {n: DESCRIPTIONS[n] for n in opts.providers},
     }
-    needs_model = {"throughput", "flops", "memory", "bands"} & set(opts.workloads)
+    needs_model = {"throughput", "flops", "memory", "bands", "profile", "engine"} & set(
+        opts.workloads
+    )
     if needs_model:
         base, tokenizer, model_name = load_base(opts.quick)
         num_steps = opts.warmup + opts.steps
@@ -479,6 +483,20 @@ def run_suite(
     if "bands" in opts.workloads:
         results["bands"] = _bands(opts, base, workload, info)
         done()
+    if {"profile", "engine"} & set(opts.workloads):
+        from bench import profile
+
+        names = tuple(n for n in profile.PROFILED if n in opts.providers)
+        if "profile" in opts.workloads:
+            rows = profile.run_profile(base, workload, opts.dtypes, names, log=opts.log)
+            results["profile"] = [_stamp(r, info) for r in rows]
+            done()
+        if "engine" in opts.workloads:
+            rows = profile.run_engine(
+                base, workload, opts.dtypes, names, opts.warmup, opts.steps, log=opts.log
+            )
+            results["engine"] = [_stamp(r, info) for r in rows]
+            done()
     if needs_model:
         _free(base)
     if "memory" in opts.workloads:

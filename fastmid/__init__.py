@@ -12,11 +12,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "MidBlockConfig": "fastmid.patch",
-    "apply_midblock": "fastmid.patch",
-    "resolve_band": "fastmid.patch",
-    "lora_modules": "fastmid.patch",
-    "adapter_parameters": "fastmid.patch",
+    "MidBlockConfig": "fastmid.midblock",
+    "apply_midblock": "fastmid.midblock",
+    "resolve_band": "fastmid.midblock",
+    "lora_modules": "fastmid.midblock",
+    "adapter_parameters": "fastmid.midblock",
     "save_adapter": "fastmid.adapters",
     "load_adapter": "fastmid.adapters",
     "merge": "fastmid.adapters",

@@ -3,5 +3,8 @@
 import sys
 
 from fastmid.cli import main
+from fastmid.errors import record_exit
 
-sys.exit(main())
+code = main()
+record_exit(code)
+sys.exit(code)

@@ -26,16 +26,15 @@ from torch import nn
 
 from fastmid.errors import UserError
 from fastmid.fileio import replace_atomic
-from fastmid.patch import (
+from fastmid.midblock import (
     KNOWN_TARGETS,
     LoraLinear,
     MidBlockConfig,
-    _find_layers,
-    _set_submodule,
-    _state,
     apply_midblock,
-    lora_modules,
+    find_layers_with_path,
     lora_scale,
+    midblock_state,
+    set_submodule,
     unpatch_forwards,
 )
 from fastmid.quantize import dequantize_frozen, quantized_method
@@ -57,7 +56,7 @@ def _module_paths(model: nn.Module) -> dict[str, LoraLinear]:
 
 def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
     """The ``adapter_config.json`` contents (a PEFT LoraConfig) for a patched model."""
-    state = _state(model)
+    state = midblock_state(model)
     layers_name = state.layers_path.rpartition(".")[2]
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model.config, "_name_or_path", None) or None
@@ -152,7 +151,7 @@ def _read_adapter(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]
 
 def _patch_for(model: nn.Module, config: dict, modules: dict[str, Any], where: Path) -> None:
     """apply_midblock with the band, targets and rank the adapter was trained with."""
-    layers_path, blocks = _find_layers(model)
+    layers_path, blocks = find_layers_with_path(model)
     pattern = re.compile(rf"^{re.escape(layers_path)}\.(\d+)\.(.+)$")
     layers: set[int] = set()
     targets: set[str] = set()
@@ -190,7 +189,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     config, modules = _read_adapter(where)
     if getattr(model, "fastmid_state", None) is None:
         _patch_for(model, config, modules, where)
-    state = _state(model)
+    state = midblock_state(model)
     present = _module_paths(model)
     missing = [name for name in modules if name not in present]
     if missing:
@@ -230,7 +229,7 @@ def merge(model: nn.Module, dequantize: bool = False) -> nn.Module:
     frozen weight is dequantized first and the adapters are folded into those values, so the
     merged model computes what the quantized base plus adapters did, at full-precision size.
     """
-    _state(model)  # a clear error for a model that was never patched
+    midblock_state(model)  # a clear error for a model that was never patched
     method = quantized_method(model)
     if method != "none":
         if not dequantize:
@@ -241,11 +240,6 @@ def merge(model: nn.Module, dequantize: bool = False) -> nn.Module:
         dequantize_frozen(model)
     unpatch_forwards(model)
     for name, module in list(_module_paths(model).items()):
-        _set_submodule(model, name, module.merged_linear())
+        set_submodule(model, name, module.merged_linear())
     del model.fastmid_state
     return model
-
-
-def adapter_num_params(model: nn.Module) -> int:
-    """Number of trainable adapter parameters of a patched model."""
-    return sum(m.lora_A.numel() + m.lora_B.numel() for _, _, m in lora_modules(model))

@@ -6,7 +6,7 @@ kept: per layer only the mean-pooled ``(N, D)`` matrix of the N examples (mean o
 and a logit-lens hit count survive a batch. The two models are run one after the other, never
 both in memory (an adapter is applied onto the same base model after its pass).
 
-Per layer (see :mod:`fastmid.metrics` for the formulas):
+Per layer (see :mod:`fastmid.layerstats` for the formulas):
 
 - ``cka``, ``cosine``, ``mean_shift``: base vs tuned pooled states of the same inputs;
 - ``erank_*``, ``entropy_*``: normalised effective rank and matrix entropy of each model's states;
@@ -36,10 +36,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastmid import metrics
-from fastmid.config import QUANTIZE_METHODS
+from fastmid import layerstats
+from fastmid.data import IGNORE_INDEX
 from fastmid.errors import UserError
 from fastmid.fileio import replace_atomic
+from fastmid.midblock import QUANTIZE_METHODS
 
 __all__ = [
     "COLUMNS",
@@ -55,6 +56,8 @@ __all__ = [
     "write_outputs",
 ]
 
+# `fastmid analyze` writes here unless --output-dir says otherwise (announced when it starts).
+DEFAULT_OUTPUT_DIR = "./fastmid-analyze"
 COLUMNS = (
     "layer",
     "depth",
@@ -117,7 +120,7 @@ def collect_states(
     from tqdm.auto import tqdm
 
     from fastmid.data import collate_padded
-    from fastmid.patch import find_decoder_layers
+    from fastmid.midblock import find_decoder_layers
 
     blocks = find_decoder_layers(model)
     norm, head = final_norm(model), model.get_output_embeddings()
@@ -153,7 +156,7 @@ def collect_states(
             ids = padded["input_ids"].to(device)
             mask = padded["attention_mask"].to(device)
             targets = padded["targets"].to(device)
-            valid = _lens_mask(targets != -100, lens_positions)
+            valid = _lens_mask(targets != IGNORE_INDEX, lens_positions)
             batch.update(mask=mask, valid=valid, targets=targets[valid])
             total += int(valid.sum())
             # The decoder alone: the hooks see every block, and the LM head over all positions
@@ -181,7 +184,7 @@ def _lens_mask(valid: Tensor, per_row: int) -> Tensor:
 
 
 def _projection_weights(model: nn.Module, names: Sequence[str]) -> dict[int, list[Tensor]]:
-    from fastmid.patch import find_decoder_layers
+    from fastmid.midblock import find_decoder_layers
     from fastmid.probe import layer_projections
 
     return {
@@ -199,7 +202,7 @@ def weight_change(base: dict[int, list[Tensor]], tuned: dict[int, list[Tensor]])
         b, t = base[layer], [w.to(device=base[layer][0].device) for w in tuned[layer]]
         if [w.shape for w in b] != [w.shape for w in t]:
             raise UserError(f"layer {layer}: base and tuned projections differ in shape")
-        out.append(metrics.relative_change(b, t))
+        out.append(layerstats.relative_change(b, t))
     return out
 
 
@@ -207,7 +210,7 @@ def weight_change(base: dict[int, list[Tensor]], tuned: dict[int, list[Tensor]])
 def adapter_weight_change(model: nn.Module) -> list[float]:
     """Per layer ``||s·B·A||_F / ||W||_F`` over the layer's adapted projections stacked, for a
     model with adapters applied (0 for layers without adapters)."""
-    from fastmid.patch import find_decoder_layers, lora_modules
+    from fastmid.midblock import find_decoder_layers, lora_modules
 
     num = [0.0] * len(find_decoder_layers(model))
     den = [0.0] * len(num)
@@ -235,13 +238,13 @@ def compare(
                 "layer": layer,
                 "depth": (layer + 1) / num_layers,
                 "in_band": layer in band,
-                "cka": metrics.linear_cka(x, y),
-                "cosine": metrics.cosine_similarity(x, y),
-                "mean_shift": metrics.mean_shift(x, y),
-                "erank_base": metrics.effective_rank(x),
-                "erank_tuned": metrics.effective_rank(y),
-                "entropy_base": metrics.matrix_entropy(x),
-                "entropy_tuned": metrics.matrix_entropy(y),
+                "cka": layerstats.linear_cka(x, y),
+                "cosine": layerstats.cosine_similarity(x, y),
+                "mean_shift": layerstats.mean_shift(x, y),
+                "erank_base": layerstats.effective_rank(x),
+                "erank_tuned": layerstats.effective_rank(y),
+                "entropy_base": layerstats.matrix_entropy(x),
+                "entropy_tuned": layerstats.matrix_entropy(y),
                 "weight_change": float(changes[layer]),
                 "logit_lens_base": base.lens_correct[layer] / max(base.lens_total, 1),
                 "logit_lens_tuned": tuned.lens_correct[layer] / max(tuned.lens_total, 1),
@@ -276,7 +279,7 @@ def analyze(
     adapter was trained), in both passes.
     """
     from fastmid.adapters import load_adapter, merge
-    from fastmid.patch import lora_modules
+    from fastmid.midblock import lora_modules
     from fastmid.probe import PROJECTIONS
     from fastmid.quantize import quantize_frozen
 
@@ -433,10 +436,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", default=None, help="JSONL records (default: the bundled test split)"
     )
-    parser.add_argument("--samples", type=int, default=200, help="examples to analyse")
-    parser.add_argument("--format", default="qa", choices=("qa", "chat"), help="record format")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per example")
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
+    parser.add_argument(
+        "--samples", type=int, default=200, help="examples to analyse (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--format",
+        default="qa",
+        choices=("qa", "chat"),
+        help="record format (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-length", type=int, default=128, help="tokens per example (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="examples per forward pass (default: %(default)s)"
+    )
     parser.add_argument(
         "--band", default=None, help="layers to shade, e.g. 6-23 (default: the adapted layers)"
     )
@@ -444,7 +458,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lens-positions",
         type=int,
         default=16,
-        help="logit-lens positions per example, evenly spaced (0 = every position)",
+        help="logit-lens positions per example, evenly spaced; 0 = every position "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=DEFAULT_OUTPUT_DIR,
+        help="where layers.csv, analysis.json and depth_profile.png go (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bar (default: shown)"
     )
     parser.add_argument(
         "--quantize",
@@ -452,14 +475,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=QUANTIZE_METHODS,
         help="frozen decoder linears stored quantized, as the adapter was trained (default: none)",
     )
-    parser.add_argument("--output-dir", default="./fastmid-analyze", help="where outputs go")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     """``fastmid analyze``: compute the table, write CSV + JSON + PNG, print the table."""
-    from fastmid.config import parse_band
     from fastmid.data import bundled_path, load_records, tokenize_records
+    from fastmid.midblock import parse_band
     from fastmid.models import load_model
 
     for name in ("samples", "max_length", "batch_size"):
@@ -479,6 +500,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--band must list layers, e.g. 6-23 or 3,5,7")
     data = Path(args.data) if args.data else bundled_path("test")
     records = load_records(data)[: args.samples]
+    print(f"fastmid analyze: results go to {args.output_dir} (--output-dir)", flush=True)
     # The base is loaded here for its tokenizer; analyze() takes it over (and may free it).
     model, tokenizer, base_name = load_model(args.base)
     examples = tokenize_records(

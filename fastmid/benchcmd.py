@@ -3,6 +3,10 @@
 The suite lives in the source checkout's ``bench/`` folder (it is not part of the installed
 package): it is found in the current directory or in the checkout fastmid was installed from
 in editable mode. Prints a table and writes JSON, CSV and PNG reports.
+
+This command is a thin door: it checks the environment, then hands its flags to
+``bench.suite`` (imported only here, when the command runs), which knows the workloads,
+providers and precisions and validates them. fastmid itself never depends on ``bench``.
 """
 
 from __future__ import annotations
@@ -59,16 +63,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workloads",
         type=_csv,
         default=None,
-        help="comma list of throughput,flops,memory,estimate,bands,kernels (default: all)",
+        help="comma list of workloads (default: all; a wrong name lists them)",
     )
     parser.add_argument(
         "--providers",
         type=_csv,
         default=None,
-        help="comma list of peft_all,peft_all_gc,peft_mid,fastmid (default: all)",
+        help="comma list of providers (default: all; a wrong name lists them)",
     )
     parser.add_argument(
-        "--dtypes", type=_csv, default=None, help="comma list of fp32,bf16 (default: both)"
+        "--dtypes", type=_csv, default=None, help="comma list of precisions (default: all)"
     )
     parser.add_argument("--steps", type=int, default=None, help="timed steps per provider")
     parser.add_argument("--warmup", type=int, default=None, help="discarded warm-up steps")
@@ -78,39 +82,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
-
-
-def _options(args: argparse.Namespace, suite: object) -> object:
-    from bench.providers import DTYPES, PROVIDERS
-
-    overrides = {}
-    for name, known in (
-        ("workloads", suite.WORKLOADS),
-        ("providers", PROVIDERS),
-        ("dtypes", tuple(DTYPES)),
-    ):
-        value = getattr(args, name)
-        if value is None:
-            continue
-        bad = [v for v in value if v not in known]
-        if bad or not value:
-            raise UserError(
-                f"--{name}: unknown {bad[0] if bad else 'empty list'}; expected "
-                f"a comma list of {','.join(known)}"
-            )
-        overrides[name] = value
-    for name in ("steps", "warmup", "batch_tokens"):
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if value < (0 if name == "warmup" else 1):
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        overrides[name] = value
-    if "providers" in overrides and "peft_all" not in overrides["providers"]:
-        raise UserError("--providers must include peft_all: every ratio is against it")
-    if args.quick:
-        return suite.SuiteOptions.quick_defaults(**overrides)
-    return suite.SuiteOptions(**overrides)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,15 +100,12 @@ def run(args: argparse.Namespace) -> int:
         sys.path.insert(0, str(root))
     import torch
 
-    from bench import report, suite
+    from bench import suite
 
-    opts = _options(args, suite)
+    given = {k: getattr(args, k) for k in ("workloads", "providers", "dtypes", "steps")}
+    given.update(warmup=args.warmup, batch_tokens=args.batch_tokens)
+    options = suite.options_from_cli(args.quick, **given)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     default_out = root / "bench" / "results" / ("quick" if args.quick else "")
-    out_dir = Path(args.out) if args.out else default_out
-    results = suite.run_suite(opts, out_dir, on_partial=lambda r: report.write_reports(r, out_dir))
-    written = report.write_reports(results, out_dir)
-    print(report.summary_tables(results))
-    print(f"wrote {len(written)} files to {out_dir} in {results['wall_s']:.0f} s")
-    return 0
+    return suite.command(options, Path(args.out) if args.out else default_out)

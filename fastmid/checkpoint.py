@@ -6,31 +6,41 @@ A checkpoint is a directory holding
 - ``optimizer.safetensors``: the optimizer's per-parameter state (``<key>/<param name>``),
 - ``torch_rng.safetensors``: torch's CPU and CUDA generator states,
 - ``state.json``: optimizer hyper-parameters, scheduler counters, Python/NumPy RNG states and
-  whatever the training loop passes as ``extra`` (data position, running totals, config).
+  whatever the training loop passes as ``extra`` (data position, running totals, config),
+- ``manifest.json``: the size and SHA-256 of each of the files above, written last.
 
 It is written into a temporary sibling directory and renamed into place, so a reader sees the
-previous checkpoint or the new one, never a partial one. No pickle anywhere.
+previous checkpoint or the new one, never a partial one. The previous checkpoint is kept as
+``<name>.old``: when the files of the newest one are damaged later (a bad disk, a truncating
+copy), the manifest shows it and loading falls back to the previous one, saying so in one
+line. A failed save (a full disk) leaves both untouched. No pickle anywhere.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from fastmid.errors import UserError
 
 CHECKPOINT_DIR = "checkpoint"
 _STATE = "state.json"
+MANIFEST = "manifest.json"
+# Suffix of the previous checkpoint, kept beside the newest as a fallback.
+PREVIOUS = ".old"
 
 
 def trainable_named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -52,12 +62,13 @@ def save_checkpoint(
     names_by_id = {id(p): name for name, p in params.items()}
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
-        save_file(
-            {name: p.detach().contiguous().cpu() for name, p in params.items()},
-            str(tmp / "adapter.safetensors"),
-        )
-        save_file(_optimizer_tensors(optimizer, names_by_id), str(tmp / "optimizer.safetensors"))
-        save_file(_torch_rng_tensors(), str(tmp / "torch_rng.safetensors"))
+        files = {
+            "adapter.safetensors": safetensors_bytes(
+                {name: p.detach().contiguous().cpu() for name, p in params.items()}
+            ),
+            "optimizer.safetensors": safetensors_bytes(_optimizer_tensors(optimizer, names_by_id)),
+            "torch_rng.safetensors": safetensors_bytes(_torch_rng_tensors()),
+        }
         groups = [
             {k: v for k, v in group.items() if k != "params"}
             for group in optimizer.state_dict()["param_groups"]
@@ -71,8 +82,15 @@ def save_checkpoint(
             "numpy_rng": _jsonable(np.random.get_state()),
             "extra": extra,
         }
-        (tmp / _STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+        files[_STATE] = json.dumps(state, indent=1).encode("utf-8")
+        manifest = {name: _write_file(tmp / name, blob) for name, blob in files.items()}
+        _write_file(tmp / MANIFEST, json.dumps({"files": manifest}, indent=1).encode("utf-8"))
         _swap_into_place(tmp, path)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = err.strerror or str(err)
+        kept = " (the previous checkpoint is kept)" if path.is_dir() else ""
+        raise UserError(f"cannot save the checkpoint {path}: {reason}{kept}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -85,10 +103,23 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> dict[str, Any]:
-    """Restore parameters, optimizer, scheduler and RNG states in place; return ``extra``."""
-    path = find_checkpoint(path)
+    """Restore parameters, optimizer, scheduler and RNG states in place; return ``extra``.
+
+    Loads the newest valid checkpoint (see :func:`find_checkpoint`); when that is the previous
+    one because the newest is damaged, one line on stderr says so.
+    """
+    wanted = Path(path)
+    path = find_checkpoint(wanted)
     if path is None:
         raise UserError("no checkpoint to resume from")
+    damage = verify_checkpoint(wanted) if wanted.exists() and path != wanted else None
+    if damage is not None and _is_rank0():
+        print(
+            f"fastmid: checkpoint {wanted} is damaged ({damage}); resuming from the previous "
+            f"one, {path}",
+            file=sys.stderr,
+            flush=True,
+        )
     params = trainable_named_parameters(model)
     try:
         state = json.loads((path / _STATE).read_text(encoding="utf-8"))
@@ -145,12 +176,56 @@ def load_checkpoint(
 
 
 def find_checkpoint(path: str | os.PathLike[str]) -> Path | None:
-    """The checkpoint at ``path``, or the previous one left by a swap that was cut short."""
+    """The newest valid checkpoint: ``path``, else the previous one (``<path>.old``).
+
+    None when neither exists; UserError when they exist but none passes
+    :func:`verify_checkpoint`.
+    """
     path = Path(path)
-    for candidate in (path, path.with_name(path.name + ".old")):
-        if (candidate / _STATE).is_file():
+    damage = None
+    for candidate in (path, path.with_name(path.name + PREVIOUS)):
+        if not candidate.is_dir():
+            continue
+        problem = verify_checkpoint(candidate)
+        if problem is None:
             return candidate
+        damage = damage or f"checkpoint {candidate} is damaged ({problem})"
+    if damage is None:
+        return None
+    raise UserError(f"{damage} and there is no valid checkpoint to resume from")
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> str | None:
+    """None when every file of the checkpoint at ``path`` matches its manifest, else why not."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name in ("adapter.safetensors", "optimizer.safetensors", "torch_rng.safetensors", _STATE):
+        if name not in manifest:
+            return f"{MANIFEST} does not list {name}"
+    for name, expected in manifest.items():
+        try:
+            blob = (path / name).read_bytes()
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except OSError as err:
+            return f"{name} is unreadable: {err.strerror or err}"
+        if len(blob) != expected["bytes"]:
+            return f"{name} is truncated or padded: {len(blob)} of {expected['bytes']} bytes"
+        if hashlib.sha256(blob).hexdigest() != expected["sha256"]:
+            return f"{name} does not match its checksum"
     return None
+
+
+def remove_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Delete the checkpoint at ``path`` and the previous one kept beside it."""
+    path = Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(path.with_name(path.name + PREVIOUS), ignore_errors=True)
 
 
 def read_extra(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -164,15 +239,30 @@ def read_extra(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         raise UserError(f"checkpoint {found} is unreadable: {err}") from None
 
 
+def _write_file(path: Path, data: bytes) -> dict[str, Any]:
+    """Write ``data`` to ``path`` and flush it to the disk; returns its manifest entry."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def _swap_into_place(tmp: Path, path: Path) -> None:
-    # os.replace cannot replace a non-empty directory, so the old checkpoint steps aside
-    # first; find_checkpoint() falls back to it if we are killed between the two renames.
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
+    # os.replace cannot replace a non-empty directory, so the current checkpoint steps aside
+    # to become the previous one (dropping the one before it); find_checkpoint() falls back
+    # to it if the new one is damaged later, or if we are killed between the two renames.
+    old = path.with_name(path.name + PREVIOUS)
+    if path.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_rank0() -> bool:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _optimizer_tensors(

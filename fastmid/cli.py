@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from fastmid.errors import UserError
+from fastmid.errors import UserError, report_user_error
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("fastmid.analyze", "layer-wise metrics of a tuned model against its base"),
     "probe": ("fastmid.probe", "per-layer sensitivity of an untuned model; recommends a band"),
     "bench": ("fastmid.benchcmd", "benchmark fastmid against PEFT LoRA"),
+    "compare": ("fastmid.compare", "train several depth placements alike and compare them"),
+    "selfcheck": ("fastmid.selfcheck", "prove the kernels on this machine; JSON report + table"),
 }
 
 
@@ -53,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv[1:])
         return int(module.run(args) or 0)
     except UserError as err:
-        print(f"fastmid {name}: error: {err}", file=sys.stderr)
-        return 2
+        return report_user_error(f"fastmid {name}", err)
     except KeyboardInterrupt:
         print(f"fastmid {name}: interrupted", file=sys.stderr)
         return 130

@@ -3,14 +3,20 @@
 ``build_config(yaml_path, overrides)`` is the single entry point: YAML values first, then the
 overrides (CLI flags the user actually gave), then :meth:`TrainConfig.validate`. Every problem
 is a :class:`fastmid.errors.UserError` with one line naming the field.
+
+The adapter settings are :class:`fastmid.midblock.MidBlockConfig`, nested as
+``TrainConfig.midblock``; files and flags name all fields flat (``rank``, ``lr``), and each
+field's help text is stated once, in its ``metadata``, from which ``fastmid train``'s flags are
+generated.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import math
 import os
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,11 +27,12 @@ import yaml
 
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
+from fastmid.midblock import MidBlockConfig, format_band, parse_band
+from fastmid.options import add_field_arguments, option
+from fastmid.tracking import REPORT_TO
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
-# How the frozen base is stored (fastmid.quantize).
-QUANTIZE_METHODS = ("none", "nf4", "int8")
 FORMATS = ("qa", "chat")
 LOSS_ON = ("response", "all")
 PARALLEL = ("auto", "ddp", "fsdp")
@@ -34,138 +41,177 @@ PAPER_LR = 1e-4
 # `fastmid train` with no arguments: a run of about five minutes on a 2-core CPU in which the
 # embedded model visibly learns the bundled task (the paper's 1e-4 needs far more steps).
 DEMO: dict[str, Any] = {"max_steps": 16, "lr": 1e-3}
-
-# A parsed band: fractions of depth, every layer, explicit layer indices, or ask the probe.
-Band = tuple[float, float] | str | list[int]
+# Marks a field that may differ between an interrupted run and its --resume.
+MAY_CHANGE_ON_RESUME = {"may_change_on_resume": True}
 
 
 @dataclass
 class TrainConfig:
     """Everything one ``fastmid train`` run needs; saved as ``<output-dir>/config.yaml``."""
 
-    # --- model and data ---
-    # Local HF dir, .gguf file or hub id; None = the embedded SmolLM2-135M-Instruct.
-    model: str | None = None
-    # JSONL training records; None = the bundled synthetic GSM-style train split.
-    data: str | None = None
-    # JSONL with gold "#### N" answers for accuracy; None = bundled test split (default data only).
-    eval_data: str | None = None
-    # "qa" = the paper's "Question: …\nAnswer: …" + EOS; "chat" = the tokenizer's chat template.
-    format: str = "qa"
-    # Examples are truncated to this many tokens (the paper uses 128).
-    max_length: int = 256
-    # "response" = loss on answer tokens only; "all" = every token (the paper's setting).
-    loss_on: str = "response"
-    # Where the adapter, checkpoints, metrics and summary go.
-    output_dir: str = "./fastmid-out"
+    model: str | None = option(
+        None,
+        "local HF dir, .gguf file or hub id; default: embedded SmolLM2-135M-Instruct",
+        group="model and data",
+    )
+    data: str | None = option(
+        None,
+        "training records: JSONL, .parquet, .csv, .json, a save_to_disk dir or a dataset id "
+        "NAME[:CONFIG[:SPLIT]]; default: the bundled GSM-style train split",
+    )
+    eval_data: str | None = option(
+        None,
+        "records with gold '#### N' answers for accuracy (the forms of --data); default: the "
+        "bundled test split when --data is not given, else none",
+    )
+    fields: str | None = option(
+        None, "columns of another record shape: prompt=COL,response=COL or messages=COL"
+    )
+    format: str = option(
+        "qa",
+        "prompt format: qa = the paper's 'Question: …\nAnswer: …' + EOS; chat = the "
+        "tokenizer's chat template",
+        choices=FORMATS,
+    )
+    max_length: int = option(256, "examples are truncated to this many tokens (the paper: 128)")
+    loss_on: str = option(
+        "response",
+        "which tokens carry loss: the answer only, or all (the paper's setting)",
+        choices=LOSS_ON,
+    )
+    output_dir: str = option(
+        "./fastmid-out",
+        "where the adapter, checkpoints, metrics and summary go",
+        **MAY_CHANGE_ON_RESUME,
+    )
 
-    # --- Mid-Block LoRA ---
-    # "0.2,0.8" (fractions of depth), "all", "6-23" (inclusive layer range), "3,5,7", or "auto".
-    band: str = "0.2,0.8"
-    # LoRA rank of the active layers; None = budget-matched from rank_budget.
-    rank: int | None = None
-    # Uniform-LoRA rank whose parameter count the band's adapters match (the paper's 64).
-    rank_budget: int = 64
-    # LoRA alpha; scale = alpha / rank (or alpha / sqrt(rank) with use_rslora).
-    alpha: float = 128.0
-    # LoRA dropout on the adapter input.
-    dropout: float = 0.05
-    # Linear layers inside each active block that get adapters.
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    # Rank-stabilised scaling alpha / sqrt(rank).
-    use_rslora: bool = False
-    # Run q/k/v (and gate/up) through one fused kernel sharing the input read.
-    fuse_groups: bool = True
-    # Recompute activations of the active blocks in backward instead of storing them.
-    gradient_checkpointing: bool = False
-    # Frozen linears of every decoder block stored quantized: "nf4" (4-bit, QLoRA's NormalFloat),
-    # "int8" (per-channel), or "none"; the adapters and their optimizer state stay fp32.
-    quantize: str = "none"
+    # LoRA placement and shape (band, targets, rank, alpha, dropout, ...).
+    midblock: MidBlockConfig = field(default_factory=MidBlockConfig)
 
-    # --- optimisation ---
-    # "auto" = bf16 mixed precision on CUDA or CPUs with native bf16 matmul, else fp32.
-    precision: str = "auto"
-    # Peak AdamW learning rate; None = 1e-4 (the paper's), or DEMO["lr"] for the bundled demo.
-    lr: float | None = None
-    # AdamW weight decay on the adapters.
-    weight_decay: float = 0.0
-    # Linear warmup length in optimizer steps; None = warmup_ratio of the run.
-    warmup_steps: int | None = None
-    # Warmup as a fraction of the total optimizer steps, rounded up (when warmup_steps is None).
-    warmup_ratio: float = 0.05
-    # Learning-rate decay after warmup: linear to 0 (the paper), cosine to 0, or constant.
-    schedule: str = "linear"
-    # Token budget of one packed micro-batch (whole examples, no padding); 1024 holds about 11
-    # bundled examples, and small packs keep the block-diagonal attention cheap on CPU.
-    batch_tokens: int = 1024
-    # Micro-batches per optimizer step (3 x 1024 tokens ≈ the paper's 32 examples per step);
-    # the loss is normalised over all their label tokens.
-    grad_accum: int = 3
-    # Global gradient-norm clip; 0 disables clipping.
-    max_grad_norm: float = 1.0
-    # Passes over the data; None = 1 (the paper's), or DEMO["max_steps"] for the bundled demo.
-    epochs: int | None = None
-    # Stop after this many optimizer steps (also sizes the schedule); None = run all epochs.
-    max_steps: int | None = None
-    # Seed for data order, adapter init and dropout.
-    seed: int = 0
-    # Rescale each layer's update so ‖ΔW‖/‖W‖ is equal across layers after every step.
-    equalize_updates: bool = False
+    precision: str = option(
+        "auto",
+        "auto = bf16 mixed precision on CUDA or CPUs with native bf16 matmul, else fp32",
+        choices=PRECISIONS,
+        group="optimisation",
+    )
+    lr: float | None = option(
+        None, f"peak AdamW lr; default: {PAPER_LR:g} (the paper's), or {DEMO['lr']:g} in the demo"
+    )
+    weight_decay: float = option(0.0, "AdamW weight decay on the adapters")
+    warmup_steps: int | None = option(
+        None, "linear warmup in optimizer steps; default: --warmup-ratio of the run"
+    )
+    warmup_ratio: float = option(0.05, "warmup as a fraction of all steps, rounded up")
+    schedule: str = option(
+        "linear",
+        "lr decay after warmup: linear to 0 (the paper), cosine to 0, or constant",
+        choices=SCHEDULES,
+    )
+    batch_tokens: int = option(
+        1024,
+        "token budget of one packed micro-batch (whole examples, no padding); 1024 holds about "
+        "11 bundled examples, and small packs keep the block-diagonal attention cheap on CPU",
+    )
+    grad_accum: int = option(
+        3,
+        "micro-batches per optimizer step (3 x 1024 tokens ≈ the paper's 32 examples); the "
+        "loss is normalised over all their label tokens",
+    )
+    max_grad_norm: float = option(1.0, "global gradient-norm clip (0 = off)")
+    epochs: int | None = option(None, "passes over the data; default: 1")
+    max_steps: int | None = option(
+        None,
+        "stop after this many optimizer steps (also sizes the schedule; overrides --epochs); "
+        f"default: all epochs, or {DEMO['max_steps']} in the no-argument demo",
+    )
+    seed: int = option(0, "seed for data order, adapter init and dropout")
+    equalize_updates: bool = option(
+        False, "rescale each layer's update so ‖ΔW‖/‖W‖ is equal across layers every step"
+    )
 
-    # --- many devices ---
-    # Processes (one per GPU) that `fastmid train` starts with torchrun; 1 = just this one.
-    nproc: int = 1
-    # How ranks hold the frozen model: "ddp" (whole copy each), "fsdp" (decoder blocks sharded),
-    # "auto" (fsdp when the weights exceed half of one GPU's memory).
-    parallel: str = "auto"
+    nproc: int = option(
+        1,
+        "processes (one per GPU) that fastmid train starts with torchrun",
+        group="many devices",
+        **MAY_CHANGE_ON_RESUME,
+    )
+    parallel: str = option(
+        "auto",
+        "ddp: a whole model copy per rank; fsdp: decoder blocks sharded; auto: fsdp when the "
+        "weights exceed half of one GPU's memory",
+        choices=PARALLEL,
+        **MAY_CHANGE_ON_RESUME,
+    )
 
-    # --- logging, checkpoints, evaluation ---
-    # Print a progress line and append to metrics.jsonl every this many optimizer steps.
-    log_every: int = 1
-    # Write a resumable checkpoint every this many optimizer steps; 0 = only on interrupt.
-    save_every: int = 0
-    # Continue from <output-dir>/checkpoint exactly where it stopped.
-    resume: bool = False
-    # Allow writing into a non-empty output dir (its previous results are replaced).
-    overwrite: bool = False
-    # Evaluate accuracy and held-out perplexity before and after training.
-    eval: bool = True
-    # Evaluate on at most this many records (greedy generation is the slow part on a CPU:
-    # 32 problems take about a minute there); None = all of them.
-    eval_limit: int | None = 32
-    # Prompts per batched greedy generation.
-    eval_batch_size: int = 32
-    # Greedy tokens generated per eval prompt (the GSM8K protocol uses 64).
-    max_new_tokens: int = 64
+    log_every: int = option(
+        1,
+        "progress line and metrics.jsonl record every N optimizer steps",
+        group="logging, checkpoints, evaluation",
+        **MAY_CHANGE_ON_RESUME,
+    )
+    save_every: int = option(
+        0, "also checkpoint every N optimizer steps (0 = off)", **MAY_CHANGE_ON_RESUME
+    )
+    save_every_minutes: float = option(
+        10.0,
+        "checkpoint after this many minutes of training since the last one, so a killed run "
+        "loses at most that much (0 = off; SIGINT/SIGTERM always checkpoint)",
+        **MAY_CHANGE_ON_RESUME,
+    )
+    resume: bool = option(
+        False,
+        "continue from <output-dir>/checkpoint exactly where it stopped",
+        **MAY_CHANGE_ON_RESUME,
+    )
+    overwrite: bool = option(
+        False, "replace fastmid's results in a non-empty output dir", **MAY_CHANGE_ON_RESUME
+    )
+    eval: bool = option(
+        True,
+        "evaluate accuracy and held-out perplexity before and after training",
+        **MAY_CHANGE_ON_RESUME,
+    )
+    eval_limit: int | None = option(
+        32,
+        "evaluate on at most N records (greedy generation is the slow part on a CPU: 32 "
+        "problems take about a minute there); none = all",
+        **MAY_CHANGE_ON_RESUME,
+    )
+    eval_batch_size: int = option(
+        32, "prompts per batched greedy generation", **MAY_CHANGE_ON_RESUME
+    )
+    max_new_tokens: int = option(
+        64, "greedy tokens per eval prompt (the GSM8K protocol: 64)", **MAY_CHANGE_ON_RESUME
+    )
+    eval_split_ratio: float = option(
+        0.0, "hold out this share of --data (chosen by the seed) for the held-out loss"
+    )
+    eval_every: int = option(
+        0,
+        "held-out answer loss every N optimizer steps (on the --eval-split-ratio share, else on "
+        "--eval-data), logged with the training metrics; 0 = never",
+        **MAY_CHANGE_ON_RESUME,
+    )
+    report_to: str = option(
+        "none",
+        "experiment tracker: tensorboard (<output-dir>/tensorboard) or wandb (offline unless "
+        "WANDB_MODE says otherwise); pip install 'fastmid[track]'",
+        choices=REPORT_TO,
+        **MAY_CHANGE_ON_RESUME,
+    )
 
     def validate(self) -> TrainConfig:
         """Check every field once; raise UserError naming the first bad one. Returns self."""
-        _one_of("format", self.format, FORMATS)
-        _one_of("loss_on", self.loss_on, LOSS_ON)
-        _one_of("precision", self.precision, PRECISIONS)
-        _one_of("quantize", self.quantize, QUANTIZE_METHODS)
-        _one_of("schedule", self.schedule, SCHEDULES)
-        parse_band(self.band)
-        if self.rank is not None and self.rank < 1:
-            raise UserError(f"rank must be a positive integer, got {self.rank}")
-        _positive("rank_budget", self.rank_budget)
-        _positive("alpha", self.alpha)
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.targets:
-            raise UserError("targets must name at least one linear layer, e.g. q_proj,v_proj")
-        for name in self.targets:
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-                raise UserError(f"target {name!r} is not a module name (e.g. q_proj)")
-        if len(set(self.targets)) != len(self.targets):
-            raise UserError(f"targets repeat a name: {','.join(self.targets)}")
+        for f in dataclasses.fields(self):
+            if "choices" in f.metadata:
+                _one_of(f.name, getattr(self, f.name), f.metadata["choices"])
+        self.midblock.validate()
         _positive("max_length", self.max_length)
         if self.lr is not None:
             _positive("lr", self.lr)
-        if self.weight_decay < 0:
-            raise UserError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise UserError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _at_least_zero("weight_decay", self.weight_decay)
+        if self.warmup_steps is not None:
+            _at_least_zero("warmup_steps", self.warmup_steps)
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         _positive("batch_tokens", self.batch_tokens)
@@ -175,19 +221,19 @@ class TrainConfig:
                 f"({self.max_length}) so every example fits in a batch"
             )
         _positive("grad_accum", self.grad_accum)
-        if self.max_grad_norm < 0:
-            raise UserError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        _at_least_zero("max_grad_norm", self.max_grad_norm)
         if self.epochs is not None:
             _positive("epochs", self.epochs)
         if self.max_steps is not None:
             _positive("max_steps", self.max_steps)
         _positive("nproc", self.nproc)
-        if self.nproc > 1 and self.quantize != "none":
-            raise UserError(f"quantize {self.quantize} trains in one process only (nproc 1)")
-        _one_of("parallel", self.parallel, PARALLEL)
+        if self.nproc > 1 and self.midblock.quantize != "none":
+            raise UserError(
+                f"quantize {self.midblock.quantize} trains in one process only (nproc 1)"
+            )
         _positive("log_every", self.log_every)
-        if self.save_every < 0:
-            raise UserError(f"save_every must be >= 0, got {self.save_every}")
+        _at_least_zero("save_every", self.save_every)
+        _at_least_zero("save_every_minutes", self.save_every_minutes)
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite exclude each other")
         if self.eval_limit is not None and self.eval_limit < 1:
@@ -196,7 +242,18 @@ class TrainConfig:
         _positive("max_new_tokens", self.max_new_tokens)
         if not self.output_dir:
             raise UserError("output_dir must not be empty")
+        self._validate_inputs_and_tracking()
         return self
+
+    def _validate_inputs_and_tracking(self) -> None:
+        from fastmid.data import parse_fields
+        from fastmid.tracking import check_available
+
+        parse_fields(self.fields)
+        if not 0.0 <= self.eval_split_ratio < 1.0:
+            raise UserError(f"eval_split_ratio must be in [0, 1), got {self.eval_split_ratio}")
+        _at_least_zero("eval_every", self.eval_every)
+        check_available(self.report_to)
 
     @property
     def is_demo(self) -> bool:
@@ -216,33 +273,49 @@ class TrainConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain YAML-safe dict of every field."""
-        return dataclasses.asdict(self)
+        """Plain YAML-safe dict of every field, flat (the keys of files and flags)."""
+        return {f.name: _plain(f.name, self.get(f.name)) for f in config_fields()}
+
+    def get(self, name: str) -> Any:
+        """The value of the flat field ``name`` (a TrainConfig or MidBlockConfig field)."""
+        return getattr(self.midblock if name in _MIDBLOCK_NAMES else self, name)
 
 
-def parse_band(band: str) -> Band:
-    """Parse a band spec: "0.2,0.8" → (0.2, 0.8); "all"; "auto"; "6-23" / "3,5,7" → layer list."""
-    text = str(band).strip().replace(" ", "")
-    if text in ("all", "auto"):
-        return text
-    range_match = re.fullmatch(r"(\d+)-(\d+)", text)
-    if range_match:
-        lo, hi = int(range_match[1]), int(range_match[2])
-        if lo > hi:
-            raise UserError(f"band {band!r}: range start {lo} is after its end {hi}")
-        return list(range(lo, hi + 1))
-    parts = text.split(",")
-    if all(re.fullmatch(r"\d+", p) for p in parts):
-        layers = sorted({int(p) for p in parts})
-        return layers
-    if len(parts) == 2 and all(re.fullmatch(r"\d*\.?\d+", p) for p in parts):
-        lo_f, hi_f = float(parts[0]), float(parts[1])
-        if not 0.0 <= lo_f < hi_f <= 1.0:
-            raise UserError(f"band {band!r}: fractions must satisfy 0 <= start < end <= 1")
-        return (lo_f, hi_f)
-    raise UserError(
-        f"band {band!r} is not one of: 0.2,0.8 (fractions) | all | auto | 6-23 | 3,5,7 (layers)"
-    )
+_MIDBLOCK_NAMES = frozenset(f.name for f in dataclasses.fields(MidBlockConfig))
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """Every field of a run, flat, in the order of the file and the help: the nested
+    MidBlockConfig's fields stand where ``midblock`` is."""
+    out: list[dataclasses.Field] = []
+    for f in dataclasses.fields(TrainConfig):
+        out += dataclasses.fields(MidBlockConfig) if f.name == "midblock" else [f]
+    return out
+
+
+def may_change_on_resume(name: str) -> bool:
+    """True for fields (output, logging, evaluation, processes) a --resume may change."""
+    return any(f.name == name and f.metadata.get("may_change_on_resume") for f in config_fields())
+
+
+def _plain(name: str, value: Any) -> Any:
+    """A field's value as files and flags write it: the band as its spec, tuples as lists."""
+    if name == "band":
+        return format_band(value)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _shown(name: str, value: Any) -> str:
+    """A default as a user would type it on the command line."""
+    value = _plain(name, value)
+    return ",".join(value) if isinstance(value, list) else str(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``fastmid train``, one per config field; each overrides the same key of
+    ``--config`` when given."""
+    parser.add_argument("--config", default=None, help="YAML file of config keys; flags win")
+    add_field_arguments(parser, config_fields(), show=_shown)
 
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -277,16 +350,17 @@ def build_config(
     if yaml_path is not None:
         values.update(load_yaml(yaml_path))
     values.update(overrides or {})
-    hints = typing.get_type_hints(TrainConfig)
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    kwargs: dict[str, Any] = {}
+    hints = {**typing.get_type_hints(TrainConfig), **typing.get_type_hints(MidBlockConfig)}
+    names = [f.name for f in config_fields()]
+    top: dict[str, Any] = {}
+    mid: dict[str, Any] = {}
     for key, value in values.items():
-        if key not in hints:
+        if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UserError(f"unknown config key {key!r}{hint}")
-        kwargs[key] = _coerce(key, value, hints[key])
-    return TrainConfig(**kwargs).validate()
+        (mid if key in _MIDBLOCK_NAMES else top)[key] = _coerce(key, value, hints[key])
+    return TrainConfig(midblock=MidBlockConfig(**mid), **top).validate()
 
 
 def save_yaml(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -302,15 +376,17 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
         hint = next(a for a in args if a is not type(None))
-    if name == "band" and isinstance(value, (list, tuple)):
+    if name == "band":
         # YAML lists of layer indices are accepted as well as the string forms.
-        value = ",".join(str(v) for v in value)
-    if typing.get_origin(hint) is list:
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        return parse_band(str(value))
+    if typing.get_origin(hint) is tuple:
         if isinstance(value, str):
             value = [v for v in value.replace(" ", "").split(",") if v]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise UserError(f"{name} must be a list of names, got {value!r}")
-        return list(value)
+        return tuple(value)
     try:
         if hint is bool:
             if isinstance(value, bool):
@@ -342,5 +418,12 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _positive(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value}")
     if value <= 0:
         raise UserError(f"{name} must be positive, got {value}")
+
+
+def _at_least_zero(name: str, value: float) -> None:
+    if value < 0:
+        raise UserError(f"{name} must be >= 0, got {value}")

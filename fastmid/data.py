@@ -1,6 +1,11 @@
-"""Training data: JSONL records, tokenization with loss masks, packing and collation.
+"""Training data: records from files or datasets, tokenization with loss masks, packing and
+collation.
 
-Records are ``{"prompt", "response"}``, ``{"question", "answer"}`` or ``{"messages": [...]}``.
+:func:`load_records` reads JSONL itself and parquet, CSV, JSON, ``save_to_disk`` directories and
+Hugging Face dataset ids through ``datasets`` (an optional extra). Records in the common shapes
+(question/answer, prompt/response, prompt/completion, Alpaca's instruction/input/output,
+OpenAI messages, ShareGPT conversations, or columns named with ``fields``) are normalised to
+``{"question", "answer"}``, ``{"prompt", "response"}`` or ``{"messages": [...]}``.
 Two formats:
 
 - ``qa``: the paper's ``Question: {q}\\nAnswer: {a}`` + EOS. Prompt and response are tokenized
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,10 +31,9 @@ import torch
 
 from fastmid.errors import UserError
 
-IGNORE = -100
+IGNORE_INDEX = -100
 QA_PROMPT = "Question: {question}\nAnswer:"
 _BUNDLED = {"train": "gsm_train.jsonl", "test": "gsm_test.jsonl", "heldout": "heldout.txt"}
-_SHAPES = "{prompt, response}, {question, answer} or {messages}"
 
 
 @dataclass
@@ -41,7 +46,7 @@ class Example:
     @property
     def num_loss_tokens(self) -> int:
         """Positions that carry a label."""
-        return sum(t != IGNORE for t in self.targets)
+        return sum(t != IGNORE_INDEX for t in self.targets)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -52,6 +57,143 @@ def bundled_path(name: str) -> Path:
     if name not in _BUNDLED:
         raise UserError(f"unknown bundled data {name!r}; expected one of {', '.join(_BUNDLED)}")
     return Path(str(resources.files("fastmid") / "resources" / _BUNDLED[name]))
+
+
+# Record shapes recognised in every input form: (name, columns that must all be present). The
+# first match wins; each is normalised to question/answer, prompt/response or messages.
+RECORD_SHAPES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("question/answer", ("question", "answer")),
+    ("prompt/response", ("prompt", "response")),
+    ("prompt/completion", ("prompt", "completion")),
+    ("instruction/input/output", ("instruction", "output")),
+    ("messages", ("messages",)),
+    ("conversations", ("conversations",)),
+)
+_SHAPES = ", ".join("{" + name + "}" for name, _ in RECORD_SHAPES)
+_FIELDS_HINT = "map the columns with --fields prompt=COLUMN,response=COLUMN"
+# What --fields may map: a prompt and a response column, or one column of chat messages.
+FIELD_ROLES = ("prompt", "response", "messages")
+# ShareGPT speaker names -> chat roles.
+_SPEAKERS = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+# Local files read through `datasets` (an optional extra), by suffix -> its builder.
+_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json"}
+
+
+def parse_fields(spec: str | dict[str, str] | None) -> dict[str, str] | None:
+    """``"prompt=q,response=a"`` → ``{"prompt": "q", "response": "a"}`` (or ``messages=col``)."""
+    if spec is None or isinstance(spec, dict):
+        mapping = spec
+    else:
+        mapping = {}
+        for part in (p for p in str(spec).replace(" ", "").split(",") if p):
+            role, sep, column = part.partition("=")
+            if not sep or not column:
+                raise UserError(f"--fields: {part!r} is not ROLE=COLUMN (e.g. prompt=question)")
+            mapping[role] = column
+    if mapping is None:
+        return None
+    unknown = [r for r in mapping if r not in FIELD_ROLES]
+    if unknown:
+        roles = ", ".join(FIELD_ROLES)
+        raise UserError(f"--fields: unknown role {unknown[0]!r}; roles are {roles}")
+    if set(mapping) not in ({"prompt", "response"}, {"messages"}):
+        raise UserError("--fields needs prompt=COLUMN,response=COLUMN or messages=COLUMN")
+    return mapping
+
+
+def record_shape(columns: Any, fields: dict[str, str] | None = None) -> str | None:
+    """The shape name for a record's columns (``"fields"`` when ``fields`` maps them all)."""
+    present = set(columns)
+    if fields is not None and set(fields.values()) <= present:
+        return "fields"
+    for name, needed in RECORD_SHAPES:
+        if set(needed) <= present:
+            return name
+    return None
+
+
+def _text(record: dict, column: str, where: str) -> str:
+    value = record.get(column)
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    # CSV readers type a column of numbers as numbers; the text is what was written.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise UserError(f"{where}: column {column!r} holds {type(value).__name__}, expected text")
+
+
+def _chat(turns: Any, where: str, sharegpt: bool) -> list[dict]:
+    if not isinstance(turns, list):
+        raise UserError(f"{where}: expected a list of chat turns, got {type(turns).__name__}")
+    out = []
+    for turn in turns:
+        if sharegpt:
+            if not (isinstance(turn, dict) and "from" in turn and "value" in turn):
+                raise UserError(f"{where}: each conversation turn needs 'from' and 'value'")
+            role = _SPEAKERS.get(str(turn["from"]).lower())
+            if role is None:
+                raise UserError(f"{where}: unknown speaker {turn['from']!r} in a conversation")
+            out.append({"role": role, "content": turn["value"]})
+        else:
+            if not (isinstance(turn, dict) and "role" in turn and "content" in turn):
+                raise UserError(f"{where}: each message needs 'role' and 'content' strings")
+            out.append({"role": turn["role"], "content": turn["content"]})
+    return out
+
+
+def normalize_record(
+    record: Any, where: str, fields: dict[str, str] | None = None, shape: str | None = None
+) -> dict:
+    """One record in any recognised shape → ``{question, answer}``, ``{prompt, response}`` or
+    ``{messages}``; a UserError at ``where`` names the keys found and the flag to use, or what
+    makes the record unusable."""
+    out = _normalize(record, where, fields, shape)
+    problem = _record_problem(out)
+    if problem is not None:
+        raise UserError(f"{where}: {problem}")
+    return out
+
+
+def _normalize(record: Any, where: str, fields: dict[str, str] | None, shape: str | None) -> dict:
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: unknown record shape with a JSON {type(record).__name__}")
+    shape = shape or record_shape(record, fields)
+    if shape is None:
+        got = "keys [" + ", ".join(sorted(map(str, record))) + "]"
+        raise UserError(
+            f"{where}: unknown record shape with {got}; expected {_SHAPES}, or {_FIELDS_HINT}"
+        )
+    text = lambda column: _text(record, column, where)
+    if shape == "fields":
+        if "messages" in fields:
+            return {"messages": _chat(record[fields["messages"]], where, sharegpt=False)}
+        return {"prompt": text(fields["prompt"]), "response": text(fields["response"])}
+    if shape == "question/answer":
+        return {"question": text("question"), "answer": text("answer")}
+    if shape == "prompt/response":
+        return {"prompt": text("prompt"), "response": text("response")}
+    if shape == "prompt/completion":
+        return {"prompt": text("prompt"), "response": text("completion")}
+    if shape == "instruction/input/output":
+        extra = text("input").strip()
+        prompt = text("instruction")
+        return {
+            "prompt": f"{prompt}\n\n{extra}" if extra else prompt,
+            "response": text("output"),
+        }
+    if shape == "messages":
+        return {"messages": _chat(record["messages"], where, sharegpt=False)}
+    return {"messages": _chat(record["conversations"], where, sharegpt=True)}
 
 
 def _record_kind(record: Any) -> str | None:
@@ -74,13 +216,148 @@ def _shape_error(record: Any, where: str) -> UserError:
     return UserError(f"{where}: unknown record shape with {got}; expected {_SHAPES}")
 
 
-def load_records(path: str | Path) -> list[dict]:
+class RecordView(Sequence):
+    """Normalised records over a ``datasets.Dataset``, converted one row at a time.
+
+    The text stays in the dataset's memory-mapped Arrow table; tokenizing iterates this view,
+    so the raw text is never held a second time as Python objects.
+    """
+
+    def __init__(self, dataset: Any, where: str, fields: dict[str, str] | None) -> None:
+        self.dataset = dataset
+        self.where = where
+        self.fields = fields
+        self.shape = record_shape(dataset.column_names, fields)
+        if self.shape is None:
+            found = ", ".join(dataset.column_names)
+            raise UserError(
+                f"{where}: unknown record shape with columns [{found}]; expected {_SHAPES}, "
+                f"or {_FIELDS_HINT}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _one(self, row: dict, index: int) -> dict:
+        return normalize_record(row, f"{self.where} row {index}", self.fields, self.shape)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self._one(self.dataset[i], i) for i in range(len(self))[index]]
+        if index < 0:
+            index += len(self)
+        return self._one(self.dataset[index], index)
+
+    def __iter__(self) -> Iterator[dict]:
+        for index, row in enumerate(self.dataset):
+            yield self._one(row, index)
+
+
+class Subset(Sequence):
+    """The records of ``base`` at ``indices``, read through on access (nothing is copied)."""
+
+    def __init__(self, base: Sequence[dict], indices: list[int]) -> None:
+        self.base, self.indices = base, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self.base[i] for i in self.indices[index]]
+        return self.base[self.indices[index]]
+
+
+def split_records(
+    records: Sequence[dict], ratio: float, seed: int
+) -> tuple[Sequence[dict], Sequence[dict]]:
+    """Hold out ``ratio`` of ``records`` (at least one), chosen by ``seed``: (train, held out)."""
+    if not 0.0 < ratio < 1.0:
+        raise UserError(f"eval_split_ratio must be in (0, 1), got {ratio}")
+    count = len(records)
+    held = max(1, round(count * ratio))
+    if held >= count:
+        raise UserError(f"eval_split_ratio {ratio} leaves no training records of {count}")
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return Subset(records, sorted(order[held:])), Subset(records, sorted(order[:held]))
+
+
+def _datasets(what: str) -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{what} needs the datasets package: pip install 'fastmid[data]'") from None
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _load_dataset(source: str, where: str, **kwargs: Any) -> Any:
+    datasets = _datasets(f"reading {where}")
+    try:
+        return datasets.load_dataset(source, **kwargs)
+    except Exception as err:  # datasets raises many types for a bad id or file: one line
+        raise UserError(f"cannot load dataset {where}: {_first_line(err)}") from None
+
+
+def _saved_dataset(path: Path, split: str | None) -> Any:
+    """A ``save_to_disk`` directory: its Dataset, or a DatasetDict's ``split`` (train)."""
+    datasets = _datasets(f"reading the saved dataset {path}")
+    try:
+        data = datasets.load_from_disk(str(path))
+    except Exception as err:
+        raise UserError(f"cannot load the saved dataset {path}: {_first_line(err)}") from None
+    if isinstance(data, datasets.DatasetDict):
+        name = split or ("train" if "train" in data else next(iter(data)))
+        if name not in data:
+            raise UserError(f"{path} has no split {name!r}; it has {', '.join(data)}")
+        data = data[name]
+    return data
+
+
+def _nonempty(records: Sequence[dict], where: str) -> Sequence[dict]:
+    if len(records) == 0:
+        raise UserError(f"data has no records: {where}")
+    return records
+
+
+def _directory_records(path: Path, split: str | None, fields: dict | None) -> Sequence[dict]:
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return _nonempty(RecordView(_saved_dataset(path, split), str(path), fields), str(path))
+    readable = {".parquet", ".csv", ".json", ".jsonl", ".arrow"}
+    if not any(p.suffix in readable for p in path.rglob("*") if p.is_file()):
+        raise UserError(
+            f"data path is a directory with no dataset in it (neither save_to_disk output nor "
+            f"parquet/csv/json files): {path}"
+        )
+    # A folder of data files loads the way a hub dataset repository does.
+    data = _load_dataset(str(path), str(path), split=split or "train")
+    return _nonempty(RecordView(data, str(path), fields), str(path))
+
+
+def _record_problem(record: dict) -> str | None:
+    """Why a record of a known shape cannot be used (a malformed turn, a blank answer), or None."""
+    if _record_kind(record) == "messages":
+        turns = record["messages"]
+        for turn in turns:
+            fields = ("role", "content")
+            if not (isinstance(turn, dict) and all(isinstance(turn.get(k), str) for k in fields)):
+                return "each message needs 'role' and 'content' strings"
+        answers = [t["content"] for t in turns if t["role"] == "assistant"]
+    else:
+        answers = [record["answer"] if "answer" in record else record["response"]]
+    if any(not a.strip() for a in answers):
+        return "empty answer (the record has nothing to learn)"
+    return None
+
+
+def _jsonl_records(path: Path, fields: dict[str, str] | None) -> list[dict]:
     """Read a JSONL file of records; UserError naming ``file:line`` for a bad line."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"data file not found: {path}")
-    if path.is_dir():
-        raise UserError(f"data path is a directory, not a JSONL file: {path}")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -93,12 +370,43 @@ def load_records(path: str | Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
-        if _record_kind(record) is None:
-            raise _shape_error(record, f"{path}:{lineno}")
-        records.append(record)
+        records.append(normalize_record(record, f"{path}:{lineno}", fields))
     if not records:
         raise UserError(f"data file has no records: {path}")
     return records
+
+
+def load_records(source: str | Path, fields: str | dict[str, str] | None = None) -> Sequence[dict]:
+    """Records from any supported input, normalised by :func:`normalize_record`.
+
+    ``source`` is a JSONL file (read here; errors name ``file:line``); a ``.parquet``, ``.csv``
+    or ``.json`` file; a directory written by ``save_to_disk`` (``DIR:split`` picks a split);
+    a directory of data files; or a Hugging Face dataset id with optional config and split,
+    ``openai/gsm8k:main:train``. All but JSONL are read with ``datasets`` (an optional extra)
+    and converted row by row as they are used. ``fields`` maps other column names.
+    """
+    mapping = parse_fields(fields)
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _directory_records(path, None, mapping)
+    if path.exists() or path.suffix in (".jsonl", *_FILE_BUILDERS):
+        if not path.exists():
+            raise UserError(f"data file not found: {path}")
+        if path.suffix in _FILE_BUILDERS:
+            builder = _FILE_BUILDERS[path.suffix]
+            data = _load_dataset(builder, str(path), data_files=str(path), split="train")
+            return _nonempty(RecordView(data, str(path), mapping), str(path))
+        return _jsonl_records(path, mapping)
+    # NAME[:config[:split]]: a hub id, or a local directory followed by a split.
+    name, _, rest = text.partition(":")
+    if Path(name).expanduser().is_dir():
+        return _directory_records(Path(name).expanduser(), rest or None, mapping)
+    if text.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"data file not found: {text}")
+    config, _, split = rest.partition(":")
+    data = _load_dataset(name, text, name=config or None, split=split or "train")
+    return _nonempty(RecordView(data, text, mapping), text)
 
 
 def _question_answer(record: dict, index: int) -> tuple[str, str]:
@@ -130,7 +438,8 @@ def _messages(record: dict, index: int) -> list[dict]:
 
 def _shift(ids: list[int], loss_mask: list[bool]) -> list[int]:
     """targets[t] = ids[t+1] where token t+1 carries loss; -100 elsewhere and at the end."""
-    return [ids[t + 1] if loss_mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
+    shifted = [ids[t + 1] if loss_mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)]
+    return [*shifted, IGNORE_INDEX]
 
 
 def _encode_qa(record: dict, index: int, tokenizer: Any) -> tuple[list[int], list[bool]]:
@@ -267,7 +576,7 @@ def collate_padded(examples: list[Example], pad_id: int) -> dict[str, torch.Tens
     width = max(len(e) for e in examples)
     batch = len(examples)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    targets = torch.full((batch, width), IGNORE, dtype=torch.long)
+    targets = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((batch, width), dtype=torch.long)
     position_ids = torch.zeros((batch, width), dtype=torch.long)
     for row, e in enumerate(examples):

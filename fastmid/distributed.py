@@ -50,7 +50,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastmid.errors import UserError
+from fastmid.data import IGNORE_INDEX
+from fastmid.errors import INTERRUPTED_EXIT, STATUS_FILE_ENV, USER_ERROR_EXIT, UserError
+from fastmid.midblock import is_fused
 
 T = TypeVar("T")
 PARALLEL_MODES = ("auto", "ddp", "fsdp")
@@ -67,12 +69,10 @@ LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]
 
 @dataclass(frozen=True)
 class DistEnv:
-    """Where this process sits: rank, world size, local rank and its device."""
+    """Where this process sits: its rank and the world size."""
 
     rank: int
     world_size: int
-    local_rank: int
-    device: torch.device
 
     @property
     def is_main(self) -> bool:
@@ -99,14 +99,13 @@ def init_distributed(device: torch.device | None = None) -> DistEnv:
     """
     device = device or default_device()
     world = env_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and not is_distributed():
         if device.type == "cuda":
             torch.cuda.set_device(device)
             dist.init_process_group("nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
-    return DistEnv(get_rank(), get_world_size(), local_rank, device)
+    return DistEnv(get_rank(), get_world_size())
 
 
 def shutdown() -> None:
@@ -183,18 +182,6 @@ def shard(items: Sequence[T], rank: int | None = None, world_size: int | None = 
     return list(items[rank::world_size])
 
 
-@contextlib.contextmanager
-def main_writes() -> Iterator[bool]:
-    """``with main_writes() as mine: if mine: write(...)`` then every rank waits for rank 0.
-
-    Ranks must not read (or exit past) a file rank 0 is still writing.
-    """
-    try:
-        yield is_main()
-    finally:
-        barrier()
-
-
 # --------------------------------------------------------------------------------------------
 # Choosing DDP or FSDP
 
@@ -243,20 +230,12 @@ def _sum_allreduce_hook(group, bucket):
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-def _check_unfused(model: nn.Module) -> None:
-    # Fused q/k/v and gate/up run from a concatenated copy of the frozen weights that FSDP
-    # cannot see or shard; FSDP needs each LoraLinear reading its own (gathered) weight.
-    for name, module in model.named_modules():
-        if getattr(module, "_group", None) is not None or "_fastmid_gate_up_weight" in vars(module):
-            raise ValueError(f"FSDP needs a model patched with fuse_groups=False ({name} is fused)")
-
-
-class DataParallel:
+class ParallelStep:
     """One rank's part of a data-parallel optimizer step; a no-op shell with one process.
 
     Use::
 
-        dp = DataParallel(model, "ddp", forward_loss, device)
+        dp = ParallelStep(model, "ddp", forward_loss, device)
         for batch_ids, sync in dp.micro_batches(step_batches):
             with sync:
                 loss_sum, _ = dp.forward_loss(batch)
@@ -268,6 +247,10 @@ class DataParallel:
     def __init__(self, model: nn.Module, mode: str, loss_fn: LossFn, device: torch.device) -> None:
         if mode not in ("none", "ddp", "fsdp"):
             raise ValueError(f"mode must be none|ddp|fsdp, got {mode!r}")
+        if mode == "fsdp" and is_fused(model):
+            # Fused q/k/v and gate/up read a concatenated copy of the frozen weights that FSDP
+            # cannot see or shard.
+            raise ValueError("FSDP needs a model patched with fuse_groups=False")
         self.model = model
         self.mode = mode
         self.rank = get_rank()
@@ -308,9 +291,8 @@ class DataParallel:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        from fastmid.patch import find_decoder_layers
+        from fastmid.midblock import find_decoder_layers
 
-        _check_unfused(self.model)
         mesh = init_device_mesh(device.type, (self.world_size,))
         blocks = find_decoder_layers(self.model)
         adapters = set(self._params)
@@ -334,7 +316,8 @@ class DataParallel:
         # for backward).
         with torch.no_grad():
             tokens = torch.zeros((1, 1), dtype=torch.long, device=device)
-            self._root({"input_ids": tokens, "position_ids": tokens, "targets": tokens - 100})
+            no_label = torch.full_like(tokens, IGNORE_INDEX)
+            self._root({"input_ids": tokens, "position_ids": tokens, "targets": no_label})
         self._broadcast_adapters()
 
     def _broadcast_adapters(self) -> None:
@@ -408,15 +391,6 @@ class DataParallel:
             g.copy_(flat[offset : offset + n].view_as(g))
             offset += n
 
-    def adapters_in_sync(self) -> bool:
-        """True when every rank holds bit-identical adapters (a checksum all-gather)."""
-        if not is_distributed():
-            return True
-        local = torch.stack([p.detach().double().sum() for p in self._params]).to(_comm_device())
-        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
-        dist.all_gather(gathered, local)
-        return all(torch.equal(g, gathered[0]) for g in gathered)
-
 
 # --------------------------------------------------------------------------------------------
 # Launcher
@@ -461,16 +435,78 @@ def launch(nproc: int, argv: Sequence[str], config: dict[str, Any] | None = None
         argv += ["--config", str(tmp_path)]
     # Ctrl-C reaches torchrun and the workers too (same process group): they save a checkpoint
     # and stop. This process must outlive them rather than kill torchrun on KeyboardInterrupt.
-    proc = subprocess.Popen(torchrun_command(nproc, argv))
-    forward = lambda signum, frame: proc.send_signal(signum)
+    status = _WorkerStatus()
+    proc = subprocess.Popen(torchrun_command(nproc, argv), env=status.env(), stderr=subprocess.PIPE)
+    relay = threading.Thread(target=status.relay, args=(proc.stderr,), daemon=True)
+    relay.start()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        status.stopping = True
+        if signum != signal.SIGINT:
+            proc.send_signal(signum)
+
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda signum, frame: None)
-        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, forward)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
     try:
-        return proc.wait()
+        code = proc.wait()
+        relay.join()
+        return status.exit_code(code)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        status.close()
         if tmp_path is not None:
             tmp_path.unlink(missing_ok=True)
+
+
+class _WorkerStatus:
+    """Report a torchrun run as one process would: one line for a user error (exit 2), a
+    stop on a signal with its checkpoint saved as exit 130, instead of torchrun's report of
+    failed workers.
+
+    Workers append how they ended to a status file (:mod:`fastmid.errors`). The launcher
+    relays torchrun's stderr as it comes, but holds it back from the moment a worker reports
+    a user error or a stop signal arrives; the held text (torchrun's report) is shown only
+    when the workers did not end in one of those two ways.
+    """
+
+    def __init__(self) -> None:
+        fd, name = tempfile.mkstemp(prefix="fastmid-status-", suffix=".txt")
+        os.close(fd)
+        self.path = Path(name)
+        self.stopping = False  # a SIGINT/SIGTERM reached the launcher
+        self._held: list[bytes] = []
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, STATUS_FILE_ENV: str(self.path)}
+
+    def _lines(self, kind: str) -> list[str]:
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        return [line[len(kind) + 1 :] for line in text.splitlines() if line.startswith(kind)]
+
+    def relay(self, stream: Any) -> None:
+        # Raw reads, not lines: progress bars that redraw with "\r" pass through at once.
+        fd = stream.fileno()
+        while chunk := os.read(fd, 65536):
+            if self._held or self.stopping or self._lines("error"):
+                self._held.append(chunk)
+            else:
+                sys.stderr.write(chunk.decode("utf-8", errors="replace"))
+                sys.stderr.flush()
+        stream.close()
+
+    def exit_code(self, code: int) -> int:
+        errors = self._lines("error")
+        if code != 0 and errors:
+            print(errors[0], file=sys.stderr, flush=True)
+            return USER_ERROR_EXIT
+        if code != 0 and set(self._lines("exit")) == {str(INTERRUPTED_EXIT)}:
+            return INTERRUPTED_EXIT  # every worker saved its checkpoint and said so
+        sys.stderr.write(b"".join(self._held).decode("utf-8", errors="replace"))
+        sys.stderr.flush()
+        return code
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -89,7 +89,7 @@ class UpdateEqualizer:
         eq = UpdateEqualizer(model)
         eq.before_step(); optimizer.step(); eq.after_step()
 
-    ``modules`` defaults to ``fastmid.patch.lora_modules(model)``: ``(layer, name, module)`` with
+    ``modules`` defaults to ``fastmid.midblock.lora_modules(model)``: ``(layer, name, module)`` with
     ``module.weight``, ``module.lora_A (r, K)``, ``module.lora_B (N, r)`` and ``module.scale``.
     """
 
@@ -97,7 +97,7 @@ class UpdateEqualizer:
         self, model: nn.Module, modules: Iterable[tuple[int, str, nn.Module]] | None = None
     ) -> None:
         if modules is None:
-            from fastmid.patch import lora_modules
+            from fastmid.midblock import lora_modules
 
             modules = lora_modules(model)
         self.layers: dict[int, list[nn.Module]] = {}

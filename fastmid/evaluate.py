@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from fastmid.config import QUANTIZE_METHODS
-from fastmid.data import QA_PROMPT, bundled_path, load_records
+from fastmid.data import IGNORE_INDEX, QA_PROMPT, bundled_path, load_records
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
+from fastmid.midblock import QUANTIZE_METHODS
 
 _NUMBER = re.compile(r"-?[\d,]*\d\.?\d*")
 
@@ -172,11 +172,11 @@ def perplexity(
                 mask[row, : len(c)] = 1
             ids, mask = ids.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
             nll += torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().flatten(0, 1),
                 targets.flatten(),
-                ignore_index=-100,
+                ignore_index=IGNORE_INDEX,
                 reduction="sum",
             ).item()
             count += int(mask[:, 1:].sum())
@@ -195,15 +195,43 @@ def write_predictions(predictions: list[dict], path: str | Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``fastmid eval``."""
-    parser.add_argument("--model", default=None, help="HF dir, .gguf, or hub id (default: SmolLM2)")
-    parser.add_argument("--adapter", default=None, help="adapter directory to load (PEFT format)")
-    parser.add_argument("--data", default=None, help="JSONL test records (default: bundled test)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
-    parser.add_argument("--output", default=None, help="write predictions to this JSONL file")
-    parser.add_argument("--batch-size", type=int, default=32, help="generation batch size")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens per answer")
     parser.add_argument(
-        "--precision", default="auto", choices=["auto", "bf16", "fp32"], help="compute dtype"
+        "--model",
+        default=None,
+        help="HF dir, .gguf or hub id (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        help="adapter directory to load, PEFT format (default: none, the base model alone)",
+    )
+    parser.add_argument(
+        "--data", default=None, help="JSONL test records (default: the bundled test split)"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="evaluate the first N records (default: all)"
+    )
+    parser.add_argument(
+        "--output", default=None, help="write predictions to this JSONL file (default: not written)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="prompts per batched generation (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=64,
+        help="greedy tokens per answer (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="compute dtype; auto = bf16 where matmul is native in bf16, else fp32 "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--quantize",
@@ -215,7 +243,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--perplexity",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also report perplexity on the bundled held-out text",
+        help="also report perplexity on the bundled held-out text (default: on)",
     )
 
 

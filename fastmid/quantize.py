@@ -35,9 +35,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from fastmid.config import QUANTIZE_METHODS
 from fastmid.errors import UserError
 from fastmid.kernels.nf4_matmul import NF4Weight, nf4_dequantize, nf4_linear
+from fastmid.midblock import (
+    QUANTIZE_METHODS,
+    LoraLinear,
+    find_decoder_layers,
+    fused_weights,
+)
 
 # Values per NF4 block (one absmax scale each): QLoRA's choice; must divide each layer's width.
 NF4_BLOCK = 64
@@ -306,7 +311,6 @@ def quantize_frozen(model: nn.Module, method: str = "nf4", block_size: int = NF4
     ``"int8"``; ``"none"`` does nothing); returns the model. Run it after
     :func:`fastmid.apply_midblock` on a model already on its device. Everything is checked
     before anything is replaced."""
-    from fastmid.patch import LoraLinear, find_decoder_layers, fused_weights
 
     check_quantize_method(method)
     if method == "none":
@@ -374,7 +378,6 @@ def quantized_method(model: nn.Module) -> str:
 def dequantize_frozen(model: nn.Module) -> nn.Module:
     """Undo :func:`quantize_frozen` as far as it can: every quantized frozen weight becomes a
     plain tensor again, holding the dequantized values (not the original ones)."""
-    from fastmid.patch import LoraLinear, find_decoder_layers, fused_weights
 
     with torch.no_grad():
         for block in find_decoder_layers(model):
@@ -412,7 +415,6 @@ def dequantize_frozen(model: nn.Module) -> nn.Module:
 def frozen_weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of the decoder blocks' frozen linear weights as stored now (``"quantized"`` and
     ``"plain"``, each storage counted once) and what they take in bf16 (``"bf16"``)."""
-    from fastmid.patch import LoraLinear, find_decoder_layers
 
     out = {"quantized": 0, "plain": 0, "bf16": 0}
     seen: set[int] = set()

@@ -1,10 +1,13 @@
-"""The training loop and the ``fastmid train`` command.
+"""The training recipe and the ``fastmid train`` command.
 
-Reads top to bottom: build the config → load data and model → evaluate the base model →
-patch the mid-block band → AdamW over the adapter parameters only → loop over packed
-token-budget batches → evaluate again → save the adapter (PEFT format), the resolved config and
-a summary. Checkpoints (every ``save_every`` steps and on SIGINT/SIGTERM) make ``--resume``
-continue exactly where the run stopped.
+:func:`train` reads top to bottom as named steps: check the output dir → load data → load the
+model → choose the band → patch it (:func:`fastmid.models.prepare_model`) → evaluate the base
+model → AdamW over the adapter parameters only and a schedule sized by :func:`plan_steps` →
+the loop of :func:`train_step` over packed token-budget batches, logged through a
+:class:`MetricsWindow` and checkpointed → evaluate again → save the adapter (PEFT format), the
+resolved config and a summary. Checkpoints make ``--resume`` continue exactly where the run
+stopped: written atomically every ``save_every_minutes`` (10 by default), every ``save_every``
+steps, and on SIGINT/SIGTERM.
 
 Output directory layout::
 
@@ -13,6 +16,7 @@ Output directory layout::
     <output-dir>/metrics.jsonl    one JSON object per logged step
     <output-dir>/summary.json     loss first → last, accuracy before → after, tok/s, wall time
     <output-dir>/predictions.jsonl  eval generations of the tuned model
+    <output-dir>/curve.png        loss and learning rate per logged step
     <output-dir>/checkpoint/      only while a run is unfinished (interrupted or in progress)
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -27,34 +32,35 @@ import random
 import resource
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fastmid import distributed
-from fastmid.checkpoint import CHECKPOINT_DIR, find_checkpoint, load_checkpoint, read_extra
-from fastmid.checkpoint import save_checkpoint as _save_checkpoint
-from fastmid.config import (
-    DEMO,
-    PAPER_LR,
-    QUANTIZE_METHODS,
-    TrainConfig,
-    build_config,
-    parse_band,
-    save_yaml,
+from fastmid import data, distributed, models, tracking
+from fastmid.checkpoint import (
+    CHECKPOINT_DIR,
+    find_checkpoint,
+    load_checkpoint,
+    read_extra,
+    remove_checkpoint,
+    save_checkpoint,
 )
+from fastmid.config import TrainConfig, build_config, may_change_on_resume, save_yaml
+from fastmid.data import Example
 from fastmid.errors import UserError
-from fastmid.fileio import write_text_atomic
+from fastmid.fileio import write_bytes_atomic, write_text_atomic
+from fastmid.loss import forward_loss
+from fastmid.midblock import MidBlockConfig, adapter_parameters, format_band
 
-IGNORE_INDEX = -100
 # Files a run writes; --overwrite removes exactly these and nothing else the user keeps there.
 OUTPUT_ENTRIES = (
     "adapter",
@@ -62,62 +68,211 @@ OUTPUT_ENTRIES = (
     "metrics.jsonl",
     "summary.json",
     "predictions.jsonl",
+    "curve.png",
+    "tensorboard",
+    "wandb",
     CHECKPOINT_DIR,
     CHECKPOINT_DIR + ".old",
 )
-# Config fields that may differ between an interrupted run and its --resume.
-RESUME_MAY_CHANGE = {
-    "resume",
-    "overwrite",
-    "output_dir",
-    "log_every",
-    "save_every",
-    "eval",
-    "eval_limit",
-    "eval_batch_size",
-    "max_new_tokens",
-    "nproc",
-    "parallel",
-}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# How many training examples the band probe ("band: auto") looks at.
+PROBE_EXAMPLES = 64
 
 
 # --------------------------------------------------------------------------------------------
-# The loss: decoder body everywhere, LM head only where a label exists
+# The recipe
 # --------------------------------------------------------------------------------------------
 
 
-def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the label positions of ``batch`` and how many there are.
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run one training job described by ``cfg``; returns the summary (also summary.json).
 
-    ``batch["targets"]`` is already shifted (targets[t] is the token to predict at t; -100 =
-    no loss). Packed batches carry ``position_ids`` restarting at 0 per example and no
-    ``attention_mask``, from which the attention builds a block-diagonal causal mask so
-    examples never see each other. The LM head (the largest matmul of a small model) runs only
-    on the hidden states that carry a label.
+    On SIGINT/SIGTERM the loop checkpoints and returns early with ``summary["interrupted"]``
+    set; ``--resume`` then continues with the same losses an uninterrupted run would have.
     """
-    targets = batch["targets"]
-    body = model.get_decoder()
-    out = body(
-        input_ids=batch["input_ids"],
-        position_ids=batch.get("position_ids"),
-        attention_mask=batch.get("attention_mask"),
-        use_cache=False,
+    wall_start = time.perf_counter()
+    cfg = cfg.validate().resolved()
+    out = check_output_dir(cfg)
+    resumed = read_resume_point(cfg, out)
+    rt = init_runtime(cfg)
+    # Data first: a bad file should fail in a second, not after loading a model.
+    records = data.load_records(cfg.data or str(data.bundled_path("train")), cfg.fields)
+    records, loss_records = split_heldout(cfg, records)
+    eval_set = load_eval_set(cfg)
+    seed_everything(cfg.seed)
+    model, tokenizer, model_name = models.load_model(cfg.model, dtype=rt.dtype)
+    parallel = distributed.resolve_parallel(cfg.parallel, model, rt.device, rt.world)
+    if parallel != "fsdp":  # under FSDP only each rank's shard goes to the device
+        model.to(rt.device)
+    examples = data.tokenize_records(
+        records, tokenizer, fmt=cfg.format, max_length=cfg.max_length, loss_on=cfg.loss_on
     )
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    # One host sync here (nonzero) gives the label count without a separate .item().
-    index = (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
-    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
-    logits = model.get_output_embeddings()(picked).float()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    labels = targets.reshape(-1).index_select(0, index)
-    return F.cross_entropy(logits, labels, reduction="sum"), int(index.numel())
+    heldout = HeldoutLoss.build(cfg, loss_records, tokenizer)
+    adapter_cfg, band_reason = choose_band(cfg.midblock, model, tokenizer, examples, rt.autocast)
+    # FSDP shards each linear's own weight; fused groups read a concatenated copy.
+    fuse = adapter_cfg.fuse_groups and parallel != "fsdp"
+    adapter_cfg = dataclasses.replace(adapter_cfg, fuse_groups=fuse)
+    torch.manual_seed(cfg.seed)
+    state = models.prepare_model(model, adapter_cfg, rt.device)
+    # One process: a pass-through. Several: DDP or FSDP, this rank's micro-batches, grad sums.
+    dp = distributed.ParallelStep(model, parallel, forward_loss, rt.device)
+    # Freshly patched adapters have lora_B = 0, so this is exactly the base model's output;
+    # patching first makes a bad band/rank/target fail before minutes of generation.
+    eval_before = resumed["eval_before"] if resumed else None
+    if eval_before is None:
+        eval_before, _ = evaluate(model, tokenizer, eval_set, cfg, rt.autocast)
+    params = adapter_parameters(model)
+    optimizer = torch.optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay, fused=rt.cuda)
+    batches = EpochBatches(examples, cfg.batch_tokens, cfg.seed)
+    plan = plan_steps(len(batches.epoch(0)), cfg)
+    scheduler = make_scheduler(optimizer, plan, cfg.schedule)
+    equalizer = make_equalizer(model) if cfg.equalize_updates else None
+    resolved = describe_run(rt, model_name, parallel, state, params, plan, examples, band_reason)
+    progress = start_or_resume(cfg, out, model, optimizer, scheduler, eval_before, plan)
+    log(format_header(resolved))
+    tracker = tracking.make_tracker(cfg.report_to if distributed.is_main() else "none", out)
+    tracker.open({**cfg.to_dict(), "resolved": resolved})
+
+    update = optimizer_update(optimizer, scheduler, cfg.max_grad_norm, equalizer)
+    checkpoints = CheckpointSchedule(cfg.save_every, cfg.save_every_minutes)
+    model.train()
+    window = MetricsWindow(rt.device, out / "metrics.jsonl", progress.step, plan.total_steps)
+    with window, StopFlag().installed() as stop:
+        while progress.step < plan.total_steps:
+            step_batches = [[examples[i] for i in b] for b in batches.for_step(plan, progress.step)]
+            result = train_step(dp, step_batches, update, rt.autocast, rt.device)
+            progress.step += 1
+            window.add(result)
+            # A signal may reach the ranks at different steps: all stop at the same one.
+            stop.requested = distributed.any_rank(stop.requested)
+            due = stop.requested or checkpoints.due(progress.step)
+            saving = due and progress.step < plan.total_steps
+            # A checkpoint also flushes the log window, so a resumed run logs exactly the
+            # lines an uninterrupted one does.
+            evaluating = heldout is not None and heldout.due(progress.step, plan.total_steps)
+            if (
+                saving
+                or evaluating
+                or progress.step % cfg.log_every == 0
+                or progress.step == plan.total_steps
+            ):
+                extra = {"eval_loss": heldout(model, rt.autocast)} if evaluating else {}
+                record = window.flush(progress, result.lr, result.grad_norm, extra)
+                tracker.log(progress.step, tracking.namespaced(record))
+            if saving:
+                save_progress(out, model, optimizer, scheduler, progress, cfg)
+                checkpoints.saved()
+                window.restart_clock()  # checkpoint time is not training time
+            if saving and stop.requested:
+                log(f"stopped at step {progress.step}; continue with --resume (in {out})")
+                tracker.close()
+                return progress.summary(plan, resolved, interrupted=True)
+
+    eval_after, predictions = evaluate(model, tokenizer, eval_set, cfg, rt.autocast, tuned=True)
+    tracker.log(progress.step, tracking.namespaced(eval_after, "eval"))
+    tracker.close()
+    summary = progress.summary(plan, resolved, interrupted=False)
+    summary.update(eval_after=eval_after, adapter=str(out / "adapter"))
+    summary["wall_seconds"] = time.perf_counter() - wall_start
+    # The band "auto" chose is recorded, so feeding this config back reproduces the run.
+    config = {**cfg.to_dict(), "band": format_band(adapter_cfg.band), "resolved": resolved}
+    finish_outputs(out, model, model_name, config, summary, predictions)
+    log(format_summary(summary))
+    return summary
 
 
 # --------------------------------------------------------------------------------------------
-# Precision, schedule, small process helpers
+# Steps of the recipe
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process trains: its device, the number of ranks, the precision."""
+
+    device: torch.device
+    world: int
+    precision: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.precision]
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 mixed precision, or nothing."""
+        return torch.autocast(self.device.type, self.dtype, enabled=self.precision == "bf16")
+
+
+def init_runtime(cfg: TrainConfig) -> Runtime:
+    """This rank's device and precision; under torchrun, join the process group. Every rank
+    has passed the output-dir checks before rank 0 may write there (the barrier)."""
+    device = distributed.default_device()
+    world = distributed.init_distributed(device).world_size
+    quantize = cfg.midblock.quantize
+    if world > 1 and quantize != "none":
+        # DDP broadcasts and FSDP shards plain parameters; a quantized base is one process's.
+        raise UserError(f"--quantize {quantize} runs in one process only; this run has {world}")
+    distributed.barrier()
+    if world > 1 and cfg.grad_accum % world:
+        log(f"note: grad_accum {cfg.grad_accum} is not a multiple of {world} ranks; some idle")
+    return Runtime(device, world, resolve_precision(cfg.precision, device))
+
+
+def describe_run(
+    rt: Runtime,
+    model_name: str,
+    parallel: str,
+    state: Any,
+    params: list[nn.Parameter],
+    plan: StepPlan,
+    examples: list[Example],
+    band_reason: str | None,
+) -> dict[str, Any]:
+    """What the run resolved its automatic choices to (summary.json and config.yaml)."""
+    resolved = {
+        "model_name": model_name,
+        "device": str(rt.device),
+        "precision": rt.precision,
+        "parallel": parallel,
+        "world_size": rt.world,
+        "layers": list(state.layers),
+        "num_layers": state.num_layers,
+        "rank": state.rank,
+        "scale": float(state.scale),
+        "adapter_parameters": sum(p.numel() for p in params),
+        "total_steps": plan.total_steps,
+        "warmup_steps": plan.warmup_steps,
+        "micro_batches_per_epoch": plan.micro_per_epoch,
+        "train_examples": len(examples),
+    }
+    if band_reason is not None:
+        resolved["band_reason"] = band_reason
+    if state.rank_note is not None:
+        resolved["rank_note"] = state.rank_note
+    return resolved
+
+
+def format_header(resolved: dict[str, Any]) -> str:
+    """The opening line of a run: model, band, rank, adapter size, precision, data, length
+    (after a line saying so when the budget's rank was clamped to a layer's width)."""
+    r = resolved
+    note = f"note: {r['rank_note']}\n" if "rank_note" in r else ""
+    return note + (
+        f"fastmid train: {r['model_name']} | layers {r['layers'][0]}-{r['layers'][-1]} of "
+        f"{r['num_layers']} | rank {r['rank']} | {r['adapter_parameters']:,} adapter params | "
+        f"{r['precision']} | {r['train_examples']} examples, {r['micro_batches_per_epoch']} "
+        f"micro-batches/epoch | {r['total_steps']} steps"
+    )
+
+
+def log(message: str) -> None:
+    """Print on rank 0 only (every rank runs the same recipe)."""
+    if distributed.is_main():
+        print(message, flush=True)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -129,6 +284,230 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     from fastmid.models import native_bf16
 
     return "bf16" if native_bf16() else "fp32"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (model loading and adapter init draw from them)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_output_dir(cfg: TrainConfig) -> Path:
+    """Refuse to mix runs: a non-empty dir needs --overwrite, --resume needs a checkpoint."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output dir {out} exists and is not a directory")
+    if cfg.resume:
+        if find_checkpoint(out / CHECKPOINT_DIR) is None:
+            raise UserError(f"--resume: no checkpoint in {out} (nothing to resume)")
+        return out
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise UserError(
+            f"output dir {out} is not empty; pass --overwrite to replace its results "
+            "or --resume to continue"
+        )
+    return out
+
+
+def read_resume_point(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
+    """With --resume, what the checkpoint recorded (checked against ``cfg``); else None."""
+    if not cfg.resume:
+        return None
+    resumed = read_extra(out / CHECKPOINT_DIR)
+    if resumed is not None:
+        check_resume_compatible(cfg, resumed["config"])
+    return resumed
+
+
+def check_resume_compatible(cfg: TrainConfig, saved: dict[str, Any]) -> None:
+    """A --resume must train what the checkpoint trained (logging and eval may change)."""
+    now = cfg.to_dict()
+    for key, value in saved.items():
+        if may_change_on_resume(key) or key not in now:
+            continue
+        if now[key] != value:
+            raise UserError(
+                f"--resume: {key} is {now[key]!r} but the checkpoint was trained with {value!r}"
+            )
+
+
+@dataclass
+class EvalSet:
+    """What evaluation runs on: accuracy records and held-out perplexity texts."""
+
+    records: list[dict] | None
+    heldout: list[str] | None
+
+    def describe(self) -> str:
+        parts = [f"{len(self.records)} records"] if self.records else []
+        parts += [f"{len(self.heldout)} held-out texts"] if self.heldout else []
+        return " and ".join(parts)
+
+
+def load_eval_set(cfg: TrainConfig) -> EvalSet | None:
+    """Accuracy records (bundled test split unless given) and held-out perplexity texts; None
+    when there is nothing to evaluate."""
+    from fastmid import data
+    from fastmid import evaluate as ev
+
+    if not cfg.eval:
+        return None
+    eval_path = cfg.eval_data
+    if eval_path is None and cfg.data is None:
+        eval_path = str(data.bundled_path("test"))
+    records = data.load_records(eval_path, cfg.fields) if eval_path is not None else None
+    heldout = ev.heldout_texts()
+    if cfg.eval_limit is not None:
+        records = records[: cfg.eval_limit] if records is not None else None
+        heldout = heldout[: cfg.eval_limit]
+    return EvalSet(records, heldout) if records or heldout else None
+
+
+def split_heldout(cfg: TrainConfig, records: Any) -> tuple[Any, Any]:
+    """(training records, held-out loss records): the eval_split_ratio share of ``records``
+    held out, else (with eval_every) the eval data; None when no held-out loss is asked for."""
+    if cfg.eval_split_ratio > 0:
+        return data.split_records(records, cfg.eval_split_ratio, cfg.seed)
+    if not cfg.eval_every:
+        return records, None
+    eval_path = cfg.eval_data
+    if eval_path is None and cfg.data is None:
+        eval_path = str(data.bundled_path("test"))
+    if eval_path is None:
+        raise UserError("--eval-every needs held-out records: --eval-split-ratio or --eval-data")
+    return records, data.load_records(eval_path, cfg.fields)
+
+
+@dataclass
+class HeldoutLoss:
+    """The held-out answer loss, every ``every`` steps and at the last one."""
+
+    examples: list[Example]
+    pad_id: int
+    every: int
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, records: Any, tokenizer: Any) -> HeldoutLoss | None:
+        if records is None:
+            return None
+        examples = data.tokenize_records(
+            records, tokenizer, fmt=cfg.format, max_length=cfg.max_length, loss_on="response"
+        )
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return cls(examples, pad, cfg.eval_every)
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return step == total_steps or (self.every > 0 and step % self.every == 0)
+
+    def __call__(
+        self, model: nn.Module, autocast: Callable[[], contextlib.AbstractContextManager]
+    ) -> float:
+        from fastmid.heldout import answer_nll
+
+        with autocast():
+            return answer_nll(model, self.examples, self.pad_id)
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    eval_set: EvalSet | None,
+    cfg: TrainConfig,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    tuned: bool = False,
+) -> tuple[dict[str, float], list[dict]]:
+    """Accuracy and held-out perplexity of ``model`` on ``eval_set``, and its predictions."""
+    from fastmid import evaluate as ev
+
+    if eval_set is None:
+        return {}, []
+    log(f"evaluating the {'tuned' if tuned else 'base'} model on {eval_set.describe()} ...")
+    result: dict[str, float] = {}
+    predictions: list[dict] = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast():
+        if eval_set.records:
+            acc, predictions = ev.gsm_accuracy(
+                model,
+                tokenizer,
+                eval_set.records,
+                batch_size=cfg.eval_batch_size,
+                max_new_tokens=cfg.max_new_tokens,
+            )
+            result["accuracy"] = float(acc)
+        if eval_set.heldout:
+            ppl = ev.perplexity(model, tokenizer, eval_set.heldout, max_length=cfg.max_length)
+            result["heldout_ppl"] = float(ppl)
+    model.train(was_training)
+    if not tuned:
+        log("before: " + _format_eval(result))
+    return result, predictions
+
+
+def choose_band(
+    cfg: MidBlockConfig,
+    model: nn.Module,
+    tokenizer: Any,
+    examples: list[Example],
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> tuple[MidBlockConfig, str | None]:
+    """``cfg`` as given, or with the band the probe measures on the untuned model ("auto"),
+    and the probe's reason."""
+    if cfg.band != "auto":
+        return cfg, None
+    from fastmid import probe
+
+    log("probing layer sensitivity to choose the band ...")
+    with autocast():
+        layers, info = probe.recommend_band(model, tokenizer, examples[:PROBE_EXAMPLES])
+    reason = str(info.get("reason", ""))
+    log(f"band auto → layers {layers[0]}-{layers[-1]}: {reason}")
+    return dataclasses.replace(cfg, band=list(layers)), reason
+
+
+def make_equalizer(model: nn.Module) -> Any:
+    """The per-layer update equalizer (``--equalize-updates``)."""
+    from fastmid.equalize import UpdateEqualizer
+
+    return UpdateEqualizer(model)
+
+
+# --------------------------------------------------------------------------------------------
+# Step plan and schedule (pure)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How long the run is: optimizer steps, micro-batches, warmup."""
+
+    micro_per_epoch: int
+    grad_accum: int
+    total_steps: int
+    total_micro: int
+    warmup_steps: int
+
+    def micro_ids(self, step: int) -> range:
+        """Global micro-batch numbers of optimizer step ``step`` (the last step may be short)."""
+        first = step * self.grad_accum
+        return range(first, min(first + self.grad_accum, self.total_micro))
+
+
+def plan_steps(micro_per_epoch: int, cfg: TrainConfig) -> StepPlan:
+    """The run's length from the data size and the config: ``max_steps`` steps of
+    ``grad_accum`` micro-batches, else every micro-batch of ``epochs`` epochs."""
+    if cfg.max_steps is not None:
+        total_steps = cfg.max_steps
+        total_micro = total_steps * cfg.grad_accum
+    else:
+        total_micro = micro_per_epoch * (cfg.epochs or 1)
+        total_steps = math.ceil(total_micro / cfg.grad_accum)
+    warmup = cfg.warmup_steps
+    if warmup is None:
+        warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    return StepPlan(micro_per_epoch, cfg.grad_accum, total_steps, total_micro, warmup)
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, schedule: str) -> Callable[[int], float]:
@@ -148,22 +527,143 @@ def lr_lambda(total_steps: int, warmup_steps: int, schedule: str) -> Callable[[i
     return factor
 
 
-def rank() -> int:
-    """This process's rank under torchrun (0 when not distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", "0"))
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, plan: StepPlan, schedule: str
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup then ``schedule`` decay over the planned steps (see :func:`lr_lambda`)."""
+    factor = lr_lambda(plan.total_steps, plan.warmup_steps, schedule)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def is_main_process() -> bool:
-    """Only rank 0 writes files and prints progress."""
-    return rank() == 0
+class EpochBatches:
+    """Packed micro-batches (example indices) per epoch. Each epoch's order is a pure function
+    of (seed, epoch), so a resumed run rebuilds exactly the batches it would have had."""
+
+    def __init__(self, examples: list[Example], batch_tokens: int, seed: int) -> None:
+        self._examples = examples
+        self._batch_tokens = batch_tokens
+        self._seed = seed
+        self._cached: tuple[int, list[list[int]]] | None = None
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        from fastmid.data import pack_batches
+
+        if self._cached is None or self._cached[0] != epoch:
+            bins = pack_batches(self._examples, self._batch_tokens, seed=self._seed + epoch)
+            self._cached = (epoch, bins)
+        return self._cached[1]
+
+    def for_step(self, plan: StepPlan, step: int) -> list[list[int]]:
+        """The micro-batches of optimizer step ``step``, in order."""
+        per = plan.micro_per_epoch
+        return [self.epoch(g // per)[g % per] for g in plan.micro_ids(step)]
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+# --------------------------------------------------------------------------------------------
+# One optimizer step
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step computed: each micro-batch's summed loss (this rank's), the
+    label tokens of the whole step (all ranks), this rank's tokens and the lr it used."""
+
+    losses: list[torch.Tensor]
+    labels: int
+    tokens: int
+    lr: float
+    # The global gradient norm before clipping (None when clipping is off).
+    grad_norm: torch.Tensor | None = None
+
+
+def train_step(
+    dp: distributed.ParallelStep,
+    step_batches: list[list[Example]],
+    update: Callable[[], tuple[float, torch.Tensor | None]],
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    device: torch.device,
+) -> StepResult:
+    """Forward and backward over this rank's micro-batches of one step, then ``update()``
+    (clip, optimizer, schedule; returns the lr used and the gradient norm). The loss is
+    normalised by every label token of the step, so accumulation (and any number of ranks)
+    equals one big batch."""
+    from fastmid.data import collate_packed
+
+    labels = sum(e.num_loss_tokens for batch in step_batches for e in batch)
+    losses: list[torch.Tensor] = []
+    tokens = 0
+    for batch_examples, grad_sync in dp.micro_batches(step_batches):
+        batch = collate_packed(batch_examples)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with grad_sync:
+            with autocast():
+                loss_sum, _ = dp.forward_loss(batch)
+            (loss_sum / labels).backward()
+        losses.append(loss_sum.detach())
+        tokens += batch["input_ids"].numel()
+    dp.reduce_gradients()
+    lr, grad_norm = update()
+    return StepResult(losses, labels, tokens, lr, grad_norm)
+
+
+def optimizer_update(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    max_grad_norm: float,
+    equalizer: Any,
+) -> Callable[[], tuple[float, torch.Tensor | None]]:
+    """The update after the gradients: clip, (equalize), AdamW, schedule; returns the lr and
+    the gradient norm before clipping (None without clipping)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def update() -> tuple[float, torch.Tensor | None]:
+        grad_norm = None
+        if max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if equalizer is not None:
+            equalizer.before_step()
+        optimizer.step()
+        if equalizer is not None:
+            equalizer.after_step()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return lr, grad_norm
+
+    return update
+
+
+# --------------------------------------------------------------------------------------------
+# Progress, metrics, checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Where the run is; all of it goes into a checkpoint."""
+
+    step: int = 0
+    totals: dict[str, float] = field(
+        default_factory=lambda: {"tokens": 0, "label_tokens": 0, "train_seconds": 0.0}
+    )
+    loss_first: float | None = None
+    loss_last: float | None = None
+    eval_before: dict[str, float] = field(default_factory=dict)
+
+    def summary(self, plan: StepPlan, resolved: dict[str, Any], interrupted: bool) -> dict:
+        """The run's summary so far (summary.json adds the evaluation after training)."""
+        return {
+            "interrupted": interrupted,
+            "steps": self.step,
+            "total_steps": plan.total_steps,
+            "loss_first": self.loss_first,
+            "loss_last": self.loss_last,
+            "tokens_per_s": self.totals["tokens"] / max(self.totals["train_seconds"], 1e-9),
+            "train_seconds": self.totals["train_seconds"],
+            "eval_before": self.eval_before,
+            "resolved": resolved,
+        }
 
 
 def _memory_gb(device: torch.device) -> float:
@@ -173,62 +673,156 @@ def _memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _log(message: str) -> None:
-    if is_main_process():
-        print(message, flush=True)
+class MetricsWindow:
+    """Sums since the last log line; each flush writes one metrics.jsonl record and shows it:
+    one line per flush, or (stdout a terminal) a progress bar with ETA that carries it."""
 
+    def __init__(self, device: torch.device, path: Path, first_step: int, total_steps: int) -> None:
+        self.device = device
+        self.path = path
+        self.total_steps = total_steps
+        self.loss = torch.zeros((), device=device)
+        self.labels = 0
+        self.tokens = 0
+        self.bar = None
+        if distributed.is_main() and sys.stdout.isatty():
+            from tqdm import tqdm
 
-class _StopFlag:
-    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step.
+            self.bar = tqdm(
+                total=total_steps, initial=first_step, unit="step", file=sys.stdout, leave=True
+            )
+        self.restart_clock()
 
-    A second SIGINT while stopping raises KeyboardInterrupt as usual.
-    """
+    def __enter__(self) -> MetricsWindow:
+        return self
 
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        _log(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping")
+    def restart_clock(self) -> None:
+        self.start = time.perf_counter()
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[_StopFlag]:
-        # Signal handlers can only be set from the main thread (tests may run elsewhere).
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        try:
-            yield self
-        finally:
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
+    def add(self, result: StepResult) -> None:
+        for loss in result.losses:
+            self.loss += loss
+        self.labels += result.labels
+        self.tokens += result.tokens
+        if self.bar is not None:
+            self.bar.update(1)
 
-
-# --------------------------------------------------------------------------------------------
-# Output directory
-# --------------------------------------------------------------------------------------------
-
-
-def _check_output_dir(cfg: TrainConfig) -> Path:
-    """Refuse to mix runs: a non-empty dir needs --overwrite, --resume needs a checkpoint."""
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output dir {out} exists and is not a directory")
-    if cfg.resume:
-        if find_checkpoint(out / CHECKPOINT_DIR) is None:
-            raise UserError(f"--resume: no checkpoint in {out} (nothing to resume)")
-        return out
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise UserError(
-            f"output dir {out} is not empty; pass --overwrite to replace its results "
-            "or --resume to continue"
+    def flush(
+        self,
+        progress: Progress,
+        lr: float,
+        grad_norm: torch.Tensor | None = None,
+        extra: dict[str, float] | None = None,
+    ) -> dict[str, Any]:
+        """Close the window at ``progress.step``: sum over ranks, update ``progress``, log
+        (with the last step's gradient norm and ``extra`` numbers such as the eval loss)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - self.start
+        # Each rank summed its own micro-batches; self.labels is already global.
+        loss_sum, all_tokens = distributed.all_reduce_sum(self.loss, self.tokens)
+        tokens = int(all_tokens)
+        loss = loss_sum / max(1, self.labels)
+        totals = progress.totals
+        totals["tokens"] += tokens
+        totals["label_tokens"] += self.labels
+        totals["train_seconds"] += seconds
+        progress.loss_first = loss if progress.loss_first is None else progress.loss_first
+        progress.loss_last = loss
+        record = {
+            "step": progress.step,
+            "loss": loss,
+            "lr": lr,
+            "tokens_per_s": tokens / max(seconds, 1e-9),
+            "tokens": totals["tokens"],
+            "mem_gb": _memory_gb(self.device),
+            "elapsed_s": totals["train_seconds"],
+        }
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        record.update(extra or {})
+        if distributed.is_main():
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        line = (
+            f"loss {loss:.4f} | lr {lr:.2e} | tok/s {record['tokens_per_s']:,.0f} | "
+            f"mem {record['mem_gb']:.2f} GB"
         )
-    return out
+        if self.bar is not None:
+            self.bar.set_postfix_str(line, refresh=True)
+        else:
+            log(f"step {progress.step}/{self.total_steps} | {line}")
+        self.loss.zero_()
+        self.labels = self.tokens = 0
+        self.restart_clock()
+        return record
+
+
+def start_or_resume(
+    cfg: TrainConfig,
+    out: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    eval_before: dict[str, float],
+    plan: StepPlan,
+) -> Progress:
+    """A fresh run clears the previous results; --resume restores the checkpoint in place."""
+    if not cfg.resume:
+        if distributed.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            _clear_previous_outputs(out)
+        return Progress(eval_before=eval_before)
+    extra = load_checkpoint(out / CHECKPOINT_DIR, model, optimizer, scheduler)
+    progress = Progress(
+        int(extra["step"]), extra["totals"], extra["loss_first"], extra["loss_last"], eval_before
+    )
+    if distributed.is_main():
+        _truncate_metrics(out / "metrics.jsonl", progress.step)
+    log(f"resumed from {out / CHECKPOINT_DIR} at step {progress.step}/{plan.total_steps}")
+    return progress
+
+
+class CheckpointSchedule:
+    """When the loop writes a periodic checkpoint: every ``every_steps`` optimizer steps, and
+    once ``every_minutes`` have passed since the last checkpoint (or the start)."""
+
+    def __init__(self, every_steps: int, every_minutes: float) -> None:
+        self.every_steps = every_steps
+        self.every_seconds = every_minutes * 60.0
+        self.saved()
+
+    def due(self, step: int) -> bool:
+        """Whether to checkpoint after ``step``; the same answer on every rank."""
+        if self.every_steps > 0 and step % self.every_steps == 0:
+            return True
+        if self.every_seconds <= 0:
+            return False
+        # Clocks differ between ranks: rank 0's decides for all.
+        late = distributed.is_main() and time.monotonic() - self.last >= self.every_seconds
+        return distributed.any_rank(late)
+
+    def saved(self) -> None:
+        """A checkpoint was just written (or the loop starts): restart the clock."""
+        self.last = time.monotonic()
+
+
+def save_progress(
+    out: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    progress: Progress,
+    cfg: TrainConfig,
+) -> None:
+    """Checkpoint (rank 0 writes; every rank holds the same adapters and optimizer state)."""
+    if distributed.is_main():
+        extra = {**dataclasses.asdict(progress), "config": cfg.to_dict()}
+        save_checkpoint(out / CHECKPOINT_DIR, model, optimizer, scheduler, extra)
 
 
 def _clear_previous_outputs(out: Path) -> None:
@@ -238,21 +832,6 @@ def _clear_previous_outputs(out: Path) -> None:
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
-
-
-def _check_resume_compatible(cfg: TrainConfig, saved: dict[str, Any]) -> None:
-    now = cfg.to_dict()
-    for key, value in saved.items():
-        if key in RESUME_MAY_CHANGE or key not in now:
-            continue
-        if now[key] != value:
-            raise UserError(
-                f"--resume: {key} is {now[key]!r} but the checkpoint was trained with {value!r}"
-            )
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -267,395 +846,86 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
-# --------------------------------------------------------------------------------------------
-# Evaluation around training
-# --------------------------------------------------------------------------------------------
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step.
 
-
-def _evaluate(
-    model: nn.Module,
-    tokenizer: Any,
-    eval_records: list[dict] | None,
-    heldout_texts: list[str] | None,
-    cfg: TrainConfig,
-    autocast: Callable[[], contextlib.AbstractContextManager],
-) -> tuple[dict[str, float], list[dict]]:
-    from fastmid import evaluate
-
-    result: dict[str, float] = {}
-    predictions: list[dict] = []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), autocast():
-        if eval_records:
-            acc, predictions = evaluate.gsm_accuracy(
-                model,
-                tokenizer,
-                eval_records,
-                batch_size=cfg.eval_batch_size,
-                max_new_tokens=cfg.max_new_tokens,
-            )
-            result["accuracy"] = float(acc)
-        if heldout_texts:
-            result["heldout_ppl"] = float(
-                evaluate.perplexity(model, tokenizer, heldout_texts, max_length=cfg.max_length)
-            )
-    model.train(was_training)
-    return result, predictions
-
-
-def _load_eval_inputs(cfg: TrainConfig) -> tuple[list[dict] | None, list[str] | None]:
-    """Accuracy records (bundled test split unless given) and held-out perplexity texts."""
-    from fastmid import data, evaluate
-
-    if not cfg.eval:
-        return None, None
-    eval_path = cfg.eval_data
-    if eval_path is None and cfg.data is None:
-        eval_path = str(data.bundled_path("test"))
-    records = data.load_records(eval_path) if eval_path is not None else None
-    if records is not None and cfg.eval_limit is not None:
-        records = records[: cfg.eval_limit]
-    heldout = evaluate.heldout_texts()
-    if cfg.eval_limit is not None:
-        heldout = heldout[: cfg.eval_limit]
-    return records, heldout
-
-
-# --------------------------------------------------------------------------------------------
-# train()
-# --------------------------------------------------------------------------------------------
-
-
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run one training job described by ``cfg``; returns the summary (also summary.json).
-
-    On SIGINT/SIGTERM the loop checkpoints and returns early with ``summary["interrupted"]``
-    set; ``--resume`` then continues with the same losses an uninterrupted run would have.
+    A second SIGINT while stopping raises KeyboardInterrupt as usual.
     """
-    from fastmid import data, models, patch
 
-    wall_start = time.perf_counter()
-    cfg = cfg.validate().resolved()
-    out = _check_output_dir(cfg)
-    ckpt_dir = out / CHECKPOINT_DIR
-    resumed_extra = read_extra(ckpt_dir) if cfg.resume else None
-    if resumed_extra is not None:
-        _check_resume_compatible(cfg, resumed_extra["config"])
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
 
-    device = _device()
-    # Under torchrun: join the process group. Every rank has passed the output-dir checks
-    # above before rank 0 may write there.
-    world = distributed.init_distributed(device).world_size
-    if world > 1 and cfg.quantize != "none":
-        # DDP broadcasts and FSDP shards plain parameters; a quantized base is one process's.
-        raise UserError(f"--quantize {cfg.quantize} runs in one process only; this run has {world}")
-    distributed.barrier()
-    precision = resolve_precision(cfg.precision, device)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=precision == "bf16")
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping")
 
-    # --- data first: a bad file should fail in a second, not after loading a model ---
-    data_path = cfg.data if cfg.data is not None else str(data.bundled_path("train"))
-    records = data.load_records(data_path)
-    eval_records, heldout_texts = _load_eval_inputs(cfg)
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopFlag]:
+        # Signal handlers can only be set from the main thread (tests may run elsewhere).
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        try:
+            yield self
+        finally:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
 
-    # --- model and tokenizer ---
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model, tokenizer, model_name = models.load_model(cfg.model, dtype=dtype)
-    parallel = distributed.resolve_parallel(cfg.parallel, model, device, world)
-    if parallel != "fsdp":  # under FSDP only each rank's shard goes to the device
-        model.to(device)
-    examples = data.tokenize_records(
-        records, tokenizer, fmt=cfg.format, max_length=cfg.max_length, loss_on=cfg.loss_on
-    )
 
-    # --- band: explicit, or measured by the probe on the untuned model ---
-    band = parse_band(cfg.band)
-    band_reason = None
-    if band == "auto":
-        from fastmid import probe
+# --------------------------------------------------------------------------------------------
+# The finished run
+# --------------------------------------------------------------------------------------------
 
-        _log("probing layer sensitivity to choose the band ...")
-        with autocast():
-            band, probe_info = probe.recommend_band(model, tokenizer, examples[:64])
-        band_reason = str(probe_info.get("reason", ""))
-        _log(f"band auto → layers {band[0]}-{band[-1]}: {band_reason}")
 
-    # --- patch: adapters in the band, everything else frozen ---
-    mid_cfg = patch.MidBlockConfig(
-        band=band,
-        targets=tuple(cfg.targets),
-        rank=cfg.rank,
-        rank_budget=cfg.rank_budget,
-        alpha=cfg.alpha,
-        dropout=cfg.dropout,
-        use_rslora=cfg.use_rslora,
-        # FSDP shards each linear's own weight; fused groups read a concatenated copy.
-        fuse_groups=cfg.fuse_groups and parallel != "fsdp",
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        quantize=cfg.quantize,
-    )
-    torch.manual_seed(cfg.seed)
-    patch.apply_midblock(model, mid_cfg)
-    # Packed rows attend within each example instead of over the whole masked T×T square:
-    # flash-attn's varlen kernels on CUDA where installed (half precision only), else
-    # fastmid's per-example SDPA.
-    from importlib.util import find_spec
+def finish_outputs(
+    out: Path,
+    model: nn.Module,
+    model_name: str,
+    config: dict[str, Any],
+    summary: dict[str, Any],
+    predictions: list[dict],
+) -> None:
+    """Rank 0 writes the adapter, config, predictions and summary, then drops the checkpoint."""
+    if not distributed.is_main():
+        return
+    _save_adapter_atomic(model, out / "adapter", model_name)
+    save_yaml(config, out / "config.yaml")
+    if predictions:
+        text = "".join(json.dumps(p) + "\n" for p in predictions)
+        write_text_atomic(out / "predictions.jsonl", text)
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    save_curve(out / "metrics.jsonl", out / "curve.png")
+    remove_checkpoint(out / CHECKPOINT_DIR)
 
-    from fastmid.attention import enable_varlen_attention
 
-    half = model.dtype in (torch.bfloat16, torch.float16)
-    if device.type == "cuda" and half and find_spec("flash_attn") is not None:
-        model.set_attn_implementation("flash_attention_2")
-    else:
-        enable_varlen_attention(model)
-    state = model.fastmid_state
-    params = patch.adapter_parameters(model)
-    n_params = sum(p.numel() for p in params)
-    # One process: a pass-through. Several: DDP or FSDP, this rank's micro-batches, grad sums.
-    dp = distributed.DataParallel(model, parallel, forward_loss, device)
-    if world > 1 and cfg.grad_accum % world:
-        _log(f"note: grad_accum {cfg.grad_accum} is not a multiple of {world} ranks; some idle")
+def save_curve(metrics_path: Path, png_path: Path) -> None:
+    """Plot loss and learning rate per logged step (metrics.jsonl) into a PNG, atomically."""
+    import io
 
-    # --- evaluate the base model (skipped on resume: the checkpoint remembers it) ---
-    # Freshly patched adapters have lora_B = 0, so this is exactly the base model's output;
-    # patching first makes a bad band/rank/target fail before minutes of generation.
-    if resumed_extra is not None:
-        eval_before = resumed_extra["eval_before"]
-    elif cfg.eval and (eval_records or heldout_texts):
-        _log(f"evaluating the base model on {len(eval_records or [])} records ...")
-        eval_before, _ = _evaluate(model, tokenizer, eval_records, heldout_texts, cfg, autocast)
-        _log("before: " + _format_eval(eval_before))
-    else:
-        eval_before = {}
+    import matplotlib
 
-    # --- optimizer and schedule ---
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
-    )
-    plans: dict[int, list[list[int]]] = {}
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    def plan(epoch: int) -> list[list[int]]:
-        # Each epoch's packing order is a pure function of (seed, epoch): resuming rebuilds it.
-        if epoch not in plans:
-            plans.clear()
-            plans[epoch] = data.pack_batches(examples, cfg.batch_tokens, seed=cfg.seed + epoch)
-        return plans[epoch]
-
-    micro_per_epoch = len(plan(0))
-    if cfg.max_steps is not None:
-        total_steps = cfg.max_steps
-    else:
-        total_steps = math.ceil(micro_per_epoch * (cfg.epochs or 1) / cfg.grad_accum)
-    total_micro = (
-        total_steps * cfg.grad_accum
-        if cfg.max_steps is not None
-        else micro_per_epoch * (cfg.epochs or 1)
-    )
-    warmup = (
-        cfg.warmup_steps
-        if cfg.warmup_steps is not None
-        else math.ceil(cfg.warmup_ratio * total_steps)
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total_steps, warmup, cfg.schedule)
-    )
-    equalizer = None
-    if cfg.equalize_updates:
-        from fastmid.equalize import UpdateEqualizer
-
-        equalizer = UpdateEqualizer(model)
-
-    resolved = {
-        "model_name": model_name,
-        "device": str(device),
-        "precision": precision,
-        "parallel": parallel,
-        "world_size": world,
-        "layers": list(state.layers),
-        "num_layers": state.num_layers,
-        "rank": state.rank,
-        "scale": float(state.scale),
-        "adapter_parameters": n_params,
-        "total_steps": total_steps,
-        "warmup_steps": warmup,
-        "micro_batches_per_epoch": micro_per_epoch,
-        "train_examples": len(examples),
-    }
-    if band_reason is not None:
-        resolved["band_reason"] = band_reason
-
-    # --- resume or start fresh ---
-    step = 0
-    totals = {"tokens": 0, "label_tokens": 0, "train_seconds": 0.0}
-    loss_first: float | None = None
-    loss_last: float | None = None
-    if cfg.resume:
-        extra = load_checkpoint(ckpt_dir, model, optimizer, scheduler)
-        step = int(extra["step"])
-        totals = extra["totals"]
-        loss_first, loss_last = extra["loss_first"], extra["loss_last"]
-        if is_main_process():
-            _truncate_metrics(out / "metrics.jsonl", step)
-        _log(f"resumed from {ckpt_dir} at step {step}/{total_steps}")
-    elif is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
-        _clear_previous_outputs(out)
-
-    config_dump = cfg.to_dict()
-    if band_reason is not None:
-        # Record what "auto" chose, so feeding this config back reproduces the run.
-        config_dump["band"] = ",".join(str(i) for i in state.layers)
-
-    def checkpoint_extra() -> dict[str, Any]:
-        return {
-            "step": step,
-            "totals": totals,
-            "loss_first": loss_first,
-            "loss_last": loss_last,
-            "eval_before": eval_before,
-            "config": cfg.to_dict(),
-        }
-
-    def save_checkpoint() -> None:
-        if is_main_process():
-            _save_checkpoint(ckpt_dir, model, optimizer, scheduler, checkpoint_extra())
-
-    _log(
-        f"fastmid train: {model_name} | layers {state.layers[0]}-{state.layers[-1]} of "
-        f"{state.num_layers} | rank {state.rank} | {n_params:,} adapter params | {precision} | "
-        f"{len(examples)} examples, {micro_per_epoch} micro-batches/epoch | {total_steps} steps"
-    )
-
-    # --- the loop ---
-    model.train()
-    interrupted = False
-    window_loss = torch.zeros((), device=device)
-    window_labels = 0
-    window_tokens = 0
-    window_start = time.perf_counter()
-    metrics_path = out / "metrics.jsonl"
-    with _StopFlag().installed() as stop:
-        while step < total_steps:
-            first_micro = step * cfg.grad_accum
-            micro_ids = range(first_micro, min(first_micro + cfg.grad_accum, total_micro))
-            micro_batches = [plan(g // micro_per_epoch)[g % micro_per_epoch] for g in micro_ids]
-            # Normalise by every label token of the step, so accumulation equals one big batch.
-            step_labels = sum(examples[i].num_loss_tokens for b in micro_batches for i in b)
-            for indices, grad_sync in dp.micro_batches(micro_batches):
-                batch = data.collate_packed([examples[i] for i in indices])
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with grad_sync:
-                    with autocast():
-                        loss_sum, _ = dp.forward_loss(batch)
-                    (loss_sum / step_labels).backward()
-                window_loss += loss_sum.detach()
-                window_tokens += batch["input_ids"].numel()
-            window_labels += step_labels
-            dp.reduce_gradients()
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if equalizer is not None:
-                equalizer.before_step()
-            optimizer.step()
-            if equalizer is not None:
-                equalizer.after_step()
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            # A signal may reach the ranks at different steps: all stop at the same one.
-            stop.requested = distributed.any_rank(stop.requested)
-
-            # A checkpoint (periodic or on a signal) also flushes the log window, so a resumed
-            # run logs exactly the lines an uninterrupted one does.
-            saving = stop.requested or (cfg.save_every and step % cfg.save_every == 0)
-            saving = bool(saving) and step < total_steps
-            if step % cfg.log_every == 0 or step == total_steps or saving:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                now = time.perf_counter()
-                seconds = now - window_start
-                # Each rank summed its own micro-batches; window_labels is already global.
-                window_sum, all_tokens = distributed.all_reduce_sum(window_loss, window_tokens)
-                window_tokens = int(all_tokens)
-                loss = window_sum / max(1, window_labels)
-                totals["tokens"] += window_tokens
-                totals["label_tokens"] += window_labels
-                totals["train_seconds"] += seconds
-                loss_first = loss if loss_first is None else loss_first
-                loss_last = loss
-                record = {
-                    "step": step,
-                    "loss": loss,
-                    "lr": lr,
-                    "tokens_per_s": window_tokens / max(seconds, 1e-9),
-                    "tokens": totals["tokens"],
-                    "mem_gb": _memory_gb(device),
-                    "elapsed_s": totals["train_seconds"],
-                }
-                if is_main_process():
-                    with metrics_path.open("a", encoding="utf-8") as f:
-                        f.write(json.dumps(record) + "\n")
-                _log(
-                    f"step {step}/{total_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                    f"tok/s {record['tokens_per_s']:,.0f} | mem {record['mem_gb']:.2f} GB"
-                )
-                window_loss.zero_()
-                window_labels = window_tokens = 0
-                window_start = time.perf_counter()
-
-            if saving:
-                save_checkpoint()
-                window_start = time.perf_counter()  # checkpoint time is not training time
-            if saving and stop.requested:
-                interrupted = True
-                _log(f"stopped at step {step}; continue with --resume (checkpoint {ckpt_dir})")
-                break
-
-    summary: dict[str, Any] = {
-        "interrupted": interrupted,
-        "steps": step,
-        "total_steps": total_steps,
-        "loss_first": loss_first,
-        "loss_last": loss_last,
-        "tokens_per_s": totals["tokens"] / max(totals["train_seconds"], 1e-9),
-        "train_seconds": totals["train_seconds"],
-        "eval_before": eval_before,
-        "resolved": resolved,
-    }
-    if interrupted:
-        return summary
-
-    # --- evaluate the tuned model, then save everything atomically ---
-    eval_after: dict[str, float] = {}
-    predictions: list[dict] = []
-    if cfg.eval and (eval_records or heldout_texts):
-        _log(f"evaluating the tuned model on {len(eval_records or [])} records ...")
-        eval_after, predictions = _evaluate(
-            model, tokenizer, eval_records, heldout_texts, cfg, autocast
-        )
-    adapter_dir = out / "adapter"
-    summary.update(
-        eval_after=eval_after,
-        adapter=str(adapter_dir),
-        wall_seconds=time.perf_counter() - wall_start,
-    )
-    if is_main_process():
-        _save_adapter_atomic(model, adapter_dir, model_name)
-        save_yaml({**config_dump, "resolved": resolved}, out / "config.yaml")
-        if predictions:
-            write_text_atomic(
-                out / "predictions.jsonl",
-                "".join(json.dumps(p) + "\n" for p in predictions),
-            )
-        _write_json_atomic(out / "summary.json", summary)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    _log(format_summary(summary))
-    return summary
+    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()]
+    steps = [r["step"] for r in records]
+    fig, loss_ax = plt.subplots(figsize=(7, 4))
+    loss_ax.plot(steps, [r["loss"] for r in records], marker=".", color="tab:blue")
+    loss_ax.set_xlabel("optimizer step")
+    loss_ax.set_ylabel("training loss", color="tab:blue")
+    lr_ax = loss_ax.twinx()
+    lr_ax.plot(steps, [r["lr"] for r in records], color="tab:orange")
+    lr_ax.set_ylabel("learning rate", color="tab:orange")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    write_bytes_atomic(png_path, buffer.getvalue())
 
 
 def _save_adapter_atomic(model: nn.Module, adapter_dir: Path, model_name: str) -> None:
@@ -712,90 +982,14 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``fastmid train``; each overrides the same key of ``--config`` when given."""
-    # SUPPRESS keeps flags the user did not type out of the namespace, so they cannot
-    # clobber values from the YAML file with argparse defaults.
-    S = argparse.SUPPRESS
-    defaults = TrainConfig()
+    """Flags of ``fastmid train``: one per config field (see :mod:`fastmid.config`)."""
+    from fastmid.config import add_arguments as add_config_arguments
 
-    group: Any = parser
-
-    def add(flag: str, help_text: str, **kw: Any) -> None:
-        key = flag.lstrip("-").replace("-", "_")
-        default = getattr(defaults, key, None)
-        if isinstance(default, list):
-            default = ",".join(default)
-        if "default:" not in help_text:
-            help_text = f"{help_text} (default: {default})"
-        group.add_argument(flag, default=S, help=help_text, **kw)
-
-    parser.add_argument("--config", default=None, help="YAML file of config keys; flags win")
-    group = parser.add_argument_group("model and data")
-    add("--model", "local HF dir, .gguf file or hub id; default: embedded SmolLM2-135M-Instruct")
-    add(
-        "--data",
-        "training JSONL ({prompt,response} | {question,answer} | {messages}); "
-        "default: the bundled GSM-style train split",
-    )
-    add(
-        "--eval-data",
-        "JSONL with gold '#### N' answers for accuracy; default: the bundled test split "
-        "when --data is not given, else none",
-    )
-    add("--format", "prompt format", choices=["qa", "chat"])
-    add("--max-length", "max tokens per example", type=int)
-    add("--loss-on", "which tokens carry loss", choices=["response", "all"])
-    add("--output-dir", "where adapter, config, metrics and summary go")
-    group = parser.add_argument_group("mid-block LoRA")
-    add("--band", "0.2,0.8 | all | 6-23 | 3,5,7 | auto")
-    add("--rank", "LoRA rank of active layers; default: budget-matched", type=int)
-    add("--rank-budget", "uniform-LoRA rank whose parameter count is matched", type=int)
-    add("--alpha", "LoRA alpha", type=float)
-    add("--dropout", "LoRA dropout", type=float)
-    add("--targets", "comma-separated linear layers, e.g. q_proj,k_proj,v_proj,o_proj")
-    add("--use-rslora", "scale alpha/sqrt(rank)", action="store_true")
-    add("--gradient-checkpointing", "recompute active blocks in backward", action="store_true")
-    add("--quantize", "store the frozen decoder linears quantized", choices=QUANTIZE_METHODS)
-    group = parser.add_argument_group("optimisation")
-    add("--precision", "auto | bf16 | fp32", choices=["auto", "bf16", "fp32"])
-    demo_lr = DEMO["lr"]
-    add("--lr", f"peak lr; default: {PAPER_LR:g}, or {demo_lr:g} in the demo", type=float)
-    add("--weight-decay", "AdamW weight decay", type=float)
-    add("--warmup-steps", "warmup optimizer steps; default: --warmup-ratio of the run", type=int)
-    add("--warmup-ratio", "warmup as a fraction of all steps", type=float)
-    add("--schedule", "lr decay after warmup", choices=["linear", "cosine", "constant"])
-    add("--batch-tokens", "token budget of one packed micro-batch", type=int)
-    add("--grad-accum", "micro-batches per optimizer step", type=int)
-    add("--max-grad-norm", "gradient clipping norm (0 = off)", type=float)
-    add("--epochs", "passes over the data; default: 1", type=int)
-    add(
-        "--max-steps",
-        "stop after this many optimizer steps (overrides --epochs); default: all epochs, "
-        f"or {DEMO['max_steps']} in the no-argument demo",
-        type=int,
-    )
-    add("--seed", "random seed", type=int)
-    add("--equalize-updates", "equal ‖ΔW‖/‖W‖ across layers each step", action="store_true")
-    group = parser.add_argument_group("many devices")
-    add("--nproc", "processes (one per GPU) to start with torchrun", type=int)
-    add("--parallel", "ddp: model copy per rank; fsdp: sharded", choices=["auto", "ddp", "fsdp"])
-    group = parser.add_argument_group("logging, checkpoints, evaluation")
-    add("--log-every", "progress line every N steps", type=int)
-    add("--save-every", "checkpoint every N steps (0 = only on interrupt)", type=int)
-    add("--resume", "continue from <output-dir>/checkpoint", action="store_true")
-    add("--overwrite", "replace the results in a non-empty output dir", action="store_true")
-    add("--eval", "evaluate before and after training", action=argparse.BooleanOptionalAction)
-    add("--eval-limit", "evaluate on at most N records", type=int)
-    add("--eval-batch-size", "prompts per generation batch", type=int)
-    add("--max-new-tokens", "greedy tokens per eval prompt", type=int)
+    add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """``fastmid train``: build the config from --config and flags, train, print the summary."""
-    from transformers.utils import logging as hf_logging
-
-    # Our own progress line replaces the weight-loading bars; stderr stays for errors only.
-    hf_logging.disable_progress_bar()
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "command")}
     cfg = build_config(args.config, overrides)
     if cfg.nproc > 1 and not distributed.under_torchrun():

@@ -3,6 +3,9 @@
 Depends only on torch and triton, so other trainers can import it on its own::
 
     from fastmid.kernels import lora_linear
+
+The ops are `torch.library` custom ops (`torch.ops.fastmid.*`) with registered autograd, so
+torch.compile traces a model that uses them without a graph break.
 """
 
 # With a source checkout's root on sys.path (pytest, `python -m` from the checkout), a probe for
@@ -10,14 +13,11 @@ Depends only on torch and triton, so other trainers can import it on its own::
 # folder under that bare name. It then defines nothing, so the probe stays cheap and harmless.
 if __name__ != "kernels":
     from ._common import use_triton
-    from .lora_gate_up import LoraGateUpFunction, lora_gate_up, lora_gate_up_reference
-    from .lora_linear import LoraLinearFunction, lora_linear, lora_linear_reference
-    from .lora_qkv import LoraQKVFunction, lora_qkv, lora_qkv_reference
+    from .lora_gate_up import lora_gate_up, lora_gate_up_reference
+    from .lora_linear import lora_linear, lora_linear_reference
+    from .lora_qkv import lora_qkv, lora_qkv_reference
 
 __all__ = [
-    "LoraGateUpFunction",
-    "LoraLinearFunction",
-    "LoraQKVFunction",
     "lora_gate_up",
     "lora_gate_up_reference",
     "lora_linear",

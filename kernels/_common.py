@@ -1,12 +1,12 @@
 """Plumbing shared by the fused LoRA kernels.
 
 - when to run Triton (`use_triton`) and in which dtype (`compute_dtype`, autocast aware);
-- LoRA dropout: one Bernoulli keep-mask drawn from a seed, in-kernel (`keep_mask`, Philox
-  via `tl.rand`) or on the torch path (`torch_keep_mask`, a seeded `torch.Generator`), so
-  backward redraws the mask instead of storing it;
+- LoRA dropout: one keep-mask drawn from a seed tensor (`dropout_seed`), in-kernel
+  (`keep_mask`, Philox via `tl.rand`) or on the torch path (`torch_keep_mask`, a counter-based
+  hash), so backward redraws the mask instead of storing it;
 - shipped autotune configs: each kernel module lists its own per arch (sm_80 / sm_90); here
   are the helpers to name them, turn them into `triton.Config`s, pick the family for a device,
-  and `InspectTarget`, the registry entry `python -m fastmid.kernels.inspect` compiles.
+  and `InspectTarget`, the registry entry `python -m fastmid.kernels.cubin_report` compiles.
 
 Dropout convention used by every kernel: the mask is 0/1 and the 1/(1-p) rescale is folded
 into the LoRA scale (`effective_scale`), so no kernel ever rescales a copy of `x`.
@@ -15,25 +15,31 @@ into the LoRA scale (`effective_scale`), so no kernel ever rescales a copy of `x
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from dataclasses import dataclass, field
 
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensor
 
 # `triton.jit` decides at decoration time whether it builds an interpreter function, so the
 # switch is read once, here, before any kernel module decorates its kernels.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """True when the Triton kernels should run on `t`: CUDA tensors, or under the Triton
-    interpreter (`TRITON_INTERPRET=1`, as in the CPU test suite) anything not computed in
-    bf16, because the interpreter's bf16 `tl.dot` returns wrong numbers without an error.
-    Pass the tensor in the dtype the kernels will compute in (in backward, where autocast is
-    usually off, the cast copy rather than the saved original)."""
-    return t.is_cuda or (INTERPRET and compute_dtype(t) != torch.bfloat16)
+def use_triton(t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """True when the Triton kernels should run on `t` computed in `dtype` (default: the dtype a
+    matmul on `t` runs in now, `compute_dtype(t)`): CUDA tensors, or under the Triton interpreter
+    (`TRITON_INTERPRET=1`, as in the CPU test suite) real CPU tensors not computed in bf16,
+    because the interpreter's bf16 `tl.dot` returns wrong numbers without an error. While
+    torch.compile traces (fake tensors) the interpreter is never chosen: it cannot be traced."""
+    if t.is_cuda:
+        return True
+    if not INTERPRET or isinstance(t, FakeTensor):
+        return False
+    return (compute_dtype(t) if dtype is None else dtype) != torch.bfloat16
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -45,14 +51,21 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
-def draw_seed(dropout_p: float, seed: int | None) -> int:
-    """The dropout seed for one call: `seed` if given, else drawn from torch's default RNG
-    (so runs are reproducible under `torch.manual_seed`). Without dropout no RNG is used."""
+def dropout_seed(
+    dropout_p: float, seed: int | torch.Tensor | None, device: torch.device
+) -> torch.Tensor | None:
+    """The dropout seed of one call as a 0-dim int64 tensor on `device` (None without dropout):
+    `seed` if given, else drawn from torch's generator for `device` (reproducible under
+    `torch.manual_seed`). A tensor, not a Python int, so nothing syncs with the device and
+    torch.compile traces the draw without a graph break."""
     if dropout_p <= 0.0:
-        return 0
-    if seed is not None:
-        return int(seed)
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+        return None
+    if isinstance(seed, torch.Tensor):
+        return seed.to(device=device, dtype=torch.int64).reshape(())
+    if seed is None:
+        return torch.randint(0, 2**31 - 1, (), device=device, dtype=torch.int64)
+    # `full` writes the value on the device: no host-to-device copy.
+    return torch.full((), int(seed), device=device, dtype=torch.int64)
 
 
 def check_dropout(dropout_p: float) -> None:
@@ -66,14 +79,40 @@ def effective_scale(scale: float, dropout_p: float) -> float:
     return float(scale) / (1.0 - dropout_p)
 
 
+# Multipliers of the torch path's counter hash (odd 32-bit constants, as int32).
+_GOLDEN = -1640531535  # 0x9E3779B1
+_MIX1 = -2048144789  # 0x85EBCA6B
+_MIX2 = -1028477387  # 0xC2B2AE35
+
+
 def torch_keep_mask(
-    shape: tuple[int, ...], dropout_p: float, seed: int, device: torch.device, dtype: torch.dtype
+    shape: tuple[int, ...],
+    dropout_p: float,
+    seed: int | torch.Tensor,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """0/1 keep-mask of `shape` (keep probability 1-p), a pure function of `seed`: forward and
-    backward of the torch path both call it, so the mask is never stored."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - dropout_p, generator=gen)
+    """Bool keep-mask of `shape` (keep probability 1-p) for the torch path, a pure function of
+    (seed, flat row-major index): forward and backward both compute it, so it is never stored.
+
+    A counter-based hash, not `bernoulli_`: each 32-bit word of a multiply-xorshift hash of
+    (seed, pair index) gives two 16-bit uniforms, one per element, kept when >= p·2¹⁶
+    (p is resolved to 1/65536). In int32 tensor ops this is ~10x cheaper than torch's CPU
+    Bernoulli draw, and it reads the seed as a tensor (no `.item()`)."""
+    if not isinstance(seed, torch.Tensor):
+        seed = torch.tensor(int(seed), dtype=torch.int64)
+    device = seed.device if device is None else torch.device(device)
+    n = math.prod(shape)
+    h = torch.arange((n + 1) // 2, dtype=torch.int32, device=device)
+    # int64 product, keep the low 32 bits: the seed mixed into every word.
+    h.mul_(_MIX1).add_((seed.to(device) * _GOLDEN).to(torch.int32))
+    tmp = torch.empty_like(h)
+    # Logical right shifts (int32 shifts are arithmetic, so mask off the sign copies).
+    torch.bitwise_right_shift(h, 16, out=tmp).bitwise_and_(0xFFFF)
+    h.bitwise_xor_(tmp).mul_(_MIX2)
+    torch.bitwise_right_shift(h, 15, out=tmp).bitwise_and_(0x1FFFF)
+    h.bitwise_xor_(tmp).mul_(_MIX1)
+    threshold = -32768 + round(dropout_p * 65536)
+    return h.view(torch.int16)[:n].view(shape) >= threshold
 
 
 @triton.jit
@@ -84,33 +123,36 @@ def keep_mask(seed, offsets, dropout_p):
 
 
 @triton.jit
-def _keep_mask_kernel(Out, numel, seed, dropout_p, BLOCK: tl.constexpr):
+def _keep_mask_kernel(Out, SEED, numel, dropout_p, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = keep_mask(seed, offs, dropout_p)
+    keep = keep_mask(tl.load(SEED), offs, dropout_p)
     tl.store(Out + offs, keep.to(tl.float32), mask=offs < numel)
 
 
 def triton_keep_mask(
-    shape: tuple[int, ...], dropout_p: float, seed: int, device: torch.device
+    shape: tuple[int, ...], dropout_p: float, seed: int | torch.Tensor, device: torch.device
 ) -> torch.Tensor:
     """Materialise the in-kernel keep-mask (0/1 fp32, row-major over `shape`) that the Triton
     kernels draw for (seed, p); used to check kernels against the reference with the same mask."""
     out = torch.empty(shape, device=device, dtype=torch.float32)
+    seed_t = dropout_seed(1.0, seed, device)
     numel = out.numel()
     block = 1024
-    _keep_mask_kernel[(triton.cdiv(numel, block),)](out, numel, seed, dropout_p, BLOCK=block)
+    _keep_mask_kernel[(triton.cdiv(numel, block),)](out, seed_t, numel, dropout_p, BLOCK=block)
     return out
 
 
-def rank_block(rank: int) -> int:
+def rank_block(rank: int, widest: int = 64) -> int:
     """Block size over the LoRA rank: a power of two >= 16 (the smallest `tl.dot` dimension),
-    capped at 64 so a rank-128 adapter is walked in two chunks instead of one huge tile."""
-    return min(64, max(16, triton.next_power_of_2(rank)))
+    at most `widest`. The main GEMM's epilogue walks the rank in chunks of at most 64; the thin
+    GEMM takes up to 128 at once, so x is read once for every rank up to 128."""
+    return min(widest, max(16, triton.next_power_of_2(rank)))
 
 
 # ---------------------------------------------------------------------------------------------
-# Shipped configs. Each is a plain dict of block sizes + num_warps/num_stages; `inspect`
-# compiles every one for its arch and fails on any spill or a missing tensor-core instruction.
+# Shipped configs. Each is a plain dict of block sizes + num_warps/num_stages; `cubin_report`
+# (`cubin_report`) compiles every one for its arch and fails on any spill or a missing
+# tensor-core instruction.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -143,7 +185,7 @@ def shipped_arch(arch: int) -> int:
 
 @dataclass(frozen=True)
 class InspectTarget:
-    """One kernel `inspect` compiles ahead of time: the jit function, its argument signature
+    """One kernel `cubin_report` compiles ahead of time: the jit function, its argument signature
     (`{"X": "*{dtype}", "M": "i32", "scale": "fp32", ...}`; `{dtype}` is filled in per
     compute dtype), constexprs fixed for this target, and the shipped configs per arch whose
     keys are the remaining constexprs plus `num_warps` / `num_stages`."""

@@ -19,6 +19,7 @@ silu(g) alive for backward, 3·M·I values; at SmolLM2 shapes (I = 1536 = 2.7·K
 FLOPs: the layer's forward cost again, about +50% on its fwd+bwd) and turns them into dg and du
 in the same kernel's epilogue, so the recomputed pre-activations never reach memory on the
 Triton path. The torch path recomputes into one (M,2I) buffer and builds dg and du in place.
+From dg and du on, gate and up are two grouped LoRA linears: the backward is `_gemm`'s.
 """
 
 from __future__ import annotations
@@ -26,173 +27,37 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import triton
-import triton.language as tl
+from torch.library import triton_op
 
+from . import _gemm
 from ._common import (
-    InspectTarget,
     check_dropout,
     compute_dtype,
-    cuda_arch,
-    draw_seed,
+    dropout_seed,
     effective_scale,
-    shipped_arch,
-    to_triton_configs,
     torch_keep_mask,
     use_triton,
 )
-from .lora_qkv import (
-    add_segment,
-    grouped_backward_torch,
-    inspect_target,
-    launch_grouped_mm,
-    launch_thin,
-    launch_tn,
-    tile_ids,
-)
+from .lora_linear import inspect_target
 
-__all__ = ["LoraGateUpFunction", "lora_gate_up", "lora_gate_up_reference"]
+__all__ = ["lora_gate_up", "lora_gate_up_reference"]
 
 
 # --------------------------------------------------------------------------------------------
-# Triton kernel: gate and up tiles side by side, SwiGLU (or its derivative) in the epilogue
+# The SwiGLU epilogue on the torch path (the Triton one is `_gemm.launch_swiglu`'s)
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def _lora_gate_up_kernel(
-    X, W, XA, BG, BU, DH, OUT,
-    M, I, K, RG, RU,
-    stride_xm, stride_wn, stride_xam, stride_dhm, stride_om,
-    BACKWARD: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):  # fmt: skip
-    """One (BM, BN) tile of h, or in BACKWARD of dg and du (OUT (M,2I) = [dg | du]).
-
-    Two fp32 accumulators (gate, up) live through the K loop, so the tiles are smaller than a
-    plain GEMM's: the shipped configs are the largest that compile without spills.
-    """
-    pid_m, pid_n = tile_ids(M, I, BM, BN, GROUP_M)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    m_ok = rm < M
-    n_ok = rn < I
-    x_ptr = X + rm[:, None].to(tl.int64) * stride_xm + rk[None, :]
-    wg_ptr = W + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]
-    wu_ptr = wg_ptr + I.to(tl.int64) * stride_wn
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        k_ok = (k0 + rk) < K
-        x = tl.load(x_ptr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w_mask = k_ok[:, None] & n_ok[None, :]
-        acc_g = tl.dot(x, tl.load(wg_ptr, mask=w_mask, other=0.0), acc_g)
-        acc_u = tl.dot(x, tl.load(wu_ptr, mask=w_mask, other=0.0), acc_u)
-        x_ptr += BK
-        wg_ptr += BK
-        wu_ptr += BK
-    n0 = pid_n * BN
-    acc_g = add_segment(acc_g, XA, stride_xam, rm, m_ok, BG, RG, 1, rn, n0, 0, I, RG, BN, BR)
-    acc_u = add_segment(acc_u, XA + RG, stride_xam, rm, m_ok, BU, RU, 1, rn, n0, 0, I, RU, BN, BR)
-    sig = tl.sigmoid(acc_g)
-    silu = acc_g * sig
-    mask = m_ok[:, None] & n_ok[None, :]
-    o_ptr = OUT + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
-    if BACKWARD:
-        dh = tl.load(DH + rm[:, None].to(tl.int64) * stride_dhm + rn[None, :], mask=mask, other=0.0)
-        dh = dh.to(tl.float32)
-        dg = dh * acc_u * (sig + silu * (1.0 - sig))
-        tl.store(o_ptr, dg.to(OUT.dtype.element_ty), mask=mask)
-        tl.store(o_ptr + I, (dh * silu).to(OUT.dtype.element_ty), mask=mask)
-    else:
-        tl.store(o_ptr, (silu * acc_u).to(OUT.dtype.element_ty), mask=mask)
-
-
-# --------------------------------------------------------------------------------------------
-# Launcher
-# --------------------------------------------------------------------------------------------
-# Two live (BM,BN) fp32 accumulators. sm_90 keeps wgmma accumulators in registers: 128×64
-# with 8 warps is 64 accumulator registers per thread, the budget of one 128×128 GEMM tile
-# (128×128 spills). On sm_80 the BK=64 tiles compile at the 255-register cap (no spill, but no
-# headroom), so it ships BK=32 tiles at 128-138 registers.
-GATE_UP_CONFIGS = {
-    90: [
-        {"BM": 128, "BN": 64, "BK": 64, "BR": 32, "num_warps": 8, "num_stages": 3},
-        {"BM": 64, "BN": 128, "BK": 64, "BR": 32, "num_warps": 8, "num_stages": 3},
-        {"BM": 64, "BN": 64, "BK": 64, "BR": 32, "num_warps": 4, "num_stages": 3},
-    ],
-    80: [
-        {"BM": 128, "BN": 64, "BK": 32, "BR": 32, "num_warps": 8, "num_stages": 4},
-        {"BM": 64, "BN": 64, "BK": 32, "BR": 32, "num_warps": 4, "num_stages": 3},
-    ],
-}
-_INTERPRET_META = {"BM": 32, "BN": 32, "BK": 32, "BR": 16}
-_tuned: dict[int, object] = {}
-
-
-def launch_gate_up(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    xa: torch.Tensor,
-    b_g: torch.Tensor,
-    b_u: torch.Tensor,
-    out: torch.Tensor,
-    dh: torch.Tensor | None = None,
-) -> None:
-    """out = silu(g) ⊙ u (M,I); with dh given, out = [dg | du] (M,2I) instead.
-
-    x (M,K) and w (2I,K) with unit column stride; xa (M, r_g+r_u); b_g, b_u contiguous.
-    """
-    M, K = x.shape
-    I = w.shape[0] // 2
-    rg, ru = b_g.shape[1], b_u.shape[1]
-    assert x.stride(1) == 1 and w.stride(1) == 1 and w.shape == (2 * I, K)
-    assert b_g.is_contiguous() and b_u.is_contiguous() and xa.shape == (M, rg + ru)
-    assert out.shape == (M, I if dh is None else 2 * I) and out.stride(1) == 1
-    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(I, meta["BN"]),)
-    args = dict(
-        X=x, W=w, XA=xa, BG=b_g, BU=b_u, DH=out if dh is None else dh, OUT=out,
-        M=M, I=I, K=K, RG=rg, RU=ru,
-        stride_xm=x.stride(0), stride_wn=w.stride(0), stride_xam=xa.stride(0),
-        stride_dhm=0 if dh is None else dh.stride(0), stride_om=out.stride(0),
-        BACKWARD=dh is not None, GROUP_M=8,
-    )  # fmt: skip
-    if not x.is_cuda:
-        _lora_gate_up_kernel[grid](**args, **_INTERPRET_META)
-        return
-    arch = shipped_arch(cuda_arch(x.device))
-    if arch not in _tuned:
-        configs = to_triton_configs(GATE_UP_CONFIGS[arch])
-        _tuned[arch] = triton.autotune(configs, key=["I", "K", "BACKWARD"])(_lora_gate_up_kernel)
-    _tuned[arch][grid](**args)
-
-
-# --------------------------------------------------------------------------------------------
-# Forward / backward on both paths (2-D operands in the compute dtype, effective scales)
-# --------------------------------------------------------------------------------------------
-def _forward_triton(x, w, a_list, b_list, scales, p, seed):
-    M = x.shape[0]
-    ranks = [a.shape[0] for a in a_list]
-    xa = torch.empty(M, sum(ranks), dtype=x.dtype, device=x.device)
-    launch_thin(x, torch.cat(a_list).to(x.dtype), xa, scales, ranks, p, seed)
-    h = torch.empty(M, w.shape[0] // 2, dtype=x.dtype, device=x.device)
-    b_g, b_u = (b.to(x.dtype).contiguous() for b in b_list)
-    launch_gate_up(x, w, xa, b_g, b_u, h)
-    return h, xa
-
-
 def _gate_up_torch(x, w, xa, b_list):
     """(M,2I) = [g | u]: one base GEMM, the two low-rank terms accumulated into its halves."""
     gu = torch.mm(x, w.t())
     half, rg = w.shape[0] // 2, b_list[0].shape[1]
-    gu[:, :half].addmm_(xa[:, :rg], b_list[0].to(x.dtype).t())
-    gu[:, half:].addmm_(xa[:, rg:], b_list[1].to(x.dtype).t())
+    gu[:, :half].addmm_(xa[:, :rg], b_list[0].t())
+    gu[:, half:].addmm_(xa[:, rg:], b_list[1].t())
     return gu
 
 
 def _forward_torch(x, w, a_list, b_list, scales, p, seed):
-    a_s = torch.cat([a * s for a, s in zip(a_list, scales, strict=True)]).to(x.dtype)
-    xd = x if p == 0 else x * torch_keep_mask(x.shape, p, seed, x.device, x.dtype)
+    a_s = torch.cat([a * s for a, s in zip(a_list, scales, strict=True)])
+    xd = x if p == 0.0 else torch.where(torch_keep_mask(x.shape, p, seed), x, 0.0)
     xa = torch.mm(xd, a_s.t())
     gu = _gate_up_torch(x, w, xa, b_list)
     half = w.shape[0] // 2
@@ -200,41 +65,63 @@ def _forward_torch(x, w, a_list, b_list, scales, p, seed):
     return h.mul_(gu[:, half:]), xa
 
 
-def _backward_triton(x, dh, w, a_list, b_list, scales, xa, p, seed, need_dx):
-    M, K = x.shape
+def _dgate_dup_torch(x, dh, w, xa, b_list):
+    """(dg, du), column views of one (M,2I) buffer: [g | u] recomputed into it, then
+    overwritten in place, u → dh⊙u → dg and g → silu(g) → du. Peak extra memory is this
+    one buffer."""
     half = w.shape[0] // 2
-    (rg, ru), (sg, su) = (a.shape[0] for a in a_list), scales
-    b_g, b_u = (b.to(x.dtype).contiguous() for b in b_list)
-    dgu = torch.empty(M, 2 * half, dtype=x.dtype, device=x.device)
-    launch_gate_up(x, w, xa, b_g, b_u, dgu, dh)
-    dg, du = dgu[:, :half], dgu[:, half:]
-    gs = torch.empty(M, rg + ru, dtype=x.dtype, device=x.device)
-    launch_thin(dg, b_g.t(), gs[:, :rg], [sg], [rg])
-    launch_thin(du, b_u.t(), gs[:, rg:], [su], [ru])
-    da = torch.empty(rg + ru, K, dtype=torch.float32, device=x.device)
-    launch_tn(gs, x, da, p, seed)
-    dbs = [torch.empty(b.shape, dtype=torch.float32, device=x.device) for b in b_list]
-    launch_tn(dg, xa[:, :rg], dbs[0])
-    launch_tn(du, xa[:, rg:], dbs[1])
-    dx = None
-    if need_dx:
-        dx = torch.empty(M, K, dtype=x.dtype, device=x.device)
-        a_cat = torch.cat(a_list).to(x.dtype)
-        launch_grouped_mm(dgu, w, dx, gs, [(a_cat.t(), 0, 0)], None, p, seed)
-    return dx, da, dbs
-
-
-def _backward_torch(x, dh, w, a_list, b_list, scales, xa, p, seed, need_dx):
-    half = w.shape[0] // 2
-    # Recompute [g | u] into one buffer, then overwrite it in place: u → dh⊙u → dg, and
-    # g → silu(g) → du. Peak extra memory is this (M,2I) buffer, nothing else of that size.
     gu = _gate_up_torch(x, w, xa, b_list)
     g, u = gu[:, :half], gu[:, half:]
     u.mul_(dh)
     dg = torch.ops.aten.silu_backward.grad_input(u, g, grad_input=u)
     du = torch.nn.functional.silu(g, inplace=True).mul_(dh)
-    # From here gate and up are two grouped LoRA linears with output gradients dg and du.
-    return grouped_backward_torch(x, [dg, du], w, a_list, b_list, scales, xa, p, seed, need_dx)
+    return dg, du
+
+
+@torch.library.custom_op("fastmid::lora_gate_up_forward_torch", mutates_args=())
+def _forward_torch_op(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    a_list: list[torch.Tensor],
+    b_list: list[torch.Tensor],
+    scales: list[float],
+    p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_torch(x, w, a_list, b_list, scales, p, seed)
+
+
+@_forward_torch_op.register_fake
+def _(x, w, a_list, b_list, scales, p, seed):
+    rank = sum(a.shape[0] for a in a_list)
+    return x.new_empty(x.shape[0], w.shape[0] // 2), x.new_empty(x.shape[0], rank)
+
+
+@torch.library.custom_op("fastmid::lora_gate_up_backward_torch", mutates_args=())
+def _backward_torch_op(
+    x: torch.Tensor,
+    dh: torch.Tensor,
+    w: torch.Tensor,
+    a_list: list[torch.Tensor],
+    b_list: list[torch.Tensor],
+    scales: list[float],
+    xa: torch.Tensor,
+    p: float,
+    seed: torch.Tensor | None,
+    need_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    dg, du = _dgate_dup_torch(x, dh, w, xa, b_list)
+    dx, da, dbs = _gemm.lora_backward_torch(
+        x, [dg, du], w, a_list, b_list, scales, xa, p, seed, need_dx
+    )
+    return (x.new_empty(0) if dx is None else dx), da, dbs
+
+
+@_backward_torch_op.register_fake
+def _(x, dh, w, a_list, b_list, scales, xa, p, seed, need_dx):
+    rank = sum(a.shape[0] for a in a_list)
+    dx = x.new_empty(x.shape if need_dx else (0,))
+    return dx, x.new_empty(rank, x.shape[1]), [x.new_empty(b.shape) for b in b_list]
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,7 +146,7 @@ def lora_gate_up_reference(
     """
     sg, su = _pair(scales)
     if dropout_p > 0.0 and keep is None:
-        keep = torch_keep_mask(x.shape, dropout_p, seed, x.device, x.dtype)
+        keep = torch_keep_mask(x.shape, dropout_p, seed, x.device)
     xd = x if dropout_p == 0.0 else x * keep.to(x.dtype) / (1.0 - dropout_p)
     wg, wu = weight_gate_up.split(b_g.shape[0])
     g = x @ wg.t() + sg * ((xd @ a_g.t()) @ b_g.t())
@@ -268,59 +155,97 @@ def lora_gate_up_reference(
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd Function and functional op
+# Custom ops and their autograd (x 2-D in its own dtype, cast inside: only x itself is saved)
 # --------------------------------------------------------------------------------------------
-_ARG_NAMES = ("x", "w", "a_g", "a_u", "b_g", "b_u", "scales", "p", "seed")
+_ADAPTERS = ("a_g", "a_u", "b_g", "b_u")
+_ARG_NAMES = ("x", "w", *_ADAPTERS, "scales", "p", "seed", "dtype")
 
 
-class LoraGateUpFunction(torch.autograd.Function):
-    """Autograd for `lora_gate_up`: Triton where `use_triton(x)`, the torch path elsewhere."""
+@triton_op("fastmid::lora_gate_up", mutates_args=())
+def _lora_gate_up_op(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    a_g: torch.Tensor,
+    a_u: torch.Tensor,
+    b_g: torch.Tensor,
+    b_u: torch.Tensor,
+    scales: list[float],
+    p: float,
+    seed: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h (M,I), xa (M,R)) in `dtype`; `scales` are the effective ones."""
+    with torch.autocast(x.device.type, enabled=False):
+        x, w = x.to(dtype).contiguous(), w.to(dtype)
+        a_list = [a.to(dtype) for a in (a_g, a_u)]
+        b_list = [b.to(dtype).contiguous() for b in (b_g, b_u)]
+        if not use_triton(x, dtype):
+            return _forward_torch_op(x, w, a_list, b_list, scales, p, seed)
+        ranks = [a.shape[0] for a in a_list]
+        xa = _gemm.launch_thin(x, torch.cat(a_list), scales, ranks, p, seed)
+        return _gemm.launch_swiglu(x, w, xa, *b_list), xa
 
-    @staticmethod
-    def forward(ctx, x, w, a_g, a_u, b_g, b_u, scales, p, seed):
-        dt = compute_dtype(x)
-        lead, K = x.shape[:-1], x.shape[-1]
-        a_list, b_list = (a_g, a_u), (b_g, b_u)
-        scales_eff = [effective_scale(s, p) for s in scales]
-        run = _forward_triton if use_triton(x) else _forward_torch
-        with torch.autocast(x.device.type, enabled=False):
-            h, xa = run(
-                x.reshape(-1, K).to(dt).contiguous(), w.to(dt), a_list, b_list, scales_eff, p, seed
-            )
-        # x (not its compute-dtype copy) and the rank-R xa: the pre-activations are recomputed.
-        ctx.save_for_backward(x, w, *a_list, *b_list, xa)
-        ctx.scales, ctx.p, ctx.seed, ctx.dtype = scales_eff, p, seed, dt
-        return h.view(*lead, h.shape[1])
 
-    @staticmethod
-    def backward(ctx, dh):
-        x, w, a_g, a_u, b_g, b_u, xa = ctx.saved_tensors
-        dt, K = ctx.dtype, x.shape[-1]
-        a_list, b_list = (a_g, a_u), (b_g, b_u)
-        x2 = x.reshape(-1, K).to(dt).contiguous()
-        # Dispatch on the compute-dtype copy: autocast is off in backward, so the saved x alone
-        # would not tell that the GEMMs run in bf16 (which the interpreter cannot do).
-        run = _backward_triton if use_triton(x2) else _backward_torch
-        with torch.autocast(x.device.type, enabled=False):
-            dx, da, dbs = run(
-                x2,
-                dh.reshape(-1, dh.shape[-1]).to(dt).contiguous(),
-                w.to(dt),
-                a_list,
-                b_list,
-                ctx.scales,
-                xa,
-                ctx.p,
-                ctx.seed,
-                ctx.needs_input_grad[0],
-            )
-        grads = dict.fromkeys(_ARG_NAMES)
-        if dx is not None:
-            grads["x"] = dx.view(x.shape).to(x.dtype)
-        rg = a_g.shape[0]
-        grads["a_g"], grads["a_u"] = da[:rg].to(a_g.dtype), da[rg:].to(a_u.dtype)
-        grads["b_g"], grads["b_u"] = dbs[0].to(b_g.dtype), dbs[1].to(b_u.dtype)
-        return tuple(grads[n] for n in _ARG_NAMES)
+@triton_op("fastmid::lora_gate_up_backward", mutates_args=())
+def _lora_gate_up_backward_op(
+    dh: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    a_g: torch.Tensor,
+    a_u: torch.Tensor,
+    b_g: torch.Tensor,
+    b_u: torch.Tensor,
+    xa: torch.Tensor,
+    scales: list[float],
+    p: float,
+    seed: torch.Tensor | None,
+    dtype: torch.dtype,
+    need_dx: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(dx in x's dtype (empty without `need_dx`), [dA_g, dA_u, dB_g, dB_u] in the adapters'
+    dtypes)."""
+    adapters = (a_g, a_u, b_g, b_u)
+    with torch.autocast(x.device.type, enabled=False):
+        x, w = x.to(dtype).contiguous(), w.to(dtype)
+        dh = dh.to(dtype).contiguous()
+        a_list = [a.to(dtype) for a in adapters[:2]]
+        b_list = [b.to(dtype).contiguous() for b in adapters[2:]]
+        if use_triton(x, dtype):
+            # The recomputing GEMM with the SwiGLU derivative as its epilogue: [dg | du].
+            dgu = _gemm.launch_swiglu(x, w, xa, *b_list, dh=dh)
+            half = w.shape[0] // 2
+            dx, da, dbs = _gemm.lora_backward(
+                x, dgu, [dgu[:, :half], dgu[:, half:]], w, a_list, b_list, scales, xa, p, seed,
+                need_dx,
+            )  # fmt: skip
+        else:
+            dx, da, dbs = _backward_torch_op(x, dh, w, a_list, b_list, scales, xa, p, seed, need_dx)
+    das = da.split([a.shape[0] for a in a_list])
+    # Copies: the dA slices are views of one tensor, and op outputs must not alias.
+    grads = [g.to(t.dtype, copy=True) for g, t in zip((*das, *dbs), adapters, strict=True)]
+    return dx.to(x.dtype), grads
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w, *adapters, scales, p, seed, dtype = inputs
+    ctx.save_for_backward(x, w, *adapters, output[1], seed)
+    ctx.scales, ctx.p, ctx.dtype = scales, p, dtype
+
+
+def _backward(ctx, grad_h, _grad_xa):
+    x, w, *adapters, xa, seed = ctx.saved_tensors
+    need = dict(zip(_ARG_NAMES, ctx.needs_input_grad, strict=True))
+    dx, adapter_grads = _lora_gate_up_backward_op(
+        grad_h, x, w, *adapters, xa, ctx.scales, ctx.p, seed, ctx.dtype, need["x"]
+    )
+    grads = dict.fromkeys(_ARG_NAMES)
+    grads["x"] = dx if need["x"] else None
+    for name, g in zip(_ADAPTERS, adapter_grads, strict=True):
+        grads[name] = g if need[name] else None
+    return tuple(grads[n] for n in _ARG_NAMES)
+
+
+_lora_gate_up_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _pair(scales: float | Sequence[float]) -> tuple[float, float]:
@@ -340,13 +265,14 @@ def lora_gate_up(
     b_u: torch.Tensor,
     scales: float | Sequence[float],
     dropout_p: float = 0.0,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """h = silu(gate) ⊙ up for two LoRA linears sharing one read of x (see module docstring).
 
     x (..., K); weight_gate_up = cat(Wgate, Wup) (2I, K), frozen, built once by the caller;
     a_g (r_g, K), a_u (r_u, K), b_g (I, r_g), b_u (I, r_u); scales: one float or (s_g, s_u).
-    One dropout mask is shared by gate and up; `seed=None` draws one from torch's generator.
+    One dropout mask is shared by gate and up; `seed` (int or 0-dim tensor) fixes it, None
+    draws one from torch's generator.
     Returns h (..., I). Backward recomputes gate and up instead of storing them.
     """
     K = x.shape[-1]
@@ -359,25 +285,25 @@ def lora_gate_up(
         if a.shape[1] != K or b.shape[1] != a.shape[0]:
             raise ValueError(f"adapter shapes A {tuple(a.shape)}, B {tuple(b.shape)} for K={K}")
     check_dropout(dropout_p)
-    return LoraGateUpFunction.apply(
-        x, weight_gate_up, a_g, a_u, b_g, b_u, _pair(scales), float(dropout_p),
-        draw_seed(dropout_p, seed),
+    h, _ = _lora_gate_up_op(
+        x.reshape(-1, K), weight_gate_up, a_g, a_u, b_g, b_u,
+        [effective_scale(s, dropout_p) for s in _pair(scales)], float(dropout_p),
+        dropout_seed(dropout_p, seed, x.device), compute_dtype(x),
     )  # fmt: skip
+    return h.view(*x.shape[:-1], inter)
 
 
 # --------------------------------------------------------------------------------------------
-# Ahead-of-time compilation targets (`python -m fastmid.kernels.inspect`). The backward's
-# thin, weight-gradient and dx GEMMs are the lora_qkv kernels, registered there.
+# Ahead-of-time compilation targets (`python -m fastmid.kernels.cubin_report`): the SwiGLU
+# GEMM; the thin, TN and dx GEMMs of the backward are lora_linear's launches.
 # --------------------------------------------------------------------------------------------
-_PTRS = {n: "*{dtype}" for n in ("X", "W", "XA", "BG", "BU", "DH", "OUT")}
 _DIVISIBLE = ("I", "K", "stride_xm", "stride_wn", "stride_om", "stride_dhm")
-INSPECT_TARGETS: list[InspectTarget] = [
+INSPECT_TARGETS = [
     inspect_target(
-        "lora_gate_up_fwd", _lora_gate_up_kernel, GATE_UP_CONFIGS, _PTRS, ones=(),
-        divisible=_DIVISIBLE, BACKWARD=False, GROUP_M=8,
+        "lora_gate_up_fwd", "swiglu", ones=(), divisible=_DIVISIBLE, BACKWARD=False, GROUP_M=8,
     ),
     inspect_target(
-        "lora_gate_up_bwd_recompute", _lora_gate_up_kernel, GATE_UP_CONFIGS, _PTRS,
-        ones=(), divisible=_DIVISIBLE, BACKWARD=True, GROUP_M=8,
+        "lora_gate_up_bwd_recompute", "swiglu", ones=(), divisible=_DIVISIBLE, BACKWARD=True,
+        GROUP_M=8,
     ),
 ]  # fmt: skip

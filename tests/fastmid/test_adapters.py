@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from fastmid.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, merge, save_adapter
 from fastmid.errors import UserError
-from fastmid.patch import LoraLinear, MidBlockConfig, apply_midblock, lora_modules
+from fastmid.midblock import LoraLinear, MidBlockConfig, apply_midblock, lora_modules
 from tests.fastmid._tiny import randomize_adapters, tiny_model
 
 IDS = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 128, 64, 31]])
@@ -144,6 +144,8 @@ def test_merge_gives_a_plain_model_with_the_same_outputs(tmp_path):
 def test_merge_keeps_bf16_base_dtype():
     model, _ = patched("qwen3")
     expected = logits(model)
+    # What bf16 costs by itself: the exact (fp32) merge, rounded to bf16 once at the end.
+    rounded = merge(copy.deepcopy(model)).to(torch.bfloat16)
     for name, p in model.named_parameters():
         if "lora_" not in name:
             p.data = p.data.to(torch.bfloat16)
@@ -151,7 +153,12 @@ def test_merge_keeps_bf16_base_dtype():
     assert merged.model.layers[4].self_attn.v_proj.weight.dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = logits(merged).float()
-    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+        ref = logits(rounded).float()
+    # Merging into bf16 weights rounds twice (the base, then base + ΔW): at most ~2x the
+    # error of rounding the exact merge once.
+    err, ref_err = (got - expected).abs().max(), (ref - expected).abs().max()
+    assert 0 < ref_err < 0.05 * expected.abs().max()
+    assert err <= 2 * ref_err
 
 
 def test_load_errors_are_one_clear_line(tmp_path):
@@ -208,8 +215,8 @@ def test_loaded_scale_follows_the_adapter(tmp_path):
 
 @pytest.mark.slow
 def test_embedded_smollm2_band_step_and_peft_load(tmp_path):
+    from fastmid.midblock import adapter_parameters
     from fastmid.models import load_model
-    from fastmid.patch import adapter_parameters
 
     model, tokenizer, _ = load_model()
     base = copy.deepcopy(model)

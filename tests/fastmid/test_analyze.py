@@ -13,7 +13,7 @@ from fastmid import cli
 from fastmid.adapters import merge, save_adapter
 from fastmid.analyze import COLUMNS, analyze, write_outputs
 from fastmid.data import Example
-from fastmid.patch import MidBlockConfig, apply_midblock, lora_modules
+from fastmid.midblock import MidBlockConfig, apply_midblock, lora_modules
 from tests.fastmid._tiny import tiny_model
 
 LAYERS = 10
@@ -161,3 +161,30 @@ def test_cli_on_the_embedded_model(tmp_path: Path, capsys: pytest.CaptureFixture
     # The untouched model predicts far better at its last layer than at its first.
     assert rows[-1]["logit_lens_base"] > rows[0]["logit_lens_base"] + 0.1
     assert (out / "depth_profile.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_announces_and_uses_its_default_output_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.fastmid.test_train import RECORDS, make_model_dir, write_jsonl
+
+    model_dir = make_model_dir(tmp_path, num_layers=4)
+    model = apply_midblock(_from_dir(model_dir), MidBlockConfig(band=[1, 2], rank=2, dropout=0.0))
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(model_dir))
+    data = write_jsonl(tmp_path / "data.jsonl", RECORDS[:4])
+    monkeypatch.chdir(tmp_path)
+    argv = ["analyze", "--base", str(model_dir), "--tuned", str(tmp_path / "adapter")]
+    assert cli.main([*argv, "--data", str(data), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "fastmid analyze: results go to ./fastmid-analyze (--output-dir)"
+    names = sorted(p.name for p in (tmp_path / "fastmid-analyze").iterdir())
+    assert names == ["analysis.json", "depth_profile.png", "layers.csv"]
+    # The repository ignores the default output dir, as it does fastmid train's.
+    gitignore = (Path(__file__).parents[2] / ".gitignore").read_text().splitlines()
+    assert "fastmid-analyze/" in gitignore
+
+
+def _from_dir(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)

@@ -10,7 +10,7 @@ from torch import nn
 
 from fastmid import attention
 from fastmid.attention import VARLEN_ATTENTION, enable_varlen_attention
-from fastmid.patch import MidBlockConfig, adapter_parameters, apply_midblock
+from fastmid.midblock import MidBlockConfig, adapter_parameters, apply_midblock
 from tests.fastmid._tiny import randomize_adapters, tiny_model
 
 VARLEN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fastmid.cli import main
-from tests.fastmid.test_train import RECORDS, make_model_dir, write_jsonl
+from tests.fastmid._runs import RECORDS, as_flags, make_model_dir, write_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -44,11 +44,11 @@ def fastmid_train(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, 
 
 
 def quick(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--model", str(model_dir), "--data", str(data), "--output-dir", str(out),
-        "--precision", "fp32", "--max-steps", "1", "--no-eval", "--batch-tokens", "256",
-        "--max-length", "64", "--rank", "4", *extra,
-    ]  # fmt: skip
+    settings = dict(
+        model=model_dir, data=data, output_dir=out, precision="fp32", max_steps=1, eval=False,
+        batch_tokens=256, max_length=64, rank=4,
+    )  # fmt: skip
+    return [*as_flags(settings), *extra]
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:
@@ -149,7 +149,42 @@ def test_non_empty_output_dir(model_dir: Path, good_data: Path, tmp_path: Path, 
     assert code == 0, err
     assert "step 1/1 | loss" in stdout
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["adapter", "config.yaml", "metrics.jsonl", "notes.txt", "summary.json"]
+    assert names == [
+        "adapter", "config.yaml", "curve.png", "metrics.jsonl", "notes.txt", "summary.json"
+    ]  # fmt: skip
+
+
+def test_overwrite_replaces_a_previous_runs_results(
+    model_dir: Path, good_data: Path, tmp_path: Path, capsys
+):
+    out = tmp_path / "out"
+    code, _, err = fastmid_train(capsys, *quick(model_dir, good_data, out, "--seed", "1"))
+    assert code == 0, err
+    old = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (out / "notes.txt").write_text("keep me")
+    (out / "adapter" / "README.md").write_text("a file the user put in the old adapter dir")
+    (out / "checkpoint.old").mkdir()  # a stale previous checkpoint of an earlier run
+    (out / "checkpoint.old" / "state.json").write_text("{}")
+
+    args = quick(model_dir, good_data, out, "--overwrite", "--max-steps", "2", "--seed", "2")
+    code, stdout, err = fastmid_train(capsys, *args)
+    assert code == 0, err
+    assert "step 2/2 | loss" in stdout
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "adapter", "config.yaml", "curve.png", "metrics.jsonl", "notes.txt", "summary.json"
+    ]  # fmt: skip
+    assert (out / "notes.txt").read_text() == "keep me"
+    # Every result is the new run's: nothing kept from the old files, nothing appended to them.
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").open()] == [1, 2]
+    assert "seed: 2" in (out / "config.yaml").read_text()
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"
+    ]  # fmt: skip
+    for name in ("adapter_model.safetensors", "metrics.jsonl", "summary.json", "config.yaml"):
+        new = next(p for p in out.rglob(name)).read_bytes()
+        assert new != old[name], name
 
 
 def test_config_file_with_flag_overrides(model_dir: Path, good_data: Path, tmp_path, capsys):
@@ -185,3 +220,37 @@ def test_real_process_exit_code_and_stderr(good_data: Path, tmp_path: Path):
         f"fastmid train: error: data file not found: {tmp_path / 'nope.jsonl'}"
     ]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "analyze", "probe"])
+def test_help_states_every_default(command: str, capsys: pytest.CaptureFixture):
+    """Each option's help says what happens when it is not given, as ``train --help`` does."""
+    import argparse
+    import importlib
+
+    from fastmid.cli import COMMANDS
+
+    parser = argparse.ArgumentParser(prog=f"fastmid {command}")
+    importlib.import_module(COMMANDS[command][0]).add_arguments(parser)
+    options = [a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")]
+    assert options
+    for action in options:
+        if action.required:
+            continue
+        assert "default:" in (action.help or ""), f"{command} {action.option_strings[0]}"
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "(default: " in capsys.readouterr().out
+
+
+def test_budget_rank_is_clamped_with_one_line(model_dir: Path, good_data: Path, tmp_path, capsys):
+    out = tmp_path / "out"
+    # Budget 64 over 3 of 5 layers: rank 106, wider than the tiny model's 32-wide k/v.
+    flags = [f for f in quick(model_dir, good_data, out) if f not in ("--rank", "4")]
+    code, stdout, err = fastmid_train(capsys, *flags)
+    assert code == 0, err
+    notes = [line for line in stdout.splitlines() if "from the budget" in line]
+    assert notes == [
+        "note: rank 106 from the budget is wider than k_proj of layer 1 (32x64); using rank 32"
+    ]
+    assert json.loads((out / "summary.json").read_text())["resolved"]["rank"] == 32

@@ -6,16 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from fastmid.config import DEMO, TrainConfig, build_config, load_yaml, parse_band, save_yaml
+from fastmid.config import DEMO, TrainConfig, build_config, load_yaml, save_yaml
 from fastmid.errors import UserError
+from fastmid.midblock import parse_band
 
 
 def test_defaults_follow_the_paper():
     cfg = build_config(None, {"data": "mine.jsonl"}).resolved()
-    assert (cfg.alpha, cfg.dropout, cfg.rank_budget, cfg.lr) == (128.0, 0.05, 64, 1e-4)
+    mid = cfg.midblock
+    assert (mid.alpha, mid.dropout, mid.rank_budget, cfg.lr) == (128.0, 0.05, 64, 1e-4)
     assert (cfg.epochs, cfg.max_steps) == (1, None)
-    assert cfg.targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert (cfg.band, cfg.schedule, cfg.output_dir) == ("0.2,0.8", "linear", "./fastmid-out")
+    assert mid.targets == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert (mid.band, cfg.schedule, cfg.output_dir) == ((0.2, 0.8), "linear", "./fastmid-out")
+    assert cfg.to_dict()["band"] == "0.2,0.8"
 
 
 def test_no_arguments_is_the_short_demo():
@@ -34,12 +37,12 @@ def test_yaml_then_overrides(tmp_path: Path):
         "max-steps: 20\neval: false\nalpha: 32\n"
     )
     cfg = build_config(path, {"rank": 4, "targets": "q_proj,k_proj", "lr": "1e-3"})
-    assert cfg.rank == 4  # the flag wins
+    assert cfg.midblock.rank == 4  # the flag wins
     assert cfg.lr == 1e-3  # strings from the command line are coerced
-    assert cfg.targets == ["q_proj", "k_proj"]
-    assert cfg.band == "6,7,8"
+    assert cfg.midblock.targets == ("q_proj", "k_proj")
+    assert cfg.midblock.band == [6, 7, 8]
     assert cfg.max_steps == 20 and cfg.eval is False
-    assert cfg.alpha == 32.0 and isinstance(cfg.alpha, float)
+    assert cfg.midblock.alpha == 32.0 and isinstance(cfg.midblock.alpha, float)
 
 
 def test_saved_config_round_trips(tmp_path: Path):
@@ -74,8 +77,8 @@ def test_parse_band(text: str, expected):
         ({"rank": 0}, "rank must be a positive integer"),
         ({"rank": "eight"}, "rank must be int"),
         ({"targets": ""}, "targets must name at least one"),
-        ({"targets": "q_proj,q_proj"}, "targets repeat a name"),
-        ({"targets": "q-proj"}, "target 'q-proj' is not a module name"),
+        ({"targets": "q_proj,q_proj"}, "targets list a module twice"),
+        ({"targets": "q-proj"}, "unknown target 'q-proj'"),
         ({"precision": "fp16"}, "precision must be one of auto|bf16|fp32"),
         ({"dropout": 1.0}, "dropout must be in [0, 1)"),
         ({"batch_tokens": 64, "max_length": 128}, "batch_tokens (64) must be at least"),
@@ -107,3 +110,36 @@ def test_yaml_file_problems(tmp_path: Path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert build_config(empty) == TrainConfig()
+
+
+def test_every_field_is_one_flag_with_its_help_and_default():
+    import argparse
+
+    from fastmid.config import add_arguments, config_fields
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    # argparse wraps long help lines (also at hyphens): compare without white space.
+    text = "".join(parser.format_help().split())
+    for f in config_fields():
+        assert f"--{f.name.replace('_', '-')}" in text, f.name
+        assert "".join(f.metadata["help"].split()) in text, f.name
+    assert "(default:0.2,0.8)" in text and "(default:q_proj,k_proj,v_proj,o_proj)" in text
+    assert "(default:0.05)" in text and "(default:128.0)" in text
+
+    args = parser.parse_args(["--rank", "4", "--no-eval", "--use-rslora", "--no-use-liger"])
+    given = {k: v for k, v in vars(args).items() if k != "config"}
+    # Flags the user did not type stay out, so they cannot override a config file.
+    assert given == {"rank": "4", "eval": False, "use_rslora": True, "use_liger": False}
+    cfg = build_config(None, given)
+    assert (cfg.midblock.rank, cfg.eval, cfg.midblock.use_rslora) == (4, False, True)
+    assert cfg.midblock.use_liger is False
+
+
+def test_user_errors_are_value_errors_for_library_callers():
+    from fastmid.midblock import MidBlockConfig
+
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        build_config(None, {"rank": 0})
+    with pytest.raises(ValueError, match="dropout must be in"):
+        MidBlockConfig(dropout=1.5).validate()

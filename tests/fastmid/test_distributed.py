@@ -23,9 +23,9 @@ from fastmid import distributed
 from fastmid.checkpoint import load_checkpoint, save_checkpoint
 from fastmid.data import Example, collate_packed
 from fastmid.errors import UserError
-from fastmid.patch import MidBlockConfig, adapter_parameters, apply_midblock
+from fastmid.midblock import MidBlockConfig, adapter_parameters, apply_midblock, is_fused
 from fastmid.train import forward_loss
-from tests.fastmid.test_train import RECORDS, make_model_dir, write_jsonl
+from tests.fastmid._runs import RECORDS, make_model_dir, metrics, tiny_settings, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 # Micro-batches per optimizer step. 3 and 1 do not split evenly over 2 ranks (with 1, one
@@ -76,7 +76,7 @@ def build(mode: str):
     torch.manual_seed(0)
     apply_midblock(model, cfg)
     model.train()
-    dp = distributed.DataParallel(model, mode, forward_loss, torch.device("cpu"))
+    dp = distributed.ParallelStep(model, mode, forward_loss, torch.device("cpu"))
     # Plain SGD: Adam's normalised step would hide a gradient off by a constant factor.
     optimizer = torch.optim.SGD(adapter_parameters(model), lr=0.05, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - 0.1 * s)
@@ -107,11 +107,10 @@ def train_steps(mode: str, first: int = 0, last: int = len(STEP_SIZES), ckpt: Pa
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(distributed.all_reduce_sum(total)[0] / step_labels)
-    assert dp.adapters_in_sync()
     if ckpt is not None and first == 0:
-        with distributed.main_writes() as mine:
-            if mine:
-                save_checkpoint(ckpt, model, optimizer, scheduler, {"step": last})
+        if distributed.is_main():
+            save_checkpoint(ckpt, model, optimizer, scheduler, {"step": last})
+        distributed.barrier()  # no rank reads the checkpoint before rank 0 has written it
     names = {id(p): n for n, p in model.named_parameters()}
     return losses, {names[id(p)]: p.detach().clone() for p in adapter_parameters(model)}
 
@@ -206,30 +205,15 @@ def cli_config(out: Path, run: str, **over):
     """``fastmid train`` settings of the end-to-end runs (tiny model; 3 micro-batches a step,
     so 2 ranks split every step unevenly)."""
     paths = json.loads((out / "cli.json").read_text())
-    values = dict(
-        **paths,
-        output_dir=str(out / run),
-        precision="fp32",
-        band="0.2,0.8",
-        rank=8,
-        alpha=16.0,
-        lr=1e-2,
+    settings = dict(
+        eval_data=paths["eval_data"],
         dropout=0.0,
         fuse_groups=False,  # as FSDP runs them, so every run does the same arithmetic
         batch_tokens=128,
-        max_length=64,
         grad_accum=3,
         max_steps=4,
-        warmup_steps=1,
-        eval=False,
-        log_every=1,
     )
-    values.update(over)
-    return values
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return tiny_settings(paths["model"], paths["data"], out / run, **{**settings, **over})
 
 
 @pytest.fixture(scope="module")
@@ -291,12 +275,16 @@ def test_fsdp_refuses_fused_groups(torch_path: None):
     from tests.fastmid._tiny import tiny_model
 
     model = apply_midblock(tiny_model("llama", 5), MidBlockConfig(rank=2, fuse_groups=True))
+    assert is_fused(model)
     with pytest.raises(ValueError, match="fuse_groups=False"):
-        distributed._check_unfused(model)
+        distributed.ParallelStep(model, "fsdp", forward_loss, torch.device("cpu"))
     unfused = apply_midblock(tiny_model("llama", 5), MidBlockConfig(rank=2, fuse_groups=False))
-    distributed._check_unfused(unfused)
+    assert not is_fused(unfused)
+    gate_up_only = MidBlockConfig(rank=2, targets=("gate_proj", "up_proj", "down_proj"))
+    assert is_fused(apply_midblock(tiny_model("llama", 5), gate_up_only))
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_ddp_two_ranks_match_one_process(two_process_runs: Path, reference):
     ref_losses, ref_adapter = reference
     losses, adapter = read_result(two_process_runs / "ddp")
@@ -307,6 +295,7 @@ def test_ddp_two_ranks_match_one_process(two_process_runs: Path, reference):
     assert_adapters_close(adapter, ref_adapter)
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_fsdp_gives_the_same_adapter_as_ddp(two_process_runs: Path):
     ddp_losses, ddp_adapter = read_result(two_process_runs / "ddp")
     fsdp_losses, fsdp_adapter = read_result(two_process_runs / "fsdp")
@@ -320,6 +309,7 @@ def test_fsdp_gives_the_same_adapter_as_ddp(two_process_runs: Path):
     assert sharding == {"after_step": shard, "after_eval": shard}
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_adapters_identical_on_every_rank(two_process_runs: Path):
     for mode in ("ddp", "fsdp"):
         rank0 = load_file(str(two_process_runs / f"{mode}.safetensors"))
@@ -328,6 +318,7 @@ def test_adapters_identical_on_every_rank(two_process_runs: Path):
             assert torch.equal(rank0[name], rank1[name]), (mode, name)
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_resume_on_another_world_size(two_process_runs: Path, reference, torch_path: None):
     """2 ranks stop at step 3 and checkpoint; 1 process resumes; equals an unbroken run."""
     ref_losses, ref_adapter = reference
@@ -339,6 +330,7 @@ def test_resume_on_another_world_size(two_process_runs: Path, reference, torch_p
     assert_adapters_close(adapter, ref_adapter)
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_resume_from_one_process_on_two_ranks(two_process_runs: Path, reference):
     """The other direction: 1 process checkpoints at step 3, 2 ranks (DDP) finish."""
     ref_losses, ref_adapter = reference
@@ -350,6 +342,7 @@ def test_resume_from_one_process_on_two_ranks(two_process_runs: Path, reference)
     assert_adapters_close(adapter, ref_adapter)
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_fastmid_train_on_two_ranks_matches_one_process(
     two_process_runs: Path, single_process_cli: Path
 ):
@@ -376,6 +369,7 @@ def test_fastmid_train_on_two_ranks_matches_one_process(
     assert not (two / "checkpoint").exists()
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_stopped_two_rank_run_resumes_in_one_process(
     two_process_runs: Path, single_process_cli: Path
 ):
@@ -400,6 +394,7 @@ def test_stopped_two_rank_run_resumes_in_one_process(
     )
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_nproc_launcher_runs_fsdp_end_to_end(
     two_process_runs: Path, single_process_cli: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -453,7 +448,7 @@ def _write(prefix: Path, losses: list[float], adapter: dict[str, torch.Tensor]) 
 def _fsdp_sharding(model: torch.nn.Module) -> dict[str, int]:
     from torch.distributed.tensor import DTensor
 
-    from fastmid.patch import find_decoder_layers
+    from fastmid.midblock import find_decoder_layers
 
     blocks = find_decoder_layers(model)
     sharded = [b for b in blocks if all(isinstance(p, DTensor) for p in _frozen(b))]

@@ -129,17 +129,50 @@ def tiny_dir(tmp_path: Path) -> Path:
     return path
 
 
-def test_eval_cli_writes_predictions(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+@pytest.fixture
+def says_seven_dir(tmp_path: Path) -> Path:
+    """A tiny model whose every greedy token is "7", whatever the prompt.
+
+    The blocks add nothing to the residual stream (zero output projections), every token
+    embeds with +1 in dimension 0, the final norm keeps only that dimension, and the LM head
+    reads it into the logit of "7" alone.
+    """
+    tok = tiny_tokenizer()
+    seven = tok.convert_tokens_to_ids("7")
+    model = tiny_llama()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[seven, 0] = 1.0
+    path = tmp_path / "says-seven"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_eval_cli_writes_predictions(says_seven_dir: Path, tmp_path: Path, capsys) -> None:
+    records = [
+        {"question": "What is 7000 + 777?", "answer": "#### 7777"},
+        {"question": "What is 1 + 1?", "answer": "#### 2"},
+        {"question": "Write 7777.", "answer": "It is 7777.\n#### 7,777"},
+    ]
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "preds.jsonl"
-    data = str(bundled_path("test"))
-    argv = ["eval", "--model", str(tiny_dir), "--data", data, "--limit", "3"]
+    argv = ["eval", "--model", str(says_seven_dir), "--data", str(data)]
     argv += ["--output", str(out), "--precision", "fp32", "--max-new-tokens", "4"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert re.search(r"^accuracy \d\.\d{4} \([0-3]/3\) in ", printed, re.M)
+    assert re.search(r"^accuracy 0\.6667 \(2/3\) in ", printed, re.M)
     assert "held-out perplexity" in printed
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 3
+    assert [r["output"].strip() for r in rows] == ["7777"] * 3
+    assert [r["correct"] for r in rows] == [True, False, True]
     assert set(rows[0]) == {"question", "gold", "output", "prediction", "correct"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -183,8 +216,8 @@ def test_eval_cli_loads_an_adapter(tiny_dir: Path, tmp_path: Path, monkeypatch) 
     # The kernels' interpreter path has its own tests; the torch path keeps this one fast.
     monkeypatch.setattr("fastmid.kernels._common.INTERPRET", False, raising=False)
     from fastmid.adapters import save_adapter
+    from fastmid.midblock import MidBlockConfig, adapter_parameters, apply_midblock
     from fastmid.models import load_model
-    from fastmid.patch import MidBlockConfig, adapter_parameters, apply_midblock
 
     model, tok, _ = load_model(str(tiny_dir))
     apply_midblock(model, MidBlockConfig(band="all", rank=4, dropout=0.0))

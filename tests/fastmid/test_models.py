@@ -91,7 +91,49 @@ def test_complete_cache_is_reused_without_touching_the_gguf(monkeypatch, tmp_pat
 def test_resolve_dtype() -> None:
     assert resolve_dtype("bf16") is torch.bfloat16
     assert resolve_dtype("fp32") is torch.float32
-    assert resolve_dtype("auto") in (torch.bfloat16, torch.float32)
-    assert resolve_dtype("auto") is (torch.bfloat16 if models.native_bf16() else torch.float32)
     with pytest.raises(UserError, match="unknown precision 'fp8'"):
         resolve_dtype("fp8")
+
+
+CPUINFO_FLAGS = {
+    # a /proc/cpuinfo "flags" line → whether bf16 matmul is native there
+    "fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni": True,  # Cooper Lake, Zen 4
+    "fpu sse2 avx2 avx512f amx_bf16 amx_tile": True,  # Sapphire Rapids (AMX only)
+    "fpu sse2 avx2 avx512f avx512_vnni avx512_fp16": False,  # fp16, not bf16
+    "fpu sse2 avx2 avx512_bf16x": False,  # a longer flag name is not the flag
+    "": False,
+}
+
+
+@pytest.mark.parametrize(("flags", "native"), list(CPUINFO_FLAGS.items()))
+def test_native_bf16_reads_the_cpu_flags(
+    flags: str, native: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    cpuinfo = tmp_path / "cpuinfo"
+    # Two logical CPUs, as /proc/cpuinfo lists them; "vmx flags" must not be read as flags.
+    block = f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: {flags}\nvmx flags\t: amx_bf16\n\n"
+    cpuinfo.write_text(block + block.replace(": 0", ": 1", 1))
+    monkeypatch.setattr(models, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert models.native_bf16() is native
+    assert resolve_dtype("auto") is (torch.bfloat16 if native else torch.float32)
+
+
+def test_native_bf16_without_cpuinfo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(models, "CPUINFO", tmp_path / "absent")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert models.native_bf16() is False
+
+
+def test_loading_shows_no_progress_bar(tiny_dir: Path, capsys: pytest.CaptureFixture):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    try:
+        AutoModelForCausalLM.from_pretrained(tiny_dir)
+        assert "Loading weights" in capsys.readouterr().err  # transformers' own bar
+        load_model(str(tiny_dir))
+        assert "Loading weights" not in capsys.readouterr().err
+    finally:
+        hf_logging.enable_progress_bar()

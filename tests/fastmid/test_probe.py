@@ -10,7 +10,7 @@ import torch
 
 from fastmid import cli
 from fastmid.data import Example
-from fastmid.patch import MidBlockConfig, apply_midblock, resolve_band
+from fastmid.midblock import MidBlockConfig, apply_midblock, resolve_band
 from fastmid.probe import recommend_band, select_band
 from tests.fastmid._tiny import tiny_model
 

@@ -11,7 +11,7 @@ from torch import nn
 from fastmid.adapters import load_adapter, merge, save_adapter
 from fastmid.config import TrainConfig
 from fastmid.errors import UserError
-from fastmid.patch import (
+from fastmid.midblock import (
     LoraLinear,
     MidBlockConfig,
     adapter_parameters,
@@ -198,9 +198,9 @@ def test_bad_combinations_are_one_line_errors():
     with pytest.raises(UserError, match=r"quantize must be one of none\|nf4\|int8"):
         apply_midblock(base(), MidBlockConfig(quantize="fp4"))
     with pytest.raises(UserError, match="quantize must be one of"):
-        TrainConfig(quantize="nf3").validate()
+        TrainConfig(midblock=MidBlockConfig(quantize="nf3")).validate()
     with pytest.raises(UserError, match="one process"):
-        TrainConfig(quantize="nf4", nproc=2).validate()
+        TrainConfig(midblock=MidBlockConfig(quantize="nf4"), nproc=2).validate()
     model = quantize_frozen(base(), "nf4")
     with pytest.raises(UserError, match="patch the model before quantizing"):
         apply_midblock(model, MidBlockConfig(rank=8))

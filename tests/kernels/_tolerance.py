@@ -1,42 +1,27 @@
-"""The one tolerance rule for kernel tests, and what the kernel tests share around it (the
-device, the dropout masks of both execution paths).
-
-A kernel result in some dtype is compared with an fp64 reference. Its error may be at most
-`FACTOR` times the error plain torch makes on the same math in the same dtype (the baseline),
-plus a small absolute slack of a few units in the last place of the largest reference value
-(so two exact-but-differently-ordered results never fail on rounding noise alone).
-"""
+"""What the kernel tests share: the tolerance rule as assertions (the rule itself is
+`fastmid.kernels.tolerance`), the device, the dropout masks of both execution paths, forcing
+the torch path, bf16 autocast and the tensors an op saved."""
 
 from __future__ import annotations
 
+import importlib
+
+import pytest
 import torch
 from fastmid.kernels._common import torch_keep_mask, triton_keep_mask
+from fastmid.kernels.tolerance import check
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FACTOR = 2.0
-ULPS = 4.0
-
-
-def max_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    """Largest absolute difference, computed in fp64."""
-    return (actual.double() - reference.double()).abs().max().item()
 
 
 def assert_within_torch_error(
     name: str, actual: torch.Tensor, reference64: torch.Tensor, baseline: torch.Tensor
 ) -> None:
     """Fail unless `actual` is as close to the fp64 `reference64` as the plain-torch `baseline`
-    (same math, same dtype as `actual`) is, within FACTOR plus a few ulps of slack."""
-    assert actual.shape == reference64.shape, f"{name}: shape {actual.shape} vs {reference64.shape}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    eps = torch.finfo(actual.dtype).eps
-    atol = ULPS * eps * max(reference64.abs().max().item(), 1e-3)
-    err = max_error(actual, reference64)
-    err_torch = max_error(baseline, reference64)
-    bound = FACTOR * err_torch + atol
-    assert err <= bound, (
-        f"{name}: max error {err:.3e} > {FACTOR}x torch's {err_torch:.3e} + atol {atol:.1e}"
-    )
+    (same math, same dtype as `actual`) is, within the rule's factor plus a few ulps."""
+    result = check(name, actual, reference64, baseline)
+    assert result.finite, f"{name}: non-finite values"
+    assert result.ok, result.message()
 
 
 def assert_all_within_torch_error(
@@ -57,4 +42,39 @@ def triton_keep(shape, p: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
 
 def torch_keep(shape, p: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
     """The torch path's dropout keep-mask for (shape, p, seed), as a `dtype` tensor."""
-    return torch_keep_mask(shape, p, seed, torch.device(DEVICE), dtype)
+    return torch_keep_mask(shape, p, seed, torch.device(DEVICE)).to(dtype)
+
+
+# The modules that choose between the Triton kernels and the torch path.
+_DISPATCHERS = ("fastmid.kernels._gemm", "fastmid.kernels.lora_gate_up")
+
+
+def force_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every op take the torch path, even where Triton would run (CUDA, interpreter)."""
+    for name in _DISPATCHERS:
+        monkeypatch.setattr(importlib.import_module(name), "use_triton", lambda t, dt=None: False)
+
+
+def bf16_forward(fn):
+    """`fn` with its forward under bf16 autocast on DEVICE; backward then runs outside
+    autocast, as in a training step, so the op itself must remember that it computed in bf16."""
+
+    def wrapped(*args):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            return fn(*args)
+
+    return wrapped
+
+
+def saved_by_op(out: torch.Tensor, inputs) -> list[torch.Tensor]:
+    """The tensors the fused op behind `out` saved for backward, other than (views of) the
+    `inputs`: walks back from `out` through view nodes to the first node that saved tensors."""
+    node = out.grad_fn
+    while not getattr(node, "saved_tensors", None):
+        node = node.next_functions[0][0]
+    storages = {t.untyped_storage().data_ptr() for t in inputs}
+    return [
+        t
+        for t in node.saved_tensors
+        if t is not None and t.untyped_storage().data_ptr() not in storages
+    ]

@@ -8,11 +8,15 @@ import math
 
 import pytest
 import torch
+from fastmid.kernels import _gemm
 from fastmid.kernels._common import INTERPRET, torch_keep_mask, triton_keep_mask
 
 from ._tolerance import (
     DEVICE,
     assert_all_within_torch_error,
+    bf16_forward,
+    force_torch_path,
+    saved_by_op,
     torch_keep,
     triton_keep,
 )
@@ -27,7 +31,7 @@ NAMES = ("h", "dx", "dA_g", "dA_u", "dB_g", "dB_u")
 @pytest.fixture
 def torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Force the torch execution path even where Triton would run."""
-    monkeypatch.setattr(MODULE, "use_triton", lambda t: False)
+    force_torch_path(monkeypatch)
 
 
 def make_inputs(lead, k, inter, ranks, dtype, device=DEVICE):
@@ -83,6 +87,8 @@ KERNEL_CASES = [
     ((2, 19), 70, 45, (1, 16), 0.0),
     ((37,), 40, 33, (128, 8), 0.0),
     ((3, 11), 33, 20, (64, 5), 0.2),
+    # Ranks over 128 (R = 180): several rank blocks in the thin GEMM and the epilogues.
+    ((17,), 36, 24, (144, 36), 0.1),
 ]
 
 
@@ -115,7 +121,7 @@ def test_gradcheck_torch_path_fp64(torch_path, p):
 
 def test_gradcheck_reference_fp64():
     x, w, a, b = make_inputs((4,), 5, 3, (2, 1), torch.float64, "cpu")
-    keep = torch_keep_mask(x.shape, 0.5, 3, x.device, x.dtype)
+    keep = torch_keep_mask(x.shape, 0.5, 3, x.device).to(x.dtype)
     inputs = [t.requires_grad_() for t in (x, *a, *b)]
 
     def fn(x_, a_g, a_u, b_g, b_u):
@@ -129,7 +135,7 @@ def test_saves_only_x_and_rank_intermediates(monkeypatch, path):
     """Backward state is x and xa (M, r_g+r_u) plus the parameters themselves: neither gate,
     up nor silu(gate) (each M×I) is kept alive between forward and backward."""
     if path == "torch":
-        monkeypatch.setattr(MODULE, "use_triton", lambda t: False)
+        force_torch_path(monkeypatch)
     elif DEVICE == "cpu" and not INTERPRET:
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
     m, k, inter, ranks = 24, 16, 40, (4, 8)
@@ -137,8 +143,7 @@ def test_saves_only_x_and_rank_intermediates(monkeypatch, path):
     params = [t.requires_grad_() for t in (*a, *b)]
     x.requires_grad_()
     h = MODULE.lora_gate_up(x, w, *params, 1.0)
-    saved = h.grad_fn.saved_tensors
-    own = [t for t in saved if not any(t is q for q in (x, w, *params))]
+    own = saved_by_op(h, (x, w, *params))
     assert [tuple(t.shape) for t in own] == [(m, sum(ranks))]
     assert all(t.numel() < m * inter for t in own)
 
@@ -153,15 +158,16 @@ def test_dx_skipped_when_x_needs_no_grad(monkeypatch, path):
     upstream = torch.randn(2, 9, inter, device=DEVICE)
     dx_gemms = []
     if path == "triton":
-        real = MODULE.launch_grouped_mm
+        real = _gemm.launch_main
 
-        def spy(x_, w_kn, out, *args, **kw):
+        def spy(*args, **kw):
+            out = real(*args, **kw)
             dx_gemms.append(tuple(out.shape))
-            return real(x_, w_kn, out, *args, **kw)
+            return out
 
-        monkeypatch.setattr(MODULE, "launch_grouped_mm", spy)
+        monkeypatch.setattr(_gemm, "launch_main", spy)
     else:
-        monkeypatch.setattr(MODULE, "use_triton", lambda t: False)
+        force_torch_path(monkeypatch)
         real = torch.mm
 
         def spy(lhs, rhs, *args, **kw):
@@ -196,27 +202,16 @@ def test_dropout_mask_shared_and_redrawn():
     assert torch.equal(h, again) and not torch.equal(h, other)
 
 
-def bf16_forward(fn):
-    """`fn` with its forward under CPU bf16 autocast; backward then runs outside autocast, as
-    in a training step, so the op itself must remember that it computed in bf16."""
-
-    def wrapped(*args):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return fn(*args)
-
-    return wrapped
-
-
 @pytest.mark.parametrize("force_torch", [True, False], ids=["torch_path", "dispatched"])
 def test_autocast_bf16(force_torch, monkeypatch):
     """CPU autocast: bf16 compute, bf16 h, fp32 adapter grads, within autocast torch's error.
     "dispatched" keeps the op's own path choice: under the interpreter its backward must still
     stay off the (bf16-incapable) kernels."""
     if force_torch:
-        monkeypatch.setattr(MODULE, "use_triton", lambda t: False)
+        force_torch_path(monkeypatch)
     x, w, a, b = make_inputs((4, 13), 48, 40, (8, 16), torch.float32)
     w = w.bfloat16()
-    upstream = torch.randn(4, 13, 40, dtype=torch.float64)
+    upstream = torch.randn(4, 13, 40, device=DEVICE, dtype=torch.float64)
     got = run(bf16_forward(op(2.0)), x, w, a, b, upstream)
     base = run(bf16_forward(ref(2.0)), x, w, a, b, upstream)
     want = run(ref(2.0), *as64(x, w, a, b), upstream)

@@ -1,13 +1,14 @@
 """Compile every fastmid kernel x every shipped config for a GPU arch, with no GPU present.
 
-    python -m fastmid.kernels.inspect [--arch 80|90] [--json] [--cubin-dir DIR]
+    python -m fastmid.kernels.cubin_report [--arch 80|90] [--json] [--summary] [--cubin-dir DIR]
 
 For each (kernel, config) it builds the cubin with `triton.compile(ASTSource(...),
 target=GPUTarget("cuda", arch, 32))`, reads registers / stack / local memory with the
 `cuobjdump -res-usage` shipped in the triton wheel, and counts tensor-core instructions (HGMMA
-on sm_90, HMMA on sm_80) in the `nvdisasm` listing. Exit status 1 when any config spills
-(stack or local bytes > 0) or emits no tensor-core instruction: such a config would run, but
-far slower than its neighbours, so it must not ship.
+on sm_90, HMMA on sm_80) and the widest wgmma tile N (sm_90) in the `nvdisasm` listing. Exit
+status 1 when any config spills (stack or local bytes > 0), emits no tensor-core instruction,
+or uses more than REGISTER_BUDGET registers per thread: such a config would run, but slower
+than its neighbours or with no room for the compiler's next choice, so it must not ship.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ from ._common import InspectTarget, config_name
 # One module per op; each lists the launches it makes in `INSPECT_TARGETS`.
 KERNEL_MODULES = ("lora_linear", "lora_qkv", "lora_gate_up", "nf4_matmul")
 TENSOR_CORE_OPCODE = {90: "HGMMA", 80: "HMMA"}
+# Registers per thread a shipped config may use: 255 is the hardware cap, and a kernel at it
+# has no headroom (the next compiler release or a small code change tips it into spilling).
+REGISTER_BUDGET = 232
+# sm_90 warpgroup MMA as nvdisasm prints it, e.g. `HGMMA.64x128x16.F32.BF16`: the N of the tile.
+_WGMMA_N = re.compile(r"\bHGMMA\.\d+x(\d+)x\d+")
 
 
 @dataclass
@@ -49,10 +55,15 @@ class Report:
     local_bytes: int
     shared_bytes: int
     tensor_core_instructions: int
+    widest_wgmma_n: int  # 0 on sm_80 (mma.sync, no wgmma)
 
     @property
     def ok(self) -> bool:
-        return self.spill_bytes == 0 and self.tensor_core_instructions > 0
+        return (
+            self.spill_bytes == 0
+            and self.tensor_core_instructions > 0
+            and self.registers <= REGISTER_BUDGET
+        )
 
 
 def nvidia_tool(name: str) -> str:
@@ -88,8 +99,9 @@ def compile_one(target: InspectTarget, config: dict[str, int], arch: int, dtype:
 _RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
-def analyse(cubin: bytes, arch: int) -> tuple[int, int, int, int]:
-    """(registers, stack bytes, local bytes, tensor-core instruction count) of a cubin."""
+def analyse(cubin: bytes, arch: int) -> tuple[int, int, int, int, int]:
+    """(registers, stack bytes, local bytes, tensor-core instruction count, widest wgmma N)
+    of a cubin."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
@@ -112,7 +124,8 @@ def analyse(cubin: bytes, arch: int) -> tuple[int, int, int, int]:
     regs, stack, _, local = (int(g) for g in match.groups())
     opcode = TENSOR_CORE_OPCODE[arch]
     mma = sum(1 for line in sass.splitlines() if re.search(rf"\b{opcode}\b", line))
-    return regs, stack, local, mma
+    wgmma_n = max((int(n) for n in _WGMMA_N.findall(sass)), default=0)
+    return regs, stack, local, mma, wgmma_n
 
 
 def _inspect_one(job: tuple[int, int, int, str, Path | None]) -> Report:
@@ -128,7 +141,7 @@ def _inspect_one(job: tuple[int, int, int, str, Path | None]) -> Report:
         tmp = cubin_dir / f".{target.name}__{name}.cubin.tmp"
         tmp.write_bytes(cubin)
         os.replace(tmp, cubin_dir / f"{target.name}__{name}.cubin")
-    regs, stack, local, mma = analyse(cubin, arch)
+    regs, stack, local, mma, wgmma_n = analyse(cubin, arch)
     return Report(
         kernel=target.name,
         config=name,
@@ -140,6 +153,7 @@ def _inspect_one(job: tuple[int, int, int, str, Path | None]) -> Report:
         local_bytes=local,
         shared_bytes=int(kernel.metadata.shared),
         tensor_core_instructions=mma,
+        widest_wgmma_n=wgmma_n,
     )
 
 
@@ -166,24 +180,67 @@ def inspect_all(
 
 def format_table(reports: list[Report]) -> str:
     """Fixed-width text table, one row per (kernel, config)."""
-    head = f"{'kernel':<28} {'config':<30} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':>4}  ok"
+    head = (
+        f"{'kernel':<28} {'config':<30} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':>4} "
+        f"{'wgN':>4}  ok"
+    )
     lines = [head, "-" * len(head)]
     for r in reports:
         lines.append(
             f"{r.kernel:<28} {r.config:<30} {r.registers:>4} {r.spill_bytes:>5} "
-            f"{r.shared_bytes:>7} {r.tensor_core_instructions:>4}  {'yes' if r.ok else 'NO'}"
+            f"{r.shared_bytes:>7} {r.tensor_core_instructions:>4} {r.widest_wgmma_n:>4}  "
+            f"{'yes' if r.ok else 'NO'}"
+        )
+    return "\n".join(lines)
+
+
+def summarize(reports: list[Report]) -> list[dict[str, object]]:
+    """One row per kernel: its configs' register range, total spill bytes, tensor-core
+    instructions (min over configs) and widest wgmma N."""
+    rows: dict[str, list[Report]] = {}
+    for r in reports:
+        rows.setdefault(r.kernel, []).append(r)
+    return [
+        {
+            "kernel": name,
+            "arch": group[0].arch,
+            "configs": len(group),
+            "registers_min": min(r.registers for r in group),
+            "registers_max": max(r.registers for r in group),
+            "spill_bytes": sum(r.spill_bytes for r in group),
+            "tensor_core_instructions_min": min(r.tensor_core_instructions for r in group),
+            "widest_wgmma_n": max(r.widest_wgmma_n for r in group),
+            "ok": all(r.ok for r in group),
+        }
+        for name, group in rows.items()
+    ]
+
+
+def format_summary(summary: list[dict[str, object]]) -> str:
+    """Fixed-width text table of `summarize`."""
+    head = (
+        f"{'kernel':<28} {'arch':>4} {'cfgs':>4} {'regs':>9} {'spill':>5} {'mma':>5} {'wgN':>4}  ok"
+    )
+    lines = [head, "-" * len(head)]
+    for s in summary:
+        regs = f"{s['registers_min']}-{s['registers_max']}"
+        lines.append(
+            f"{s['kernel']:<28} {s['arch']:>4} {s['configs']:>4} {regs:>9} {s['spill_bytes']:>5} "
+            f"{s['tensor_core_instructions_min']:>5} {s['widest_wgmma_n']:>4}  "
+            f"{'yes' if s['ok'] else 'NO'}"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fastmid.kernels.inspect",
+        prog="python -m fastmid.kernels.cubin_report",
         description="Compile every kernel x shipped config for a GPU arch (no GPU needed) and "
-        "report registers, spills, shared memory and tensor-core instructions.",
+        "report registers, spills, shared memory, tensor-core instructions and wgmma width.",
     )
     parser.add_argument("--arch", type=int, choices=(80, 90), default=90)
     parser.add_argument("--json", action="store_true", help="print a JSON list instead")
+    parser.add_argument("--summary", action="store_true", help="one row per kernel instead")
     parser.add_argument("--cubin-dir", type=Path, help="write <kernel>__<config>.cubin here")
     parser.add_argument("--kernel", help="only kernels whose name contains this string")
     parser.add_argument(
@@ -191,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("inspect compiles real kernels: unset TRITON_INTERPRET", file=sys.stderr)
+        print("cubin_report compiles real kernels: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
     # Fusing mul+add into FMA is what the runtime does today; saying so explicitly keeps the
     # build identical to a launch and silences triton's warning about the default changing.
@@ -203,14 +260,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no kernel matches {args.kernel!r}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps([asdict(r) for r in reports], indent=1))
+        rows = summarize(reports) if args.summary else [asdict(r) for r in reports]
+        print(json.dumps(rows, indent=1))
     else:
-        print(format_table(reports))
+        print(format_summary(summarize(reports)) if args.summary else format_table(reports))
     bad = [r for r in reports if not r.ok]
     for r in bad:
         print(
             f"{r.kernel} {r.config}: {r.spill_bytes} spill bytes, "
-            f"{r.tensor_core_instructions} tensor-core instructions",
+            f"{r.tensor_core_instructions} tensor-core instructions, {r.registers} registers "
+            f"(budget {REGISTER_BUDGET})",
             file=sys.stderr,
         )
     return 1 if bad else 0

@@ -19,7 +19,9 @@ Everything is patched on module *instances*; the model's classes are never touch
 
 from __future__ import annotations
 
+import copy
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -31,7 +33,9 @@ from torch.utils.checkpoint import checkpoint
 
 from fastmid import kernels
 from fastmid.errors import UserError
+from fastmid.loss import install_label_only_loss
 
+# A band: (lo, hi) fractions of depth, "all", explicit layer indices, or "auto" (the probe picks).
 Band = tuple[float, float] | str | list[int]
 
 KNOWN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -39,38 +43,117 @@ QKV = ("q_proj", "k_proj", "v_proj")
 
 # Instance attribute names used to remember what a patch replaced, so merge() can undo it.
 _ORIG_FORWARD = "_fastmid_orig_forward"
+# The concatenated frozen [W_gate; W_up] of a fused SwiGLU MLP (a plain attribute: gate and up
+# already own the matrix, as views).
+_GATE_UP_WEIGHT = "_fastmid_gate_up_weight"
+
+
+# The paper's setting (arXiv 2604.11838): LoRA on q/k/v/o of the 20%-80% depth band, alpha 128,
+# dropout 0.05, rank budget-matched to uniform LoRA of rank 64 on every layer.
+PAPER_BAND = (0.2, 0.8)
+PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+PAPER_ALPHA = 128.0
+PAPER_DROPOUT = 0.05
+PAPER_RANK_BUDGET = 64
+# How quantize_frozen may store the frozen linears (fastmid.quantize).
+QUANTIZE_METHODS = ("none", "nf4", "int8")
 
 
 @dataclass
 class MidBlockConfig:
-    """Where and how to place LoRA adapters. The defaults are the paper's setting."""
+    """Where and how to place LoRA adapters. The defaults are the paper's setting.
 
-    # Depth band: (lo, hi) fractions -> layers [floor(lo*L), floor(hi*L)); a list of layer
-    # indices; or "all" (standard LoRA on every layer).
-    band: Band = (0.2, 0.8)
-    # Linear layers inside each adapted block that get an adapter.
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    # Explicit LoRA rank; None derives it from rank_budget.
-    rank: int | None = None
-    # Budget matching: rank = floor(rank_budget * L / n_active), i.e. as many adapter
-    # parameters as uniform LoRA of rank rank_budget on all L layers.
-    rank_budget: int = 64
-    # LoRA scale numerator: scale = alpha / r (alpha / sqrt(r) with rsLoRA).
-    alpha: float = 128
-    # Dropout on the adapter input only (the frozen path never sees it).
-    dropout: float = 0.05
-    # rsLoRA scaling alpha / sqrt(r) instead of alpha / r.
-    use_rslora: bool = False
-    # One kernel call for q/k/v and for gate/up when all members are targets.
-    fuse_groups: bool = True
-    # Non-reentrant activation checkpointing over the band and the blocks above it.
-    gradient_checkpointing: bool = False
-    # Liger's Triton RMSNorm and SiLU-mul in the frozen blocks (CUDA only, when liger_kernel
-    # is installed; ignored otherwise).
-    use_liger: bool = True
-    # Frozen linears of every decoder block stored quantized after patching: "nf4" (4-bit,
-    # QLoRA's NormalFloat), "int8" (per-channel), or "none" (see fastmid.quantize).
-    quantize: str = "none"
+    Each field's ``help`` is its documentation, the ``fastmid train`` flag's help and the
+    config file's meaning at once.
+    """
+
+    band: Band = field(
+        default=PAPER_BAND,
+        metadata={
+            "help": "depth band: 0.2,0.8 (fractions, layers [floor(lo*L), floor(hi*L))) | "
+            "all | 6-23 | 3,5,7 | auto (chosen by the probe)",
+            "group": "mid-block LoRA",
+        },
+    )
+    targets: tuple[str, ...] = field(
+        default=PAPER_TARGETS,
+        metadata={"help": f"comma-separated linear layers of a block: {','.join(KNOWN_TARGETS)}"},
+    )
+    rank: int | None = field(
+        default=None,
+        metadata={"help": "LoRA rank of the adapted layers; default: budget-matched"},
+    )
+    rank_budget: int = field(
+        default=PAPER_RANK_BUDGET,
+        metadata={
+            "help": "budget matching: rank = floor(rank_budget * L / n_active), the parameter "
+            "count of uniform LoRA of this rank on all L layers"
+        },
+    )
+    alpha: float = field(
+        default=PAPER_ALPHA,
+        metadata={"help": "LoRA alpha; scale = alpha / rank (alpha / sqrt(rank) with rsLoRA)"},
+    )
+    dropout: float = field(
+        default=PAPER_DROPOUT,
+        metadata={"help": "dropout on the adapter input (the frozen path never sees it)"},
+    )
+    use_rslora: bool = field(
+        default=False, metadata={"help": "rank-stabilised scale alpha / sqrt(rank)"}
+    )
+    fuse_groups: bool = field(
+        default=True,
+        metadata={"help": "one kernel call for q/k/v and for gate/up when all are targets"},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute the band and the blocks above it in backward"},
+    )
+    use_liger: bool = field(
+        default=True,
+        metadata={
+            "help": "Liger's RMSNorm and SiLU-mul kernels in the frozen blocks (CUDA with "
+            "liger_kernel installed; ignored otherwise)"
+        },
+    )
+    quantize: str = field(
+        default="none",
+        metadata={
+            "help": "frozen linears of every decoder block stored quantized: nf4 (4-bit "
+            "NormalFloat, QLoRA's), int8 (per-channel) or none; adapters stay fp32",
+            "choices": QUANTIZE_METHODS,
+        },
+    )
+
+    def validate(self) -> MidBlockConfig:
+        """Check every field that does not depend on the model; UserError names the first bad
+        one. Returns self. The band and rank are checked against the model when patching."""
+        if self.band != "auto":
+            check_band(self.band)
+        if isinstance(self.targets, str) or not self.targets:
+            raise UserError("targets must name at least one linear layer, e.g. q_proj,v_proj")
+        unknown = [t for t in self.targets if t not in KNOWN_TARGETS]
+        if unknown:
+            raise UserError(f"unknown target {unknown[0]!r}; known: {', '.join(KNOWN_TARGETS)}")
+        if len(set(self.targets)) != len(self.targets):
+            raise UserError(f"targets list a module twice: {','.join(self.targets)}")
+        if self.rank is not None:
+            _positive_int("rank", self.rank)
+        _positive_int("rank_budget", self.rank_budget)
+        if not self.alpha > 0:
+            raise UserError(f"alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.quantize not in QUANTIZE_METHODS:
+            raise UserError(
+                f"quantize must be one of {'|'.join(QUANTIZE_METHODS)}, got {self.quantize!r}"
+            )
+        return self
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass
@@ -89,6 +172,8 @@ class MidBlockState:
     layers_path: str = "model.layers"
     # Module paths (relative to the model) of every LoraLinear, in layer order.
     module_paths: list[str] = field(default_factory=list)
+    # Set when the budget-matched rank was wider than a target and was clamped to it.
+    rank_note: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,58 +192,102 @@ def _fraction(value: Any, what: str) -> Fraction:
     return frac
 
 
+def parse_band(band: str) -> Band:
+    """Parse a band spec: "0.2,0.8" → (0.2, 0.8); "all"; "auto"; "6-23" / "3,5,7" → layer list."""
+    text = str(band).strip().replace(" ", "")
+    if text in ("all", "auto"):
+        return text
+    range_match = re.fullmatch(r"(\d+)-(\d+)", text)
+    if range_match:
+        lo, hi = int(range_match[1]), int(range_match[2])
+        if lo > hi:
+            raise UserError(f"band {band!r}: range start {lo} is after its end {hi}")
+        return list(range(lo, hi + 1))
+    parts = text.split(",")
+    if all(re.fullmatch(r"\d+", p) for p in parts):
+        return sorted({int(p) for p in parts})
+    if len(parts) == 2 and all(re.fullmatch(r"\d*\.?\d+", p) for p in parts):
+        lo_f, hi_f = float(parts[0]), float(parts[1])
+        if not 0.0 <= lo_f < hi_f <= 1.0:
+            raise UserError(f"band {band!r}: fractions must satisfy 0 <= start < end <= 1")
+        return (lo_f, hi_f)
+    raise UserError(
+        f"band {band!r} is not one of: 0.2,0.8 (fractions) | all | auto | 6-23 | 3,5,7 (layers)"
+    )
+
+
+def format_band(band: Band) -> str:
+    """The spec :func:`parse_band` reads back as ``band``: (0.2, 0.8) → "0.2,0.8"."""
+    if isinstance(band, str):
+        return band
+    if isinstance(band, tuple):
+        return ",".join(f"{float(x):g}" for x in band)
+    return ",".join(str(i) for i in band)
+
+
+def _is_pair(band: Band) -> bool:
+    # A tuple is always (lo, hi); so is a two-element list holding a float (YAML has no tuple).
+    return isinstance(band, tuple) or (
+        isinstance(band, list) and len(band) == 2 and any(isinstance(b, float) for b in band)
+    )
+
+
+def check_band(band: Band) -> None:
+    """Reject a band that is malformed whatever the model (UserError, one line)."""
+    usage = "band must be (lo, hi) fractions, a list of layer indices or 'all'"
+    if isinstance(band, str):
+        if band != "all":
+            raise UserError(f"{usage}, got {band!r}")
+    elif _is_pair(band):
+        if len(band) != 2:
+            raise UserError(f"{usage}, got {band!r}")
+        if _fraction(band[0], "start") >= _fraction(band[1], "end"):
+            raise UserError(f"band start must be below its end, got ({band[0]}, {band[1]})")
+    elif isinstance(band, list):
+        if not band:
+            raise UserError("band is an empty list of layers")
+        bad = [i for i in band if isinstance(i, bool) or not isinstance(i, int)]
+        if bad:
+            raise UserError(f"band layer indices must be integers, got {bad[0]!r}")
+        if any(i < 0 for i in band):
+            raise UserError(f"band layer {min(band)} is negative")
+        if len(set(band)) != len(band):
+            raise UserError(f"band lists a layer twice: {band}")
+    else:
+        raise UserError(f"{usage}, got {band!r}")
+
+
 def resolve_band(band: Band, num_layers: int) -> list[int]:
     """Layer indices adapted for ``band`` in a model with ``num_layers`` decoder blocks.
 
     ``(lo, hi)`` gives ``[floor(lo*L), floor(hi*L))`` (L=32, (0.2, 0.8) -> 6..24);
     ``"all"`` gives every layer; a list of ints is checked and returned sorted.
     """
-    usage = "band must be (lo, hi) fractions, a list of layer indices or 'all'"
     if num_layers <= 0:
         raise UserError(f"model has no decoder layers (num_layers={num_layers})")
+    check_band(band)
     if isinstance(band, str):
-        if band != "all":
-            raise UserError(f"{usage}, got {band!r}")
         return list(range(num_layers))
-    # A tuple is always (lo, hi); so is a two-element list holding a float (YAML has no tuple).
-    is_pair = isinstance(band, tuple) or (
-        isinstance(band, list) and len(band) == 2 and any(isinstance(b, float) for b in band)
-    )
-    if is_pair:
-        if len(band) != 2:
-            raise UserError(f"{usage}, got {band!r}")
+    if _is_pair(band):
         lo, hi = _fraction(band[0], "start"), _fraction(band[1], "end")
-        if lo >= hi:
-            raise UserError(f"band start must be below its end, got ({band[0]}, {band[1]})")
         layers = list(range(math.floor(lo * num_layers), math.floor(hi * num_layers)))
         if not layers:
             raise UserError(
                 f"band ({band[0]}, {band[1]}) selects no layer of a {num_layers}-layer model"
             )
         return layers
-    if isinstance(band, list):
-        if not band:
-            raise UserError("band is an empty list of layers")
-        bad = [i for i in band if isinstance(i, bool) or not isinstance(i, int)]
-        if bad:
-            raise UserError(f"band layer indices must be integers, got {bad[0]!r}")
-        out = [i for i in band if not 0 <= i < num_layers]
-        if out:
-            raise UserError(f"band layer {out[0]} is outside the layers 0..{num_layers - 1}")
-        if len(set(band)) != len(band):
-            raise UserError(f"band lists a layer twice: {band}")
-        return sorted(band)
-    raise UserError(f"{usage}, got {band!r}")
+    out = [i for i in band if i >= num_layers]
+    if out:
+        raise UserError(f"band layer {out[0]} is outside the layers 0..{num_layers - 1}")
+    return sorted(band)
 
 
 def resolve_rank(rank: int | None, rank_budget: int, num_layers: int, num_active: int) -> int:
     """Explicit ``rank``, or the budget-matched ``floor(rank_budget * L / n_active)``."""
     if rank is None:
-        if isinstance(rank_budget, bool) or not isinstance(rank_budget, int) or rank_budget <= 0:
-            raise UserError(f"rank_budget must be a positive integer, got {rank_budget!r}")
+        _positive_int("rank_budget", rank_budget)
         rank = (rank_budget * num_layers) // num_active
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise UserError(f"rank must be a positive integer, got {rank!r}")
+    _positive_int("rank", rank)
     return rank
 
 
@@ -177,7 +306,7 @@ def _num_layers(model: nn.Module) -> int | None:
     return getattr(text, "num_hidden_layers", None)
 
 
-def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def find_layers_with_path(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(path, list) of the decoder blocks: the ModuleList of num_hidden_layers same-class blocks."""
     expected = _num_layers(model)
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
@@ -193,7 +322,7 @@ def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ``nn.ModuleList`` of decoder blocks of a HF causal LM (e.g. ``model.model.layers``)."""
-    return _find_layers(model)[1]
+    return find_layers_with_path(model)[1]
 
 
 def _linear_names(block: nn.Module) -> list[str]:
@@ -208,7 +337,8 @@ def _find_target(block: nn.Module, target: str) -> str | None:
     return hits[0] if hits else None
 
 
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``path`` inside ``root``."""
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, name, module)
@@ -336,14 +466,43 @@ class LoraLinear(nn.Module):
 # Instance-level forward wrappers
 
 
-def _wrap_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]):
-    """Replace ``module.forward`` on this instance only, remembering what was there."""
+class _WrappedForward:
+    """An instance-level forward built by ``make(module, inner_forward)``.
+
+    ``copy.deepcopy`` of a patched model rebuilds the wrapper around the copy (a plain closure
+    would keep calling the original module and leave the copy's parameters without grads).
+    """
+
+    def __init__(self, module: nn.Module, make: ForwardMaker, inner: Any) -> None:
+        self.module, self.make, self.inner = module, make, inner
+        self.run: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Built on first call: during a deepcopy the module's copy has no attributes yet.
+        if self.run is None:
+            inner = self.inner or type(self.module).forward.__get__(self.module)
+            self.run = self.make(self.module, inner)
+        return self.run(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _WrappedForward:
+        # The module's copy is in `memo` already: copy registers it before copying its state.
+        module = memo.get(id(self.module), self.module)
+        return _WrappedForward(module, self.make, copy.deepcopy(self.inner, memo))
+
+
+ForwardMaker = Callable[[nn.Module, Callable[..., Any]], Callable[..., Any]]
+
+
+def wrap_forward(module: nn.Module, make: ForwardMaker) -> None:
+    """Replace ``module.forward`` on this instance only with ``make(module, forward)``,
+    remembering what was there."""
     if _ORIG_FORWARD not in module.__dict__:
         setattr(module, _ORIG_FORWARD, module.__dict__.get("forward"))
-    module.forward = make(module.forward)
+    module.forward = _WrappedForward(module, make, module.__dict__.get("forward"))
 
 
-def _unwrap_forward(module: nn.Module) -> None:
+def unwrap_forward(module: nn.Module) -> None:
+    """Undo :func:`wrap_forward` on this instance (no-op when it was never wrapped)."""
     if _ORIG_FORWARD not in module.__dict__:
         return
     orig = module.__dict__.pop(_ORIG_FORWARD)
@@ -352,7 +511,7 @@ def _unwrap_forward(module: nn.Module) -> None:
         module.forward = orig
 
 
-def _no_grad_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
+def _no_grad_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
             return forward(*args, **kwargs)
@@ -363,7 +522,7 @@ def _no_grad_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 
 
-def _checkpointed_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
+def _checkpointed_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
@@ -411,7 +570,7 @@ def _is_swiglu(mlp: nn.Module) -> bool:
         return False
     if gate.bias is not None or up.bias is not None:
         return False
-    if not _is_silu(getattr(mlp, "act_fn", None)):
+    if not is_silu(getattr(mlp, "act_fn", None)):
         return False
     w = gate.weight
     with torch.no_grad():
@@ -421,99 +580,13 @@ def _is_swiglu(mlp: nn.Module) -> bool:
     return torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-3)
 
 
-# --------------------------------------------------------------------------------------------
-# Liger kernels for the frozen blocks (CUDA only)
-
-# RMSNorm classes computing w * x / rms(x) with the weight applied after the cast back to the
-# input dtype, i.e. Liger's "llama" casting mode. Gemma's (1 + w) norms are left alone.
-_LLAMA_STYLE_NORMS = {
-    "LlamaRMSNorm",
-    "MistralRMSNorm",
-    "Qwen2RMSNorm",
-    "Qwen3RMSNorm",
-    "Olmo2RMSNorm",
-}
-
-
-def _liger_ops() -> tuple[Any, Any] | None:
-    try:
-        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-    except ImportError:
-        return None
-    return LigerRMSNormFunction, LigerSiLUMulFunction
-
-
-def apply_liger_to_frozen(blocks: list[nn.Module]) -> int:
-    """Run the RMSNorms and SwiGLU MLPs of frozen ``blocks`` with Liger's Triton kernels.
-
-    Only on CUDA and only when ``liger_kernel`` is importable; adapted blocks keep their own
-    modules (their MLP may already run ``lora_gate_up``). Returns how many modules were patched.
-    """
-    if not blocks or not next(blocks[0].parameters()).is_cuda:
-        return 0
-    ops = _liger_ops()
-    if ops is None:
-        return 0
-    rms_fn, silu_mul_fn = ops
-    patched = 0
-    for block in blocks:
-        for module in block.modules():
-            if "forward" in module.__dict__:
-                continue
-            if type(module).__name__ in _LLAMA_STYLE_NORMS:
-                eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
-                _wrap_forward(module, lambda _, m=module, e=eps: _liger_rms_forward(m, rms_fn, e))
-                patched += 1
-            elif _is_plain_swiglu(module):
-                _wrap_forward(module, lambda _, m=module: _liger_swiglu_forward(m, silu_mul_fn))
-                patched += 1
-    return patched
-
-
-def _liger_rms_forward(module: nn.Module, fn: Any, eps: float) -> Callable[..., Any]:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return fn.apply(x, module.weight, eps, 0.0, "llama")
-
-    return forward
-
-
-def _liger_swiglu_forward(mlp: nn.Module, fn: Any) -> Callable[..., Any]:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return mlp.down_proj(fn.apply(mlp.gate_proj(x), mlp.up_proj(x)))
-
-    return forward
-
-
-def _is_plain_swiglu(mlp: nn.Module) -> bool:
-    """A frozen down(silu(gate(x)) * up(x)) MLP made of plain nn.Linear layers."""
-    parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-    return all(type(p) is nn.Linear for p in parts) and _is_silu(getattr(mlp, "act_fn", None))
-
-
-def _is_silu(act: Any) -> bool:
+def is_silu(act: Any) -> bool:
+    """True for SiLU activation modules (torch's and transformers' own class)."""
     return isinstance(act, nn.SiLU) or type(act).__name__ in {"SiLU", "SiLUActivation"}
 
 
 # --------------------------------------------------------------------------------------------
 # Patching
-
-
-def _validate_config(cfg: MidBlockConfig) -> None:
-    if isinstance(cfg.targets, str) or not cfg.targets:
-        raise UserError(f"targets must be a non-empty list of names, got {cfg.targets!r}")
-    unknown = [t for t in cfg.targets if t not in KNOWN_TARGETS]
-    if unknown:
-        raise UserError(f"unknown target {unknown[0]!r}; known: {', '.join(KNOWN_TARGETS)}")
-    if len(set(cfg.targets)) != len(cfg.targets):
-        raise UserError(f"targets list a module twice: {list(cfg.targets)}")
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
-    if not cfg.alpha > 0:
-        raise UserError(f"alpha must be positive, got {cfg.alpha}")
-    from fastmid.quantize import check_quantize_method
-
-    check_quantize_method(cfg.quantize)
 
 
 def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Module:
@@ -523,14 +596,15 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
         raise UserError("model is already patched by apply_midblock")
     if getattr(model, "fastmid_quantize", "none") != "none":
         raise UserError("patch the model before quantizing it (MidBlockConfig(quantize=...))")
-    _validate_config(cfg)
-    layers_path, blocks = _find_layers(model)
+    cfg.validate()
+    layers_path, blocks = find_layers_with_path(model)
     num_layers = len(blocks)
     layers = resolve_band(cfg.band, num_layers)
     rank = resolve_rank(cfg.rank, cfg.rank_budget, num_layers, len(layers))
 
     # Locate every target first so that a bad config fails before anything is modified.
     found: dict[int, dict[str, str]] = {}
+    narrowest: tuple[int, int, str, nn.Linear] | None = None
     for i in layers:
         paths = {t: _find_target(blocks[i], t) for t in cfg.targets}
         missing = [t for t, p in paths.items() if p is None]
@@ -543,13 +617,19 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
             lin = blocks[i].get_submodule(p)
             if isinstance(lin, LoraLinear):
                 raise UserError(f"layer {i} {t} already has an adapter")
-            if rank > min(lin.in_features, lin.out_features):
-                raise UserError(
-                    f"rank {rank} is larger than {t} of layer {i} "
-                    f"({lin.out_features}x{lin.in_features}); use rank <= "
-                    f"{min(lin.in_features, lin.out_features)}"
-                )
+            if narrowest is None or min(lin.in_features, lin.out_features) < narrowest[0]:
+                narrowest = (min(lin.in_features, lin.out_features), i, t, lin)
         found[i] = paths  # type: ignore[assignment]
+    width, i, t, lin = narrowest
+    rank_note = None
+    if rank > width:
+        shape = f"{t} of layer {i} ({lin.out_features}x{lin.in_features})"
+        if cfg.rank is not None:
+            raise UserError(f"rank {rank} is larger than {shape}; use rank <= {width}")
+        # A derived rank must never fail on a valid model: the budget asks for more than the
+        # layer can hold, so the adapter takes the full width.
+        rank_note = f"rank {rank} from the budget is wider than {shape}; using rank {width}"
+        rank = width
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -561,7 +641,7 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
         mods: dict[str, LoraLinear] = {}
         for t, p in found[i].items():
             lora = LoraLinear(block.get_submodule(p), rank, scale, cfg.dropout, name=t)
-            _set_submodule(block, p, lora)
+            set_submodule(block, p, lora)
             mods[t] = lora
             module_paths.append(f"{layers_path}.{i}.{p}")
         if cfg.fuse_groups:
@@ -571,13 +651,17 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
     # Below the band: no autograd at all. The embeddings are frozen, so their output already
     # needs no grad; wrapping the blocks also guards against inputs that do require grad.
     for i in range(layers[0]):
-        _wrap_forward(blocks[i], _no_grad_forward)
+        wrap_forward(blocks[i], _no_grad_forward)
     if cfg.gradient_checkpointing:
         for i in range(layers[0], num_layers):
-            _wrap_forward(blocks[i], _checkpointed_forward)
+            wrap_forward(blocks[i], _checkpointed_forward)
     if cfg.use_liger:
+        from fastmid.liger import apply_liger_to_frozen
+
         frozen = [blocks[i] for i in range(num_layers) if i not in set(layers)]
         apply_liger_to_frozen(frozen)
+    # model(input_ids=..., labels=...) applies the LM head only where a label exists.
+    install_label_only_loss(model, wrap_forward)
 
     model.fastmid_state = MidBlockState(
         layers=layers,
@@ -590,6 +674,7 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
         config=cfg,
         layers_path=layers_path,
         module_paths=module_paths,
+        rank_note=rank_note,
     )
     if cfg.quantize != "none":
         from fastmid.quantize import quantize_frozen
@@ -638,9 +723,8 @@ def _fuse_gate_up(block: nn.Module, paths: dict[str, str], mods: dict[str, LoraL
     weight = torch.cat([gate.weight.detach(), up.weight.detach()], 0)
     gate.weight = nn.Parameter(weight[: gate.out_features], requires_grad=False)
     up.weight = nn.Parameter(weight[gate.out_features :], requires_grad=False)
-    # A buffer-free plain attribute: the frozen matrix is already owned by gate/up (as views).
-    mlp._fastmid_gate_up_weight = weight
-    _wrap_forward(mlp, lambda _orig: _swiglu_forward(mlp))
+    setattr(mlp, _GATE_UP_WEIGHT, weight)
+    wrap_forward(mlp, lambda module, _forward: _swiglu_forward(module))
 
 
 def fused_weights(block: nn.Module) -> list[tuple[Any, str, list[LoraLinear]]]:
@@ -660,8 +744,8 @@ def fused_weights(block: nn.Module) -> list[tuple[Any, str, list[LoraLinear]]]:
 def unpatch_forwards(model: nn.Module) -> None:
     """Remove every instance-level forward wrapper apply_midblock installed."""
     for module in model.modules():
-        _unwrap_forward(module)
-        module.__dict__.pop("_fastmid_gate_up_weight", None)
+        unwrap_forward(module)
+        module.__dict__.pop(_GATE_UP_WEIGHT, None)
         if isinstance(module, LoraLinear):
             module._group = None
 
@@ -672,7 +756,7 @@ def unpatch_forwards(model: nn.Module) -> None:
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[int, str, LoraLinear]]:
     """(layer index, target name, module) for every adapter, in layer order."""
-    state = _state(model)
+    state = midblock_state(model)
     blocks = model.get_submodule(state.layers_path)
     for i in state.layers:
         for name, module in blocks[i].named_modules():
@@ -680,25 +764,27 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[int, str, LoraLinear]]:
                 yield i, name.rpartition(".")[2], module
 
 
+def is_fused(model: nn.Module) -> bool:
+    """True when q/k/v or gate/up of some block run from one concatenated frozen weight.
+
+    FSDP cannot shard such a copy; it needs a model patched with ``fuse_groups=False``.
+    """
+    for module in model.modules():
+        if isinstance(module, LoraLinear) and module._group is not None:
+            return True
+        if _GATE_UP_WEIGHT in vars(module):
+            return True
+    return False
+
+
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Exactly the trainable parameters: every lora_A and lora_B, in layer order."""
     return [p for _, _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)]
 
 
-def _state(model: nn.Module) -> MidBlockState:
+def midblock_state(model: nn.Module) -> MidBlockState:
+    """What apply_midblock did to ``model``; UserError when it was never patched."""
     state = getattr(model, "fastmid_state", None)
     if state is None:
         raise UserError("model is not patched; call fastmid.apply_midblock(model, cfg) first")
     return state
-
-
-def band_summary(model: nn.Module) -> str:
-    """One line describing the patch, e.g. for logs: layers, rank, targets, trainable params."""
-    state = _state(model)
-    n = sum(p.numel() for p in adapter_parameters(model))
-    lo, hi = state.layers[0], state.layers[-1]
-    span = f"{lo}..{hi}" if state.layers == list(range(lo, hi + 1)) else str(state.layers)
-    return (
-        f"layers {span} of {state.num_layers} | rank {state.rank} | alpha {state.alpha:g} | "
-        f"targets {','.join(state.targets)} | {n:,} trainable params"
-    )

@@ -1,0 +1,890 @@
+"""``fastmid compare``: the same short training at several depth placements, compared fairly.
+
+Every run gets the same data, steps, seed and adapter budget (budget-matched rank); only the
+band changes, and the LoRA scale follows one explicit policy:
+
+- ``fixed``: alpha constant (the paper), so the scale alpha/r shrinks as the band narrows;
+- ``ratio``: alpha/r held at the all-layer value alpha/rank_budget — "where" without "how
+  strongly";
+- ``rslora``: alpha/√r.
+
+Placements: ``bottom``, ``middle`` and ``top`` are equal-width bands (``--width`` layers,
+default the width of the 20%–80% band, so ``middle`` is the default band) at the bottom, centre
+and top of the network; ``all`` is standard LoRA; ``auto`` is the band the chosen criterion
+picks on the training data; any other band is given as ``6-23``, or with ``--band`` in every
+form ``fastmid train --band`` takes.
+
+Each run trains through :func:`fastmid.train.train` in its own process (its time and peak memory
+are its own), then reloads the base model with the adapter and measures held-out accuracy
+(GSM8K protocol), answer NLL per token on the held-out records, perplexity on general text
+(forgetting), and reports train time, tokens/s, peak memory and trainable parameters. Results
+are cached per run under ``<output-dir>/runs/``: an interrupted compare continues where it
+stopped, and adding seeds or placements reuses what is there. Output: ``results.csv``,
+``results.json``, ``results.md`` (table + verdict) and ``compare.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import multiprocessing
+import shutil
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastmid.config import TrainConfig, build_config, parse_band
+from fastmid.errors import UserError
+from fastmid.fileio import write_text_atomic
+
+PLACEMENTS = ("bottom", "middle", "top", "all", "auto")
+ALPHA_POLICIES = ("fixed", "ratio", "rslora")
+AUTO_CRITERIA = ("sensitivity", "gain")
+# (key, label, lower is better): the quality metrics, then the cost columns.
+METRICS: tuple[tuple[str, str, bool], ...] = (
+    ("answer_nll", "answer NLL/token", True),
+    ("accuracy", "accuracy", False),
+    ("general_ppl", "general-text ppl", True),
+    ("train_seconds", "train s", True),
+    ("tokens_per_s", "tokens/s", False),
+    ("peak_mem_gb", "peak mem GB", True),
+)
+# The verdict and the plot's main panel rank placements by this metric: at small scale answer
+# NLL separates placements long before accuracy on a few dozen problems can.
+PRIMARY = "answer_nll"
+# Fields of TrainConfig that `fastmid compare` passes through to every run unchanged.
+PASSTHROUGH = (
+    "model",
+    "data",
+    "format",
+    "max_length",
+    "loss_on",
+    "rank_budget",
+    "alpha",
+    "dropout",
+    "targets",
+    "precision",
+    "lr",
+    "batch_tokens",
+    "grad_accum",
+    "epochs",
+    "max_steps",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Placements and scale policies
+
+
+def placement_band(name: str, num_layers: int, width: int) -> list[int]:
+    """Layers of a named placement (bottom/middle/top/all) or a band spec in a ``L``-layer model.
+
+    ``bottom``/``middle``/``top`` are ``width`` contiguous layers at the start, the centre (the
+    default 20%–80% band when ``width`` is its width) and the end of depth.
+    """
+    from fastmid.midblock import PAPER_BAND, resolve_band
+
+    if not 1 <= width <= num_layers:
+        raise UserError(f"--width must be between 1 and the model's {num_layers} layers")
+    if name == "bottom":
+        return list(range(width))
+    if name == "top":
+        return list(range(num_layers - width, num_layers))
+    if name == "middle":
+        default = resolve_band(PAPER_BAND, num_layers)
+        if len(default) == width:
+            return default
+        start = (num_layers - width) // 2
+        return list(range(start, start + width))
+    band = parse_band(name)
+    if band == "auto":
+        raise ValueError("auto is resolved by a band criterion, not by placement_band")
+    return resolve_band(band, num_layers)
+
+
+def policy_alpha(policy: str, alpha: float, rank: int, rank_budget: int) -> tuple[float, bool]:
+    """``(alpha, use_rslora)`` that give a band of LoRA rank ``rank`` the policy's scale.
+
+    fixed: scale alpha/rank; ratio: alpha/rank_budget (the all-layer value, whatever the band);
+    rslora: alpha/√rank.
+    """
+    if policy == "fixed":
+        return alpha, False
+    if policy == "ratio":
+        return alpha * rank / rank_budget, False
+    if policy == "rslora":
+        return alpha, True
+    raise UserError(f"--alpha-policy must be one of {'|'.join(ALPHA_POLICIES)}, got {policy!r}")
+
+
+def layers_label(layers: Sequence[int]) -> str:
+    """``6-23`` for a contiguous band, ``3,5,7`` otherwise."""
+    contiguous = list(layers) == list(range(layers[0], layers[-1] + 1))
+    return f"{layers[0]}-{layers[-1]}" if contiguous else ",".join(map(str, layers))
+
+
+# --------------------------------------------------------------------------------------------
+# One run: its config, training in a fresh process, evaluation of the adapter
+
+
+@dataclass
+class Plan:
+    """One training run of the comparison."""
+
+    placement: str
+    layers: list[int]
+    policy: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        """Cache key: what determines the run (placements with equal layers share runs)."""
+        band = layers_label(self.layers).replace(",", "_")
+        return f"layers{band}-{self.policy}-seed{self.seed}"
+
+
+@dataclass
+class Settings:
+    """What every run shares: TrainConfig fields and the evaluation sizes."""
+
+    train: dict[str, Any]
+    eval_data: str | None
+    eval_limit: int
+    nll_limit: int
+    ppl_limit: int
+    # Depth of the model and the width of its narrowest target, filled in once it is loaded.
+    num_layers: int = 0
+    max_rank: int = 0
+
+
+def run_config(
+    settings: Settings,
+    plan: Plan | None = None,
+    output_dir: Path | None = None,
+    resume: bool = False,
+) -> TrainConfig:
+    """The TrainConfig of one run — the one place compare turns its settings into a config.
+
+    Without a plan: the shared settings alone (what every run has in common).
+    """
+    from fastmid.midblock import resolve_rank
+
+    shared = build_config(None, settings.train)
+    if plan is None:
+        return shared
+    budget = shared.get("rank_budget")
+    rank = resolve_rank(None, budget, settings.num_layers, len(plan.layers))
+    # The trainer clamps a budget-matched rank wider than a target to the target's width.
+    rank = min(rank, settings.max_rank or rank)
+    alpha, rslora = policy_alpha(plan.policy, shared.get("alpha"), rank, budget)
+    overrides = {
+        **settings.train,
+        "band": ",".join(map(str, plan.layers)),
+        "alpha": alpha,
+        "use_rslora": rslora,
+        "seed": plan.seed,
+        "output_dir": str(output_dir),
+        # The adapter is evaluated after training, once, by the same code for every run.
+        "eval": False,
+        "resume": resume,
+        "overwrite": not resume,
+    }
+    return build_config(None, overrides)
+
+
+def evaluate_model(model: Any, tokenizer: Any, settings: Settings, precision: str) -> dict:
+    """Accuracy, answer NLL/token and general-text perplexity of ``model`` (tuned or base)."""
+    import torch
+
+    from fastmid import data, evaluate
+    from fastmid.heldout import answer_nll
+
+    shared = run_config(settings)
+    records = _eval_records(settings)
+    examples = data.tokenize_records(
+        records[: settings.nll_limit],
+        tokenizer,
+        fmt=shared.format,
+        max_length=shared.max_length,
+        loss_on="response",
+    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    half = precision == "bf16"
+    model.eval()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=half):
+        nll = answer_nll(model, examples, pad)
+        accuracy = None
+        if settings.eval_limit > 0:  # greedy generation: the slow part on a CPU
+            accuracy, _ = evaluate.gsm_accuracy(model, tokenizer, records[: settings.eval_limit])
+        ppl = evaluate.perplexity(
+            model,
+            tokenizer,
+            evaluate.heldout_texts()[: settings.ppl_limit],
+            max_length=shared.max_length,
+        )
+    return {"answer_nll": nll, "accuracy": accuracy, "general_ppl": float(ppl)}
+
+
+def _eval_records(settings: Settings) -> list[dict]:
+    from fastmid import data
+
+    path = settings.eval_data or str(data.bundled_path("test"))
+    return data.load_records(path)
+
+
+def train_and_evaluate(settings: Settings, plan: Plan, run_dir: Path) -> dict:
+    """Train one run (resuming its checkpoint if one is there), evaluate its adapter, write
+    ``result.json`` in ``run_dir``; returns the result. An interrupted training returns
+    ``{"interrupted": True}`` and writes nothing."""
+    import torch
+
+    from fastmid import models, train
+    from fastmid.adapters import load_adapter
+    from fastmid.checkpoint import CHECKPOINT_DIR, find_checkpoint
+
+    out = run_dir / "train"
+    resume = find_checkpoint(out / CHECKPOINT_DIR) is not None
+    cfg = run_config(settings, plan, out, resume)
+    # A peak from an earlier run in this process must not count for this one.
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    summary = train.train(cfg)
+    if summary["interrupted"]:
+        return {"interrupted": True}
+    metrics_lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    peak = max(json.loads(line)["mem_gb"] for line in metrics_lines)
+    resolved = summary["resolved"]
+    precision = resolved["precision"]
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model, tokenizer, _ = models.load_model(cfg.model, dtype=dtype)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    load_adapter(model, out / "adapter")
+    result = {
+        "placement": plan.placement,
+        "layers": resolved["layers"],
+        "policy": plan.policy,
+        "seed": plan.seed,
+        "rank": resolved["rank"],
+        "scale": resolved["scale"],
+        "trainable_params": resolved["adapter_parameters"],
+        "train_seconds": summary["train_seconds"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "peak_mem_gb": peak,
+        "loss_first": summary["loss_first"],
+        "loss_last": summary["loss_last"],
+        **evaluate_model(model, tokenizer, settings, precision),
+    }
+    write_text_atomic(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _child(settings: Settings, plan: Plan, run_dir: str) -> None:
+    """Entry point of a run's own process: output to its log, a UserError to error.txt."""
+    path = Path(run_dir)
+    with (path / "log.txt").open("a", encoding="utf-8") as log:
+        sys.stdout = sys.stderr = log
+        try:
+            result = train_and_evaluate(settings, plan, path)
+        except UserError as err:
+            write_text_atomic(path / "error.txt", str(err) + "\n")
+            sys.exit(2)
+        log.flush()
+    if result.get("interrupted"):
+        sys.exit(130)
+
+
+def _run_isolated(settings: Settings, plan: Plan, run_dir: Path) -> dict:
+    """Run one plan in a fresh process; its result.json, or a UserError/KeyboardInterrupt."""
+    (run_dir / "error.txt").unlink(missing_ok=True)
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=_child, args=(settings, plan, str(run_dir)))
+    proc.start()
+    try:
+        proc.join()
+    except KeyboardInterrupt:
+        # Ask the run to stop the way `fastmid train` stops on a signal (checkpoint after the
+        # current step), and wait for that, so the next compare resumes it.
+        if proc.is_alive():
+            proc.terminate()
+        proc.join()
+        raise
+    if proc.exitcode == 130:
+        raise KeyboardInterrupt
+    if proc.exitcode == 2 and (run_dir / "error.txt").exists():
+        message = (run_dir / "error.txt").read_text(encoding="utf-8").strip()
+        raise UserError(f"run {plan.key}: {message}")
+    if proc.exitcode != 0 or not (run_dir / "result.json").exists():
+        raise UserError(
+            f"run {plan.key} failed (exit code {proc.exitcode}); see {run_dir / 'log.txt'}"
+        )
+    return json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation, verdict, table, plot
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (std None with a single value: no spread measured;
+    both None when the metric was not measured)."""
+    if any(v is None for v in values):
+        return None, None
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(results: Sequence[dict], order: Sequence[str]) -> list[dict]:
+    """One row per placement (in ``order``) and policy: mean and std of every metric."""
+    rows = []
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["placement"], r["policy"]), []).append(r)
+    for (placement, policy), runs in sorted(
+        groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])
+    ):
+        row: dict[str, Any] = {
+            "placement": placement,
+            "policy": policy,
+            "layers": layers_label(runs[0]["layers"]),
+            "rank": runs[0]["rank"],
+            "scale": runs[0]["scale"],
+            "trainable_params": runs[0]["trainable_params"],
+            "seeds": len(runs),
+        }
+        for key, _, _ in METRICS:
+            mean, std = mean_std([r[key] for r in runs])
+            row[key], row[key + "_std"] = mean, std
+        rows.append(row)
+    return rows
+
+
+def separation(
+    rows: Sequence[dict], metric: str = PRIMARY, lower_is_better: bool = True
+) -> tuple[dict, list[dict], list[dict]]:
+    """The best row by ``metric`` and the other rows split into those worse by more than the
+    seed-to-seed spread (the gap exceeds the sum of the two standard deviations, i.e. the
+    mean ± std intervals do not overlap) and those within it. Rows without a std (one seed)
+    count as within: their spread is unknown."""
+    sign = 1.0 if lower_is_better else -1.0
+    best = min(rows, key=lambda r: sign * r[metric])
+    beyond, within = [], []
+    for row in rows:
+        if row is best:
+            continue
+        gap = sign * (row[metric] - best[metric])
+        s1, s2 = best[metric + "_std"], row[metric + "_std"]
+        if s1 is not None and s2 is not None and gap > s1 + s2:
+            beyond.append(row)
+        else:
+            within.append(row)
+    return best, beyond, within
+
+
+def _name(row: dict) -> str:
+    return f"{row['placement']} ({row['layers']}, {row['policy']})"
+
+
+def _pm(row: dict, key: str, fmt: str = ".3f") -> str:
+    std = row[key + "_std"]
+    if row[key] is None:
+        return "—"
+    return f"{row[key]:{fmt}}" + (f" ± {std:{fmt}}" if std is not None else "")
+
+
+def verdict(rows: Sequence[dict], base: dict | None = None) -> str:
+    """One paragraph: which placement is best by answer NLL, and whether the differences
+    exceed the seed-to-seed spread; then what the placements cost."""
+    if not rows:
+        return "No runs to compare."
+    label = dict((k, v) for k, v, _ in METRICS)[PRIMARY]
+    best, beyond, within = separation(rows)
+    seeds = min(r["seeds"] for r in rows)
+    parts = [
+        f"By {label} on the held-out records (lower is better), {_name(best)} is best "
+        f"at {_pm(best, PRIMARY)}"
+    ]
+    if base is not None:
+        parts[-1] += f" (base model {base[PRIMARY]:.3f})"
+    parts[-1] += "."
+    if len(rows) == 1:
+        parts.append("There is nothing to compare it with.")
+    elif seeds < 2:
+        parts.append(
+            "With one seed per placement the seed-to-seed spread is unknown, so no difference "
+            "here can be told from noise; run with --seeds 2 or more."
+        )
+    else:
+        if beyond:
+            names = ", ".join(_name(r) for r in beyond)
+            parts.append(
+                f"It beats {names} by more than the seed-to-seed spread "
+                "(mean ± std intervals do not overlap)."
+            )
+        if within:
+            names = ", ".join(f"{_name(r)} at {_pm(r, PRIMARY)}" for r in within)
+            parts.append(
+                f"{names} {'is' if len(within) == 1 else 'are'} within the seed-to-seed spread "
+                f"of it, so this run cannot tell {'it' if len(within) == 1 else 'them'} apart "
+                "from the best."
+            )
+        if not within:
+            parts.append("Every difference from the best exceeds the seed-to-seed spread.")
+    fastest = min(rows, key=lambda r: r["train_seconds"])
+    lightest = min(rows, key=lambda r: r["peak_mem_gb"])
+    parts.append(
+        f"Cost: {_name(fastest)} trained fastest ({fastest['train_seconds']:.0f} s), "
+        f"{_name(lightest)} used the least memory ({lightest['peak_mem_gb']:.2f} GB)."
+    )
+    return " ".join(parts)
+
+
+COLUMNS = ("placement", "policy", "layers", "rank", "scale", "trainable_params", "seeds")
+
+
+def table_rows(rows: Sequence[dict]) -> list[dict]:
+    """Flat records for CSV/JSON: the run description then ``metric`` and ``metric_std``."""
+    flat = []
+    for row in rows:
+        record = {c: row[c] for c in COLUMNS}
+        for key, _, _ in METRICS:
+            record[key] = row[key]
+            record[key + "_std"] = row[key + "_std"]
+        flat.append(record)
+    return flat
+
+
+def to_csv(rows: Sequence[dict]) -> str:
+    """The table as CSV text (empty std cells where only one seed ran)."""
+    flat = table_rows(rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(flat[0]) if flat else list(COLUMNS))
+    writer.writeheader()
+    writer.writerows(flat)
+    return buf.getvalue()
+
+
+def to_markdown(rows: Sequence[dict], base: dict | None) -> str:
+    """The table as Markdown: mean ± std per metric, the base model's quality as a first row."""
+    head = ["placement", "layers", "rank", "scale", "params"] + [lab for _, lab, _ in METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fmts = {"train_seconds": ".0f", "tokens_per_s": ".0f", "peak_mem_gb": ".2f"}
+    if base is not None:
+        cells = ["base model", "—", "—", "—", "0"]
+        cells += [f"{base[k]:.3f}" if base.get(k) is not None else "—" for k, _, _ in METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    for row in rows:
+        cells = [
+            f"{row['placement']} ({row['policy']})",
+            row["layers"],
+            str(row["rank"]),
+            f"{row['scale']:.3g}",
+            f"{row['trainable_params']:,}",
+        ]
+        cells += [_pm(row, k, fmts.get(k, ".3f")) for k, _, _ in METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[dict], base: dict | None, path: Path) -> None:
+    """One PNG: answer NLL and accuracy per placement with ±std error bars, and beside them the
+    train time and peak memory of each placement."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{r['placement']}\n{r['layers']}\n{r['policy']}" for r in rows]
+    x = list(range(len(rows)))
+
+    def err(key: str) -> list[float]:
+        return [r[key + "_std"] or 0.0 for r in rows]
+
+    fig, axes = plt.subplots(1, 3, figsize=(4.2 * 3, 4.2))
+    for ax, key, colour in ((axes[0], "answer_nll", "C0"), (axes[1], "accuracy", "C2")):
+        if any(r[key] is None for r in rows):
+            ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+            ax.set_title(dict((k, v) for k, v, _ in METRICS)[key])
+            continue
+        ax.errorbar(x, [r[key] for r in rows], yerr=err(key), fmt="o", capsize=5, color=colour)
+        if base is not None and base.get(key) is not None:
+            ax.axhline(base[key], color="grey", linestyle="--", label="base model")
+            ax.legend(loc="best", fontsize=8)
+        ax.set_title(dict((k, v) for k, v, _ in METRICS)[key] + " (mean ± std over seeds)")
+        ax.set_xticks(x, names, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    ax = axes[2]
+    width = 0.38
+    ax.bar(
+        [i - width / 2 for i in x],
+        [r["train_seconds"] for r in rows],
+        width,
+        yerr=err("train_seconds"),
+        color="C1",
+        label="train s",
+    )
+    ax.set_ylabel("train time (s)")
+    ax.set_xticks(x, names, fontsize=8)
+    twin = ax.twinx()
+    twin.bar(
+        [i + width / 2 for i in x],
+        [r["peak_mem_gb"] for r in rows],
+        width,
+        yerr=err("peak_mem_gb"),
+        color="C4",
+        label="peak mem",
+    )
+    twin.set_ylabel("peak memory (GB)")
+    ax.set_title("cost: train time (left), peak memory (right)")
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles, ["train s", "peak mem GB"], loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    from fastmid.fileio import write_bytes_atomic
+
+    write_bytes_atomic(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------
+# The whole comparison
+
+
+def auto_band(
+    model: Any, tokenizer: Any, settings: Settings, criterion: str, width: int
+) -> tuple[list[int], str]:
+    """The band ``criterion`` picks on the first training examples, and its one-line reason."""
+    import torch
+
+    from fastmid import data
+    from fastmid.train import resolve_precision
+
+    shared = run_config(settings)
+    records = data.load_records(shared.data or str(data.bundled_path("train")))[:64]
+    examples = data.tokenize_records(
+        records, tokenizer, fmt=shared.format, max_length=shared.max_length, loss_on=shared.loss_on
+    )
+    device = next(model.parameters()).device
+    precision = resolve_precision(shared.precision, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        if criterion == "gain":
+            from fastmid.bandgain import recommend_band_by_gain
+
+            layers, info = recommend_band_by_gain(model, tokenizer, examples, width=width)
+        else:
+            from fastmid.probe import recommend_band
+
+            layers, info = recommend_band(model, tokenizer, examples, width=width)
+    return layers, str(info["reason"])
+
+
+def compare(
+    settings: Settings,
+    placements: Sequence[str],
+    policies: Sequence[str],
+    seeds: int,
+    output_dir: str | Path,
+    *,
+    width: int | None = None,
+    auto_criterion: str = "sensitivity",
+    overwrite: bool = False,
+    isolate: bool = True,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Run (or take from the cache) every placement x policy x seed and write the report.
+
+    ``isolate`` runs each training in a fresh process (its own time and peak memory); tests
+    run in-process. Returns ``{"rows", "base", "verdict", "results"}``.
+    """
+    import torch
+
+    from fastmid import models
+    from fastmid.midblock import PAPER_BAND, find_decoder_layers, resolve_band
+    from fastmid.train import resolve_precision
+
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
+    if not placements:
+        raise UserError("--placements names no placement")
+    for policy in policies:
+        policy_alpha(policy, 1.0, 1, 1)
+    if auto_criterion not in AUTO_CRITERIA:
+        raise UserError(f"auto criterion must be one of {'|'.join(AUTO_CRITERIA)}")
+    shared = run_config(settings)
+    if shared.data is not None and settings.eval_data is None:
+        raise UserError("--data needs --eval-data: held-out records to compare the runs on")
+    for name in placements:
+        if name not in PLACEMENTS:
+            parse_band(name)  # a user band: fail now, not after the first run
+    _eval_records(settings)
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output dir {out} exists and is not a directory")
+    fingerprint = {
+        "train": settings.train,
+        "eval_data": settings.eval_data,
+        "eval_limit": settings.eval_limit,
+        "nll_limit": settings.nll_limit,
+        "ppl_limit": settings.ppl_limit,
+    }
+    stamp = out / "compare.json"
+    if stamp.exists() and not overwrite:
+        previous = json.loads(stamp.read_text(encoding="utf-8"))
+        if previous != json.loads(json.dumps(fingerprint)):
+            raise UserError(
+                f"{out} holds a compare with other settings; pass --overwrite to start over "
+                "or use another --output-dir"
+            )
+    elif out.is_dir() and any(out.iterdir()) and not stamp.exists() and not overwrite:
+        raise UserError(f"output dir {out} is not empty; pass --overwrite or use another")
+    if overwrite:
+        for entry in (
+            "runs",
+            "base.json",
+            "compare.json",
+            "results.csv",
+            "results.json",
+            "results.md",
+            "compare.png",
+        ):
+            target = out / entry
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(stamp, json.dumps(fingerprint, indent=2) + "\n")
+
+    # The base model: its depth, its quality (cached), and the auto band.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(shared.precision, device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model, tokenizer, model_name = models.load_model(shared.model, dtype=dtype)
+    model.to(device)
+    blocks = find_decoder_layers(model)
+    num_layers = len(blocks)
+    settings.num_layers = num_layers
+    settings.max_rank = min(
+        min(m.in_features, m.out_features)
+        for name, m in blocks[0].named_modules()
+        if name.rsplit(".", 1)[-1] in shared.get("targets") and hasattr(m, "in_features")
+    )
+    width = len(resolve_band(PAPER_BAND, num_layers)) if width is None else width
+    base_path = out / "base.json"
+    if base_path.exists():
+        base = json.loads(base_path.read_text(encoding="utf-8"))
+    else:
+        log(f"evaluating the base model {model_name} ...")
+        base = evaluate_model(model, tokenizer, settings, precision)
+        write_text_atomic(base_path, json.dumps(base, indent=2) + "\n")
+    bands: dict[str, list[int]] = {}
+    for name in placements:
+        if name == "auto":
+            auto_path = out / f"auto-{auto_criterion}-w{width}.json"
+            if auto_path.exists():
+                bands[name] = json.loads(auto_path.read_text(encoding="utf-8"))["layers"]
+            else:
+                log(f"choosing the auto band ({auto_criterion}) ...")
+                layers, reason = auto_band(model, tokenizer, settings, auto_criterion, width)
+                write_text_atomic(
+                    auto_path, json.dumps({"layers": layers, "reason": reason}) + "\n"
+                )
+                log(f"auto → {reason}")
+                bands[name] = layers
+        else:
+            bands[name] = placement_band(name, num_layers, width)
+    del model
+
+    plans = [
+        Plan(name, bands[name], policy, seed)
+        for seed in range(seeds)
+        for name in placements
+        for policy in policies
+    ]
+    results = []
+    for i, plan in enumerate(plans, 1):
+        run_dir = out / "runs" / plan.key
+        cached = run_dir / "result.json"
+        if cached.exists():
+            result = json.loads(cached.read_text(encoding="utf-8"))
+            how = "cached"
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            if isolate:
+                result = _run_isolated(settings, plan, run_dir)
+            else:
+                result = train_and_evaluate(settings, plan, run_dir)
+                if result.get("interrupted"):
+                    raise KeyboardInterrupt
+            how = f"{time.perf_counter() - start:.0f} s"
+        # One run can serve several placements with the same layers (e.g. auto = middle).
+        result = {**result, "placement": plan.placement}
+        results.append(result)
+        acc = "—" if result["accuracy"] is None else f"{result['accuracy']:.3f}"
+        log(
+            f"[{i}/{len(plans)}] {plan.placement} layers {layers_label(plan.layers)} "
+            f"{plan.policy} seed {plan.seed}: answer NLL {result['answer_nll']:.4f}, "
+            f"accuracy {acc}, ppl {result['general_ppl']:.2f} ({how})"
+        )
+
+    rows = aggregate(results, list(placements))
+    text = verdict(rows, base)
+    write_text_atomic(out / "results.csv", to_csv(rows))
+    report = {
+        "model": model_name,
+        "num_layers": num_layers,
+        "width": width,
+        "settings": fingerprint,
+        "base": base,
+        "rows": table_rows(rows),
+        "verdict": text,
+    }
+    write_text_atomic(out / "results.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "results.md", to_markdown(rows, base) + "\n" + text + "\n")
+    plot(rows, base, out / "compare.png")
+    return {"rows": rows, "base": base, "verdict": text, "results": results}
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``fastmid compare``; training flags mean what they mean for ``fastmid train``."""
+    S = argparse.SUPPRESS
+    parser.add_argument(
+        "--placements",
+        default="bottom,middle,top,all",
+        help="comma-separated: bottom, middle, top (equal-width bands), all, auto, or a layer "
+        "range like 6-23 (default: bottom,middle,top,all)",
+    )
+    parser.add_argument(
+        "--band",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="add a band in any --band form of fastmid train (repeatable), e.g. 0.1,0.5",
+    )
+    parser.add_argument(
+        "--alpha-policy",
+        default="ratio",
+        help="fixed (alpha constant, the paper), ratio (alpha/r at the all-layer value) or "
+        "rslora (alpha/sqrt(r)); comma-separated to compare several (default: ratio)",
+    )
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per run (default: 2)")
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="layers of the bottom/middle/top/auto bands (default: the 20-80%% band's width)",
+    )
+    parser.add_argument(
+        "--auto-criterion",
+        default="sensitivity",
+        choices=AUTO_CRITERIA,
+        help="how auto picks its band: the probe's low sensitivity, or the layers whose "
+        "adapters reduced the loss most in a short all-layer probe run (default: sensitivity)",
+    )
+    parser.add_argument("--output-dir", default="./fastmid-compare", help="results and cache")
+    parser.add_argument("--overwrite", action="store_true", help="discard cached runs")
+    parser.add_argument(
+        "--eval-data",
+        default=None,
+        help="held-out JSONL records ('#### N' answers); default: bundled test",
+    )
+    parser.add_argument(
+        "--eval-limit",
+        type=int,
+        default=32,
+        help="records for accuracy (greedy generation, slow on a CPU; 0 = skip; default: 32)",
+    )
+    parser.add_argument(
+        "--nll-limit", type=int, default=200, help="records for answer NLL (default: 200)"
+    )
+    parser.add_argument(
+        "--ppl-limit",
+        type=int,
+        default=32,
+        help="general-text paragraphs for perplexity (default: 32)",
+    )
+    group = parser.add_argument_group("training (as in fastmid train; same defaults)")
+    for name in PASSTHROUGH:
+        hint = typing_hint(name)
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            default=S,
+            type=hint,
+            help=f"{name.replace('_', '-')} of every run",
+        )
+
+
+def typing_hint(name: str) -> Any:
+    """argparse type of a pass-through TrainConfig field (lists and None stay strings)."""
+    default = TrainConfig().get(name)
+    if isinstance(default, bool):
+        return str
+    if isinstance(default, (int, float)):
+        return type(default)
+    return str
+
+
+def run(args: argparse.Namespace) -> int:
+    """``fastmid compare``: train every placement, evaluate, write the table, plot, verdict."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if args.eval_limit < 0:
+        raise UserError("--eval-limit must be 0 (no accuracy) or positive")
+    for name in ("nll_limit", "ppl_limit"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    given = [k for k in PASSTHROUGH if hasattr(args, k)]
+    cfg = build_config(None, {k: getattr(args, k) for k in given})
+    # Typed values, and the same rule as `fastmid train`: the demo lr and length when no data,
+    # length or lr is given.
+    train_fields = {k: cfg.get(k) for k in given}
+    if cfg.is_demo:
+        train_fields.update(lr=cfg.resolved().lr, max_steps=cfg.resolved().max_steps)
+    settings = Settings(
+        train=train_fields,
+        eval_data=args.eval_data,
+        eval_limit=args.eval_limit,
+        nll_limit=args.nll_limit,
+        ppl_limit=args.ppl_limit,
+    )
+    placements = [p for p in args.placements.replace(" ", "").split(",") if p] + list(args.band)
+    policies = [p for p in args.alpha_policy.replace(" ", "").split(",") if p]
+    # SIGTERM stops a compare as Ctrl-C does: the running training checkpoints first.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        result = compare(
+            settings,
+            placements,
+            policies,
+            args.seeds,
+            args.output_dir,
+            width=args.width,
+            auto_criterion=args.auto_criterion,
+            overwrite=args.overwrite,
+            log=lambda m: print(m, flush=True),
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print()
+    print(to_markdown(result["rows"], result["base"]))
+    print(result["verdict"])
+    print(
+        f"\nwritten: {Path(args.output_dir) / 'results.md'}, results.csv, results.json, compare.png"
+    )
+    return 0

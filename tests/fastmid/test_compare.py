@@ -1,0 +1,339 @@
+"""`fastmid compare`: placements, scale policies, the verdict, and a tiny end-to-end comparison
+that resumes from its cache."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import fastmid.kernels._common as kernel_dispatch
+import pytest
+import torch
+
+from fastmid import compare as cmp
+from fastmid.cli import main as cli_main
+from fastmid.errors import UserError
+from fastmid.midblock import lora_scale, resolve_rank
+from tests.fastmid._runs import RECORDS, make_model_dir, write_jsonl
+
+
+@pytest.fixture(autouse=True)
+def torch_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The kernels' torch path on one thread, as in the training tests."""
+    monkeypatch.setattr(kernel_dispatch, "INTERPRET", False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("model"))
+
+
+# --- placements and scales ------------------------------------------------------------------
+
+
+def test_equal_width_placements():
+    # 30 layers (the embedded SmolLM2): the default band 6-23 is 18 wide.
+    assert cmp.placement_band("bottom", 30, 18) == list(range(0, 18))
+    assert cmp.placement_band("middle", 30, 18) == list(range(6, 24))
+    assert cmp.placement_band("top", 30, 18) == list(range(12, 30))
+    assert cmp.placement_band("all", 30, 18) == list(range(30))
+    # Thirds: the middle is centred when it is not the default band's width.
+    assert cmp.placement_band("middle", 30, 10) == list(range(10, 20))
+    assert cmp.placement_band("top", 30, 10) == list(range(20, 30))
+    # User bands in every `fastmid train --band` form.
+    assert cmp.placement_band("6-23", 30, 18) == list(range(6, 24))
+    assert cmp.placement_band("0.1,0.5", 30, 18) == list(range(3, 15))
+    assert cmp.placement_band("3,5,7", 30, 18) == [3, 5, 7]
+    with pytest.raises(UserError, match="width"):
+        cmp.placement_band("bottom", 30, 31)
+    with pytest.raises(UserError, match="band"):
+        cmp.placement_band("sideways", 30, 18)
+
+
+@pytest.mark.parametrize(
+    ("n_active", "policy", "want_rank", "want_scale"),
+    [
+        # A 6-layer edge band of 30 with the paper's budget 64 and alpha 128: rank 320.
+        (6, "fixed", 320, 128 / 320),  # 0.4: the confound the policies exist to remove
+        (6, "ratio", 320, 2.0),  # held at the all-layer 128 / 64
+        (6, "rslora", 320, 128 / math.sqrt(320)),
+        # The default 18-layer band: rank 106.
+        (18, "fixed", 106, 128 / 106),
+        (18, "ratio", 106, 2.0),
+        (18, "rslora", 106, 128 / math.sqrt(106)),
+        # All layers: rank = the budget; fixed and ratio agree there.
+        (30, "fixed", 64, 2.0),
+        (30, "ratio", 64, 2.0),
+        (30, "rslora", 64, 16.0),
+    ],
+)
+def test_alpha_policies_give_the_expected_scale(n_active, policy, want_rank, want_scale):
+    rank = resolve_rank(None, 64, 30, n_active)
+    assert rank == want_rank
+    alpha, rslora = cmp.policy_alpha(policy, 128.0, rank, 64)
+    assert lora_scale(alpha, rank, rslora) == pytest.approx(want_scale, rel=1e-12)
+
+
+def test_unknown_policy_is_a_user_error():
+    with pytest.raises(UserError, match="alpha-policy"):
+        cmp.policy_alpha("loud", 128.0, 8, 64)
+
+
+# --- verdict on synthetic numbers -----------------------------------------------------------
+
+
+def row(placement: str, nll: float, std: float | None, seconds: float = 10.0, mem: float = 1.0):
+    r = {
+        "placement": placement,
+        "policy": "ratio",
+        "layers": "0-5",
+        "rank": 8,
+        "scale": 2.0,
+        "trainable_params": 100,
+        "seeds": 1 if std is None else 3,
+    }
+    for key, _, _ in cmp.METRICS:
+        r[key], r[key + "_std"] = 0.5, (None if std is None else 0.01)
+    r.update(answer_nll=nll, answer_nll_std=std, train_seconds=seconds, peak_mem_gb=mem)
+    return r
+
+
+def test_separation_splits_by_the_sum_of_the_spreads():
+    rows = [
+        row("middle", 1.00, 0.02),
+        row("all", 1.03, 0.02),  # gap 0.03 < 0.04: within
+        row("top", 1.05, 0.02),  # gap 0.05 > 0.04: beyond
+        row("bottom", 1.50, 0.30),  # gap 0.50 > 0.32: beyond
+    ]
+    best, beyond, within = cmp.separation(rows)
+    assert best["placement"] == "middle"
+    assert [r["placement"] for r in beyond] == ["top", "bottom"]
+    assert [r["placement"] for r in within] == ["all"]
+    # Higher-is-better metrics pick the largest.
+    for r, acc in zip(rows, [0.35, 0.4, 0.1, 0.0], strict=True):
+        r["accuracy"], r["accuracy_std"] = acc, 0.05
+    best, beyond, within = cmp.separation(rows, "accuracy", lower_is_better=False)
+    assert best["placement"] == "all"
+    assert [r["placement"] for r in beyond] == ["top", "bottom"]
+    assert [r["placement"] for r in within] == ["middle"]
+
+
+def test_verdict_names_what_exceeds_the_spread():
+    rows = [row("middle", 1.00, 0.02, seconds=8), row("all", 1.03, 0.02), row("top", 1.2, 0.02)]
+    text = cmp.verdict(rows, base={"answer_nll": 1.45})
+    assert "middle (0-5, ratio) is best at 1.000 ± 0.020 (base model 1.450)" in text
+    assert "beats top (0-5, ratio) by more than the seed-to-seed spread" in text
+    assert "all (0-5, ratio) at 1.030 ± 0.020 is within the seed-to-seed spread" in text
+    assert "middle (0-5, ratio) trained fastest (8 s)" in text
+
+    clear = cmp.verdict([row("middle", 1.0, 0.01), row("top", 1.2, 0.01)])
+    assert "Every difference from the best exceeds the seed-to-seed spread." in clear
+    assert "within" not in clear
+
+
+def test_verdict_with_one_seed_claims_nothing():
+    text = cmp.verdict([row("middle", 1.0, None), row("top", 1.5, None)])
+    assert "spread is unknown" in text
+    assert "beats" not in text
+
+
+# --- end to end on a tiny model -------------------------------------------------------------
+
+
+def tiny_settings(model_dir: Path, data: Path, eval_data: Path, **over) -> cmp.Settings:
+    train = dict(
+        model=str(model_dir),
+        data=str(data),
+        precision="fp32",
+        lr=1e-2,
+        batch_tokens=256,
+        grad_accum=1,
+        max_length=64,
+        max_steps=2,
+        rank_budget=4,
+        alpha=8.0,
+    )
+    train.update(over)
+    return cmp.Settings(
+        train=train, eval_data=str(eval_data), eval_limit=2, nll_limit=8, ppl_limit=2
+    )
+
+
+def test_compare_end_to_end_and_resume(model_dir: Path, tmp_path: Path, monkeypatch):
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS[:16])
+    held = write_jsonl(tmp_path / "test.jsonl", RECORDS[16:24])
+    settings = tiny_settings(model_dir, data, held)
+    out = tmp_path / "cmp"
+    calls: list[str] = []
+    real_train = cmp.train_and_evaluate
+
+    def counting(settings, plan, run_dir):
+        calls.append(plan.key)
+        return real_train(settings, plan, run_dir)
+
+    monkeypatch.setattr(cmp, "train_and_evaluate", counting)
+    placements = ["bottom", "top", "all"]
+    result = cmp.compare(settings, placements, ["fixed"], 2, out, isolate=False, log=lambda m: None)
+    assert len(calls) == 6
+    rows = result["rows"]
+    assert [r["placement"] for r in rows] == placements
+    # 10 layers, default width 6: rank floor(4 * 10 / 6) = 6 on the bands, 4 on all layers;
+    # the fixed policy gives alpha / rank.
+    by_name = {r["placement"]: r for r in rows}
+    assert by_name["bottom"]["layers"] == "0-5" and by_name["top"]["layers"] == "4-9"
+    assert by_name["bottom"]["rank"] == 6 and by_name["all"]["rank"] == 4
+    assert by_name["bottom"]["scale"] == pytest.approx(8 / 6)
+    assert by_name["all"]["scale"] == pytest.approx(2.0)
+    # 4 targets x (r x 64 + 64 x r) per layer; q/k/v/o of the tiny Llama are 64 wide except
+    # k/v (32 = 2 KV heads x 16).
+    per_rank = 2 * (64 + 64) + 2 * (64 + 32)
+    assert by_name["bottom"]["trainable_params"] == 6 * 6 * per_rank
+    for r in rows:
+        assert r["seeds"] == 2
+        assert r["answer_nll_std"] is not None
+        assert 0 < r["answer_nll"] < result["base"]["answer_nll"] + 5
+        assert r["train_seconds"] > 0 and r["peak_mem_gb"] > 0
+    # The seeds really differ (a different adapter init and data order).
+    bottom = [x for x in result["results"] if x["placement"] == "bottom"]
+    assert bottom[0]["answer_nll"] != bottom[1]["answer_nll"]
+
+    table = list(csv.DictReader((out / "results.csv").open()))
+    assert [t["placement"] for t in table] == placements
+    assert float(table[0]["answer_nll"]) == pytest.approx(rows[0]["answer_nll"])
+    report = json.loads((out / "results.json").read_text())
+    assert report["verdict"] == result["verdict"] and report["num_layers"] == 10
+    assert (out / "results.md").read_text().startswith("| placement |")
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Interrupted after some runs: the cached ones are not trained again.
+    removed = sorted((out / "runs").iterdir())[0]
+    (removed / "result.json").unlink()
+    calls.clear()
+    again = cmp.compare(settings, placements, ["fixed"], 2, out, isolate=False, log=lambda m: None)
+    assert calls == [removed.name]
+    assert [r["answer_nll"] for r in again["rows"]] == pytest.approx(
+        [r["answer_nll"] for r in rows]
+    )
+    # More seeds reuse the first two; a placement with the same layers reuses its runs.
+    calls.clear()
+    cmp.compare(settings, ["0-5"], ["fixed"], 2, out, isolate=False, log=lambda m: None)
+    assert calls == []
+
+    # Other settings in the same directory: refused, unless --overwrite.
+    changed = tiny_settings(model_dir, data, held, max_steps=3)
+    with pytest.raises(UserError, match="other settings"):
+        cmp.compare(changed, placements, ["fixed"], 1, out, isolate=False)
+
+
+def test_cli_compare_in_subprocesses(model_dir: Path, tmp_path: Path, monkeypatch, capsys):
+    """The CLI path: each run in its own process; a bad band fails before any training."""
+    # The spawned runs read the switch at import: give them the torch path too.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS[:12])
+    held = write_jsonl(tmp_path / "test.jsonl", RECORDS[16:20])
+    common = [
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--eval-data",
+        str(held),
+        "--precision",
+        "fp32",
+        "--max-steps",
+        "1",
+        "--lr",
+        "1e-2",
+        "--batch-tokens",
+        "256",
+        "--grad-accum",
+        "1",
+        "--max-length",
+        "64",
+        "--eval-limit",
+        "0",
+        "--nll-limit",
+        "4",
+        "--ppl-limit",
+        "1",
+        "--rank-budget",
+        "4",
+    ]
+    out = tmp_path / "cli"
+    assert cli_main(["compare", *common, "--placements", "sideways", "--output-dir", str(out)]) == 2
+    assert "band 'sideways'" in capsys.readouterr().err
+    assert not out.exists()
+
+    code = cli_main(
+        [
+            "compare",
+            *common,
+            "--placements",
+            "middle",
+            "--seeds",
+            "1",
+            "--alpha-policy",
+            "rslora",
+            "--output-dir",
+            str(out),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| middle (rslora) | 2-7 |" in printed
+    assert "There is nothing to compare it with." in printed
+    result = json.loads(next((out / "runs").glob("*/result.json")).read_text())
+    # Budget 4 on 6 of 10 layers: rank 6, rsLoRA scale 128 / sqrt(6) (alpha's default 128).
+    assert result["rank"] == 6
+    assert result["accuracy"] is None  # --eval-limit 0: no generation
+    assert result["answer_nll"] > 0 and result["general_ppl"] > 1
+    assert result["scale"] == pytest.approx(128 / math.sqrt(6))
+    assert "step 1/1" in next((out / "runs").glob("*/log.txt")).read_text()
+
+
+def test_a_run_interrupted_mid_training_resumes_from_its_checkpoint(
+    model_dir: Path, tmp_path: Path, monkeypatch
+):
+    import os
+    import signal
+
+    import fastmid.train as train_mod
+
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS[:16])
+    held = write_jsonl(tmp_path / "test.jsonl", RECORDS[16:24])
+    settings = tiny_settings(model_dir, data, held, max_steps=4)
+    quiet = dict(isolate=False, log=lambda m: None)
+    straight = cmp.compare(settings, ["top"], ["ratio"], 1, tmp_path / "straight", **quiet)
+
+    calls = {"n": 0}
+    real = train_mod.forward_loss
+
+    def interrupting(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:  # during step 2: the run checkpoints after it and stops
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(model, batch)
+
+    monkeypatch.setattr(train_mod, "forward_loss", interrupting)
+    out = tmp_path / "cmp"
+    with pytest.raises(KeyboardInterrupt):
+        cmp.compare(settings, ["top"], ["ratio"], 1, out, **quiet)
+    (run_dir,) = (out / "runs").iterdir()
+    assert (run_dir / "train" / "checkpoint").is_dir()
+    assert not (run_dir / "result.json").exists()
+
+    monkeypatch.setattr(train_mod, "forward_loss", real)
+    resumed = cmp.compare(settings, ["top"], ["ratio"], 1, out, **quiet)
+    steps = [json.loads(x)["step"] for x in (run_dir / "train" / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3, 4]
+    # Resuming is exact: the same adapter, so the same held-out numbers as a straight run.
+    (got,), (want,) = resumed["results"], straight["results"]
+    assert got["answer_nll"] == want["answer_nll"]
+    assert got["loss_last"] == want["loss_last"]

@@ -1,0 +1,169 @@
+"""Stopping a run: SIGINT and SIGTERM checkpoint and exit 130, a second SIGINT stops at once,
+and a resume falls back to the previous checkpoint when the newest is damaged.
+
+(``--nproc``'s launcher passing signals on is tested in ``test_launcher.py``.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import fastmid.kernels._common as kernel_dispatch
+import pytest
+import torch
+
+import fastmid.train as train_mod
+from fastmid.cli import main
+from fastmid.config import build_config
+from tests.fastmid.test_train import RECORDS, make_model_dir, write_jsonl
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_path() -> Iterator[None]:
+    """The kernels' torch path on one thread, for every run here (the module-scoped
+    reference run included, so all runs do the same arithmetic)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernel_dispatch, "INTERPRET", False)
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("model"), num_layers=5)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", RECORDS)
+
+
+def argv(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """A 5-step run with dropout on, so a resume must restore the RNG state exactly."""
+    return [
+        "train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out),
+        "--precision", "fp32", "--max-steps", "5", "--no-eval", "--batch-tokens", "128",
+        "--max-length", "64", "--rank", "4", "--dropout", "0.1", "--lr", "1e-2",
+        "--grad-accum", "1", *extra,
+    ]  # fmt: skip
+
+
+REAL_FORWARD_LOSS = train_mod.forward_loss
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight(model_dir: Path, data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run every stopped-and-resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("straight") / "out"
+    assert main(argv(model_dir, data, out)) == 0
+    return out
+
+
+def signal_on_forward(monkeypatch: pytest.MonkeyPatch, at: dict[int, signal.Signals]) -> None:
+    """Send this process ``at[n]`` during the n-th micro-batch forward (1-based)."""
+    calls = {"n": 0}
+
+    def forward_loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] in at:
+            os.kill(os.getpid(), at[calls["n"]])
+        return REAL_FORWARD_LOSS(model, batch)
+
+    monkeypatch.setattr(train_mod, "forward_loss", forward_loss)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_checkpoints_exits_130_and_resumes_exactly(
+    sig: signal.Signals,
+    straight: Path,
+    model_dir: Path,
+    data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+):
+    out = tmp_path / "out"
+    before = signal.getsignal(sig)
+    signal_on_forward(monkeypatch, {2: sig})  # during step 2 (one micro-batch a step)
+    assert main(argv(model_dir, data, out)) == 130
+    assert signal.getsignal(sig) is before  # the run's handler is gone again
+    captured = capsys.readouterr()
+    assert f"{sig.name}: saving a checkpoint after this step, then stopping" in captured.out
+    assert "stopped at step 2; continue with --resume" in captured.out
+    assert captured.err == ""
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "metrics.jsonl"]
+
+    monkeypatch.setattr(train_mod, "forward_loss", REAL_FORWARD_LOSS)
+    assert main(argv(model_dir, data, out, "--resume")) == 0
+    assert losses(out) == losses(straight)  # bit-exact, dropout included
+    a = (straight / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == a
+    assert not (out / "checkpoint").exists() and not (out / "checkpoint.old").exists()
+
+
+def test_a_second_sigint_stops_at_once(
+    model_dir: Path,
+    data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+):
+    out = tmp_path / "out"
+    signal_on_forward(monkeypatch, {1: signal.SIGINT, 2: signal.SIGINT})
+    # Two micro-batches a step: the second SIGINT arrives before step 1's checkpoint.
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(build_config(None, _config(model_dir, data, out, grad_accum=2)))
+    assert not (out / "checkpoint").exists()  # stopped at once: no checkpoint was written
+
+    signal_on_forward(monkeypatch, {1: signal.SIGINT, 2: signal.SIGINT})
+    code = main(argv(model_dir, data, tmp_path / "cli", "--grad-accum", "2"))
+    assert code == 130
+    assert capsys.readouterr().err.splitlines() == ["fastmid train: interrupted"]
+
+
+def _config(model_dir: Path, data: Path, out: Path, **over) -> dict:
+    values = dict(
+        model=str(model_dir), data=str(data), output_dir=str(out), precision="fp32",
+        max_steps=5, eval=False, batch_tokens=128, max_length=64, rank=4, dropout=0.1, lr=1e-2,
+    )  # fmt: skip
+    return {**values, **over}
+
+
+def test_resume_falls_back_to_the_previous_checkpoint(
+    straight: Path,
+    model_dir: Path,
+    data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+):
+    out = tmp_path / "out"
+    # Checkpoints after steps 1, 2 and 3; stopped by SIGTERM during step 3.
+    signal_on_forward(monkeypatch, {3: signal.SIGTERM})
+    assert main(argv(model_dir, data, out, "--save-every", "1")) == 130
+    ckpt, previous = out / "checkpoint", out / "checkpoint.old"
+    assert json.loads((previous / "state.json").read_text())["extra"]["step"] == 2
+    blob = bytearray((ckpt / "optimizer.safetensors").read_bytes())
+    blob[len(blob) // 2] ^= 0x10
+    (ckpt / "optimizer.safetensors").write_bytes(bytes(blob))
+    capsys.readouterr()
+
+    monkeypatch.setattr(train_mod, "forward_loss", REAL_FORWARD_LOSS)
+    assert main(argv(model_dir, data, out, "--resume")) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"fastmid: checkpoint {ckpt} is damaged (optimizer.safetensors does not match its "
+        f"checksum); resuming from the previous one, {previous}"
+    ]
+    assert f"resumed from {ckpt} at step 2/5" in captured.out
+    assert losses(out) == losses(straight)
