@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from fastmid.errors import UserError
 from fastmid.kernels.nf4_matmul import NF4Weight, nf4_dequantize, nf4_linear
@@ -426,7 +427,8 @@ def frozen_weight_bytes(model: nn.Module) -> dict[str, int]:
             out["bf16"] += 2 * w.numel()
             if isinstance(w, QuantizedWeight):
                 out["quantized"] += payload_bytes(w.payload)
-            elif w.untyped_storage().data_ptr() not in seen:
-                seen.add(w.untyped_storage().data_ptr())
+            elif StorageWeakRef(w.untyped_storage()).cdata not in seen:
+                # Storage identity, not its data pointer (which FakeTensor traces lack).
+                seen.add(StorageWeakRef(w.untyped_storage()).cdata)
                 out["plain"] += w.untyped_storage().nbytes()
     return out
