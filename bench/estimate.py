@@ -155,6 +155,7 @@ def estimate_peak(
     seq_len: int = 1024,
     loss_fraction: float = 0.5,
     band: Any = (0.2, 0.8),
+    quantize: str = "none",
 ) -> Estimate:
     """Estimated CUDA peak bytes of one bf16-mixed training step of ``provider`` on ``config``.
 
@@ -163,11 +164,13 @@ def estimate_peak(
 
     The batch holds ``batch_size`` full sequences of ``seq_len`` tokens: padded (B, T) for the
     PEFT providers (no pad at all, their best case), one packed row of B·T tokens for fastmid
-    with ``loss_fraction`` of the positions carrying a label.
+    with ``loss_fraction`` of the positions carrying a label. ``quantize`` ("nf4", "int8")
+    stores fastmid's frozen decoder linears quantized (fastmid.quantize).
     """
     from transformers import AutoModelForCausalLM
 
     from fastmid.midblock import MidBlockConfig, apply_midblock, resolve_band, resolve_rank
+    from fastmid.quantize import stored_tensors
 
     t0 = time.perf_counter()
     tokens = batch_size * seq_len
@@ -191,6 +194,7 @@ def estimate_peak(
                 alpha=ALPHA,
                 dropout=0.0,
                 gradient_checkpointing=provider == "fastmid_gc",
+                quantize=quantize,
             )
             apply_midblock(model, cfg)
             loss_fn = _label_only_loss
@@ -212,8 +216,9 @@ def estimate_peak(
             batch = {"input_ids": torch.zeros(batch_size, seq_len, dtype=torch.long)}
         params = list(model.parameters())
         trainable = [p for p in params if p.requires_grad]
-        weights = list({StorageWeakRef(p.untyped_storage()).cdata: p for p in params}.values())
-        tracker = LiveStorageTracker([*params, *model.buffers(), *batch.values()])
+        stored = [t for p in params for t in stored_tensors(p)]
+        weights = list({StorageWeakRef(t.untyped_storage()).cdata: t for t in stored}.values())
+        tracker = LiveStorageTracker([*stored, *model.buffers(), *batch.values()])
         with tracker, torch.autocast("cpu", dtype=torch.bfloat16):
             loss = loss_fn(model, batch)
         with tracker:

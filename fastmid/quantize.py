@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from fastmid.errors import UserError
 from fastmid.kernels.nf4_matmul import NF4Weight, nf4_dequantize, nf4_linear
@@ -156,6 +157,11 @@ def _rows(payload: Payload, start: int, stop: int) -> Payload:
 
 def _tensors(payload: Payload) -> list[torch.Tensor]:
     return [t for t in payload if isinstance(t, torch.Tensor)]
+
+
+def stored_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``t``'s data: a quantized weight's payload, else ``[t]``."""
+    return _tensors(t.payload) if isinstance(t, QuantizedWeight) else [t]
 
 
 def payload_bytes(payload: Payload) -> int:
@@ -319,8 +325,12 @@ def quantize_frozen(model: nn.Module, method: str = "nf4", block_size: int = NF4
         groups = fused_weights(block)
         members = {id(m) for _, _, ms in groups for m in ms}
         for holder, attr, ms in groups:
-            _check_width(method, f"layer {i} fused {'/'.join(m.name for m in ms)}",
-                         getattr(holder, attr), block_size)  # fmt: skip
+            _check_width(
+                method,
+                f"layer {i} fused {'/'.join(m.name for m in ms)}",
+                getattr(holder, attr),
+                block_size,
+            )
         fused += groups
         for name, module in block.named_modules():
             where = f"layer {i} {name}"
@@ -347,14 +357,16 @@ def quantize_frozen(model: nn.Module, method: str = "nf4", block_size: int = NF4
             setattr(holder, attr, whole)
             start = 0
             for m, n in zip(ms, rows, strict=True):
-                m.weight = _frozen(QuantizedWeight(_rows(whole.payload, start, start + n),
-                                                   whole.dtype))  # fmt: skip
+                m.weight = _frozen(
+                    QuantizedWeight(_rows(whole.payload, start, start + n), whole.dtype)
+                )
                 start += n
         for m in single:
             m.weight = _frozen(quantize(m.weight, [m.out_features]))
         for parent, child, lin in linears:
-            setattr(parent, child, QuantizedLinear(quantize(lin.weight, [lin.out_features]),
-                                                   lin.bias))  # fmt: skip
+            setattr(
+                parent, child, QuantizedLinear(quantize(lin.weight, [lin.out_features]), lin.bias)
+            )
     model.fastmid_quantize = method
     return model
 
@@ -378,15 +390,20 @@ def dequantize_frozen(model: nn.Module) -> nn.Module:
                 setattr(holder, attr, plain)
                 start = 0
                 for m in ms:
-                    m.weight = nn.Parameter(plain[start : start + m.out_features],
-                                            requires_grad=False)  # fmt: skip
+                    m.weight = nn.Parameter(
+                        plain[start : start + m.out_features], requires_grad=False
+                    )
                     start += m.out_features
             for name, module in list(block.named_modules()):
                 if isinstance(module, LoraLinear) and isinstance(module.weight, QuantizedWeight):
                     module.weight = nn.Parameter(module.weight.dequantize(), requires_grad=False)
                 elif isinstance(module, QuantizedLinear):
-                    lin = nn.Linear(module.in_features, module.out_features,
-                                    bias=module.bias is not None, device="meta")  # fmt: skip
+                    lin = nn.Linear(
+                        module.in_features,
+                        module.out_features,
+                        bias=module.bias is not None,
+                        device="meta",
+                    )
                     lin.weight = nn.Parameter(module.weight.dequantize(), requires_grad=False)
                     if module.bias is not None:
                         lin.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
@@ -410,7 +427,8 @@ def frozen_weight_bytes(model: nn.Module) -> dict[str, int]:
             out["bf16"] += 2 * w.numel()
             if isinstance(w, QuantizedWeight):
                 out["quantized"] += payload_bytes(w.payload)
-            elif w.untyped_storage().data_ptr() not in seen:
-                seen.add(w.untyped_storage().data_ptr())
+            elif StorageWeakRef(w.untyped_storage()).cdata not in seen:
+                # Storage identity, not its data pointer (which FakeTensor traces lack).
+                seen.add(StorageWeakRef(w.untyped_storage()).cdata)
                 out["plain"] += w.untyped_storage().nbytes()
     return out
