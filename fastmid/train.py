@@ -167,7 +167,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     with window, StopFlag().installed() as stop:
         while progress.step < plan.total_steps:
             step_batches = [[examples[i] for i in b] for b in batches.for_step(plan, progress.step)]
-            result = train_step(dp, step_batches, update, rt.autocast, rt.device)
+            result = train_step(dp, step_batches, update, rt, (cfg.seed, progress.step))
             progress.step += 1
             window.add(result)
             # A signal may reach the ranks at different steps: all stop at the same one.
@@ -542,26 +542,39 @@ class StepResult:
     lr: float
 
 
+def micro_batch_seed(run_seed: int, step: int, index: int) -> int:
+    """The RNG seed of micro-batch ``index`` of optimizer step ``step``: a pure function of the
+    three, so whichever rank computes a micro-batch draws the same dropout masks for it."""
+    words = [run_seed & (2**64 - 1), step, index]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def train_step(
     dp: distributed.ParallelStep,
     step_batches: list[list[Example]],
     update: Callable[[], float],
-    autocast: Callable[[], contextlib.AbstractContextManager],
-    device: torch.device,
+    rt: Runtime,
+    seed_and_step: tuple[int, int],
 ) -> StepResult:
     """Forward and backward over this rank's micro-batches of one step, then ``update()``
     (clip, optimizer, schedule; returns the lr used). The loss is normalised by every label
-    token of the step, so accumulation (and any number of ranks) equals one big batch."""
+    token of the step, so accumulation (and any number of ranks) equals one big batch.
+
+    Before each micro-batch torch's RNG is seeded from (run seed, step, the micro-batch's
+    number in the step), which the kernels draw their dropout seeds from: N ranks take exactly
+    the steps one process takes, dropout included.
+    """
     from fastmid.data import collate_packed
 
     labels = sum(e.num_loss_tokens for batch in step_batches for e in batch)
     losses: list[torch.Tensor] = []
     tokens = 0
-    for batch_examples, grad_sync in dp.micro_batches(step_batches):
+    for (index, batch_examples), grad_sync in dp.micro_batches(list(enumerate(step_batches))):
+        torch.manual_seed(micro_batch_seed(*seed_and_step, index))
         batch = collate_packed(batch_examples)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
         with grad_sync:
-            with autocast():
+            with rt.autocast():
                 loss_sum, _ = dp.forward_loss(batch)
             (loss_sum / labels).backward()
         losses.append(loss_sum.detach())
