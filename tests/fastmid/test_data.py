@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 
 from fastmid import synth
 from fastmid.data import (
-    IGNORE,
+    IGNORE_INDEX,
     Example,
     bundled_path,
     collate_packed,
@@ -128,14 +128,14 @@ def test_qa_targets_are_shifted_response_tokens_ending_in_eos() -> None:
     (ex,) = tokenize_records([record], tok, fmt="qa")
     prompt_ids = tok("Question: Sam has 3 apples. How many?\nAnswer:").input_ids
     assert ex.input_ids[: len(prompt_ids)] == prompt_ids
-    assert ex.targets[-1] == IGNORE
+    assert ex.targets[-1] == IGNORE_INDEX
     # Every labelled position predicts the next input token.
     for t, target in enumerate(ex.targets):
-        if target != IGNORE:
+        if target != IGNORE_INDEX:
             assert target == ex.input_ids[t + 1]
     # The first label sits on the last prompt token and the labels spell the response + EOS.
-    assert ex.targets.index(next(t for t in ex.targets if t != IGNORE)) == len(prompt_ids) - 1
-    labels = [t for t in ex.targets if t != IGNORE]
+    assert ex.targets.index(next(t for t in ex.targets if t != IGNORE_INDEX)) == len(prompt_ids) - 1
+    labels = [t for t in ex.targets if t != IGNORE_INDEX]
     assert tok.decode(labels) == " 3 + 0 = 3\n#### 3<|im_end|>"
     assert ex.num_loss_tokens == len(ex.input_ids) - len(prompt_ids)
 
@@ -159,7 +159,7 @@ def test_truncation_and_filtering() -> None:
     # The long example lost its whole response to truncation and is dropped.
     assert len(examples) == 1 and examples[0].num_loss_tokens > 0
     (cut,) = tokenize_records([long], tok, max_length=20, loss_on="all")
-    assert len(cut.input_ids) == 20 and cut.targets[-1] == IGNORE
+    assert len(cut.input_ids) == 20 and cut.targets[-1] == IGNORE_INDEX
     with pytest.raises(UserError, match="no examples left"):
         tokenize_records([long], tok, max_length=20)
 
@@ -177,7 +177,7 @@ def test_chat_format_puts_loss_on_every_assistant_turn_only() -> None:
     }
     (ex,) = tokenize_records([record], tok, fmt="chat")
     assert tok.decode(ex.input_ids) == tok.apply_chat_template(record["messages"], tokenize=False)
-    labelled = tok.decode([t if t != IGNORE else tok.pad_token_id for t in ex.targets])
+    labelled = tok.decode([t if t != IGNORE_INDEX else tok.pad_token_id for t in ex.targets])
     spans = [s for s in labelled.split("<|endoftext|>") if s]
     assert spans == ["Ok 2.<|im_end|>\n", "Ben has 7.<|im_end|>\n"]
 
@@ -185,7 +185,7 @@ def test_chat_format_puts_loss_on_every_assistant_turn_only() -> None:
 def test_chat_format_from_question_answer_and_errors() -> None:
     tok = tiny_tokenizer()
     (ex,) = tokenize_records([{"question": "Hi?", "answer": "#### 4"}], tok, fmt="chat")
-    assert tok.decode([t for t in ex.targets if t != IGNORE]) == "#### 4<|im_end|>\n"
+    assert tok.decode([t for t in ex.targets if t != IGNORE_INDEX]) == "#### 4<|im_end|>\n"
     with pytest.raises(UserError, match="unknown record shape"):
         tokenize_records([{"text": "x"}], tok)
     with pytest.raises(UserError, match="unknown data format"):
@@ -199,7 +199,7 @@ def test_chat_format_from_question_answer_and_errors() -> None:
 
 
 def _examples(lengths: list[int]) -> list[Example]:
-    return [Example(list(range(n)), [*range(1, n), IGNORE]) for n in lengths]
+    return [Example(list(range(n)), [*range(1, n), IGNORE_INDEX]) for n in lengths]
 
 
 def test_pack_batches_respects_budget_and_is_deterministic() -> None:
@@ -225,11 +225,11 @@ def test_collators_shapes_positions_and_targets() -> None:
     packed = collate_packed([a, b])
     assert packed["input_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
-    assert packed["targets"].tolist() == [[1, 2, IGNORE, 1, 2, 3, 4, IGNORE]]
+    assert packed["targets"].tolist() == [[1, 2, IGNORE_INDEX, 1, 2, 3, 4, IGNORE_INDEX]]
     padded = collate_padded([a, b], pad_id=9)
     assert padded["input_ids"].tolist() == [[0, 1, 2, 9, 9], [0, 1, 2, 3, 4]]
     assert padded["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
-    assert padded["targets"][0].tolist() == [1, 2, IGNORE, IGNORE, IGNORE]
+    assert padded["targets"][0].tolist() == [1, 2, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
     assert padded["position_ids"][1].tolist() == [0, 1, 2, 3, 4]
 
 
@@ -237,7 +237,7 @@ def _packed_and_alone(model: torch.nn.Module, use_cache: bool, restart: bool) ->
     """Largest |logit difference| between a packed row and each example run alone."""
     gen = torch.Generator().manual_seed(1)
     examples = [
-        Example(torch.randint(3, 400, (n,), generator=gen).tolist(), [IGNORE] * n)
+        Example(torch.randint(3, 400, (n,), generator=gen).tolist(), [IGNORE_INDEX] * n)
         for n in (7, 12, 5)
     ]
     batch = collate_packed(examples)
@@ -286,8 +286,8 @@ def test_packed_logits_match_padded_batch_at_labelled_positions() -> None:
             position_ids=padded["position_ids"],
             use_cache=False,
         ).logits
-    keep_p = packed["targets"][0] != IGNORE
-    keep_q = padded["targets"] != IGNORE
+    keep_p = packed["targets"][0] != IGNORE_INDEX
+    keep_q = padded["targets"] != IGNORE_INDEX
     assert packed["targets"][0][keep_p].tolist() == padded["targets"][keep_q].tolist()
     torch.testing.assert_close(p[keep_p], q[keep_q], rtol=1e-4, atol=1e-5)
 
