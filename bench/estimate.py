@@ -23,7 +23,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from bench.providers import ALPHA, RANK_UNIFORM, peft_model
+from bench.providers import SPECS, ProviderSpec, peft_model
+from fastmid.midblock import PAPER_BAND
 
 
 def real_configs() -> dict[str, Any]:
@@ -148,13 +149,25 @@ def _peft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
     return model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
 
 
+# fastmid with its own activation checkpointing of the band and the blocks above it: what the
+# band gives when memory is the goal (estimated only).
+FASTMID_GC = ProviderSpec(
+    "fastmid_gc", "fastmid + gradient checkpointing of the band and above", packed=True
+)
+
+
+def spec(provider: str) -> ProviderSpec:
+    """The benchmark provider named ``provider``, or :data:`FASTMID_GC`."""
+    return FASTMID_GC if provider == FASTMID_GC.name else SPECS[provider]
+
+
 def estimate_peak(
     config: Any,
     provider: str,
     batch_size: int = 8,
     seq_len: int = 1024,
     loss_fraction: float = 0.5,
-    band: Any = (0.2, 0.8),
+    band: Any = PAPER_BAND,
     quantize: str = "none",
 ) -> Estimate:
     """Estimated CUDA peak bytes of one bf16-mixed training step of ``provider`` on ``config``.
@@ -169,7 +182,13 @@ def estimate_peak(
     """
     from transformers import AutoModelForCausalLM
 
-    from fastmid.midblock import MidBlockConfig, apply_midblock, resolve_band, resolve_rank
+    from fastmid.midblock import (
+        PAPER_RANK_BUDGET,
+        MidBlockConfig,
+        apply_midblock,
+        resolve_band,
+        resolve_rank,
+    )
     from fastmid.quantize import stored_tensors
 
     t0 = time.perf_counter()
@@ -184,16 +203,14 @@ def estimate_peak(
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).train()
         num_layers = config.num_hidden_layers
-        if provider in ("fastmid", "fastmid_gc"):
+        if spec(provider).packed:
             # Dropout off: fastmid's kernels redraw the mask from a seed and never store it
             # (the trace cannot draw the seed, a data-dependent .item()); only the transient
             # masked copy of x inside one adapter call is left out.
             cfg = MidBlockConfig(
                 band=band,
-                rank_budget=RANK_UNIFORM,
-                alpha=ALPHA,
                 dropout=0.0,
-                gradient_checkpointing=provider == "fastmid_gc",
+                gradient_checkpointing=provider == FASTMID_GC.name,
                 quantize=quantize,
             )
             apply_midblock(model, cfg)
@@ -208,9 +225,9 @@ def estimate_peak(
         else:
             if provider == "peft_mid":
                 layers = resolve_band(band, num_layers)
-                rank = resolve_rank(None, RANK_UNIFORM, num_layers, len(layers))
+                rank = resolve_rank(None, PAPER_RANK_BUDGET, num_layers, len(layers))
             else:
-                layers, rank = None, RANK_UNIFORM
+                layers, rank = None, PAPER_RANK_BUDGET
             model = peft_model(model, rank, layers, gc=provider == "peft_all_gc").train()
             loss_fn = _peft_loss
             batch = {"input_ids": torch.zeros(batch_size, seq_len, dtype=torch.long)}

@@ -1,15 +1,17 @@
 """Shared setup for every benchmark: the base model, identical data, and the three providers.
 
-Providers (all train the same examples, in the same order, with AdamW lr 1e-4):
+Providers (all train the same examples, in the same order, with AdamW at the paper's lr):
 
-- ``peft_all``   standard LoRA as the paper's baseline runs it: PEFT ``LoraConfig(r=64,
-  lora_alpha=128, lora_dropout=0.05, target_modules=q/k/v/o)`` on every layer, right-padded
+- ``peft_all``   standard LoRA as the paper's baseline runs it: PEFT ``LoraConfig`` with the
+  paper's rank, alpha, dropout and q/k/v/o targets (``fastmid.midblock.PAPER_*``) on every
+  layer, right-padded
   batches (HF's usual collator), loss on every non-pad token through ``model(labels=...)``;
 - ``peft_all_gc`` the same with non-reentrant gradient checkpointing, as PEFT users enable it;
 - ``peft_mid``   PEFT on fastmid's band with the budget-matched rank (``layers_to_transform``),
   padded batches, loss on every token: what the band alone gives with stock kernels;
-- ``fastmid``    ``apply_midblock`` + the trainer's packing (one row, positions restarting per
-  example) + ``forward_loss`` (LM head only where a label exists, the trainer's ``loss_on``).
+- ``fastmid``    ``fastmid.models.prepare_model`` (the trainer's own patching and attention
+  choice) + the trainer's packing (one row, positions restarting per example) + the trainer's
+  loss (LM head only where a label exists, the trainer's ``loss_on``).
 
 Precision ``fp32`` runs everything in fp32. ``bf16`` is mixed precision the way PEFT users run
 it: frozen weights cast to bf16, adapters and optimizer state in fp32, the step under
@@ -27,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastmid.attention import enable_varlen_attention
+from fastmid.config import PAPER_LR
 from fastmid.data import (
+    IGNORE_INDEX,
     Example,
     bundled_path,
     collate_packed,
@@ -38,30 +41,82 @@ from fastmid.data import (
     tokenize_records,
 )
 from fastmid.errors import UserError
-from fastmid.midblock import MidBlockConfig, adapter_parameters, apply_midblock, resolve_band
-from fastmid.midblock import resolve_rank as _resolve_rank
+from fastmid.midblock import (
+    PAPER_ALPHA,
+    PAPER_BAND,
+    PAPER_DROPOUT,
+    PAPER_RANK_BUDGET,
+    PAPER_TARGETS,
+    MidBlockConfig,
+    adapter_parameters,
+    resolve_band,
+    resolve_rank,
+)
+from fastmid.models import prepare_model
 
-PROVIDERS = ("peft_all", "peft_all_gc", "peft_mid", "fastmid")
-DESCRIPTIONS = {
-    "peft_all": "PEFT LoRA r=64 on q/k/v/o of every layer, padded, loss on all tokens",
-    "peft_all_gc": "peft_all + non-reentrant gradient checkpointing",
-    "peft_mid": "PEFT LoRA on the same band, budget-matched rank, padded, loss on all tokens",
-    "fastmid": "apply_midblock + packing + label-only LM head (trainer defaults)",
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    """What a provider is, before any model is built: its name, what it runs, and how it
+    batches a step (``packed``: one row of whole examples with no pad, as fastmid's trainer
+    does; otherwise right-padded ``(B, T)`` as HF's collator does)."""
+
+    name: str
+    description: str
+    packed: bool
+    # Provider whose useful-FLOP count this one shares: gradient checkpointing recomputes the
+    # forward, and recomputed FLOPs are not useful work.
+    useful_twin: str | None = None
+
+    def step_shape(self, rows: int, row_tokens: int) -> tuple[int, int]:
+        """(B, T) of a step of ``rows`` sequences of ``row_tokens`` tokens in this layout."""
+        return (1, rows * row_tokens) if self.packed else (rows, row_tokens)
+
+    def shape(self, workload: Workload, step: int) -> str:
+        """ "BxT" of step ``step`` of ``workload`` as this provider executes it."""
+        b, t = (1, workload.real_tokens(step)) if self.packed else workload.padded_shape(step)
+        return f"{b}x{t}"
+
+    def executed_tokens(self, workload: Workload, step: int) -> int:
+        """Positions this provider computes for step ``step`` (real tokens plus its pads)."""
+        b, t = (1, workload.real_tokens(step)) if self.packed else workload.padded_shape(step)
+        return b * t
+
+
+SPECS = {
+    s.name: s
+    for s in (
+        ProviderSpec(
+            "peft_all",
+            "PEFT LoRA r=64 on q/k/v/o of every layer, padded, loss on all tokens",
+            packed=False,
+        ),
+        ProviderSpec(
+            "peft_all_gc",
+            "peft_all + non-reentrant gradient checkpointing",
+            packed=False,
+            useful_twin="peft_all",
+        ),
+        ProviderSpec(
+            "peft_mid",
+            "PEFT LoRA on the same band, budget-matched rank, padded, loss on all tokens",
+            packed=False,
+        ),
+        ProviderSpec(
+            "fastmid",
+            "prepare_model (as fastmid train) + packing + label-only LM head",
+            packed=True,
+        ),
+    )
 }
+PROVIDERS = tuple(SPECS)
+# Every ratio in the reports is against this provider (standard LoRA).
+REFERENCE = "peft_all"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-# The paper's LoRA setting, shared by every provider.
-RANK_UNIFORM = 64
-ALPHA = 128.0
-DROPOUT = 0.05
-LR = 1e-4
-# Gradient checkpointing recomputes the forward: its extra FLOPs are not useful work, so its
-# useful-FLOP count is the one of the provider it recomputes.
-USEFUL_TWIN = {"peft_all_gc": "peft_all"}
 # Band placements of the sweep: three of the five 20% depth segments, or every layer.
 BANDS: dict[str, Any] = {
     "bottom": (0.0, 0.6),
-    "middle": (0.2, 0.8),
+    "middle": PAPER_BAND,
     "top": (0.4, 1.0),
     "all": "all",
 }
@@ -187,7 +242,7 @@ def make_workload(
 def padded_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """HF-collator batch: right-padded ids, attention mask, labels = ids with pads ignored."""
     b = collate_padded(examples, pad_id)
-    labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+    labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, IGNORE_INDEX)
     return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": labels}
 
 
@@ -217,6 +272,7 @@ class Provider:
     """A model set up one way, its optimizer, and how it batches and computes the loss."""
 
     name: str
+    spec: ProviderSpec
     dtype: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -226,6 +282,13 @@ class Provider:
     layers: list[int]
     rank: int
     device: torch.device
+
+    @property
+    def packed(self) -> bool:
+        return self.spec.packed
+
+    def shape(self, workload: Workload, step: int) -> str:
+        return self.spec.shape(workload, step)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == "bf16":
@@ -254,7 +317,7 @@ class Provider:
 
 
 def peft_model(base: nn.Module, rank: int, layers: list[int] | None, gc: bool) -> nn.Module:
-    """PEFT LoRA as its users set it up (q/k/v/o, alpha 128, dropout 0.05), optionally on
+    """PEFT LoRA as its users set it up (the paper's targets, alpha and dropout), optionally on
     `layers` only and with non-reentrant gradient checkpointing."""
     from peft import LoraConfig, get_peft_model
 
@@ -262,9 +325,9 @@ def peft_model(base: nn.Module, rank: int, layers: list[int] | None, gc: bool) -
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     cfg = LoraConfig(
         r=rank,
-        lora_alpha=ALPHA,
-        lora_dropout=DROPOUT,
-        target_modules=list(TARGETS),
+        lora_alpha=PAPER_ALPHA,
+        lora_dropout=PAPER_DROPOUT,
+        target_modules=list(PAPER_TARGETS),
         layers_to_transform=layers,
         bias="none",
         task_type="CAUSAL_LM",
@@ -277,7 +340,7 @@ def build_provider(
     name: str,
     base: nn.Module,
     dtype: str = "fp32",
-    band: Any = (0.2, 0.8),
+    band: Any = PAPER_BAND,
     seed: int = 0,
     inplace: bool = False,
     on: str | None = None,
@@ -288,7 +351,8 @@ def build_provider(
     measures one provider and a second copy of the weights would distort its memory). ``on``
     overrides the device (FLOPs are counted on CPU, where every op is visible to torch).
     """
-    if name not in PROVIDERS:
+    spec = SPECS.get(name)
+    if spec is None:
         raise UserError(f"unknown provider {name!r}; expected one of {', '.join(PROVIDERS)}")
     if dtype not in DTYPES:
         raise UserError(f"unknown precision {dtype!r}; expected one of {', '.join(DTYPES)}")
@@ -296,23 +360,21 @@ def build_provider(
     dev = torch.device(on) if on else device()
     model = (base if inplace else copy.deepcopy(base)).to(device=dev, dtype=DTYPES[dtype]).train()
     num_layers = model.config.num_hidden_layers
-    if name == "fastmid":
-        apply_midblock(model, MidBlockConfig(band=band, rank_budget=RANK_UNIFORM, alpha=ALPHA))
-        # As the trainer does: packed rows attend per example instead of over a T x T mask.
-        enable_varlen_attention(model)
-        state = model.fastmid_state
+    if spec.packed:
+        # Set up exactly as fastmid train does (patch, attention for packed rows).
+        state = prepare_model(model, MidBlockConfig(band=band), dev)
         params = adapter_parameters(model)
         layers, rank, loss_fn, collate = state.layers, state.rank, _fastmid_loss, packed_batch
     else:
         if name == "peft_mid":
             layers = resolve_band(band, num_layers)
-            rank = _resolve_rank(None, RANK_UNIFORM, num_layers, len(layers))
+            rank = resolve_rank(None, PAPER_RANK_BUDGET, num_layers, len(layers))
             model = peft_model(model, rank, layers, gc=False)
         else:
-            layers, rank = list(range(num_layers)), RANK_UNIFORM
+            layers, rank = list(range(num_layers)), PAPER_RANK_BUDGET
             model = peft_model(model, rank, None, gc=name == "peft_all_gc")
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         loss_fn, collate = _peft_loss, padded_batch
-    optimizer = torch.optim.AdamW(params, lr=LR)
-    return Provider(name, dtype, model, optimizer, loss_fn, collate, list(layers), rank, dev)
+    optimizer = torch.optim.AdamW(params, lr=PAPER_LR)
+    return Provider(name, spec, dtype, model, optimizer, loss_fn, collate, list(layers), rank, dev)

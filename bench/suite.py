@@ -35,11 +35,10 @@ import torch
 from bench.machine import REPO_ROOT, machine_info, machine_label
 from bench.providers import (
     BANDS,
-    DESCRIPTIONS,
     DTYPES,
     PROVIDERS,
-    USEFUL_TWIN,
-    Provider,
+    REFERENCE,
+    SPECS,
     Workload,
     build_provider,
     device,
@@ -47,15 +46,14 @@ from bench.providers import (
     make_workload,
 )
 
-WORKLOADS = ("throughput", "flops", "memory", "estimate", "bands", "profile", "engine", "kernels")
-
 
 @dataclass
 class SuiteOptions:
     """What to run; ``quick`` shrinks everything so the machinery runs in about a minute."""
 
     quick: bool = False
-    workloads: tuple[str, ...] = WORKLOADS
+    # Default: every workload of WORKLOAD_REGISTRY (defined below, read when built).
+    workloads: tuple[str, ...] = field(default_factory=lambda: WORKLOADS)
     providers: tuple[str, ...] = PROVIDERS
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     # Warm-up rounds (discarded) and timed rounds; each round runs every provider once.
@@ -86,106 +84,147 @@ class SuiteOptions:
         return cls(**base)
 
 
-def _stamp(row: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
-    """Every result row names its machine and commit."""
-    return {**row, "machine": machine_label(info), "commit": info["commit"]}
+def add_ratio(
+    rows: list[dict[str, Any]],
+    key: str,
+    out: str,
+    is_ref: Callable[[dict[str, Any]], bool],
+    group: Callable[[dict[str, Any]], Any] = lambda r: r["dtype"],
+) -> None:
+    """``row[out] = row[key] / ref[key]`` where ``ref`` is the row of the same group (dtype by
+    default) for which ``is_ref`` holds; rows without a reference or a value get no ratio."""
+    refs = {group(r): r for r in rows if is_ref(r)}
+    for r in rows:
+        ref = refs.get(group(r))
+        if ref is not None and r.get(key) is not None and ref.get(key):
+            r[out] = r[key] / ref[key]
 
 
-def _shape(provider: Provider, workload: Workload, step: int) -> str:
-    if provider.name == "fastmid":
-        return f"1x{workload.real_tokens(step)}"
-    b, t = workload.padded_shape(step)
-    return f"{b}x{t}"
+@dataclass
+class Context:
+    """What the workloads share: options, machine, and (loaded on first use) the base model,
+    the identical data, the matmul peaks and the throughput rows."""
 
+    opts: SuiteOptions
+    info: dict[str, Any]
+    out_dir: Path
+    results: dict[str, Any]
+    peaks: dict[str, float] = field(default_factory=dict)
+    state_rows: list[dict[str, Any]] = field(default_factory=list)
+    _model: tuple[Any, Workload] | None = None
 
-def _executed_tokens(provider: Provider, workload: Workload, step: int) -> int:
-    if provider.name == "fastmid":
-        return workload.real_tokens(step)
-    b, t = workload.padded_shape(step)
-    return b * t
+    def model(self) -> tuple[Any, Workload]:
+        """(base model, workload), loaded once; records the data and matmul peaks."""
+        if self._model is None:
+            opts = self.opts
+            base, tokenizer, model_name = load_base(opts.quick)
+            num_steps = opts.warmup + opts.steps
+            workload = make_workload(tokenizer, num_steps=num_steps, batch_tokens=opts.batch_tokens)
+            workload.extra["model"] = model_name
+            self.results["data"] = {
+                "model": model_name,
+                "epoch_tokens": workload.epoch_tokens,
+                "examples": len(workload.examples),
+                "max_length": workload.max_length,
+                "loss_on_fastmid": workload.loss_on,
+                "loss_on_peft": "all",
+                "batch_tokens": workload.batch_tokens,
+                "steps": [
+                    {
+                        "real_tokens": workload.real_tokens(i),
+                        "padded": list(workload.padded_shape(i)),
+                    }
+                    for i in range(num_steps)
+                ],
+            }
+            self._model = (base, workload)
+            for dtype in opts.dtypes:
+                self.measure_peak(dtype)
+            self.results["matmul_peak_flop_s"] = self.peaks
+        return self._model
 
+    def measure_peak(self, dtype: str) -> None:
+        """Best of the measurements around the timed steps: on a shared machine the peak seen
+        once may be a slowed-down one, which would flatter the MFU."""
+        from bench.measure import matmul_peak
 
-def _free(*objs: Any) -> None:
-    del objs
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        peak = matmul_peak(DTYPES[dtype], n=1024 if self.opts.quick else 2048)
+        self.peaks[dtype] = max(self.peaks.get(dtype, 0.0), peak)
+        self.opts.log(f"[peak] {dtype} matmul {peak / 1e9:.0f} GFLOP/s")
+
+    def stamp(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every result row names its machine and commit."""
+        label = machine_label(self.info)
+        return [{**r, "machine": label, "commit": self.info["commit"]} for r in rows]
 
 
 # --------------------------------------------------------------------------------------------
 # Workloads
 
 
-def _throughput_and_state(
-    opts: SuiteOptions, base: Any, workload: Workload, dtype: str, info: dict[str, Any]
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Interleaved timing of every provider in ``dtype``, then each one's exact state bytes."""
+def _throughput(ctx: Context) -> list[dict[str, Any]]:
+    """Interleaved timing of every provider, one dtype at a time; also each provider's exact
+    state bytes (``ctx.state_rows``, for the memory workload)."""
     from bench.measure import state_bytes, time_interleaved
 
-    providers = [build_provider(n, base, dtype) for n in opts.providers]
-    opts.log(f"[throughput] {dtype}: {', '.join(opts.providers)} x {opts.steps} steps")
-    times = time_interleaved(providers, workload, opts.warmup, opts.steps)
+    opts = ctx.opts
+    base, workload = ctx.model()
     timed = range(opts.warmup, opts.warmup + opts.steps)
     real = sum(workload.real_tokens(i) for i in timed)
-    rows, state_rows = [], []
-    for p in providers:
-        t = times[p.name]
-        tok_s = real / sum(t)
-        rows.append(
-            {
-                "workload": "throughput",
-                "provider": p.name,
-                "dtype": dtype,
-                "model": workload.extra["model"],
-                "shape": " ".join(_shape(p, workload, i) for i in timed),
-                "layers": f"{p.layers[0]}-{p.layers[-1]}" if p.layers else "",
-                "rank": p.rank,
-                "steps": len(t),
-                "real_tokens": real,
-                "executed_tokens": sum(_executed_tokens(p, workload, i) for i in timed),
-                "step_s_median": statistics.median(t),
-                "step_s_min": min(t),
-                "tokens_per_s": tok_s,
-                "epoch_s_est": workload.epoch_tokens / tok_s,
-            }
-        )
-        batch = p.batch(workload.step_examples(0), workload.pad_id)
-        state = state_bytes(p, batch)
-        state_rows.append(
-            {"provider": p.name, "dtype": dtype, "shape": _shape(p, workload, 0), **state}
-        )
-    _free(providers)
-    by = {r["provider"]: r["tokens_per_s"] for r in rows}
-    for r in rows:
-        for ref in ("peft_all", "peft_mid"):
-            if ref in by:
-                r[f"vs_{ref}"] = r["tokens_per_s"] / by[ref]
-    return [_stamp(r, info) for r in rows], state_rows
+    rows = []
+    for dtype in opts.dtypes:
+        providers = [build_provider(n, base, dtype) for n in opts.providers]
+        opts.log(f"[throughput] {dtype}: {', '.join(opts.providers)} x {opts.steps} steps")
+        times = time_interleaved(providers, workload, opts.warmup, opts.steps)
+        for p in providers:
+            t = times[p.name]
+            tok_s = real / sum(t)
+            rows.append(
+                {
+                    "workload": "throughput",
+                    "provider": p.name,
+                    "dtype": dtype,
+                    "model": workload.extra["model"],
+                    "shape": " ".join(p.shape(workload, i) for i in timed),
+                    "layers": f"{p.layers[0]}-{p.layers[-1]}" if p.layers else "",
+                    "rank": p.rank,
+                    "steps": len(t),
+                    "real_tokens": real,
+                    "executed_tokens": sum(p.spec.executed_tokens(workload, i) for i in timed),
+                    "step_s_median": statistics.median(t),
+                    "step_s_min": min(t),
+                    "tokens_per_s": tok_s,
+                    "epoch_s_est": workload.epoch_tokens / tok_s,
+                }
+            )
+            state = state_bytes(p, p.batch(workload.step_examples(0), workload.pad_id))
+            ctx.state_rows.append(
+                {"provider": p.name, "dtype": dtype, "shape": p.shape(workload, 0), **state}
+            )
+        del providers  # before the next dtype's copies of the model
+        ctx.measure_peak(dtype)
+    for ref in (REFERENCE, "peft_mid"):
+        add_ratio(rows, "tokens_per_s", f"vs_{ref}", lambda r, ref=ref: r["provider"] == ref)
+    return ctx.stamp(rows)
 
 
-def _flops(
-    opts: SuiteOptions,
-    base: Any,
-    workload: Workload,
-    throughput: list[dict[str, Any]],
-    peaks: dict[str, float],
-    info: dict[str, Any],
-) -> list[dict[str, Any]]:
+def _flops(ctx: Context) -> list[dict[str, Any]]:
     """FLOPs of step 0 per provider (fp32 on CPU: precision does not change the count)."""
     from bench.measure import count_flops, useful_flops
 
+    opts = ctx.opts
+    base, workload = ctx.model()
     counts: dict[str, dict[str, int]] = {}
     for name in opts.providers:
         opts.log(f"[flops] {name}")
         p = build_provider(name, base, "fp32", on="cpu")
         executed = count_flops(p, p.batch(workload.step_examples(0), workload.pad_id))
-        twin = USEFUL_TWIN.get(name)
+        twin = SPECS[name].useful_twin
         useful = counts[twin]["useful"] if twin in counts else useful_flops(p, workload, 0)
         counts[name] = {"executed": executed, "useful": useful}
-        _free(p)
     real0 = workload.real_tokens(0)
     rows = []
-    for r in throughput:
+    for r in ctx.results["throughput"]:
         c = counts.get(r["provider"])
         if c is None:
             continue
@@ -197,35 +236,27 @@ def _flops(
                 "provider": r["provider"],
                 "dtype": r["dtype"],
                 "model": r["model"],
-                "shape": _shape_step0(r["provider"], workload),
+                "shape": SPECS[r["provider"]].shape(workload, 0),
                 "useful_flops_step0": c["useful"],
                 "executed_flops_step0": c["executed"],
                 "executed_over_useful": c["executed"] / c["useful"],
                 "useful_flops_per_token": per_token,
                 "useful_flop_s": achieved,
-                "matmul_peak_flop_s": peaks[r["dtype"]],
-                "mfu": achieved / peaks[r["dtype"]],
+                "matmul_peak_flop_s": ctx.peaks[r["dtype"]],
+                "mfu": achieved / ctx.peaks[r["dtype"]],
             }
         )
-    return [_stamp(r, info) for r in rows]
+    return ctx.stamp(rows)
 
 
-def _shape_step0(name: str, workload: Workload) -> str:
-    if name == "fastmid":
-        return f"1x{workload.real_tokens(0)}"
-    b, t = workload.padded_shape(0)
-    return f"{b}x{t}"
-
-
-def _memory(
-    opts: SuiteOptions, workload: Workload, state_rows: list[dict[str, Any]], info: dict[str, Any]
-) -> list[dict[str, Any]]:
+def _memory(ctx: Context) -> list[dict[str, Any]]:
     """Peak memory of each provider in a fresh process, joined with its exact state bytes."""
+    opts = ctx.opts
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     names = opts.providers
     if opts.quick:
-        names = [n for n in names if n in ("peft_all", "fastmid")]
+        names = [n for n in names if n == REFERENCE or SPECS[n].packed]
     dtypes = opts.dtypes if not opts.quick else opts.dtypes[:1]
     rows = []
     for dtype in dtypes:
@@ -252,17 +283,19 @@ def _memory(
                 raise RuntimeError(f"memory worker for {name} {dtype} failed: {tail[0]}")
             mem = json.loads(res.stdout.strip().splitlines()[-1])
             state = next(
-                (s for s in state_rows if s["provider"] == name and s["dtype"] == dtype), {}
+                (s for s in ctx.state_rows if s["provider"] == name and s["dtype"] == dtype), {}
             )
+            if SPECS[name].packed:
+                shapes = [(1, n) for n in mem["real_tokens"]]
+            else:
+                shapes = mem["padded_shapes"]
             rows.append(
                 {
                     "workload": "memory",
                     "provider": name,
                     "dtype": dtype,
                     "model": mem["model"],
-                    "shape": " ".join(f"{b}x{t}" for b, t in mem["padded_shapes"])
-                    if name != "fastmid"
-                    else " ".join(f"1x{n}" for n in mem["real_tokens"]),
+                    "shape": " ".join(f"{b}x{t}" for b, t in shapes),
                     "kind": mem["kind"],
                     "peak_bytes": mem["peak"],
                     "setup_bytes": mem["setup"],
@@ -272,35 +305,27 @@ def _memory(
                     "optimizer_bytes": state.get("optimizer"),
                 }
             )
-    for dtype in dtypes:
-        ref = next((r for r in rows if r["provider"] == "peft_all" and r["dtype"] == dtype), None)
-        for r in rows:
-            if ref is None or r["dtype"] != dtype:
-                continue
-            r["peak_vs_peft_all"] = r["peak_bytes"] / ref["peak_bytes"]
-            r["train_vs_peft_all"] = r["train_bytes"] / max(ref["train_bytes"], 1)
-            if r["saved_activation_bytes"] is not None and ref["saved_activation_bytes"]:
-                exact = sum(
-                    r[k] for k in ("saved_activation_bytes", "grad_bytes", "optimizer_bytes")
-                )
-                ref_exact = sum(
-                    ref[k] for k in ("saved_activation_bytes", "grad_bytes", "optimizer_bytes")
-                )
-                r["state_vs_peft_all"] = exact / ref_exact
-    return [_stamp(r, info) for r in rows]
+    state_keys = ("saved_activation_bytes", "grad_bytes", "optimizer_bytes")
+    for r in rows:
+        if all(r[k] is not None for k in state_keys):
+            r["state_bytes"] = sum(r[k] for k in state_keys)
+    is_ref = lambda r: r["provider"] == REFERENCE
+    for key, out in (("peak_bytes", "peak"), ("train_bytes", "train"), ("state_bytes", "state")):
+        add_ratio(rows, key, f"{out}_vs_{REFERENCE}", is_ref)
+    return ctx.stamp(rows)
 
 
-def _estimate(opts: SuiteOptions, info: dict[str, Any]) -> list[dict[str, Any]]:
+def _estimate(ctx: Context) -> list[dict[str, Any]]:
     """Estimated CUDA peak memory (bf16 mixed) for real model shapes, fastmid vs PEFT."""
-    from bench.estimate import estimate_peak, real_configs
+    from bench.estimate import FASTMID_GC, estimate_peak, real_configs, spec
 
+    opts = ctx.opts
     configs = real_configs()
-    names = [n for n in ("peft_all", "peft_all_gc", "peft_mid", "fastmid") if n in opts.providers]
+    names = list(opts.providers)
     if opts.quick:
-        names = [n for n in names if n in ("peft_all", "fastmid")]
-    elif "fastmid" in names:
-        # fastmid with its own checkpointing: what the band gives when memory is the goal.
-        names.append("fastmid_gc")
+        names = [n for n in names if n == REFERENCE or SPECS[n].packed]
+    elif any(SPECS[n].packed for n in names):
+        names.append(FASTMID_GC.name)
     rows = []
     for model in opts.estimate_models:
         for name in names:
@@ -314,10 +339,8 @@ def _estimate(opts: SuiteOptions, info: dict[str, Any]) -> list[dict[str, Any]]:
                     "provider": name,
                     "dtype": "bf16-mixed",
                     "model": model,
-                    "shape": (
-                        f"1x{opts.estimate_batch * opts.estimate_seq}"
-                        if name == "fastmid"
-                        else f"{opts.estimate_batch}x{opts.estimate_seq}"
+                    "shape": "{}x{}".format(
+                        *spec(name).step_shape(opts.estimate_batch, opts.estimate_seq)
                     ),
                     "estimate": True,
                     "weights_bytes": est.weights,
@@ -329,17 +352,17 @@ def _estimate(opts: SuiteOptions, info: dict[str, Any]) -> list[dict[str, Any]]:
                 }
             )
             gc.collect()
-    for r in rows:
-        ref = next(x for x in rows if x["model"] == r["model"] and x["provider"] == names[0])
-        r[f"vs_{names[0]}"] = r["peak_bytes"] / ref["peak_bytes"]
-    return [_stamp(r, info) for r in rows]
+    is_first = lambda r: r["provider"] == names[0]
+    add_ratio(rows, "peak_bytes", f"vs_{names[0]}", is_first, group=lambda r: r["model"])
+    return ctx.stamp(rows)
 
 
-def _bands(
-    opts: SuiteOptions, base: Any, workload: Workload, info: dict[str, Any]
-) -> list[dict[str, Any]]:
+def _bands(ctx: Context) -> list[dict[str, Any]]:
     """fastmid throughput with the band at each placement, the placements interleaved."""
     from bench.measure import time_interleaved
+
+    opts = ctx.opts
+    base, workload = ctx.model()
 
     dtype = opts.band_dtype if opts.band_dtype in opts.dtypes else opts.dtypes[0]
     providers = []
@@ -364,20 +387,18 @@ def _bands(
                 "rank": p.rank,
                 "dtype": dtype,
                 "model": workload.extra["model"],
-                "shape": " ".join(f"1x{workload.real_tokens(i)}" for i in timed),
+                "shape": " ".join(p.shape(workload, i) for i in timed),
                 "tokens_per_s": tok_s,
                 "step_s_median": statistics.median(times[p.name]),
             }
         )
-    _free(providers)
-    mid = next(r["tokens_per_s"] for r in rows if r["band"] == "middle")
-    for r in rows:
-        r["vs_middle"] = r["tokens_per_s"] / mid
-    return [_stamp(r, info) for r in rows]
+    add_ratio(rows, "tokens_per_s", "vs_middle", lambda r: r["band"] == "middle")
+    return ctx.stamp(rows)
 
 
-def _kernels(opts: SuiteOptions, out_dir: Path) -> dict[str, Any]:
+def _kernels(ctx: Context) -> dict[str, Any]:
     """Per-kernel microbenchmarks (CUDA only): pytest-benchmark's JSON, or why they were skipped."""
+    opts, out_dir = ctx.opts, ctx.out_dir
     files = sorted(
         str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "bench").glob("test_kernels_*.py")
     )
@@ -407,109 +428,114 @@ def _kernels(opts: SuiteOptions, out_dir: Path) -> dict[str, Any]:
     return {"returncode": res.returncode, "json": out.name, "files": files}
 
 
+def _profile_cases(ctx: Context) -> tuple[Any, tuple[str, ...], tuple[str, ...]]:
+    from bench import profile
+
+    opts = ctx.opts
+    names = tuple(n for n in profile.PROFILED if n in opts.providers)
+    # --quick proves the machinery: one precision, the profile of the engine case only.
+    dtypes = opts.dtypes[:1] if opts.quick else opts.dtypes
+    return profile, names, dtypes
+
+
+def _profile(ctx: Context) -> list[dict[str, Any]]:
+    """One profiled step per provider, self-CPU time grouped by kind of work."""
+    profile, names, dtypes = _profile_cases(ctx)
+    base, workload = ctx.model()
+    cases = ("engine",) if ctx.opts.quick else ("trainer", "engine")
+    return ctx.stamp(profile.run_profile(base, workload, dtypes, names, cases, log=ctx.opts.log))
+
+
+def _engine(ctx: Context) -> list[dict[str, Any]]:
+    """model(input_ids, labels) on padded half-prompt batches, providers interleaved."""
+    profile, names, dtypes = _profile_cases(ctx)
+    base, workload = ctx.model()
+    opts = ctx.opts
+    rows = profile.run_engine(base, workload, dtypes, names, opts.warmup, opts.steps, log=opts.log)
+    return ctx.stamp(rows)
+
+
 # --------------------------------------------------------------------------------------------
+
+
+# name -> (workload, workloads whose results it reads). Run in this order.
+WORKLOAD_REGISTRY: dict[str, tuple[Callable[[Context], Any], tuple[str, ...]]] = {
+    "throughput": (_throughput, ()),
+    "flops": (_flops, ("throughput",)),
+    "memory": (_memory, ("throughput",)),
+    "estimate": (_estimate, ()),
+    "bands": (_bands, ()),
+    "profile": (_profile, ()),
+    "engine": (_engine, ()),
+    "kernels": (_kernels, ()),
+}
+WORKLOADS = tuple(WORKLOAD_REGISTRY)
 
 
 def run_suite(
     opts: SuiteOptions, out_dir: Path, on_partial: Callable[[dict[str, Any]], None] | None = None
 ) -> dict[str, Any]:
-    """Run the selected workloads and return the results.
+    """Run the selected workloads (and those they read) and return the results.
 
     ``on_partial`` is called with the results so far after each workload (the command writes
     reports then, so a long run that is stopped keeps what it measured, marked partial).
     """
-
-    def done() -> None:
-        results["wall_s"] = time.perf_counter() - t_start
-        if on_partial is not None:
-            on_partial({**results, "partial": True})
-
-    from bench.measure import matmul_peak
-
     t_start = time.perf_counter()
     info = machine_info()
     results: dict[str, Any] = {
         "machine": info,
         "options": {k: v for k, v in asdict(opts).items() if k != "log"},
         "device": str(device()),
-        "providers": {n: DESCRIPTIONS[n] for n in opts.providers},
+        "providers": {n: SPECS[n].description for n in opts.providers},
     }
-    needs_model = {"throughput", "flops", "memory", "bands", "profile", "engine"} & set(
-        opts.workloads
-    )
-    if needs_model:
-        base, tokenizer, model_name = load_base(opts.quick)
-        num_steps = opts.warmup + opts.steps
-        workload = make_workload(tokenizer, num_steps=num_steps, batch_tokens=opts.batch_tokens)
-        workload.extra["model"] = model_name
-        results["data"] = {
-            "model": model_name,
-            "epoch_tokens": workload.epoch_tokens,
-            "examples": len(workload.examples),
-            "max_length": workload.max_length,
-            "loss_on_fastmid": workload.loss_on,
-            "loss_on_peft": "all",
-            "batch_tokens": workload.batch_tokens,
-            "steps": [
-                {"real_tokens": workload.real_tokens(i), "padded": list(workload.padded_shape(i))}
-                for i in range(num_steps)
-            ],
-        }
-        peaks: dict[str, float] = {}
-
-        def measure_peak(dtype: str) -> None:
-            # Best of the measurements around the timed steps: on a shared machine the peak
-            # seen once may be a slowed-down one, which would flatter the MFU.
-            peak = matmul_peak(DTYPES[dtype], n=1024 if opts.quick else 2048)
-            peaks[dtype] = max(peaks.get(dtype, 0.0), peak)
-            opts.log(f"[peak] {dtype} matmul {peak / 1e9:.0f} GFLOP/s")
-
-        for dtype in opts.dtypes:
-            measure_peak(dtype)
-        results["matmul_peak_flop_s"] = peaks
-    throughput: list[dict[str, Any]] = []
-    state_rows: list[dict[str, Any]] = []
-    if {"throughput", "flops", "memory"} & set(opts.workloads):
-        for dtype in opts.dtypes:
-            rows, states = _throughput_and_state(opts, base, workload, dtype, info)
-            measure_peak(dtype)
-            throughput += rows
-            state_rows += states
-        results["throughput"] = throughput
-        done()
-    if "flops" in opts.workloads:
-        results["flops"] = _flops(opts, base, workload, throughput, peaks, info)
-        done()
-    if "bands" in opts.workloads:
-        results["bands"] = _bands(opts, base, workload, info)
-        done()
-    if {"profile", "engine"} & set(opts.workloads):
-        from bench import profile
-
-        names = tuple(n for n in profile.PROFILED if n in opts.providers)
-        # --quick proves the machinery: one precision, the profile of the engine case only.
-        dtypes = opts.dtypes[:1] if opts.quick else opts.dtypes
-        if "profile" in opts.workloads:
-            cases = ("engine",) if opts.quick else ("trainer", "engine")
-            rows = profile.run_profile(base, workload, dtypes, names, cases, log=opts.log)
-            results["profile"] = [_stamp(r, info) for r in rows]
-            done()
-        if "engine" in opts.workloads:
-            rows = profile.run_engine(
-                base, workload, dtypes, names, opts.warmup, opts.steps, log=opts.log
-            )
-            results["engine"] = [_stamp(r, info) for r in rows]
-            done()
-    if needs_model:
-        _free(base)
-    if "memory" in opts.workloads:
-        results["memory"] = _memory(opts, workload, state_rows, info)
-        done()
-    if "estimate" in opts.workloads:
-        results["estimate"] = _estimate(opts, info)
-        done()
-    if "kernels" in opts.workloads:
-        results["kernels"] = _kernels(opts, out_dir)
-        done()
+    ctx = Context(opts, info, out_dir, results)
+    selected = set(opts.workloads)
+    selected |= {need for name in opts.workloads for need in WORKLOAD_REGISTRY[name][1]}
+    for name, (workload, _) in WORKLOAD_REGISTRY.items():
+        if name not in selected:
+            continue
+        results[name] = workload(ctx)
+        results["wall_s"] = time.perf_counter() - t_start
+        if on_partial is not None:
+            on_partial({**results, "partial": True})
     results["wall_s"] = time.perf_counter() - t_start
     return results
+
+
+def options_from_cli(quick: bool, **given: Any) -> SuiteOptions:
+    """SuiteOptions from ``fastmid bench``'s flags (None = not given); UserError on a bad one."""
+    from fastmid.errors import UserError
+
+    overrides: dict[str, Any] = {}
+    for name, known in (("workloads", WORKLOADS), ("providers", PROVIDERS), ("dtypes", DTYPES)):
+        value = given.get(name)
+        if value is None:
+            continue
+        bad = [v for v in value if v not in known]
+        if bad or not value:
+            raise UserError(
+                f"--{name}: unknown {bad[0] if bad else 'empty list'}; expected "
+                f"a comma list of {','.join(known)}"
+            )
+        overrides[name] = tuple(value)
+    for name in ("steps", "warmup", "batch_tokens"):
+        value = given.get(name)
+        if value is None:
+            continue
+        if value < (0 if name == "warmup" else 1):
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        overrides[name] = value
+    if "providers" in overrides and REFERENCE not in overrides["providers"]:
+        raise UserError(f"--providers must include {REFERENCE}: every ratio is against it")
+    return SuiteOptions.quick_defaults(**overrides) if quick else SuiteOptions(**overrides)
+
+
+def command(options: SuiteOptions, out_dir: Path) -> int:
+    """``fastmid bench`` once its flags are checked: run, print the tables, write reports."""
+    from bench import report
+
+    results = run_suite(options, out_dir, on_partial=lambda r: report.write_reports(r, out_dir))
+    written = report.write_reports(results, out_dir)
+    print(report.summary_tables(results))
+    print(f"wrote {len(written)} files to {out_dir} in {results['wall_s']:.0f} s")
+    return 0

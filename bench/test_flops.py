@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.measure import count_flops, useful_flops
-from bench.providers import PROVIDERS, USEFUL_TWIN, build_provider
+from bench.providers import PROVIDERS, SPECS, build_provider
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -15,8 +15,9 @@ def test_mfu(benchmark, base, workload, matmul_peaks, stamp, name: str, dtype: s
     # (gradient checkpointing) is not useful work, so its twin's count is the useful one.
     counter = build_provider(name, base[0], "fp32", on="cpu")
     executed = count_flops(counter, counter.batch(workload.step_examples(0), workload.pad_id))
-    if name in USEFUL_TWIN:
-        counter = build_provider(USEFUL_TWIN[name], base[0], "fp32", on="cpu")
+    twin = SPECS[name].useful_twin
+    if twin is not None:
+        counter = build_provider(twin, base[0], "fp32", on="cpu")
     useful = useful_flops(counter, workload, 0)
     del counter
     assert useful <= executed

@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from fastmid.kernels import lora_gate_up, lora_qkv
 
+from fastmid.midblock import PAPER_ALPHA, PAPER_DROPOUT
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 TOKENS = 4096
-DROPOUT = 0.05
-ALPHA = 128.0
+DROPOUT = PAPER_DROPOUT
+ALPHA = PAPER_ALPHA
 
 
 def _shapes() -> dict[str, dict[str, int]]:

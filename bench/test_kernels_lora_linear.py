@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from fastmid.kernels import lora_linear
 
+from fastmid.midblock import PAPER_ALPHA
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 TOKENS = 4096
-ALPHA = 128.0
+ALPHA = PAPER_ALPHA
 
 
 def _projections() -> dict[str, tuple[int, int]]:

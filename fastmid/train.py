@@ -54,6 +54,7 @@ from fastmid.checkpoint import (
     remove_checkpoint,
     save_checkpoint,
 )
+from fastmid.compile import compile_seconds
 from fastmid.config import TrainConfig, build_config, may_change_on_resume, save_yaml
 from fastmid.data import Example
 from fastmid.errors import UserError
@@ -140,7 +141,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     with window, StopFlag().installed() as stop:
         while progress.step < plan.total_steps:
             step_batches = [[examples[i] for i in b] for b in batches.for_step(plan, progress.step)]
-            result = train_step(dp, step_batches, update, rt.autocast, rt.device)
+            result = train_step(dp, step_batches, update, rt, (cfg.seed, progress.step))
             progress.step += 1
             window.add(result)
             # A signal may reach the ranks at different steps: all stop at the same one.
@@ -577,27 +578,40 @@ class StepResult:
     grad_norm: torch.Tensor | None = None
 
 
+def micro_batch_seed(run_seed: int, step: int, index: int) -> int:
+    """The RNG seed of micro-batch ``index`` of optimizer step ``step``: a pure function of the
+    three, so whichever rank computes a micro-batch draws the same dropout masks for it."""
+    words = [run_seed & (2**64 - 1), step, index]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def train_step(
     dp: distributed.ParallelStep,
     step_batches: list[list[Example]],
     update: Callable[[], tuple[float, torch.Tensor | None]],
-    autocast: Callable[[], contextlib.AbstractContextManager],
-    device: torch.device,
+    rt: Runtime,
+    seed_and_step: tuple[int, int],
 ) -> StepResult:
     """Forward and backward over this rank's micro-batches of one step, then ``update()``
     (clip, optimizer, schedule; returns the lr used and the gradient norm). The loss is
     normalised by every label token of the step, so accumulation (and any number of ranks)
-    equals one big batch."""
+    equals one big batch.
+
+    Before each micro-batch torch's RNG is seeded from (run seed, step, the micro-batch's
+    number in the step), which the kernels draw their dropout seeds from: N ranks take exactly
+    the steps one process takes, dropout included.
+    """
     from fastmid.data import collate_packed
 
     labels = sum(e.num_loss_tokens for batch in step_batches for e in batch)
     losses: list[torch.Tensor] = []
     tokens = 0
-    for batch_examples, grad_sync in dp.micro_batches(step_batches):
+    for (index, batch_examples), grad_sync in dp.micro_batches(list(enumerate(step_batches))):
+        torch.manual_seed(micro_batch_seed(*seed_and_step, index))
         batch = collate_packed(batch_examples)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
         with grad_sync:
-            with autocast():
+            with rt.autocast():
                 loss_sum, _ = dp.forward_loss(batch)
             (loss_sum / labels).backward()
         losses.append(loss_sum.detach())
@@ -661,6 +675,8 @@ class Progress:
             "loss_last": self.loss_last,
             "tokens_per_s": self.totals["tokens"] / max(self.totals["train_seconds"], 1e-9),
             "train_seconds": self.totals["train_seconds"],
+            # torch.compile (--compile) is lazy: its time is inside the first steps' time.
+            "compile_seconds": compile_seconds(),
             "eval_before": self.eval_before,
             "resolved": resolved,
         }
@@ -971,6 +987,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if ppl:
         lines.append(f"  held-out ppl {ppl}")
     lines.append(f"  throughput  {summary['tokens_per_s']:,.0f} tok/s")
+    if summary.get("compile_seconds"):
+        lines.append(f"  compile     {summary['compile_seconds']:.0f} s (in the first steps)")
     lines.append(f"  wall time   {summary.get('wall_seconds', 0.0):.0f} s")
     lines.append(f"  adapter     {summary.get('adapter')}")
     return "\n".join(lines)

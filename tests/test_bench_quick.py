@@ -157,3 +157,30 @@ def test_live_storage_tracker_peak() -> None:
     assert tracker.peak == 6000
     assert tracker.current == 1000
     del c
+
+
+def test_ratios_are_against_the_reference_row_of_each_group() -> None:
+    from bench.suite import add_ratio
+
+    rows = [
+        {"provider": "peft_all", "dtype": "fp32", "tok": 100.0},
+        {"provider": "fastmid", "dtype": "fp32", "tok": 250.0},
+        {"provider": "fastmid", "dtype": "bf16", "tok": 300.0},  # no reference in bf16
+        {"provider": "peft_mid", "dtype": "fp32", "tok": None},  # nothing measured
+    ]
+    add_ratio(rows, "tok", "vs_peft_all", lambda r: r["provider"] == "peft_all")
+    assert [r.get("vs_peft_all") for r in rows] == [1.0, 2.5, None, None]
+
+
+def test_providers_say_how_they_batch() -> None:
+    from bench.providers import SPECS, Workload
+    from fastmid.data import Example
+
+    examples = [Example(input_ids=[1] * n, targets=[2] * n) for n in (3, 5)]
+    workload = Workload(examples, [[0, 1]], pad_id=0, epoch_tokens=8, max_length=8,
+                        batch_tokens=8, loss_on="all")  # fmt: skip
+    assert [n for n, s in SPECS.items() if s.packed] == ["fastmid"]
+    assert SPECS["fastmid"].shape(workload, 0) == "1x8"
+    assert SPECS["peft_all"].shape(workload, 0) == "2x5"
+    assert SPECS["peft_all"].executed_tokens(workload, 0) == 10
+    assert SPECS["fastmid"].executed_tokens(workload, 0) == 8

@@ -217,6 +217,17 @@ def cli_config(out: Path, run: str, **over):
 
 
 @pytest.fixture(scope="module")
+def single_process_dropout(two_process_runs: Path) -> Path:
+    """One process, dropout 0.05: the reference of the 2-rank run with dropout."""
+    from fastmid.config import build_config
+    from fastmid.train import train
+
+    with single_process_torch_path():
+        train(build_config(None, cli_config(two_process_runs, "dropout_single", dropout=0.05)))
+    return two_process_runs / "dropout_single"
+
+
+@pytest.fixture(scope="module")
 def single_process_cli(two_process_runs: Path) -> Path:
     """The same ``fastmid train`` run in one process (the reference of the 2-rank runs)."""
     from fastmid.config import build_config
@@ -370,6 +381,31 @@ def test_fastmid_train_on_two_ranks_matches_one_process(
 
 
 @pytest.mark.slow  # a torchrun launch
+def test_two_ranks_with_dropout_take_the_steps_of_one_process(
+    two_process_runs: Path, single_process_dropout: Path, single_process_cli: Path
+):
+    """Dropout masks follow the micro-batch, not the rank that computes it."""
+    two = two_process_runs / "cli_ddp_dropout"
+    got = [m["loss"] for m in metrics(two)]
+    want = [m["loss"] for m in metrics(single_process_dropout)]
+    assert len(got) == len(want) == 4
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)
+    adapter = load_file(str(two / "adapter" / "adapter_model.safetensors"))
+    ref = load_file(str(single_process_dropout / "adapter" / "adapter_model.safetensors"))
+    assert adapter.keys() == ref.keys()
+    for name, want_t in ref.items():
+        # Adam moves a weight by about ±lr whatever the size of its gradient, so the odd element
+        # whose gradient is rounding noise (2 ranks sum in another order) lands up to ~6e-4 of
+        # the tensor's largest entry away; another rank's dropout masks move whole tensors by
+        # more than their largest entry (and the losses above by 5e-4).
+        atol = 5e-3 * float(want_t.abs().max())
+        torch.testing.assert_close(adapter[name], want_t, rtol=0, atol=atol, msg=name)
+    # Dropout really acted: the run without it took other steps.
+    no_dropout = [m["loss"] for m in metrics(single_process_cli)]
+    assert max(abs(a - b) for a, b in zip(got[1:], no_dropout[1:], strict=True)) > 1e-4
+
+
+@pytest.mark.slow  # a torchrun launch
 def test_stopped_two_rank_run_resumes_in_one_process(
     two_process_runs: Path, single_process_cli: Path
 ):
@@ -467,6 +503,7 @@ def _cli_runs(out: Path) -> None:
     from fastmid.config import build_config
 
     train_mod.train(build_config(None, cli_config(out, "cli_ddp", **EVAL)))
+    train_mod.train(build_config(None, cli_config(out, "cli_ddp_dropout", dropout=0.05)))
 
     real_forward_loss = train_mod.forward_loss
     calls = {"n": 0}
