@@ -91,7 +91,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     On SIGINT/SIGTERM the loop checkpoints and returns early with ``summary["interrupted"]``
     set; ``--resume`` then continues with the same losses an uninterrupted run would have.
     """
-    wall_start = time.perf_counter()
+    wall = Stopwatch()
     cfg = cfg.validate().resolved()
     out = check_output_dir(cfg)
     resumed = read_resume_point(cfg, out)
@@ -131,13 +131,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     resolved = describe_run(rt, model_name, parallel, state, params, plan, examples, band_reason)
     progress = start_or_resume(cfg, out, model, optimizer, scheduler, eval_before, plan)
     log(format_header(resolved))
-    tracker = tracking.make_tracker(cfg.report_to if distributed.is_main() else "none", out)
-    tracker.open({**cfg.to_dict(), "resolved": resolved})
 
     update = optimizer_update(optimizer, scheduler, cfg.max_grad_norm, equalizer)
     checkpoints = CheckpointSchedule(cfg.save_every, cfg.save_every_minutes)
     model.train()
-    window = MetricsWindow(rt.device, out / "metrics.jsonl", progress.step, plan.total_steps)
+    heldout_loss = heldout and (lambda: heldout(model, rt.autocast))
+    window = MetricsWindow(rt.device, out, progress, plan, cfg, resolved, heldout)
     with window, StopFlag().installed() as stop:
         while progress.step < plan.total_steps:
             step_batches = [[examples[i] for i in b] for b in batches.for_step(plan, progress.step)]
@@ -148,33 +147,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             stop.requested = distributed.any_rank(stop.requested)
             due = stop.requested or checkpoints.due(progress.step)
             saving = due and progress.step < plan.total_steps
-            # A checkpoint also flushes the log window, so a resumed run logs exactly the
-            # lines an uninterrupted one does.
-            evaluating = heldout is not None and heldout.due(progress.step, plan.total_steps)
-            if (
-                saving
-                or evaluating
-                or progress.step % cfg.log_every == 0
-                or progress.step == plan.total_steps
-            ):
-                extra = {"eval_loss": heldout(model, rt.autocast)} if evaluating else {}
-                record = window.flush(progress, result.lr, result.grad_norm, extra)
-                tracker.log(progress.step, tracking.namespaced(record))
+            window.step_done(progress, result, heldout_loss, force=saving)
             if saving:
                 save_progress(out, model, optimizer, scheduler, progress, cfg)
                 checkpoints.saved()
                 window.restart_clock()  # checkpoint time is not training time
             if saving and stop.requested:
                 log(f"stopped at step {progress.step}; continue with --resume (in {out})")
-                tracker.close()
                 return progress.summary(plan, resolved, interrupted=True)
-
-    eval_after, predictions = evaluate(model, tokenizer, eval_set, cfg, rt.autocast, tuned=True)
-    tracker.log(progress.step, tracking.namespaced(eval_after, "eval"))
-    tracker.close()
+        eval_after, predictions = evaluate(model, tokenizer, eval_set, cfg, rt.autocast, tuned=True)
+        window.tracker.log(progress.step, tracking.namespaced(eval_after, "eval"))
     summary = progress.summary(plan, resolved, interrupted=False)
-    summary.update(eval_after=eval_after, adapter=str(out / "adapter"))
-    summary["wall_seconds"] = time.perf_counter() - wall_start
+    summary.update(eval_after=eval_after, adapter=str(out / "adapter"), wall_seconds=wall())
     # The band "auto" chose is recorded, so feeding this config back reproduces the run.
     config = {**cfg.to_dict(), "band": format_band(adapter_cfg.band), "resolved": resolved}
     finish_outputs(out, model, model_name, config, summary, predictions)
@@ -689,14 +673,41 @@ def _memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+class Stopwatch:
+    """Seconds since it was made, when called."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.start
+
+
 class MetricsWindow:
     """Sums since the last log line; each flush writes one metrics.jsonl record and shows it:
     one line per flush, or (stdout a terminal) a progress bar with ETA that carries it."""
 
-    def __init__(self, device: torch.device, path: Path, first_step: int, total_steps: int) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        out: Path,
+        progress: Progress,
+        plan: StepPlan,
+        cfg: TrainConfig,
+        resolved: dict[str, Any],
+        heldout: HeldoutLoss | None,
+    ) -> None:
         self.device = device
-        self.path = path
-        self.total_steps = total_steps
+        self.path = out / "metrics.jsonl"
+        self.total_steps = total_steps = plan.total_steps
+        self.log_every = cfg.log_every
+        self.heldout = heldout
+        # Only rank 0 reports to a tracker, as it alone writes metrics.jsonl.
+        self.tracker = tracking.make_tracker(
+            cfg.report_to if distributed.is_main() else "none", out
+        )
+        self.tracker.open({**cfg.to_dict(), "resolved": resolved})
+        first_step = progress.step
         self.loss = torch.zeros((), device=device)
         self.labels = 0
         self.tokens = 0
@@ -715,6 +726,24 @@ class MetricsWindow:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.close()
+        self.tracker.close()
+
+    def step_done(
+        self,
+        progress: Progress,
+        result: StepResult,
+        heldout_loss: Callable[[], float] | None,
+        force: bool,
+    ) -> None:
+        """Flush at log steps, held-out-loss steps, the last step, or when ``force``d: a
+        checkpoint follows, and flushing before it makes a resumed run log exactly the lines an
+        uninterrupted one does. The flushed record also goes to the tracker."""
+        step = progress.step
+        evaluating = self.heldout is not None and self.heldout.due(step, self.total_steps)
+        if force or evaluating or step % self.log_every == 0 or step == self.total_steps:
+            extra = {"eval_loss": heldout_loss()} if evaluating and heldout_loss else {}
+            record = self.flush(progress, result.lr, result.grad_norm, extra)
+            self.tracker.log(step, tracking.namespaced(record))
 
     def restart_clock(self) -> None:
         self.start = time.perf_counter()
