@@ -264,7 +264,7 @@ _flags("dropout_one", ["--dropout", "1"], ["dropout must be in [0, 1), got 1.0"]
 _flags("lr_zero", ["--lr", "0"], ["lr must be positive, got 0.0"])
 _flags("lr_not_finite", ["--lr", "nan"], ["lr must be a finite number, got nan"])
 _flags("target_unknown", ["--targets", "q_proj,qq_proj"], ["unknown target 'qq_proj'"])
-_flags("target_not_a_name", ["--targets", "q-proj"], ["target 'q-proj' is not a module name"])
+_flags("target_not_a_name", ["--targets", "q-proj"], ["unknown target 'q-proj'; known: q_proj"])
 _flags("targets_empty", ["--targets", ","], ["targets must name at least one linear layer"])
 
 

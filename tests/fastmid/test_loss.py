@@ -111,7 +111,8 @@ def test_label_only_forward_gives_transformers_loss_and_gradients(family: str):
     assert got.logits is None
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
     for g, w in zip(got_grads, want_grads, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+        # fp32 sums in another order: an error small against the tensor's own scale.
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * float(w.abs().max()))
     if family == "gemma2":
         # The soft-cap really is applied: without it the loss would differ.
         model.config.final_logit_softcapping = None
