@@ -772,3 +772,32 @@ def lora_backward(x, dy, dys, w, a_list, b_list, scales, xa, p, seed, need_dx):
     return lora_backward_torch_op(
         x, list(dys), w, list(a_list), list(b_list), list(scales), xa, p, seed, need_dx
     )
+
+
+def register_grouped_autograd(
+    op, backward_op, arg_names: tuple[str, ...], adapters: tuple[str, ...]
+):
+    """The autograd of a grouped op ``op(x, w, [bias,] *adapters, scales, p, seed, dtype)``
+    returning ``(out, xa)``: save x, w, the adapters, xa and the seed; ``backward_op`` gives dx
+    and the adapter grads; every other input (the frozen weight, bias, settings) gets none."""
+    has_bias = "bias" in arg_names
+
+    def setup_context(ctx, inputs, output) -> None:
+        x, w, *rest = inputs
+        *adapter_tensors, scales, p, seed, dtype = rest[1:] if has_bias else rest
+        ctx.save_for_backward(x, w, *adapter_tensors, output[1], seed)
+        ctx.scales, ctx.p, ctx.dtype = scales, p, dtype
+
+    def backward(ctx, grad_out, _grad_xa):
+        x, w, *adapter_tensors, xa, seed = ctx.saved_tensors
+        need = dict(zip(arg_names, ctx.needs_input_grad, strict=True))
+        dx, adapter_grads = backward_op(
+            grad_out, x, w, *adapter_tensors, xa, ctx.scales, ctx.p, seed, ctx.dtype, need["x"]
+        )
+        grads = dict.fromkeys(arg_names)
+        grads["x"] = dx if need["x"] else None
+        for name, g in zip(adapters, adapter_grads, strict=True):
+            grads[name] = g if need[name] else None
+        return tuple(grads[n] for n in arg_names)
+
+    op.register_autograd(backward, setup_context=setup_context)

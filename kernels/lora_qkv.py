@@ -146,26 +146,7 @@ def _lora_qkv_backward_op(
     return dx.to(x.dtype), grads
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, w, _bias, *adapters, scales, p, seed, dtype = inputs
-    ctx.save_for_backward(x, w, *adapters, output[1], seed)
-    ctx.scales, ctx.p, ctx.dtype = scales, p, dtype
-
-
-def _backward(ctx, grad_y, _grad_xa):
-    x, w, *adapters, xa, seed = ctx.saved_tensors
-    need = dict(zip(_ARG_NAMES, ctx.needs_input_grad, strict=True))
-    dx, adapter_grads = _lora_qkv_backward_op(
-        grad_y, x, w, *adapters, xa, ctx.scales, ctx.p, seed, ctx.dtype, need["x"]
-    )
-    grads = dict.fromkeys(_ARG_NAMES)
-    grads["x"] = dx if need["x"] else None
-    for name, g in zip(_ADAPTERS, adapter_grads, strict=True):
-        grads[name] = g if need[name] else None
-    return tuple(grads[n] for n in _ARG_NAMES)
-
-
-_lora_qkv_op.register_autograd(_backward, setup_context=_setup_context)
+_gemm.register_grouped_autograd(_lora_qkv_op, _lora_qkv_backward_op, _ARG_NAMES, _ADAPTERS)
 
 
 def _triple(scales: float | Sequence[float]) -> tuple[float, float, float]:

@@ -113,7 +113,7 @@ def _nf4_matmul_kernel(
 # Configs and launcher
 # ---------------------------------------------------------------------------------------------
 
-# Shipped configs per arch (checked by `python -m fastmid.kernels.inspect`: no spills, tensor
+# Shipped configs per arch (checked by `python -m fastmid.kernels.cubin_report`: no spills, tensor
 # cores). The dequantized (BR, BP) tile is built in registers from per-element index math and
 # four gathers before it reaches the MMA, so the tiles are smaller than the plain GEMM's.
 MATMUL_CONFIGS: dict[int, list[dict[str, int]]] = {
@@ -260,7 +260,7 @@ def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
 
 
 # ---------------------------------------------------------------------------------------------
-# Ahead-of-time compilation targets (`python -m fastmid.kernels.inspect`)
+# Ahead-of-time compilation targets (`python -m fastmid.kernels.cubin_report`)
 # ---------------------------------------------------------------------------------------------
 
 
