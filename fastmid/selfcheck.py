@@ -307,8 +307,9 @@ def check_microbench(tokens: int = 8192, rank: int = 64) -> Section:
     return Section("microbench", "pass", detail, rows=rows)
 
 
-def check_train(steps: int = 30) -> Section:
-    """A short `fastmid train` of the embedded model; peak memory vs the FakeTensor estimate."""
+def check_train(model: str | None = None, steps: int = 30) -> Section:
+    """A short `fastmid train` of `model` (default: the embedded model); peak memory vs the
+    FakeTensor estimate."""
     import torch
 
     from fastmid.config import TrainConfig
@@ -316,7 +317,7 @@ def check_train(steps: int = 30) -> Section:
 
     torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(output_dir=out, max_steps=steps, eval=False, log_every=10)
+        cfg = TrainConfig(model=model, output_dir=out, max_steps=steps, eval=False, log_every=10)
         summary = train(cfg)
     peak = torch.cuda.max_memory_allocated() / 2**30
     row: dict[str, Any] = {
@@ -351,7 +352,7 @@ def _fake_estimate(cfg: Any) -> float | None:
 
     from fastmid.models import default_model_dir
 
-    config = AutoConfig.from_pretrained(default_model_dir())
+    config = AutoConfig.from_pretrained(cfg.model or default_model_dir())
     seq_len = cfg.max_length
     est = estimate_peak(config, "fastmid", batch_size=max(1, cfg.batch_tokens // seq_len),
                         seq_len=seq_len)  # fmt: skip
@@ -414,41 +415,31 @@ def _tail(text: str, lines: int = 3) -> str:
     return " | ".join(text.strip().splitlines()[-lines:])
 
 
-def _timed(fn: Callable[[], Section]) -> Section:
+def _timed(name: str, fn: Callable[[], Section]) -> Section:
     start = time.perf_counter()
     try:
         section = fn()
     except Exception as err:  # a crashing section is a failed check, not a crashed command
-        name = getattr(fn, "__name__", "check").removeprefix("check_")
         section = Section(name, "fail", f"{type(err).__name__}: {err}")
     section.seconds = round(time.perf_counter() - start, 1)
     return section
 
 
-def selfcheck(quick: bool = False, jobs: int = 2) -> dict[str, Any]:
-    """Run every section this machine allows; returns the report."""
+def selfcheck(
+    quick: bool = False,
+    jobs: int = 2,
+    model: str | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run every section this machine allows; returns the report. `progress` receives the
+    report so far after each section (a timed-out run still leaves what it finished)."""
     import torch
     import triton
 
     cuda = torch.cuda.is_available()
     gpus = torch.cuda.device_count() if cuda else 0
     no_cuda = "needs a CUDA device (none found)"
-    sections: list[Section] = []
-    if cuda:
-        sections.append(_timed(check_gpu_tests))
-    else:
-        sections.append(Section("gpu tests", "not checked", no_cuda))
-    sections.append(_timed(lambda: check_numerics(cuda, quick)))
-    if cuda:
-        sections += [_timed(check_microbench), _timed(check_train)]
-        if gpus >= 2:
-            sections.append(_timed(check_ddp))
-        else:
-            sections.append(Section("ddp", "not checked", f"needs 2 GPUs, found {gpus}"))
-    else:
-        sections += [Section(n, "not checked", no_cuda) for n in ("microbench", "train", "ddp")]
-    sections.append(_timed(lambda: check_cubins(quick, jobs)))
-    return {
+    report: dict[str, Any] = {
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
@@ -458,9 +449,33 @@ def selfcheck(quick: bool = False, jobs: int = 2) -> dict[str, Any]:
             "gpus": gpus,
         },
         "quick": quick,
-        "ok": all(s.status != "fail" for s in sections),
-        "sections": [asdict(s) for s in sections],
+        "model": model or "embedded",
+        "ok": True,
+        "sections": [],
     }
+
+    def add(section: Section) -> None:
+        report["sections"].append(asdict(section))
+        report["ok"] = report["ok"] and section.status != "fail"
+        if progress is not None:
+            progress(report)
+
+    def ddp() -> Section:
+        if gpus < 2:
+            return Section("ddp", "not checked", f"needs 2 GPUs, found {gpus}")
+        return check_ddp()
+
+    plan: list[tuple[str, Callable[[], Section] | None]] = [
+        ("gpu tests", check_gpu_tests if cuda else None),
+        ("numerics", lambda: check_numerics(cuda, quick)),
+        ("microbench", check_microbench if cuda else None),
+        ("train", (lambda: check_train(model)) if cuda else None),
+        ("ddp", ddp if cuda else None),
+        ("cubin report", lambda: check_cubins(quick, jobs)),
+    ]
+    for name, step in plan:
+        add(_timed(name, step) if step is not None else Section(name, "not checked", no_cuda))
+    return report
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -486,11 +501,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quick", action="store_true", help="a reduced subset (CPU numerics, one compile)"
     )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    parser.add_argument(
+        "--model", default=None, help="model of the train section (default: the embedded model)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    report = selfcheck(quick=args.quick, jobs=args.jobs)
-    write_text_atomic(args.output, json.dumps(report, indent=1) + "\n")
+    def save(report: dict[str, Any]) -> None:
+        write_text_atomic(args.output, json.dumps(report, indent=1) + "\n")
+
+    report = selfcheck(quick=args.quick, jobs=args.jobs, model=args.model, progress=save)
     print(format_report(report))
     print(f"\nreport: {args.output}")
     return 0 if report["ok"] else 1

@@ -4,6 +4,7 @@
 - LoRA dropout: one keep-mask drawn from a seed tensor (`dropout_seed`), in-kernel
   (`keep_mask`, Philox via `tl.rand`) or on the torch path (`torch_keep_mask`, a counter-based
   hash), so backward redraws the mask instead of storing it;
+- `registered_op`: a custom op that plain eager calls bypass (`RegisteredOp`);
 - shipped autotune configs: each kernel module lists its own per arch (sm_80 / sm_90); here
   are the helpers to name them, turn them into `triton.Config`s, pick the family for a device,
   and `InspectTarget`, the registry entry `python -m fastmid.kernels.cubin_report` compiles.
@@ -17,7 +18,9 @@ from __future__ import annotations
 import inspect
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import triton
@@ -27,6 +30,12 @@ from torch._subclasses.fake_tensor import FakeTensor
 # `triton.jit` decides at decoration time whether it builds an interpreter function, so the
 # switch is read once, here, before any kernel module decorates its kernels.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# `FASTMID_KERNEL_PATH=torch` runs the torch (cuBLAS) composition on CUDA too, `triton` or
+# unset the fused kernels: the switch the GPU benchmarks compare the two paths with.
+KERNEL_PATHS = ("triton", "torch")
+KERNEL_PATH: str = os.environ.get("FASTMID_KERNEL_PATH", "triton")
+if KERNEL_PATH not in KERNEL_PATHS:
+    raise ValueError(f"FASTMID_KERNEL_PATH must be one of {KERNEL_PATHS}, got {KERNEL_PATH!r}")
 
 
 def use_triton(t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
@@ -34,12 +43,92 @@ def use_triton(t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     matmul on `t` runs in now, `compute_dtype(t)`): CUDA tensors, or under the Triton interpreter
     (`TRITON_INTERPRET=1`, as in the CPU test suite) real CPU tensors not computed in bf16,
     because the interpreter's bf16 `tl.dot` returns wrong numbers without an error. While
-    torch.compile traces (fake tensors) the interpreter is never chosen: it cannot be traced."""
+    torch.compile traces (fake tensors) the interpreter is never chosen: it cannot be traced.
+    `FASTMID_KERNEL_PATH=torch` turns Triton off everywhere."""
+    if KERNEL_PATH == "torch":
+        return False
     if t.is_cuda:
         return True
     if not INTERPRET or isinstance(t, FakeTensor):
         return False
     return (compute_dtype(t) if dtype is None else dtype) != torch.bfloat16
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _traced(args: tuple) -> bool:
+    """True while torch.compile traces, or when an argument (or a tensor in a list argument) is
+    a tensor subclass (fake/functional tensors of a trace, DTensor): calls that need the
+    registered op."""
+    if torch.compiler.is_compiling():
+        return True
+    for arg in args:
+        for t in arg if isinstance(arg, (list, tuple)) else (arg,):
+            if isinstance(t, torch.Tensor) and type(t) not in _PLAIN_TENSORS:
+                return True
+    return False
+
+
+class RegisteredOp:
+    """A `torch.library` custom op together with the Python function it was made from.
+
+    Traced calls (`_traced`) go through the registered op, so torch.compile sees one opaque,
+    fake-able node. Plain eager calls run the function itself, inside a plain
+    `torch.autograd.Function` once a backward is registered: the dispatcher's Python round trip
+    (schema checks, autograd and backend redispatch for the op and its backward) measured about
+    0.5 ms per forward + backward on 2 CPU threads and 1 ms on an H200, more than a decoder
+    layer's adapter work at small shapes."""
+
+    def __init__(self, op: Any, fn: Callable[..., Any]) -> None:
+        self.op, self.fn = op, fn
+        self._function: type[torch.autograd.Function] | None = None
+
+    def register_fake(self, fake: Callable[..., Any]) -> Callable[..., Any]:
+        self.op.register_fake(fake)
+        return fake
+
+    def register_autograd(self, backward: Callable[..., Any], setup_context: Callable) -> None:
+        """Register `backward` on the op and build the eager `autograd.Function` from the same
+        two callables. Outputs after the first are saved intermediates: not differentiable,
+        and no zero grads are materialised for them."""
+        self.op.register_autograd(backward, setup_context=setup_context)
+        fn = self.fn
+
+        class _Eager(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *args):
+                out = fn(*args)
+                setup_context(ctx, args, out)
+                if isinstance(out, tuple):
+                    ctx.mark_non_differentiable(*out[1:])
+                ctx.set_materialize_grads(False)
+                return out
+
+            @staticmethod
+            def backward(ctx, *grads):
+                if grads[0] is None:  # no gradient reached the output: none for the inputs
+                    return (None,) * len(ctx.needs_input_grad)
+                return backward(ctx, *grads)
+
+        self._function = _Eager
+
+    def __call__(self, *args: Any) -> Any:
+        if _traced(args):
+            return self.op(*args)
+        if self._function is not None:
+            return self._function.apply(*args)
+        return self.fn(*args)
+
+
+def registered_op(register: Callable[..., Any], name: str) -> Callable[..., RegisteredOp]:
+    """Decorator: `register(name, mutates_args=())` (`torch.library.custom_op`, or `triton_op`
+    for ops that launch Triton kernels) applied to the function, wrapped in a `RegisteredOp`."""
+
+    def wrap(fn: Callable[..., Any]) -> RegisteredOp:
+        return RegisteredOp(register(name, mutates_args=())(fn), fn)
+
+    return wrap
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

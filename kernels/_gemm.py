@@ -37,6 +37,7 @@ from ._common import (
     keep_mask,
     kernel_signature,
     rank_block,
+    registered_op,
     shipped_arch,
     to_triton_configs,
     torch_keep_mask,
@@ -709,7 +710,7 @@ def lora_backward_torch(x, dys, w, a_list, b_list, scales, xa, p, seed, need_dx)
 # path stay visible to the compiler through the ops' `triton_op`s.
 
 
-@torch.library.custom_op("fastmid::lora_forward_torch", mutates_args=())
+@registered_op(torch.library.custom_op, "fastmid::lora_forward_torch")
 def lora_forward_torch_op(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -730,7 +731,7 @@ def _(x, w, bias, a_list, b_list, scales, p, seed):
     return x.new_empty(x.shape[0], w.shape[0]), x.new_empty(x.shape[0], rank)
 
 
-@torch.library.custom_op("fastmid::lora_backward_torch", mutates_args=())
+@registered_op(torch.library.custom_op, "fastmid::lora_backward_torch")
 def lora_backward_torch_op(
     x: torch.Tensor,
     dys: list[torch.Tensor],

@@ -35,6 +35,7 @@ from ._common import (
     compute_dtype,
     dropout_seed,
     effective_scale,
+    registered_op,
     torch_keep_mask,
     use_triton,
 )
@@ -78,7 +79,7 @@ def _dgate_dup_torch(x, dh, w, xa, b_list):
     return dg, du
 
 
-@torch.library.custom_op("fastmid::lora_gate_up_forward_torch", mutates_args=())
+@registered_op(torch.library.custom_op, "fastmid::lora_gate_up_forward_torch")
 def _forward_torch_op(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -97,7 +98,7 @@ def _(x, w, a_list, b_list, scales, p, seed):
     return x.new_empty(x.shape[0], w.shape[0] // 2), x.new_empty(x.shape[0], rank)
 
 
-@torch.library.custom_op("fastmid::lora_gate_up_backward_torch", mutates_args=())
+@registered_op(torch.library.custom_op, "fastmid::lora_gate_up_backward_torch")
 def _backward_torch_op(
     x: torch.Tensor,
     dh: torch.Tensor,
@@ -161,7 +162,7 @@ _ADAPTERS = ("a_g", "a_u", "b_g", "b_u")
 _ARG_NAMES = ("x", "w", *_ADAPTERS, "scales", "p", "seed", "dtype")
 
 
-@triton_op("fastmid::lora_gate_up", mutates_args=())
+@registered_op(triton_op, "fastmid::lora_gate_up")
 def _lora_gate_up_op(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -186,7 +187,7 @@ def _lora_gate_up_op(
         return _gemm.launch_swiglu(x, w, xa, *b_list), xa
 
 
-@triton_op("fastmid::lora_gate_up_backward", mutates_args=())
+@registered_op(triton_op, "fastmid::lora_gate_up_backward")
 def _lora_gate_up_backward_op(
     dh: torch.Tensor,
     x: torch.Tensor,

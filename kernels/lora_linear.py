@@ -28,6 +28,7 @@ from ._common import (
     compute_dtype,
     dropout_seed,
     effective_scale,
+    registered_op,
     torch_keep_mask,
 )
 from ._gemm import inspect_target
@@ -68,7 +69,7 @@ def lora_linear_reference(
 # case of the grouped GEMMs in `_gemm`.
 
 
-@triton_op("fastmid::lora_linear", mutates_args=())
+@registered_op(triton_op, "fastmid::lora_linear")
 def _lora_linear_op(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -91,7 +92,7 @@ def _lora_linear_op(
         )
 
 
-@triton_op("fastmid::lora_linear_backward", mutates_args=())
+@registered_op(triton_op, "fastmid::lora_linear_backward")
 def _lora_linear_backward_op(
     dy: torch.Tensor,
     x: torch.Tensor,

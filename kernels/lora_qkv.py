@@ -35,6 +35,7 @@ from ._common import (
     compute_dtype,
     dropout_seed,
     effective_scale,
+    registered_op,
     torch_keep_mask,
 )
 from ._gemm import inspect_target
@@ -87,7 +88,7 @@ _ADAPTERS = ("a_q", "a_k", "a_v", "b_q", "b_k", "b_v")
 _ARG_NAMES = ("x", "w", "bias", *_ADAPTERS, "scales", "p", "seed", "dtype")
 
 
-@triton_op("fastmid::lora_qkv", mutates_args=())
+@registered_op(triton_op, "fastmid::lora_qkv")
 def _lora_qkv_op(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -111,7 +112,7 @@ def _lora_qkv_op(
         return _gemm.lora_forward(x.to(dtype), w.to(dtype), bias, a_list, b_list, scales, p, seed)
 
 
-@triton_op("fastmid::lora_qkv_backward", mutates_args=())
+@registered_op(triton_op, "fastmid::lora_qkv_backward")
 def _lora_qkv_backward_op(
     dy: torch.Tensor,
     x: torch.Tensor,

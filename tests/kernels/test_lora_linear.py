@@ -268,3 +268,48 @@ def test_torch_keep_mask_is_uniform_and_seeded(p):
     assert abs((mask == other).double().mean().item() - agree) < 5 * math.sqrt(agree / n)
     assert torch.equal(mask, torch_keep_mask((rows, cols), p, torch.tensor(123)).double())
     assert torch_keep_mask((rows, cols), p, 123).dtype == torch.bool
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_eager_calls_skip_the_dispatcher_and_match_the_registered_op(p: float):
+    # Plain eager calls run the op's function in an autograd.Function; the registered op (what
+    # torch.compile traces) must give the same output and grads.
+    torch.manual_seed(0)
+    x, w, a, b, _ = make_inputs((2, 9), 24, 20, 4, torch.float32, bias=False)
+    seed = torch.tensor(7)
+    leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+    with torch.profiler.profile() as prof:
+        y = lora_linear(leaves[0], w, leaves[1], leaves[2], 1.5, None, p, seed)
+        y.square().sum().backward()
+    assert not [e.name for e in prof.events() if e.name.startswith("fastmid::")]
+    assert y.grad_fn is not None and all(t.grad is not None for t in leaves)
+
+    op_leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+    scale = 1.5 / (1.0 - p)
+    y_op, _ = torch.ops.fastmid.lora_linear(
+        op_leaves[0].reshape(-1, 24), w, op_leaves[1], op_leaves[2], None, scale, p,
+        seed if p else None, torch.float32,
+    )  # fmt: skip
+    y_op.square().sum().backward()
+    torch.testing.assert_close(y_op.view_as(y), y, rtol=0, atol=0)
+    for got, want in zip(op_leaves, leaves, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_kernel_path_switch_read_from_the_environment():
+    import os
+    import subprocess
+    import sys
+
+    code = "import torch; from fastmid.kernels import use_triton; print(use_triton(torch.ones(2)))"
+
+    def run(path: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "TRITON_INTERPRET": "1", "FASTMID_KERNEL_PATH": path}
+        return subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+        )
+
+    assert run("triton").stdout.strip() == "True"  # the interpreter runs fp32 CPU tensors
+    assert run("torch").stdout.strip() == "False"
+    bad = run("cuda")
+    assert bad.returncode != 0 and "FASTMID_KERNEL_PATH must be one of" in bad.stderr
