@@ -198,3 +198,37 @@ def test_sliding_window_longer_than_an_example_falls_back_to_sdpa(
     long_example = slice(LENGTHS[0] + 6, LENGTHS[0] + LENGTHS[1])
     assert (plain[:, long_example] - got[:, long_example]).abs().max() > 1e-3
     torch.testing.assert_close(plain[:, : LENGTHS[0]], got[:, : LENGTHS[0]])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("length", [1, 7, 100])
+def test_half_precision_cpu_attention_takes_the_fp32_kernel(dtype: torch.dtype, length: int):
+    # Output and every gradient as close to the fp64 result as the half-precision kernel's own,
+    # and only half-precision activations (plus the fp32 log-sum-exp) saved for backward.
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(2, h, length, 64, generator=gen, dtype=torch.float64) for h in (9, 3, 3))
+    grad = torch.randn(2, 9, length, 64, generator=gen, dtype=torch.float64)
+
+    def run(fn, dt):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(grad.to(dt))
+        return [out.double()] + [t.grad.double() for t in leaves]
+
+    def sdpa(a, b, c):
+        return F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=True)
+
+    def ours(a, b, c):
+        return attention._causal_attention(a, b, c, 0.0, None)
+
+    exact, half, got_all = run(sdpa, torch.float64), run(sdpa, dtype), run(ours, dtype)
+    for name, want, theirs, got in zip(
+        ("out", "dq", "dk", "dv"), exact, half, got_all, strict=True
+    ):
+        bound = 1.25 * (theirs - want).abs().max() + 1e-6
+        assert (got - want).abs().max() <= bound, name
+    node = ours(*(t.to(dtype).requires_grad_() for t in (q, k, v))).grad_fn
+    assert type(node).__name__ == "_Fp32CausalAttentionBackward"
+    assert [t.dtype for t in node.saved_tensors] == [dtype] * 4 + [torch.float32]
