@@ -112,8 +112,8 @@ class _Fp32CausalAttention(torch.autograd.Function):
     """Causal attention of half-precision CPU tensors through the fp32 flash kernel, forward
     and backward. On 2 threads the fp32 kernel ran a packed bf16 row's forward + backward in
     17.3 ms against 23.9 ms for the bf16 kernel, the casts included (`python -m
-    bench.attention` with the upcast as a variant). Only the half-precision q, k, v, output and the (fp32) log-sum-exp are
-    saved, what the half-precision kernel itself saves."""
+    bench.attention` with the upcast as a variant). Only the half-precision q, k, v, output
+    and the (fp32) log-sum-exp are saved, what the half-precision kernel itself saves."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale):
