@@ -344,12 +344,15 @@ def build_provider(
     seed: int = 0,
     inplace: bool = False,
     on: str | None = None,
+    compile: str = "off",
 ) -> Provider:
     """``base`` set up as provider ``name`` in precision ``dtype``.
 
     A deep copy unless ``inplace`` (then ``base`` itself is patched: used where one process
     measures one provider and a second copy of the weights would distort its memory). ``on``
     overrides the device (FLOPs are counted on CPU, where every op is visible to torch).
+    ``compile`` is fastmid's ``MidBlockConfig.compile`` (the providers compare eager blocks;
+    the ``compile`` workload sets it).
     """
     spec = SPECS.get(name)
     if spec is None:
@@ -362,7 +365,7 @@ def build_provider(
     num_layers = model.config.num_hidden_layers
     if spec.packed:
         # Set up exactly as fastmid train does (patch, attention for packed rows).
-        state = prepare_model(model, MidBlockConfig(band=band), dev)
+        state = prepare_model(model, MidBlockConfig(band=band, compile=compile), dev)
         params = adapter_parameters(model)
         layers, rank, loss_fn, collate = state.layers, state.rank, _fastmid_loss, packed_batch
     else:

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastmid.fileio import write_bytes_atomic
 
-CSV_WORKLOADS = ("throughput", "flops", "memory", "estimate", "bands")
+CSV_WORKLOADS = ("throughput", "flops", "memory", "estimate", "bands", "compile")
 PLOTS = {
     "throughput": "throughput.png",
     "flops": "mfu.png",
@@ -168,6 +168,22 @@ def summary_tables(results: dict[str, Any]) -> str:
             "fastmid band placement (throughput)\n\n"
             + _table(["band", "layers", "rank", "precision", "tokens/s", "vs middle"], rows)
         )
+    if results.get("compile"):
+        rows = [
+            [
+                r["compile"],
+                r["dtype"],
+                f"{r['dropout']:g}",
+                f"{r['tokens_per_s']:.0f}",
+                _fmt_ratio(r["vs_eager"]),
+                f"{r['compile_s']:.0f}",
+            ]
+            for r in results["compile"]
+        ]
+        parts.append(
+            "fastmid with compiled decoder blocks (--compile; providers interleaved)\n\n"
+            + _table(["compile", "precision", "dropout", "tokens/s", "vs eager", "compile s"], rows)
+        )
     if results.get("engine") or results.get("profile"):
         from bench.profile import engine_table, profile_table
 
@@ -218,7 +234,7 @@ def _plot(results: dict[str, Any], workload: str) -> bytes | None:
     import matplotlib.pyplot as plt
 
     rows = results.get(workload) or []
-    if not rows:
+    if not rows or workload not in PLOTS:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4))
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
@@ -251,7 +267,7 @@ def _plot(results: dict[str, Any], workload: str) -> bytes | None:
         }
         _bars(ax, models, series, "GiB (estimate)")
         title = f"ESTIMATED CUDA peak memory, bf16 mixed, batch {rows[0]['shape']}"
-    else:
+    else:  # bands
         series = {dtypes[0]: [r["tokens_per_s"] for r in rows]}
         _bars(
             ax,

@@ -45,6 +45,7 @@ from bench.providers import (
     load_base,
     make_workload,
 )
+from fastmid.midblock import PAPER_DROPOUT
 
 
 @dataclass
@@ -396,6 +397,46 @@ def _bands(ctx: Context) -> list[dict[str, Any]]:
     return ctx.stamp(rows)
 
 
+def _compile(ctx: Context) -> list[dict[str, Any]]:
+    """fastmid with eager and with compiled decoder blocks (``--compile off|on``), interleaved:
+    the measurement behind ``--compile auto``. Three warm-up rounds at least, since a compiled
+    block also compiles its backward and the first new shapes on their first steps."""
+    from bench.measure import time_interleaved
+    from fastmid.compile import CompileTimer
+
+    opts = ctx.opts
+    base, workload = ctx.model()
+    dtype = opts.band_dtype if opts.band_dtype in opts.dtypes else opts.dtypes[0]
+    warmup = max(opts.warmup, 3)
+    providers = []
+    for mode in ("off", "on"):
+        p = build_provider("fastmid", base, dtype, compile=mode)
+        p.name = f"fastmid[compile={mode}]"
+        providers.append(p)
+    opts.log(f"[compile] {dtype}: eager and compiled blocks, {warmup} warm-up rounds")
+    timer = CompileTimer()
+    times = time_interleaved(providers, workload, warmup, opts.steps)
+    compile_s = timer.seconds()
+    timed = range(warmup, warmup + opts.steps)
+    real = sum(workload.real_tokens(i) for i in timed)
+    rows = [
+        {
+            "workload": "compile",
+            "provider": "fastmid",
+            "compile": mode,
+            "dtype": dtype,
+            "dropout": PAPER_DROPOUT,
+            "model": workload.extra["model"],
+            "tokens_per_s": real / sum(times[p.name]),
+            "step_s_median": statistics.median(times[p.name]),
+            "compile_s": compile_s if mode == "on" else 0.0,
+        }
+        for mode, p in zip(("off", "on"), providers, strict=True)
+    ]
+    add_ratio(rows, "tokens_per_s", "vs_eager", lambda r: r["compile"] == "off")
+    return ctx.stamp(rows)
+
+
 def _kernels(ctx: Context) -> dict[str, Any]:
     """Per-kernel microbenchmarks (CUDA only): pytest-benchmark's JSON, or why they were skipped."""
     opts, out_dir = ctx.opts, ctx.out_dir
@@ -465,6 +506,7 @@ WORKLOAD_REGISTRY: dict[str, tuple[Callable[[Context], Any], tuple[str, ...]]] =
     "memory": (_memory, ("throughput",)),
     "estimate": (_estimate, ()),
     "bands": (_bands, ()),
+    "compile": (_compile, ()),
     "profile": (_profile, ()),
     "engine": (_engine, ()),
     "kernels": (_kernels, ()),

@@ -51,7 +51,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 @pytest.mark.slow
 def test_quick_writes_every_report(quick_run: tuple[Path, str]) -> None:
     out, stdout = quick_run
-    for name in ("throughput", "flops", "memory", "estimate", "bands"):
+    for name in ("throughput", "flops", "memory", "estimate", "bands", "compile"):
         assert (out / f"{name}.csv").stat().st_size > 0
     for name in ("profile", "engine"):
         assert (out / f"{name}.csv").stat().st_size > 0
@@ -121,6 +121,12 @@ def test_quick_rows_carry_numbers_machine_and_commit(quick_run: tuple[Path, str]
     bands = {r["band"]: r for r in rows["bands"]}
     assert set(bands) == {"bottom", "middle", "top", "all"}
     assert bands["all"]["layers"] == "0-9" and bands["middle"]["layers"] == "2-7"
+
+    compiled = {r["compile"]: r for r in results["compile"]}
+    assert set(compiled) == {"off", "on"} and compiled["off"]["vs_eager"] == 1.0
+    # The compiled run really compiled (and the eager one is charged nothing).
+    assert compiled["on"]["compile_s"] > 0 and compiled["off"]["compile_s"] == 0
+    assert compiled["on"]["tokens_per_s"] > 0 and compiled["on"]["dropout"] > 0
 
     with (out / "throughput.csv").open() as f:
         csv_rows = list(csv.DictReader(f))
