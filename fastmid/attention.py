@@ -4,8 +4,10 @@ fastmid packs whole examples into one row (batch 1) with ``position_ids`` restar
 each example. Plain SDPA then attends over the full ``T×T`` square under a block-diagonal
 causal mask, and almost all of that work lands on blocks the mask throws away. The attention
 function here recognises such a packed call and runs causal SDPA once per example (equal-length
-examples batched into one call), so the cost is ``Σ Lᵢ²`` instead of ``T²``. Every other call
-(padding, a KV cache, generation) goes to transformers' own SDPA path unchanged.
+examples batched into one call), so the cost is ``Σ Lᵢ²`` instead of ``T²``. Unpadded and
+right-padded rows (HF's collator) run plain causal attention: the pads follow every real token,
+so the mask adds nothing for real positions. Every other call (left padding, a KV cache,
+generation) goes to transformers' own SDPA path unchanged.
 
 On CPU, half-precision rows are attended by the fp32 flash kernel (``_causal_attention``): it
 is the faster of the two there, and the inputs and output are saved in their own dtype, so
@@ -71,6 +73,58 @@ def _is_block_causal(mask: torch.Tensor, segments: list[tuple[int, int]]) -> boo
     idx = torch.arange(t, device=mask.device)
     expected = (seg_id[:, None] == seg_id[None, :]) & (idx[:, None] >= idx[None, :])
     return bool(torch.equal(mask[0, 0], expected))
+
+
+_causal_mask_cache: tuple[torch.Tensor, int, bool] | None = None
+
+
+def _is_right_padded_causal(mask: torch.Tensor) -> bool:
+    """Whether a boolean (B, 1, T, T) mask is the causal mask restricted to each row's first n_b
+    keys (right padding), n_b read off the last query row. Computed once per mask tensor: the
+    decoder passes the same one to every layer."""
+    global _causal_mask_cache
+    cached = _causal_mask_cache
+    if cached is not None and cached[0] is mask and cached[1] == mask._version:
+        return cached[2]
+    t = mask.shape[-1]
+    idx = torch.arange(t, device=mask.device)
+    real = mask[:, 0, -1].sum(-1)  # the last query row sees every real key
+    expected = (idx[:, None] >= idx[None, :]) & (idx[None, None, :] < real[:, None, None])
+    result = bool(torch.equal(mask[:, 0], expected))
+    _causal_mask_cache = (mask, mask._version, result)
+    return result
+
+
+def _causal_rows(
+    module: nn.Module | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    kwargs: dict[str, Any],
+) -> bool:
+    """Whether plain causal attention gives this call's real rows exactly: a decoder's
+    training or prefill call (no cache, key length = query length) on rows without padding
+    or with right padding only. A real query never sees a later position, so the pads after
+    it change nothing; the pad rows' own outputs are never read by a real position or a
+    label. Causal attention skips the masked upper triangle, which a masked SDPA call does
+    not."""
+    t = query.shape[2]
+    if t < 2 or key.shape[2] != t or not getattr(module, "is_causal", True):
+        return False
+    if kwargs.get("is_causal") is False or kwargs.get("cache") is not None:
+        return False
+    if kwargs.get("softcap") is not None or kwargs.get("output_attentions", False):
+        return False
+    if kwargs.get("position_bias") is not None:
+        return False
+    window = kwargs.get("sliding_window")
+    if window is not None and t > window:
+        return False
+    if attention_mask is None:
+        return True
+    if attention_mask.dtype != torch.bool or attention_mask.shape != (query.shape[0], 1, t, t):
+        return False
+    return _is_right_padded_causal(attention_mask)
 
 
 def _packed_segments(
@@ -161,13 +215,17 @@ def varlen_attention_forward(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Attention with transformers' signature: per-example causal SDPA on packed rows.
+    """Attention with transformers' signature: per-example causal SDPA on packed rows, plain
+    causal attention on unpadded or right-padded rows (`_causal_rows`).
 
-    ``query`` is (1, H, T, D), ``key``/``value`` (1, H_kv, T, D); returns (1, T, H, D) like
-    ``sdpa_attention_forward``, to which every non-packed call is delegated.
+    ``query`` is (B, H, T, D), ``key``/``value`` (B, H_kv, T, D); returns (B, T, H, D) like
+    ``sdpa_attention_forward``, to which every other call is delegated.
     """
     segments = _packed_segments(query, key, attention_mask, kwargs)
     if segments is None:
+        if _causal_rows(module, query, key, attention_mask, kwargs):
+            out = _causal_attention(query, key, value, dropout, scaling)
+            return out.transpose(1, 2).contiguous(), None
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )

@@ -232,3 +232,42 @@ def test_half_precision_cpu_attention_takes_the_fp32_kernel(dtype: torch.dtype, 
     node = ours(*(t.to(dtype).requires_grad_() for t in (q, k, v))).grad_fn
     assert type(node).__name__ == "_Fp32CausalAttentionBackward"
     assert [t.dtype for t in node.saved_tensors] == [dtype] * 4 + [torch.float32]
+
+
+@pytest.mark.parametrize("family", ("llama", "qwen2"))
+def test_right_padded_rows_run_causal_attention_with_the_same_real_rows(
+    family: str, no_delegation: None
+) -> None:
+    # HF-collator batches (right padding): the mask is dropped for plain causal attention, and
+    # every real position's logits and the adapters' grads match masked SDPA.
+    ref, model = _pair(family)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 256, (3, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    mask[2, 10:] = 0
+    weights = torch.randn(3, 12, ref.config.vocab_size, generator=gen) * mask[..., None]
+
+    def run(m: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        m.zero_grad()
+        logits = m(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        (logits * weights).sum().backward()
+        return logits.detach(), [p.grad.clone() for p in adapter_parameters(m)]
+
+    want, want_grads = run(ref)
+    got, got_grads = run(model)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real])
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_left_padding_keeps_the_mask() -> None:
+    # Pads before real tokens are not a causal pattern: the call goes to masked SDPA.
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :2] = False
+    idx = torch.arange(6)
+    full = (idx[:, None] >= idx[None, :]) & mask[:, None, :]
+    assert not attention._is_right_padded_causal(full[:, None])
+    right = (idx[:, None] >= idx[None, :]) & mask.flip(1)[:, None, :]
+    assert attention._is_right_padded_causal(right[:, None])
