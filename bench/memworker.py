@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch-tokens", type=int, default=1024)
+    parser.add_argument("--loss-on", default=None)
     args = parser.parse_args(argv)
     # The benchmark measures the shipped execution paths, never the Triton interpreter.
     os.environ.pop("TRITON_INTERPRET", None)
@@ -32,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     base, tokenizer, model_name = load_base(args.quick)
-    workload = make_workload(tokenizer, num_steps=args.steps, batch_tokens=args.batch_tokens)
+    workload = make_workload(
+        tokenizer, num_steps=args.steps, batch_tokens=args.batch_tokens, loss_on=args.loss_on
+    )
     provider = build_provider(args.provider, base, args.dtype, inplace=True)
     del base
     gc.collect()

@@ -62,6 +62,9 @@ class SuiteOptions:
     steps: int = 3
     # Token budget of one step (the trainer's packing bin; PEFT pads the same examples).
     batch_tokens: int = 1024
+    # fastmid's loss positions (the trainer's --loss-on; None = its default). The PEFT
+    # providers always take the loss on every non-pad token, as HF's collator labels them.
+    loss_on: str | None = None
     # Estimated-memory shapes: sequences per step and tokens per sequence.
     estimate_models: tuple[str, ...] = ("OLMo2-1B", "OLMo2-7B", "OLMo2-13B", "Llama-3-8B")
     estimate_batch: int = 8
@@ -120,7 +123,9 @@ class Context:
             opts = self.opts
             base, tokenizer, model_name = load_base(opts.quick)
             num_steps = opts.warmup + opts.steps
-            workload = make_workload(tokenizer, num_steps=num_steps, batch_tokens=opts.batch_tokens)
+            workload = make_workload(
+                tokenizer, num_steps=num_steps, batch_tokens=opts.batch_tokens, loss_on=opts.loss_on
+            )
             workload.extra["model"] = model_name
             self.results["data"] = {
                 "model": model_name,
@@ -276,6 +281,8 @@ def _memory(ctx: Context) -> list[dict[str, Any]]:
                 "--batch-tokens",
                 str(opts.batch_tokens),
             ]
+            if opts.loss_on:
+                cmd += ["--loss-on", opts.loss_on]
             if opts.quick:
                 cmd.append("--quick")
             res = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
@@ -567,6 +574,13 @@ def options_from_cli(quick: bool, **given: Any) -> SuiteOptions:
         if value < (0 if name == "warmup" else 1):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
         overrides[name] = value
+    loss_on = given.get("loss_on")
+    if loss_on is not None:
+        from fastmid.config import LOSS_ON
+
+        if loss_on not in LOSS_ON:
+            raise UserError(f"--loss-on must be one of {'|'.join(LOSS_ON)}, got {loss_on!r}")
+        overrides["loss_on"] = loss_on
     if "providers" in overrides and REFERENCE not in overrides["providers"]:
         raise UserError(f"--providers must include {REFERENCE}: every ratio is against it")
     return SuiteOptions.quick_defaults(**overrides) if quick else SuiteOptions(**overrides)

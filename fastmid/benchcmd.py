@@ -80,6 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-tokens", type=int, default=None, help="real tokens per step (packing budget)"
     )
     parser.add_argument(
+        "--loss-on",
+        default=None,
+        help="fastmid's loss positions, as fastmid train's --loss-on (PEFT takes every token)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
 
@@ -103,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from bench import suite
 
     given = {k: getattr(args, k) for k in ("workloads", "providers", "dtypes", "steps")}
-    given.update(warmup=args.warmup, batch_tokens=args.batch_tokens)
+    given.update(warmup=args.warmup, batch_tokens=args.batch_tokens, loss_on=args.loss_on)
     options = suite.options_from_cli(args.quick, **given)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -21,10 +21,12 @@ COMPILE_MODES = ("auto", "on", "off")
 def resolve_compile(mode: str, device: torch.device, dropout: float) -> bool:
     """Whether to compile the blocks for ``mode`` on ``device`` with LoRA ``dropout``.
 
-    ``auto`` compiles on CPU when dropout is 0, where compiled blocks made a SmolLM2-135M step
-    (bf16, 2 threads) about 10% faster. With dropout the LoRA ops draw their seed on the host,
-    a graph break in every adapted projection, and the gain was gone. On CUDA the Triton kernels
-    and Liger (frozen blocks) stay in charge until the bench shows compile beating them.
+    ``auto`` compiles on CPU when dropout is 0, where compiled blocks once made a SmolLM2-135M
+    step (bf16, 2 threads) about 10% faster. With the default dropout the ops trace without a
+    graph break (the seed is a tensor), but the bench's ``compile`` workload measured 1.02x
+    against eager blocks for 15 s of compiling on an idle 2-core machine, inside the
+    run-to-run noise: not a win worth a default. On CUDA the Triton kernels and Liger (frozen
+    blocks) stay in charge until the bench shows compile beating them.
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")

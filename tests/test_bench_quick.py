@@ -190,3 +190,12 @@ def test_providers_say_how_they_batch() -> None:
     assert SPECS["peft_all"].shape(workload, 0) == "2x5"
     assert SPECS["peft_all"].executed_tokens(workload, 0) == 10
     assert SPECS["fastmid"].executed_tokens(workload, 0) == 8
+
+
+def test_loss_on_option_reaches_the_workload() -> None:
+    from bench import suite
+
+    assert suite.options_from_cli(False, loss_on="all").loss_on == "all"
+    assert suite.options_from_cli(False).loss_on is None
+    with pytest.raises(UserError, match=r"--loss-on must be one of response\|all"):
+        suite.options_from_cli(False, loss_on="prompt")
