@@ -22,6 +22,7 @@ implementation: SDPA has no soft-capping, so neither does this path.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,34 +35,47 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 #: Name under which the attention and mask functions are registered with transformers.
 VARLEN_ATTENTION = "fastmid_varlen"
 
-# The decoder passes the same ``position_ids`` tensor to every layer; the segment boundaries
-# (a host sync to read) are computed once per forward and reused while the tensor is unchanged.
-# A strong reference keeps the tensor alive, so identity cannot be confused with a new tensor.
-_segments_cache: tuple[torch.Tensor, int, list[tuple[int, int]]] | None = None
+
+class _LastTensorCache:
+    """``compute(t)`` remembered for the tensor last seen. The decoder passes the same
+    ``position_ids`` and mask tensors to every layer, and reading them costs a host sync (and,
+    for a mask, a T×T comparison): computed once per forward, reused while the tensor is
+    unchanged. A strong reference keeps the tensor alive, so identity cannot be confused with a
+    new tensor; inference-mode tensors have no version counter and are never cached."""
+
+    def __init__(self, compute: Callable[[torch.Tensor], Any]) -> None:
+        self.compute = compute
+        self.entry: tuple[torch.Tensor, int, Any] | None = None
+
+    def __call__(self, t: torch.Tensor) -> Any:
+        if t.is_inference():
+            return self.compute(t)
+        entry = self.entry
+        if entry is not None and entry[0] is t and entry[1] == t._version:
+            return entry[2]
+        result = self.compute(t)
+        self.entry = (t, t._version, result)
+        return result
 
 
-def _segments(position_ids: torch.Tensor) -> list[tuple[int, int]] | None:
+def _find_segments(position_ids: torch.Tensor) -> list[tuple[int, int]] | None:
     """``[(start, end), ...]`` of the examples packed in a (1, T) row, or None if not packed.
 
     Packed means: positions count 0, 1, 2, ... within each example and restart at 0 at every
     example boundary, with at least one restart. Anything else (e.g. the position ids of a
     left-padded generation row) is not treated as packed.
     """
-    global _segments_cache
-    cached = _segments_cache
-    if cached is not None and cached[0] is position_ids and cached[1] == position_ids._version:
-        return cached[2]
     pos = position_ids[0]
     starts = (pos == 0).nonzero().squeeze(1)
-    result: list[tuple[int, int]] | None = None
-    if starts.numel() > 1 and int(starts[0]) == 0:
-        # Within an example each position is the previous one plus one.
-        steps_ok = bool(((pos[1:] == pos[:-1] + 1) | (pos[1:] == 0)).all())
-        if steps_ok:
-            bounds = [*starts.tolist(), pos.numel()]
-            result = list(itertools.pairwise(bounds))
-    _segments_cache = (position_ids, position_ids._version, result)
-    return result
+    if starts.numel() < 2 or int(starts[0]) != 0:
+        return None
+    # Within an example each position is the previous one plus one.
+    if not bool(((pos[1:] == pos[:-1] + 1) | (pos[1:] == 0)).all()):
+        return None
+    return list(itertools.pairwise([*starts.tolist(), pos.numel()]))
+
+
+_segments = _LastTensorCache(_find_segments)
 
 
 def _is_block_causal(mask: torch.Tensor, segments: list[tuple[int, int]]) -> bool:
@@ -75,24 +89,17 @@ def _is_block_causal(mask: torch.Tensor, segments: list[tuple[int, int]]) -> boo
     return bool(torch.equal(mask[0, 0], expected))
 
 
-_causal_mask_cache: tuple[torch.Tensor, int, bool] | None = None
-
-
-def _is_right_padded_causal(mask: torch.Tensor) -> bool:
+def _right_padded_causal(mask: torch.Tensor) -> bool:
     """Whether a boolean (B, 1, T, T) mask is the causal mask restricted to each row's first n_b
-    keys (right padding), n_b read off the last query row. Computed once per mask tensor: the
-    decoder passes the same one to every layer."""
-    global _causal_mask_cache
-    cached = _causal_mask_cache
-    if cached is not None and cached[0] is mask and cached[1] == mask._version:
-        return cached[2]
+    keys (right padding), n_b read off the last query row."""
     t = mask.shape[-1]
     idx = torch.arange(t, device=mask.device)
     real = mask[:, 0, -1].sum(-1)  # the last query row sees every real key
     expected = (idx[:, None] >= idx[None, :]) & (idx[None, None, :] < real[:, None, None])
-    result = bool(torch.equal(mask[:, 0], expected))
-    _causal_mask_cache = (mask, mask._version, result)
-    return result
+    return bool(torch.equal(mask[:, 0], expected))
+
+
+_is_right_padded_causal = _LastTensorCache(_right_padded_causal)
 
 
 def _causal_rows(

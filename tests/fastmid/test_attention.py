@@ -271,3 +271,17 @@ def test_left_padding_keeps_the_mask() -> None:
     assert not attention._is_right_padded_causal(full[:, None])
     right = (idx[:, None] >= idx[None, :]) & mask.flip(1)[:, None, :]
     assert attention._is_right_padded_causal(right[:, None])
+
+
+def test_masks_and_positions_made_in_inference_mode_are_read_without_a_cache() -> None:
+    # Inference tensors carry no version counter: evaluation under torch.inference_mode works.
+    ref, model = _pair("llama")
+    ids = torch.randint(3, 256, (2, 8), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.inference_mode():
+        want = ref(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        got = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        packed_ids, pos = _packed(LENGTHS)
+        model(input_ids=packed_ids, position_ids=pos, use_cache=False)
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()])
