@@ -548,7 +548,8 @@ def plot(rows: Sequence[dict], base: dict | None, path: Path) -> None:
     twin.set_ylabel("peak memory (GB)")
     ax.set_title("cost: train time (left), peak memory (right)")
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax.legend(handles, ["train s", "peak mem GB"], loc="lower right", fontsize=8)
+    # On the twin axes: they are drawn after ax, so a legend on ax would sit under their bars.
+    twin.legend(handles, ["train s", "peak mem GB"], loc="lower right", fontsize=8, framealpha=1)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
