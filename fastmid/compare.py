@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastmid.bandgain import CRITERIA as PROBE_RUN_CRITERIA
 from fastmid.config import TrainConfig, build_config, config_fields, parse_band
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
@@ -47,7 +48,8 @@ from fastmid.options import add_field_arguments
 
 PLACEMENTS = ("bottom", "middle", "top", "all", "auto")
 ALPHA_POLICIES = ("fixed", "ratio", "rslora")
-AUTO_CRITERIA = ("sensitivity", "gain")
+# sensitivity is the probe of `--band auto`; the others score a short all-layer probe run.
+AUTO_CRITERIA = ("sensitivity", *PROBE_RUN_CRITERIA)
 # (key, label, lower is better): the quality metrics, then the cost columns.
 METRICS: tuple[tuple[str, str, bool], ...] = (
     ("answer_nll", "answer NLL/token", True),
@@ -546,7 +548,8 @@ def plot(rows: Sequence[dict], base: dict | None, path: Path) -> None:
     twin.set_ylabel("peak memory (GB)")
     ax.set_title("cost: train time (left), peak memory (right)")
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax.legend(handles, ["train s", "peak mem GB"], loc="lower right", fontsize=8)
+    # On the twin axes: they are drawn after ax, so a legend on ax would sit under their bars.
+    twin.legend(handles, ["train s", "peak mem GB"], loc="lower right", fontsize=8, framealpha=1)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -577,10 +580,12 @@ def auto_band(
     device = next(model.parameters()).device
     precision = resolve_precision(shared.precision, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        if criterion == "gain":
-            from fastmid.bandgain import recommend_band_by_gain
+        if criterion in PROBE_RUN_CRITERIA:
+            from fastmid.bandgain import recommend_band_by_probe_run
 
-            layers, info = recommend_band_by_gain(model, tokenizer, examples, width=width)
+            layers, info = recommend_band_by_probe_run(
+                model, tokenizer, examples, criterion=criterion, width=width
+            )
         else:
             from fastmid.probe import recommend_band
 
@@ -793,8 +798,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--auto-criterion",
         default="sensitivity",
         choices=AUTO_CRITERIA,
-        help="how auto picks its band: the probe's low sensitivity, or the layers whose "
-        "adapters reduced the loss most in a short all-layer probe run (default: sensitivity)",
+        help="how auto picks its band: the probe's low sensitivity, or by a short all-layer "
+        "probe run: the layers whose adapters reduced the training loss most (gain), with the "
+        "most consistent gradients across micro-batches (snr), or whose updates reduced a "
+        "held-out loss most (heldout) (default: sensitivity)",
     )
     parser.add_argument("--output-dir", default="./fastmid-compare", help="results and cache")
     parser.add_argument("--overwrite", action="store_true", help="discard cached runs")

@@ -37,6 +37,7 @@ from fastmid.midblock import PAPER_TARGETS
 
 __all__ = [
     "add_arguments",
+    "best_window",
     "layer_projections",
     "recommend_band",
     "run",
@@ -56,6 +57,18 @@ def layer_projections(block: nn.Module, names: Sequence[str] = PROJECTIONS) -> d
     return found
 
 
+def best_window(values: dict[int, float], num_layers: int, width: int) -> int:
+    """The start of the ``width``-layer window with the lowest value among ``values`` (window
+    start → value); ties go to the window nearest the middle of ``num_layers``, then the lowest."""
+    centre = (num_layers - width) / 2
+
+    def key(start: int) -> tuple[float, float, int]:
+        # Round so that float noise in equal windows does not decide the tie.
+        return (round(values[start], 9), abs(start - centre), start)
+
+    return min(values, key=key)
+
+
 def select_band(scores: Sequence[float], width: int) -> tuple[list[int], list[float]]:
     """The contiguous ``width``-layer window with the lowest mean score (ties: nearest the middle,
     then lowest); returns (layers, mean score of every window start)."""
@@ -63,13 +76,7 @@ def select_band(scores: Sequence[float], width: int) -> tuple[list[int], list[fl
     if not 1 <= width <= n:
         raise ValueError(f"window width {width} must be between 1 and the {n} layers")
     means = [sum(scores[s : s + width]) / width for s in range(n - width + 1)]
-    centre = (n - width) / 2
-
-    def key(start: int) -> tuple[float, float, int]:
-        # Round so that float noise in equal windows does not decide the tie.
-        return (round(means[start], 9), abs(start - centre), start)
-
-    best = min(range(len(means)), key=key)
+    best = best_window(dict(enumerate(means)), n, width)
     return list(range(best, best + width)), means
 
 

@@ -1,23 +1,58 @@
-"""The gain band criterion: its loss allocation matches the loss change it claims, and the
-rule picks the window with the largest gain."""
+"""The probe-run band criteria: loss allocations match the loss changes they claim, the
+gradient signal-to-noise ratio finds planted signal, the window criterion tunes the windows it
+says and picks the lowest held-out loss, and every rule picks the window it should."""
 
 from __future__ import annotations
 
+import math
+import re
+
+import fastmid.kernels._common as kernel_dispatch
 import pytest
 import torch
 
 from fastmid import bandgain
 from fastmid.data import Example
+from fastmid.probe import best_window
 from tests.fastmid._tiny import tiny_model
 
 
+@pytest.fixture(autouse=True)
+def torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels' torch path (the probe runs train, and the interpreter is slow)."""
+    monkeypatch.setattr(kernel_dispatch, "INTERPRET", False)
+
+
+class Tok:
+    pad_token_id = 0
+
+
 def examples(n: int = 8, length: int = 12) -> list[Example]:
+    """Random token sequences: nothing to learn that carries over to other sequences."""
     gen = torch.Generator().manual_seed(3)
     out = []
     for _ in range(n):
         ids = torch.randint(3, 250, (length,), generator=gen).tolist()
         out.append(Example(input_ids=ids, targets=[*ids[1:], -100]))
     return out
+
+
+def counting(n: int = 16, length: int = 12) -> list[Example]:
+    """Runs of consecutive tokens from different starts: "next = this + 1" is learnable and holds
+    on held-out sequences too."""
+    out = []
+    for i in range(n):
+        ids = [3 + (7 * i + k) % 60 for k in range(length)]
+        out.append(Example(input_ids=ids, targets=[*ids[1:], -100]))
+    return out
+
+
+def fake_run(**scores: list[float]) -> bandgain.ProbeRun:
+    fields = dict(gain=[], snr=None, heldout=None, heldout_before=None, heldout_after=None)
+    return bandgain.ProbeRun(**{**fields, **scores}, losses=[2.0, 1.5])
+
+
+# --- the probe run's measurements -------------------------------------------------------------
 
 
 def test_allocated_gain_equals_the_first_step_loss_change():
@@ -28,30 +63,223 @@ def test_allocated_gain_equals_the_first_step_loss_change():
     # minus the loss at step 0 is what step 0's update did, and the gains of a 1-step run
     # allocate exactly that step (to first order: small lr).
     kw = dict(batch_size=len(data), rank=4, alpha=8.0, lr=1e-4, seed=0)
-    gains_one, _ = bandgain.layer_gains(model, data, 0, steps=1, **kw)
-    gains_two, losses = bandgain.layer_gains(model, data, 0, steps=2, **kw)
-    drop = losses[0] - losses[1]
+    one = bandgain.probe_run(model, data, 0, steps=1, **kw)
+    two = bandgain.probe_run(model, data, 0, steps=2, **kw)
+    drop = two.losses[0] - two.losses[1]
     assert drop > 0
-    assert sum(gains_one) == pytest.approx(drop, rel=0.05)
+    assert sum(one.gain) == pytest.approx(drop, rel=0.05)
     # Every layer's adapter took part, and the allocation is not uniform.
-    assert len(gains_one) == 6 and all(g != 0 for g in gains_two)
-    assert max(gains_two) > 1.5 * min(gains_two)
+    assert len(one.gain) == 6 and all(g != 0 for g in two.gain)
+    assert max(two.gain) > 1.5 * min(two.gain)
+    # Splitting the batch into micro-batches changes nothing about the step: the step's
+    # gradient is the token-weighted sum of theirs.
+    split = bandgain.probe_run(model, data, 0, steps=2, micro_batches=4, **kw)
+    assert split.losses == pytest.approx(two.losses, rel=1e-5)
+    assert split.gain == pytest.approx(two.gain, rel=1e-3)
+    assert one.snr is None and split.snr is not None and all(x > 0 for x in split.snr)
     # The model itself is untouched.
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
 
+def test_heldout_allocation_equals_the_heldout_loss_change():
+    model = tiny_model("llama", 6)
+    data = counting()
+    train, held = data[:12], data[12:]
+    run = bandgain.probe_run(
+        model, train, 0, heldout=held, steps=1, batch_size=12, rank=4, alpha=8.0, lr=1e-4
+    )
+    # One step: the held-out loss after it minus before it is what the update did to the
+    # held-out examples, and the allocation splits exactly that (to first order).
+    measured = run.heldout_before - run.heldout_after
+    assert measured > 0
+    assert sum(run.heldout) == pytest.approx(measured, rel=0.05)
+    # Without allocation the held-out losses are still measured, and are the same.
+    plain = bandgain.probe_run(
+        model,
+        train,
+        0,
+        heldout=held,
+        allocate_heldout=False,
+        steps=1,
+        batch_size=12,
+        rank=4,
+        alpha=8.0,
+        lr=1e-4,
+    )
+    assert plain.heldout is None
+    assert plain.heldout_after == pytest.approx(run.heldout_after, rel=1e-6)
+
+
+def test_a_band_probe_run_tunes_only_the_band():
+    model = tiny_model("llama", 8)
+    run = bandgain.probe_run(model, counting(), 0, band=range(2, 5), steps=2, batch_size=8)
+    assert len(run.gain) == 8
+    assert [i for i, g in enumerate(run.gain) if g != 0] == [2, 3, 4]
+
+
+def test_probe_run_is_deterministic_under_its_seed():
+    model = tiny_model("llama", 6)
+    kw = dict(steps=2, batch_size=8, micro_batches=4, rank=4, alpha=8.0)
+    a = bandgain.probe_run(model, counting(), 0, seed=5, **kw)
+    b = bandgain.probe_run(model, counting(), 0, seed=5, **kw)
+    c = bandgain.probe_run(model, counting(), 0, seed=6, **kw)
+    assert a.snr == b.snr and a.gain == b.gain and a.losses == b.losses
+    # Another seed: another adapter init, so other scores.
+    assert a.snr != c.snr
+
+
+# --- gradient signal-to-noise ratio -----------------------------------------------------------
+
+
+def test_gradient_snr_numbers():
+    # Two micro-batches along one coordinate, 1 and 3: mean 2, sample variance 2.
+    assert bandgain.gradient_snr(torch.tensor([[1.0, 0.0], [3.0, 0.0]])) == pytest.approx(
+        2 / math.sqrt(2)
+    )
+    # Opposite gradients: no signal at all.
+    assert bandgain.gradient_snr(torch.tensor([[1.0, -2.0], [-1.0, 2.0]])) == 0.0
+    # Identical rows: all signal; all-zero rows: nothing.
+    assert bandgain.gradient_snr(torch.ones(3, 4)) == math.inf
+    assert bandgain.gradient_snr(torch.zeros(3, 4)) == 0.0
+    # Scale-free: the same gradients ten times larger score the same.
+    g = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    assert bandgain.gradient_snr(10 * g) == pytest.approx(bandgain.gradient_snr(g))
+    with pytest.raises(ValueError, match="two micro-batches"):
+        bandgain.gradient_snr(torch.ones(1, 4))
+
+
+def test_snr_finds_the_layers_where_the_signal_is_planted(monkeypatch):
+    # Ten layers of 4 micro-batch gradients: layers 6-8 share a direction (signal plus noise);
+    # the others are pure noise, and far larger, so a magnitude criterion would pick them.
+    gen = torch.Generator().manual_seed(0)
+    direction = 2 * torch.randn(200, generator=gen)
+    snr = []
+    for layer in range(10):
+        noise = torch.randn(4, 200, generator=gen)
+        grads = direction + noise if layer in (6, 7, 8) else 30 * noise
+        snr.append(bandgain.gradient_snr(grads))
+    # Expected: √(4·200 + 200/4) / √200 ≈ 2.06 with the signal, √(200/4) / √200 = 0.5 without.
+    assert min(snr[6:9]) > 1.5 and max(snr[:6] + snr[9:]) < 0.7
+    monkeypatch.setattr(bandgain, "probe_run", lambda *a, **k: fake_run(snr=snr))
+    model = tiny_model("llama", 10)
+    layers, info = bandgain.recommend_band_by_probe_run(
+        model, Tok(), examples(), criterion="snr", width=3
+    )
+    assert layers == [6, 7, 8]
+    assert "signal-to-noise" in info["reason"] and info["score"] == snr
+
+
+def test_snr_criterion_splits_each_step_into_micro_batches(monkeypatch):
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return fake_run(snr=[1.0] * 10)
+
+    monkeypatch.setattr(bandgain, "probe_run", spy)
+    bandgain.recommend_band_by_probe_run(
+        tiny_model("llama", 10), Tok(), examples(), criterion="snr"
+    )
+    assert seen["micro_batches"] == bandgain.SNR_MICRO_BATCHES
+
+
+# --- the rules ---------------------------------------------------------------------------------
+
+
 def test_rule_picks_the_window_with_the_largest_gain(monkeypatch):
     model = tiny_model("llama", 10)
     gains = [0.1, 0.1, 0.2, 0.3, 0.1, 0.0, 0.5, 0.6, 0.4, 0.2]
-    monkeypatch.setattr(bandgain, "layer_gains", lambda *a, **k: (gains, [2.0, 1.5]))
-
-    class Tok:
-        pad_token_id = 0
-
-    layers, info = bandgain.recommend_band_by_gain(model, Tok(), examples(), width=3)
+    monkeypatch.setattr(bandgain, "probe_run", lambda *a, **k: fake_run(gain=gains))
+    layers, info = bandgain.recommend_band_by_probe_run(model, Tok(), examples(), width=3)
     assert layers == [6, 7, 8]  # 1.5, the largest 3-layer sum
-    layers, info = bandgain.recommend_band_by_gain(model, Tok(), examples())
+    layers, info = bandgain.recommend_band_by_probe_run(model, Tok(), examples())
     assert layers == [3, 4, 5, 6, 7, 8]  # default width 6 (the 20-80% band of 10 layers)
     assert "layers 3-8 of 0-9" in info["reason"]
     assert "probe loss 2.000 → 1.500" in info["reason"]
+
+
+def test_heldout_criterion_trains_on_three_quarters(monkeypatch):
+    seen = {}
+
+    def spy(model, train, pad_id, **kwargs):
+        seen.update(train=train, **kwargs)
+        return fake_run(heldout=[0.0] * 8 + [1.0, 1.0], heldout_before=2.0, heldout_after=1.0)
+
+    monkeypatch.setattr(bandgain, "probe_run", spy)
+    data = examples(8)
+    layers, info = bandgain.recommend_band_by_probe_run(
+        tiny_model("llama", 10), Tok(), data, criterion="heldout", width=2
+    )
+    assert seen["train"] == data[:6] and seen["heldout"] == data[6:]
+    assert layers == [8, 9]
+    assert "held-out 2.000 → 1.000" in info["reason"]
+    with pytest.raises(bandgain.UserError, match="at least 4 examples"):
+        bandgain.recommend_band_by_probe_run(
+            tiny_model("llama", 10), Tok(), data[:3], criterion="heldout"
+        )
+
+
+def test_window_starts():
+    # SmolLM2: 30 layers, the default band 6-23 is 18 wide: five evenly spaced windows.
+    assert bandgain.window_starts(30, 18) == [0, 3, 6, 9, 12]
+    # 32 layers, default band 6-24 (19 wide): stride 4 from 0, the top (13) and the default (6).
+    assert bandgain.window_starts(32, 19) == [0, 4, 6, 8, 12, 13]
+    # Narrow bands in a deep model: still about five, the top included.
+    assert bandgain.window_starts(30, 6) == [0, 6, 12, 18, 24]
+    assert bandgain.window_starts(10, 6) == [0, 1, 2, 3, 4]
+    assert bandgain.window_starts(10, 10) == [0]
+    with pytest.raises(ValueError, match="width"):
+        bandgain.window_starts(10, 11)
+
+
+def test_best_window_ties_go_to_the_middle_then_down():
+    assert best_window({0: 1.0, 3: 0.5, 6: 0.7}, 30, 18) == 3
+    assert best_window({0: 0.5, 6: 0.5, 12: 0.5}, 30, 18) == 6  # the middle
+    assert best_window({4: 0.5, 8: 0.5}, 30, 18) == 4  # equally near: the lower
+    assert best_window({0: 0.5 + 1e-12, 12: 0.5}, 30, 18) == 0  # float noise is a tie
+
+
+def test_window_criterion_tunes_each_candidate_and_picks_the_lowest_heldout_loss(monkeypatch):
+    bands = []
+    losses = {0: 1.30, 1: 1.10, 2: 1.05, 3: 1.20, 4: 1.25}
+
+    def spy(model, train, pad_id, *, band, heldout, allocate_heldout, **kwargs):
+        assert not allocate_heldout  # only the losses are needed
+        assert len(train) == 6 and len(heldout) == 2
+        bands.append(list(band))
+        return fake_run(heldout_before=1.5, heldout_after=losses[band[0]])
+
+    monkeypatch.setattr(bandgain, "probe_run", spy)
+    layers, info = bandgain.recommend_band_by_probe_run(
+        tiny_model("llama", 10), Tok(), examples(8), criterion="window"
+    )
+    assert bands == [list(range(s, s + 6)) for s in range(5)]
+    assert layers == list(range(2, 8))
+    assert info["window_heldout_loss"] == losses
+    assert "of 5 6-layer windows" in info["reason"]
+    assert (
+        "(1.500 → 1.050; the default band 2-7 → 1.050, bottom → 1.300, top → 1.250)"
+        in (info["reason"])
+    )
+
+
+def test_window_criterion_on_a_tiny_model():
+    model = tiny_model("llama", 6)
+    kw = dict(criterion="window", width=3, steps=3, batch_size=4, rank=4, alpha=8.0, lr=1e-2)
+    layers, info = bandgain.recommend_band_by_probe_run(model, Tok(), counting(), **kw)
+    after = info["window_heldout_loss"]
+    assert sorted(after) == bandgain.window_starts(6, 3)
+    # Every window learned something that carries over to the held-out sequences, and the
+    # choice is the lowest.
+    assert all(loss < info["heldout_before"] for loss in after.values())
+    assert after[layers[0]] == min(after.values())
+    again, info_again = bandgain.recommend_band_by_probe_run(model, Tok(), counting(), **kw)
+    assert again == layers and info_again["window_heldout_loss"] == after
+
+
+def test_unknown_criterion_is_a_user_error():
+    with pytest.raises(bandgain.UserError, match=re.escape("gain|snr|heldout|window, got 'vibes'")):
+        bandgain.recommend_band_by_probe_run(
+            tiny_model("llama", 4), Tok(), examples(), criterion="vibes"
+        )
