@@ -57,7 +57,7 @@ from fastmid.checkpoint import (
 from fastmid.compile import compile_seconds
 from fastmid.config import TrainConfig, build_config, may_change_on_resume, save_yaml
 from fastmid.data import Example
-from fastmid.errors import UserError
+from fastmid.errors import INTERRUPTED_EXIT, UserError, record_exit
 from fastmid.fileio import write_bytes_atomic, write_text_atomic
 from fastmid.loss import forward_loss
 from fastmid.midblock import MidBlockConfig, adapter_parameters, format_band
@@ -1043,6 +1043,11 @@ def run(args: argparse.Namespace) -> int:
         # Run this command again as nproc torchrun workers, each given the resolved config.
         return distributed.launch(cfg.nproc, ["train"], config={**cfg.to_dict(), "nproc": 1})
     summary = train(cfg)
-    distributed.shutdown()
     # 130 = the conventional exit status of a run stopped by SIGINT; the checkpoint is saved.
-    return 130 if summary["interrupted"] else 0
+    code = INTERRUPTED_EXIT if summary["interrupted"] else 0
+    if summary["interrupted"]:
+        # Tell --nproc's launcher now, not only at exit: torchrun ends its workers a grace
+        # period after passing the signal on, which can fall inside the teardown below.
+        record_exit(code)
+    distributed.shutdown()
+    return code

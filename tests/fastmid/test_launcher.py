@@ -78,6 +78,31 @@ def test_launcher_workers_report_to_the_status_file(
     assert status.read_text() == "error fastmid train: error: no data\nexit 2\n"
 
 
+def test_an_interrupted_worker_reports_130_before_teardown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # The checkpoint is saved when train() returns: the launcher learns it even if the worker
+    # is ended during teardown (torchrun's grace period after passing a signal on).
+    import argparse
+
+    from fastmid import distributed
+    from fastmid import train as train_mod
+
+    status = tmp_path / "status.txt"
+    status.write_text("")
+    monkeypatch.setenv(STATUS_FILE_ENV, str(status))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(train_mod, "train", lambda cfg: {"interrupted": True})
+
+    def killed() -> None:
+        raise SystemExit(-9)
+
+    monkeypatch.setattr(distributed, "shutdown", killed)
+    with pytest.raises(SystemExit):
+        train_mod.run(argparse.Namespace(config=None, command="train", output_dir=str(tmp_path)))
+    assert status.read_text() == "exit 130\n"
+
+
 @pytest.mark.slow  # starts torchrun and two worker processes
 def test_user_error_on_two_ranks_is_one_line_and_exit_2(tmp_path: Path):
     missing, out = tmp_path / "missing.jsonl", tmp_path / "out"
