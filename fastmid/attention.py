@@ -102,6 +102,18 @@ def _right_padded_causal(mask: torch.Tensor) -> bool:
 _is_right_padded_causal = _LastTensorCache(_right_padded_causal)
 
 
+def _plain_full_call(query: torch.Tensor, key: torch.Tensor, kwargs: dict[str, Any]) -> bool:
+    """A training or prefill call with no cached keys (key length = query length ≥ 2) that asks
+    for nothing plain SDPA lacks (soft-capping, returned weights, a position bias): what both
+    fast paths, packed and causal rows, require."""
+    t = query.shape[2]
+    if t < 2 or key.shape[2] != t:
+        return False
+    if kwargs.get("softcap") is not None or kwargs.get("output_attentions", False):
+        return False
+    return kwargs.get("position_bias") is None
+
+
 def _causal_rows(
     module: nn.Module | None,
     query: torch.Tensor,
@@ -115,15 +127,11 @@ def _causal_rows(
     it change nothing; the pad rows' own outputs are never read by a real position or a
     label. Causal attention skips the masked upper triangle, which a masked SDPA call does
     not."""
-    t = query.shape[2]
-    if t < 2 or key.shape[2] != t or not getattr(module, "is_causal", True):
+    if not _plain_full_call(query, key, kwargs) or not getattr(module, "is_causal", True):
         return False
     if kwargs.get("is_causal") is False or kwargs.get("cache") is not None:
         return False
-    if kwargs.get("softcap") is not None or kwargs.get("output_attentions", False):
-        return False
-    if kwargs.get("position_bias") is not None:
-        return False
+    t = query.shape[2]
     window = kwargs.get("sliding_window")
     if window is not None and t > window:
         return False
@@ -142,13 +150,10 @@ def _packed_segments(
 ) -> list[tuple[int, int]] | None:
     """The example segments when this call is a packed training/prefill call we can split."""
     position_ids = kwargs.get("position_ids")
-    if position_ids is None or kwargs.get("softcap") is not None:
-        return None
-    if kwargs.get("output_attentions", False) or kwargs.get("position_bias") is not None:
+    if position_ids is None or not _plain_full_call(query, key, kwargs):
         return None
     t = query.shape[2]
-    # Batch 1 and no cached keys (key length == query length).
-    if query.shape[0] != 1 or key.shape[2] != t or t < 2 or position_ids.shape != (1, t):
+    if query.shape[0] != 1 or position_ids.shape != (1, t):
         return None
     segments = _segments(position_ids)
     if segments is None:
