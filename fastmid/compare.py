@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
+import math
 import multiprocessing
 import shutil
 import signal
@@ -246,7 +248,8 @@ def _eval_records(settings: Settings) -> list[dict]:
 def train_and_evaluate(settings: Settings, plan: Plan, run_dir: Path) -> dict:
     """Train one run (resuming its checkpoint if one is there), evaluate its adapter, write
     ``result.json`` in ``run_dir``; returns the result. An interrupted training returns
-    ``{"interrupted": True}`` and writes nothing."""
+    ``{"interrupted": True}`` and writes nothing; a run whose training finished before (its
+    evaluation was interrupted) is only evaluated."""
     import torch
 
     from fastmid import models, train
@@ -256,12 +259,16 @@ def train_and_evaluate(settings: Settings, plan: Plan, run_dir: Path) -> dict:
     out = run_dir / "train"
     resume = find_checkpoint(out / CHECKPOINT_DIR) is not None
     cfg = run_config(settings, plan, out, resume)
-    # A peak from an earlier run in this process must not count for this one.
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    summary = train.train(cfg)
-    if summary["interrupted"]:
-        return {"interrupted": True}
+    finished = out / "summary.json"  # written only once the adapter is saved
+    if finished.exists():
+        summary = json.loads(finished.read_text(encoding="utf-8"))
+    else:
+        # A peak from an earlier run in this process must not count for this one.
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        summary = train.train(cfg)
+        if summary["interrupted"]:
+            return {"interrupted": True}
     metrics_lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     peak = max(json.loads(line)["mem_gb"] for line in metrics_lines)
     resolved = summary["resolved"]
@@ -392,6 +399,75 @@ def separation(
     return best, beyond, within
 
 
+@dataclass
+class PairedGap:
+    """How much worse one placement is than another, seed by seed (the same seed gives both
+    runs the same adapter init and data order, so a seed-wide shift cancels out)."""
+
+    mean: float  # mean over the shared seeds of the per-seed gap (positive: worse)
+    std: float | None  # sample std of the per-seed gaps; None with one seed
+    worse_in: int  # seeds in which this placement did worse than the other
+    seeds: int  # seeds both ran
+
+    @property
+    def sign_p(self) -> float:
+        """One-sided sign-test p-value of "worse in this many of the seeds" when neither is
+        better: the chance that a fair coin comes up worse at least ``worse_in`` times."""
+        n = self.seeds
+        tail = sum(math.comb(n, k) for k in range(self.worse_in, n + 1))
+        return tail / 2**n
+
+
+def paired_gap(
+    results: Sequence[dict], row: dict, best: dict, metric: str = PRIMARY, lower_is_better=True
+) -> PairedGap | None:
+    """The per-seed gap of ``row``'s placement behind ``best``'s on ``metric``, over the seeds
+    both ran (``results``: one dict per run, with placement, policy and seed); None without a
+    shared seed."""
+    sign = 1.0 if lower_is_better else -1.0
+
+    def by_seed(r: dict) -> dict[int, float]:
+        return {
+            x["seed"]: x[metric]
+            for x in results
+            if x["placement"] == r["placement"]
+            and x["policy"] == r["policy"]
+            and x[metric] is not None
+        }
+
+    mine, theirs = by_seed(row), by_seed(best)
+    gaps = [sign * (mine[s] - theirs[s]) for s in sorted(mine.keys() & theirs.keys())]
+    if not gaps:
+        return None
+    return PairedGap(
+        mean=statistics.fmean(gaps),
+        std=statistics.stdev(gaps) if len(gaps) > 1 else None,
+        worse_in=sum(g > 0 for g in gaps),
+        seeds=len(gaps),
+    )
+
+
+def paired_table(rows: Sequence[dict], results: Sequence[dict]) -> list[dict]:
+    """For results.json: every other placement's paired gap behind the best by answer NLL."""
+    if not rows:
+        return []
+    best = separation(rows)[0]
+    table = []
+    for row in rows:
+        gap = None if row is best else paired_gap(results, row, best)
+        if gap is not None:
+            table.append(
+                {
+                    "placement": row["placement"],
+                    "policy": row["policy"],
+                    "best": best["placement"],
+                    **dataclasses.asdict(gap),
+                    "sign_p": gap.sign_p,
+                }
+            )
+    return table
+
+
 def _name(row: dict) -> str:
     return f"{row['placement']} ({row['layers']}, {row['policy']})"
 
@@ -403,9 +479,10 @@ def _pm(row: dict, key: str, fmt: str = ".3f") -> str:
     return f"{row[key]:{fmt}}" + (f" ± {std:{fmt}}" if std is not None else "")
 
 
-def verdict(rows: Sequence[dict], base: dict | None = None) -> str:
-    """One paragraph: which placement is best by answer NLL, and whether the differences
-    exceed the seed-to-seed spread; then what the placements cost."""
+def verdict(rows: Sequence[dict], base: dict | None = None, results: Sequence[dict] = ()) -> str:
+    """One paragraph: which placement is best by answer NLL, whether the differences exceed
+    the seed-to-seed spread and, from the per-run ``results``, in how many seeds the best beat
+    each other placement; then what the placements cost."""
     if not rows:
         return "No runs to compare."
     label = dict((k, v) for k, v, _ in METRICS)[PRIMARY]
@@ -441,6 +518,9 @@ def verdict(rows: Sequence[dict], base: dict | None = None) -> str:
             )
         if not within:
             parts.append("Every difference from the best exceeds the seed-to-seed spread.")
+        paired = _paired_sentence(rows, best, results)
+        if paired:
+            parts.append(paired)
     fastest = min(rows, key=lambda r: r["train_seconds"])
     lightest = min(rows, key=lambda r: r["peak_mem_gb"])
     parts.append(
@@ -448,6 +528,33 @@ def verdict(rows: Sequence[dict], base: dict | None = None) -> str:
         f"{_name(lightest)} used the least memory ({lightest['peak_mem_gb']:.2f} GB)."
     )
     return " ".join(parts)
+
+
+def _paired_sentence(rows: Sequence[dict], best: dict, results: Sequence[dict]) -> str:
+    """In how many seeds the best beat each other placement, and by how much (paired)."""
+    clauses, same = [], []
+    for row in rows:
+        if row is best:
+            continue
+        if row["layers"] == best["layers"] and row["policy"] == best["policy"]:
+            same.append(_name(row))
+            continue
+        gap = paired_gap(results, row, best)
+        if gap is None or gap.seeds < 2:
+            continue
+        clauses.append(
+            f"{_name(row)} in {gap.worse_in} of {gap.seeds} (by {gap.mean:.3f} ± {gap.std:.3f}, "
+            f"sign test p = {gap.sign_p:.2g})"
+        )
+    if not clauses:
+        return ""
+    text = (
+        "Paired by seed (a seed gives every placement the same adapter init and data order, so "
+        "a shift of the whole seed cancels), the best did better than " + "; ".join(clauses) + "."
+    )
+    if same:
+        text += f" {', '.join(same)} trained the same layers as the best: the same runs."
+    return text
 
 
 COLUMNS = ("placement", "policy", "layers", "rank", "scale", "trainable_params", "seeds")
@@ -745,7 +852,7 @@ def compare(
         )
 
     rows = aggregate(results, list(placements))
-    text = verdict(rows, base)
+    text = verdict(rows, base, results)
     write_text_atomic(out / "results.csv", to_csv(rows))
     report = {
         "model": model_name,
@@ -754,6 +861,7 @@ def compare(
         "settings": fingerprint,
         "base": base,
         "rows": table_rows(rows),
+        "paired_vs_best": paired_table(rows, results),
         "verdict": text,
     }
     write_text_atomic(out / "results.json", json.dumps(report, indent=2) + "\n")

@@ -144,6 +144,59 @@ def test_verdict_with_one_seed_claims_nothing():
     assert "beats" not in text
 
 
+def runs(placement: str, nlls: list[float]) -> list[dict]:
+    """Per-seed results of one placement (the fields the paired comparison reads)."""
+    return [
+        {"placement": placement, "policy": "ratio", "seed": seed, "answer_nll": nll}
+        for seed, nll in enumerate(nlls)
+    ]
+
+
+def test_paired_gap_cancels_a_shift_of_the_whole_seed():
+    # Seed 1 is 0.10 lower for everyone; top is 0.01 behind middle in every seed.
+    results = runs("middle", [0.40, 0.30, 0.35, 0.45]) + runs("top", [0.41, 0.31, 0.36, 0.46])
+    results += runs("all", [0.39, 0.32, 0.34, 0.46])
+    middle, top, every = (
+        row("middle", 0.375, 0.06),
+        row("top", 0.385, 0.06),
+        row("all", 0.3775, 0.06),
+    )
+    gap = cmp.paired_gap(results, top, middle)
+    assert gap.mean == pytest.approx(0.01) and gap.std == pytest.approx(0.0, abs=1e-12)
+    assert (gap.worse_in, gap.seeds) == (4, 4)
+    assert gap.sign_p == pytest.approx(1 / 16)
+    mixed = cmp.paired_gap(results, every, middle)
+    assert (mixed.worse_in, mixed.seeds) == (2, 4)
+    assert mixed.mean == pytest.approx(0.0025)
+    # P(at least 2 of 4 heads) = (6 + 4 + 1) / 16.
+    assert mixed.sign_p == pytest.approx(11 / 16)
+    # Only the seeds both ran count; higher-is-better metrics flip the sign.
+    assert cmp.paired_gap(results[:4] + runs("top", [0.5]), top, middle).seeds == 1
+    for r in results:
+        r["accuracy"] = -r["answer_nll"]
+    flipped = cmp.paired_gap(results, top, middle, "accuracy", lower_is_better=False)
+    assert flipped.mean == pytest.approx(0.01) and flipped.worse_in == 4
+
+    top["layers"], every["layers"] = "4-9", "0-9"
+    text = cmp.verdict([middle, top, every], results=results)
+    # Unpaired, the seed shift hides everything; paired, top is behind in every seed.
+    assert "within the seed-to-seed spread" in text
+    assert "top (4-9, ratio) in 4 of 4 (by 0.010 ± 0.000, sign test p = 0.062)" in text
+    assert "all (0-9, ratio) in 2 of 4 (by 0.003 ± 0.015, sign test p = 0.69)" in text
+
+
+def test_paired_verdict_names_runs_of_the_same_layers():
+    results = runs("middle", [0.40, 0.30]) + runs("auto", [0.40, 0.30]) + runs("top", [0.5, 0.4])
+    rows = [row("middle", 0.35, 0.07), row("auto", 0.35, 0.07), row("top", 0.45, 0.07)]
+    rows[2]["layers"] = "4-9"
+    text = cmp.verdict(rows, results=results)
+    assert "top (4-9, ratio) in 2 of 2 (by 0.100 ± 0.000, sign test p = 0.25)" in text
+    assert "auto (0-5, ratio) trained the same layers as the best: the same runs." in text
+    # Without the per-run results (or with one seed) there is no paired sentence.
+    assert "Paired" not in cmp.verdict(rows)
+    assert "Paired" not in cmp.verdict(rows, results=[r for r in results if r["seed"] == 0])
+
+
 # --- end to end on a tiny model -------------------------------------------------------------
 
 
@@ -209,6 +262,12 @@ def test_compare_end_to_end_and_resume(model_dir: Path, tmp_path: Path, monkeypa
     assert float(table[0]["answer_nll"]) == pytest.approx(rows[0]["answer_nll"])
     report = json.loads((out / "results.json").read_text())
     assert report["verdict"] == result["verdict"] and report["num_layers"] == 10
+    # Each placement but the best, paired with the best over both seeds.
+    best = min(rows, key=lambda r: r["answer_nll"])["placement"]
+    paired = {p["placement"]: p for p in report["paired_vs_best"]}
+    assert sorted(paired) == sorted(set(placements) - {best})
+    for p in paired.values():
+        assert p["best"] == best and p["seeds"] == 2 and 0 <= p["worse_in"] <= 2
     assert (out / "results.md").read_text().startswith("| placement |")
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -296,6 +355,47 @@ def test_cli_compare_in_subprocesses(model_dir: Path, tmp_path: Path, monkeypatc
     assert result["answer_nll"] > 0 and result["general_ppl"] > 1
     assert result["scale"] == pytest.approx(128 / math.sqrt(6))
     assert "step 1/1" in next((out / "runs").glob("*/log.txt")).read_text()
+
+
+def test_a_run_interrupted_during_its_evaluation_is_not_trained_again(
+    model_dir: Path, tmp_path: Path, monkeypatch
+):
+    import fastmid.train as train_mod
+
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS[:16])
+    held = write_jsonl(tmp_path / "test.jsonl", RECORDS[16:24])
+    settings = tiny_settings(model_dir, data, held, max_steps=2)
+    quiet = dict(isolate=False, log=lambda m: None)
+    out = tmp_path / "cmp"
+    real_eval = cmp.evaluate_model
+    calls = {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first is the base model's; the second the tuned run's
+            raise KeyboardInterrupt
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(cmp, "evaluate_model", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        cmp.compare(settings, ["top"], ["ratio"], 1, out, **quiet)
+    (run_dir,) = (out / "runs").iterdir()
+    assert (run_dir / "train" / "adapter").is_dir()
+    assert not (run_dir / "result.json").exists()
+    adapter = sorted((run_dir / "train" / "adapter").iterdir())
+    stamps = [f.stat().st_mtime_ns for f in adapter]
+
+    def no_training(cfg):
+        raise AssertionError("the finished run was trained again")
+
+    monkeypatch.setattr(train_mod, "train", no_training)
+    resumed = cmp.compare(settings, ["top"], ["ratio"], 1, out, **quiet)
+    (got,) = resumed["results"]
+    assert [f.stat().st_mtime_ns for f in adapter] == stamps
+    summary = json.loads((run_dir / "train" / "summary.json").read_text())
+    assert got["train_seconds"] == summary["train_seconds"]
+    assert got["loss_last"] == summary["loss_last"]
+    assert got["answer_nll"] > 0 and got["rank"] == summary["resolved"]["rank"]
 
 
 def test_a_run_interrupted_mid_training_resumes_from_its_checkpoint(
