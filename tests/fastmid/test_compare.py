@@ -357,28 +357,44 @@ def test_cli_compare_in_subprocesses(model_dir: Path, tmp_path: Path, monkeypatc
     assert "step 1/1" in next((out / "runs").glob("*/log.txt")).read_text()
 
 
+# In-process runs, no log: what the interruption tests compare.
+QUIET = dict(isolate=False, log=lambda m: None)
+
+
+def one_run_settings(model_dir: Path, tmp_path: Path, max_steps: int) -> cmp.Settings:
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS[:16])
+    held = write_jsonl(tmp_path / "test.jsonl", RECORDS[16:24])
+    return tiny_settings(model_dir, data, held, max_steps=max_steps)
+
+
+def on_call(n: int, real, action):
+    """``real`` with ``action()`` run first on its ``n``-th call."""
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            action()
+        return real(*args, **kwargs)
+
+    return wrapped
+
+
 def test_a_run_interrupted_during_its_evaluation_is_not_trained_again(
     model_dir: Path, tmp_path: Path, monkeypatch
 ):
     import fastmid.train as train_mod
 
-    data = write_jsonl(tmp_path / "train.jsonl", RECORDS[:16])
-    held = write_jsonl(tmp_path / "test.jsonl", RECORDS[16:24])
-    settings = tiny_settings(model_dir, data, held, max_steps=2)
-    quiet = dict(isolate=False, log=lambda m: None)
+    settings = one_run_settings(model_dir, tmp_path, max_steps=2)
     out = tmp_path / "cmp"
-    real_eval = cmp.evaluate_model
-    calls = {"n": 0}
 
-    def interrupting(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:  # the first is the base model's; the second the tuned run's
-            raise KeyboardInterrupt
-        return real_eval(*args, **kwargs)
+    def interrupt():
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(cmp, "evaluate_model", interrupting)
+    # The first evaluation is the base model's; the second the tuned run's.
+    monkeypatch.setattr(cmp, "evaluate_model", on_call(2, cmp.evaluate_model, interrupt))
     with pytest.raises(KeyboardInterrupt):
-        cmp.compare(settings, ["top"], ["ratio"], 1, out, **quiet)
+        cmp.compare(settings, ["top"], ["ratio"], 1, out, **QUIET)
     (run_dir,) = (out / "runs").iterdir()
     assert (run_dir / "train" / "adapter").is_dir()
     assert not (run_dir / "result.json").exists()
@@ -389,7 +405,7 @@ def test_a_run_interrupted_during_its_evaluation_is_not_trained_again(
         raise AssertionError("the finished run was trained again")
 
     monkeypatch.setattr(train_mod, "train", no_training)
-    resumed = cmp.compare(settings, ["top"], ["ratio"], 1, out, **quiet)
+    resumed = cmp.compare(settings, ["top"], ["ratio"], 1, out, **QUIET)
     (got,) = resumed["results"]
     assert [f.stat().st_mtime_ns for f in adapter] == stamps
     summary = json.loads((run_dir / "train" / "summary.json").read_text())
@@ -406,31 +422,23 @@ def test_a_run_interrupted_mid_training_resumes_from_its_checkpoint(
 
     import fastmid.train as train_mod
 
-    data = write_jsonl(tmp_path / "train.jsonl", RECORDS[:16])
-    held = write_jsonl(tmp_path / "test.jsonl", RECORDS[16:24])
-    settings = tiny_settings(model_dir, data, held, max_steps=4)
-    quiet = dict(isolate=False, log=lambda m: None)
-    straight = cmp.compare(settings, ["top"], ["ratio"], 1, tmp_path / "straight", **quiet)
-
-    calls = {"n": 0}
+    settings = one_run_settings(model_dir, tmp_path, max_steps=4)
+    straight = cmp.compare(settings, ["top"], ["ratio"], 1, tmp_path / "straight", **QUIET)
     real = train_mod.forward_loss
 
-    def interrupting(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 2:  # during step 2: the run checkpoints after it and stops
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(model, batch)
+    def interrupt():  # during step 2: the run checkpoints after it and stops
+        os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(train_mod, "forward_loss", interrupting)
+    monkeypatch.setattr(train_mod, "forward_loss", on_call(2, real, interrupt))
     out = tmp_path / "cmp"
     with pytest.raises(KeyboardInterrupt):
-        cmp.compare(settings, ["top"], ["ratio"], 1, out, **quiet)
+        cmp.compare(settings, ["top"], ["ratio"], 1, out, **QUIET)
     (run_dir,) = (out / "runs").iterdir()
     assert (run_dir / "train" / "checkpoint").is_dir()
     assert not (run_dir / "result.json").exists()
 
     monkeypatch.setattr(train_mod, "forward_loss", real)
-    resumed = cmp.compare(settings, ["top"], ["ratio"], 1, out, **quiet)
+    resumed = cmp.compare(settings, ["top"], ["ratio"], 1, out, **QUIET)
     steps = [json.loads(x)["step"] for x in (run_dir / "train" / "metrics.jsonl").open()]
     assert steps == [1, 2, 3, 4]
     # Resuming is exact: the same adapter, so the same held-out numbers as a straight run.
