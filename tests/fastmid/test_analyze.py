@@ -166,7 +166,7 @@ def test_cli_on_the_embedded_model(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_cli_announces_and_uses_its_default_output_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tests.fastmid.test_train import RECORDS, make_model_dir, write_jsonl
+    from tests.fastmid._runs import RECORDS, make_model_dir, write_jsonl
 
     model_dir = make_model_dir(tmp_path, num_layers=4)
     model = apply_midblock(_from_dir(model_dir), MidBlockConfig(band=[1, 2], rank=2, dropout=0.0))

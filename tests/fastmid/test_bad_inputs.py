@@ -11,27 +11,18 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import fastmid.kernels._common as kernel_dispatch
 import numpy as np
 import pytest
-import torch
 
 from fastmid import checkpoint
 from fastmid.cli import main
-from tests.fastmid.test_train import RECORDS, make_model_dir, write_jsonl
+from tests.fastmid._runs import RECORDS, make_model_dir, write_jsonl
 
-
-@pytest.fixture(autouse=True)
-def torch_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(kernel_dispatch, "INTERPRET", False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_torch_path")
 
 
 @pytest.fixture(scope="module")

@@ -7,24 +7,14 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import fastmid.kernels._common as kernel_dispatch
 import pytest
-import torch
 
 from fastmid.cli import main
 from tests.fastmid._runs import RECORDS, as_flags, make_model_dir, write_jsonl
 
-
-@pytest.fixture(autouse=True)
-def torch_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(kernel_dispatch, "INTERPRET", False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_torch_path")
 
 
 @pytest.fixture(scope="module")

@@ -6,33 +6,17 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
-import fastmid.kernels._common as kernel_dispatch
 import pytest
-import torch
 
 from fastmid import compare as cmp
 from fastmid.cli import main as cli_main
 from fastmid.errors import UserError
 from fastmid.midblock import lora_scale, resolve_rank
-from tests.fastmid._runs import RECORDS, make_model_dir, write_jsonl
+from tests.fastmid._runs import RECORDS, write_jsonl
 
-
-@pytest.fixture(autouse=True)
-def torch_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The kernels' torch path on one thread, as in the training tests."""
-    monkeypatch.setattr(kernel_dispatch, "INTERPRET", False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("model"))
+pytestmark = pytest.mark.usefixtures("one_thread_torch_path")
 
 
 # --- placements and scales ------------------------------------------------------------------

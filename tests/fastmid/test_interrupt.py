@@ -19,7 +19,7 @@ import torch
 import fastmid.train as train_mod
 from fastmid.cli import main
 from fastmid.config import build_config
-from tests.fastmid.test_train import RECORDS, make_model_dir, write_jsonl
+from tests.fastmid._runs import RECORDS, make_model_dir, write_jsonl
 
 
 @pytest.fixture(scope="module", autouse=True)

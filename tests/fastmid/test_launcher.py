@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fastmid.errors import STATUS_FILE_ENV, UserError, record_exit, report_user_error
-from tests.fastmid.test_train import RECORDS, make_model_dir, write_jsonl
+from tests.fastmid._runs import RECORDS, make_model_dir, write_jsonl
 
 
 def _env() -> dict[str, str]:

@@ -10,10 +10,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import fastmid.kernels._common as kernel_dispatch
 import pytest
 import torch
 
@@ -26,28 +24,13 @@ from tests.fastmid._runs import (
     RECORDS,
     as_flags,
     losses,
-    make_model_dir,
     tiny_cfg,
     tiny_settings,
     write_jsonl,
 )
 from tests.fastmid._tiny import tiny_model
 
-
-@pytest.fixture(autouse=True)
-def torch_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The loop runs the kernels' torch path (the interpreter is for kernel tests), on one
-    thread: tiny matmuls gain nothing from more, and lose a lot on a busy machine."""
-    monkeypatch.setattr(kernel_dispatch, "INTERPRET", False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("model"))
+pytestmark = pytest.mark.usefixtures("one_thread_torch_path")
 
 
 @pytest.fixture

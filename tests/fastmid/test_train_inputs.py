@@ -4,12 +4,9 @@ few steps and everything reported to TensorBoard (read back from the event files
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import fastmid.kernels._common as kernel_dispatch
 import pytest
-import torch
 
 from fastmid.cli import main as cli_main
 from tests.fastmid._runs import RECORDS, make_model_dir
@@ -19,13 +16,7 @@ datasets = pytest.importorskip("datasets")
 pytest.importorskip("tensorboard")
 
 
-@pytest.fixture(autouse=True)
-def torch_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(kernel_dispatch, "INTERPRET", False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_torch_path")
 
 
 def test_alpaca_parquet_with_heldout_loss_and_tensorboard(tmp_path: Path):

@@ -78,3 +78,34 @@ def saved_by_op(out: torch.Tensor, inputs) -> list[torch.Tensor]:
         for t in node.saved_tensors
         if t is not None and t.untyped_storage().data_ptr() not in storages
     ]
+
+
+def spy_dx_gemms(
+    monkeypatch: pytest.MonkeyPatch, path: str, dx_shape: tuple[int, int], torch_mm: tuple
+) -> list[int]:
+    """Count the backward's dx GEMMs (a list that grows by one per GEMM), spied on so that
+    skipping one is observed, not inferred. The Triton path is seen as a main-GEMM launch
+    with dx's ``(M, K)`` output; the torch path (forced here) as a ``torch.mm`` of the
+    operand shapes ``torch_mm``."""
+    from fastmid.kernels import _gemm
+
+    calls: list[int] = []
+    if path == "triton":
+        real_launch = _gemm.launch_main
+
+        def launch(*args, **kw):
+            out = real_launch(*args, **kw)
+            calls.extend([1] if out.shape == dx_shape else [])
+            return out
+
+        monkeypatch.setattr(_gemm, "launch_main", launch)
+    else:
+        force_torch_path(monkeypatch)
+        real_mm = torch.mm
+
+        def mm(lhs, rhs, *args, **kw):
+            calls.extend([1] if (lhs.shape, rhs.shape) == torch_mm else [])
+            return real_mm(lhs, rhs, *args, **kw)
+
+        monkeypatch.setattr(torch, "mm", mm)
+    return calls

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from fastmid.kernels import _gemm, lora_linear, lora_linear_reference
+from fastmid.kernels import lora_linear, lora_linear_reference
 from fastmid.kernels._common import INTERPRET, torch_keep_mask
 
 from ._tolerance import (
@@ -16,6 +16,7 @@ from ._tolerance import (
     assert_all_within_torch_error,
     assert_within_torch_error,
     force_torch_path,
+    spy_dx_gemms,
     torch_keep,
     triton_keep,
 )
@@ -138,25 +139,7 @@ def test_dx_gemm_runs_only_when_x_needs_grad(monkeypatch, path, x_grad):
     if path == "triton" and DEVICE == "cpu" and not INTERPRET:
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
     m, k, n = 20, 24, 40
-    dx_gemms = []
-    if path == "triton":
-        real = _gemm.launch_main
-
-        def spy(*args, **kw):
-            out = real(*args, **kw)
-            dx_gemms.extend([1] if out.shape == (m, k) else [])
-            return out
-
-        monkeypatch.setattr(_gemm, "launch_main", spy)
-    else:
-        force_torch_path(monkeypatch)
-        real_mm = torch.mm
-
-        def spy(lhs, rhs, *args, **kw):
-            dx_gemms.extend([1] if (lhs.shape, rhs.shape) == ((m, n), (n, k)) else [])
-            return real_mm(lhs, rhs, *args, **kw)
-
-        monkeypatch.setattr(torch, "mm", spy)
+    dx_gemms = spy_dx_gemms(monkeypatch, path, (m, k), ((m, n), (n, k)))
     x, w, a, b, bias = make_inputs((m,), k, n, 8, torch.float32, True)
     for t in (x, w, a, b):
         t.requires_grad_(t is not x or x_grad)

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from fastmid.kernels import _gemm
 from fastmid.kernels._common import INTERPRET, torch_keep_mask, triton_keep_mask
 
 from ._tolerance import (
@@ -17,6 +16,7 @@ from ._tolerance import (
     bf16_forward,
     force_torch_path,
     saved_by_op,
+    spy_dx_gemms,
     torch_keep,
     triton_keep,
 )
@@ -173,26 +173,8 @@ def test_dx_skipped_when_x_needs_no_grad(monkeypatch, path):
     nq = sizes[0]
     x, w, a, b, _ = make_inputs((2, 9), k, sizes, (4, 2, 8), torch.float32, False)
     upstream = [torch.randn(2, 9, s, device=DEVICE) for s in sizes]
-    dx_gemms = []
-    if path == "triton":
-        real = _gemm.launch_main
-
-        def spy(*args, **kw):
-            out = real(*args, **kw)
-            dx_gemms.extend([1] if out.shape == (m, k) else [])
-            return out
-
-        monkeypatch.setattr(_gemm, "launch_main", spy)
-    else:
-        force_torch_path(monkeypatch)
-        real = torch.mm
-
-        def spy(lhs, rhs, *args, **kw):
-            # The torch path's dx starts with dq·Wq, (M,Nq)·(Nq,K); k and v accumulate into it.
-            dx_gemms.extend([1] if (lhs.shape, rhs.shape) == ((m, nq), (nq, k)) else [])
-            return real(lhs, rhs, *args, **kw)
-
-        monkeypatch.setattr(torch, "mm", spy)
+    # The torch path's dx starts with dq·Wq, (M,Nq)·(Nq,K); k and v accumulate into it.
+    dx_gemms = spy_dx_gemms(monkeypatch, path, (m, k), ((m, nq), (nq, k)))
 
     def op(x_, w_, a_, b_, bias_):
         return MODULE.lora_qkv(x_, w_, *a_, *b_, 2.0)
