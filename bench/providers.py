@@ -52,7 +52,7 @@ from fastmid.midblock import (
     resolve_band,
     resolve_rank,
 )
-from fastmid.models import prepare_model
+from fastmid.models import DTYPES, prepare_model
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,6 @@ SPECS = {
 PROVIDERS = tuple(SPECS)
 # Every ratio in the reports is against this provider (standard LoRA).
 REFERENCE = "peft_all"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Band placements of the sweep: three of the five 20% depth segments, or every layer.
 BANDS: dict[str, Any] = {
     "bottom": (0.0, 0.6),

@@ -677,7 +677,7 @@ def auto_band(
     import torch
 
     from fastmid import data
-    from fastmid.train import resolve_precision
+    from fastmid.models import resolve_precision
 
     shared = run_config(settings)
     records = data.load_records(shared.data or str(data.bundled_path("train")))[:64]
@@ -722,7 +722,7 @@ def compare(
 
     from fastmid import models
     from fastmid.midblock import PAPER_BAND, find_decoder_layers, resolve_band
-    from fastmid.train import resolve_precision
+    from fastmid.models import resolve_precision
 
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")

@@ -216,20 +216,30 @@ def cpu_flags() -> set[str]:
 
 def native_bf16() -> bool:
     """True where bf16 matmul is fast: CUDA with bf16 support, or a CPU with AVX512-BF16/AMX."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return bool(cpu_flags() & BF16_CPU_FLAGS)
+    return resolve_precision("auto") == "bf16"
 
 
-def resolve_dtype(precision: str) -> torch.dtype:
-    """Map ``auto|bf16|fp32`` to a torch dtype (auto = bf16 where it is native, else fp32)."""
-    if precision == "auto":
-        return torch.bfloat16 if native_bf16() else torch.float32
-    if precision in ("bf16", "bfloat16"):
-        return torch.bfloat16
-    if precision in ("fp32", "float32"):
-        return torch.float32
-    raise UserError(f"unknown precision {precision!r}; expected auto, bf16 or fp32")
+# The compute precisions a run can name, and their dtypes.
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_precision(precision: str, device: torch.device | None = None) -> str:
+    """``bf16``/``fp32`` as given; ``auto`` → ``bf16`` where bf16 matmul is native on ``device``
+    (CUDA with bf16 support, or a CPU with AVX512-BF16/AMX; default device: CUDA when there is
+    one), else ``fp32``."""
+    if precision in DTYPES:
+        return precision
+    if precision != "auto":
+        raise UserError(f"unknown precision {precision!r}; expected auto, {' or '.join(DTYPES)}")
+    on_cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+    if on_cuda:
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_flags() & BF16_CPU_FLAGS else "fp32"
+
+
+def resolve_dtype(precision: str, device: torch.device | None = None) -> torch.dtype:
+    """The torch dtype of :func:`resolve_precision`."""
+    return DTYPES[resolve_precision(precision, device)]
 
 
 def prepare_model(model: Any, cfg: Any, device: torch.device) -> Any:

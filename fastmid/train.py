@@ -75,7 +75,6 @@ OUTPUT_ENTRIES = (
     CHECKPOINT_DIR,
     CHECKPOINT_DIR + ".old",
 )
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # How many training examples the band probe ("band: auto") looks at.
 PROBE_EXAMPLES = 64
 
@@ -181,7 +180,7 @@ class Runtime:
 
     @property
     def dtype(self) -> torch.dtype:
-        return DTYPES[self.precision]
+        return models.DTYPES[self.precision]
 
     @property
     def cuda(self) -> bool:
@@ -204,7 +203,7 @@ def init_runtime(cfg: TrainConfig) -> Runtime:
     distributed.barrier()
     if world > 1 and cfg.grad_accum % world:
         log(f"note: grad_accum {cfg.grad_accum} is not a multiple of {world} ranks; some idle")
-    return Runtime(device, world, resolve_precision(cfg.precision, device))
+    return Runtime(device, world, models.resolve_precision(cfg.precision, device))
 
 
 def describe_run(
@@ -258,17 +257,6 @@ def log(message: str) -> None:
     """Print on rank 0 only (every rank runs the same recipe)."""
     if distributed.is_main():
         print(message, flush=True)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """Turn "auto" into "bf16" (CUDA with bf16, or a CPU with native bf16 matmul) or "fp32"."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    from fastmid.models import native_bf16
-
-    return "bf16" if native_bf16() else "fp32"
 
 
 def seed_everything(seed: int) -> None:
