@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from fastmid.data import IGNORE_INDEX, QA_PROMPT, bundled_path, load_records
+from fastmid.data import IGNORE_INDEX, QA_PROMPT, Example, bundled_path, load_records
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
+from fastmid.heldout import answer_nll
 from fastmid.midblock import QUANTIZE_METHODS
 
 _NUMBER = re.compile(r"-?[\d,]*\d\.?\d*")
@@ -157,32 +158,11 @@ def perplexity(
     chunks = [c for c in chunks if len(c) > 1]
     if not chunks:
         raise UserError("no text to compute perplexity on")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    nll, count = 0.0, 0
-    try:
-        for start in range(0, len(chunks), batch_size):
-            batch = chunks[start : start + batch_size]
-            width = max(len(c) for c in batch)
-            ids = torch.zeros((len(batch), width), dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, c in enumerate(batch):
-                ids[row, : len(c)] = torch.tensor(c)
-                mask[row, : len(c)] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
-            nll += torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().flatten(0, 1),
-                targets.flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            ).item()
-            count += int(mask[:, 1:].sum())
-    finally:
-        model.train(was_training)
-    return math.exp(nll / count)
+
+    # Every token but the first is predicted: the targets are the ids, shifted by one.
+    examples = [Example(c, [*c[1:], IGNORE_INDEX]) for c in chunks]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return math.exp(answer_nll(model, examples, pad, batch_size))
 
 
 def write_predictions(predictions: list[dict], path: str | Path) -> None:
