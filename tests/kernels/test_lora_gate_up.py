@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from fastmid.kernels import _gemm
 from fastmid.kernels._common import INTERPRET, torch_keep_mask, triton_keep_mask
 
 from ._tolerance import (
@@ -17,6 +16,7 @@ from ._tolerance import (
     bf16_forward,
     force_torch_path,
     saved_by_op,
+    spy_dx_gemms,
     torch_keep,
     triton_keep,
 )
@@ -156,26 +156,8 @@ def test_dx_skipped_when_x_needs_no_grad(monkeypatch, path):
     k, inter = 24, 20
     x, w, a, b = make_inputs((2, 9), k, inter, (4, 8), torch.float32)
     upstream = torch.randn(2, 9, inter, device=DEVICE)
-    dx_gemms = []
-    if path == "triton":
-        real = _gemm.launch_main
-
-        def spy(*args, **kw):
-            out = real(*args, **kw)
-            dx_gemms.append(tuple(out.shape))
-            return out
-
-        monkeypatch.setattr(_gemm, "launch_main", spy)
-    else:
-        force_torch_path(monkeypatch)
-        real = torch.mm
-
-        def spy(lhs, rhs, *args, **kw):
-            if tuple(rhs.shape) == (inter, k):
-                dx_gemms.append(tuple(lhs.shape))
-            return real(lhs, rhs, *args, **kw)
-
-        monkeypatch.setattr(torch, "mm", spy)
+    m = 2 * 9
+    dx_gemms = spy_dx_gemms(monkeypatch, path, (m, k), ((m, inter), (inter, k)))
     with_dx = run(op(1.5), x, w, a, b, upstream)
     ran_with = len(dx_gemms)
     without = run(op(1.5), x, w, a, b, upstream, x_grad=False)
