@@ -37,6 +37,7 @@ import signal
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,6 +301,7 @@ def train_and_evaluate(settings: Settings, plan: Plan, run_dir: Path) -> dict:
 def _child(settings: Settings, plan: Plan, run_dir: str) -> None:
     """Entry point of a run's own process: output to its log, a UserError to error.txt."""
     path = Path(run_dir)
+    streams = sys.stdout, sys.stderr
     with (path / "log.txt").open("a", encoding="utf-8") as log:
         sys.stdout = sys.stderr = log
         try:
@@ -307,7 +309,14 @@ def _child(settings: Settings, plan: Plan, run_dir: str) -> None:
         except UserError as err:
             write_text_atomic(path / "error.txt", str(err) + "\n")
             sys.exit(2)
-        log.flush()
+        except Exception:
+            # Into the log while it is open: raised past it, the traceback would go to a
+            # closed stderr and be lost.
+            traceback.print_exc()
+            sys.exit(1)
+        finally:
+            log.flush()
+            sys.stdout, sys.stderr = streams
     if result.get("interrupted"):
         sys.exit(130)
 

@@ -429,3 +429,21 @@ def test_a_run_interrupted_mid_training_resumes_from_its_checkpoint(
     (got,), (want,) = resumed["results"], straight["results"]
     assert got["answer_nll"] == want["answer_nll"]
     assert got["loss_last"] == want["loss_last"]
+
+
+def test_a_crashed_run_leaves_its_traceback_in_its_log(tmp_path: Path, monkeypatch, capsys):
+    def crash(settings, plan, run_dir):
+        print("step 1/2")
+        raise RuntimeError("evaluation went wrong")
+
+    monkeypatch.setattr(cmp, "train_and_evaluate", crash)
+    plan = cmp.Plan("top", [3, 4], "ratio", 0)
+    with pytest.raises(SystemExit) as exit_:
+        cmp._child(None, plan, str(tmp_path))
+    assert exit_.value.code == 1
+    log = (tmp_path / "log.txt").read_text()
+    assert log.startswith("step 1/2\n")
+    assert "Traceback" in log and "RuntimeError: evaluation went wrong" in log
+    # The streams are restored, not left on the closed log.
+    print("stdout is back")
+    assert capsys.readouterr().out == "stdout is back\n"
