@@ -32,7 +32,8 @@ of ``width`` layers (evenly spaced from bottom to top, always including the bott
 and the default band) its own probe run on three quarters of the examples, and picks the
 window with the **lowest loss on the held-out quarter** after its run. It costs one probe run
 per candidate, each cheaper than an all-layer one (blocks below the window run without
-autograd).
+autograd). ``--band auto`` uses it with the run's own adapters and learning rate, so each
+candidate is a short version of the run itself.
 
 Ties (every criterion) go to the window nearest the middle of the network, then to the lower one.
 """
@@ -48,10 +49,14 @@ import torch
 from torch import Tensor, nn
 
 from fastmid.errors import UserError
+from fastmid.midblock import MidBlockConfig
 
 __all__ = [
+    "AUTO_CRITERIA",
+    "AUTO_CRITERION",
     "CRITERIA",
     "ProbeRun",
+    "choose_auto_band",
     "gradient_snr",
     "probe_run",
     "recommend_band_by_probe_run",
@@ -65,9 +70,21 @@ CRITERIA = ("gain", "snr", "heldout", "window")
 SNR_MICRO_BATCHES = 4
 # 1/HELDOUT_SHARE of the examples is kept out of the probe runs of heldout and window.
 HELDOUT_SHARE = 4
+# The adapters of the all-layer probe runs (gain, snr, heldout): small and quick to tune.
+PROBE_ADAPTER = MidBlockConfig(rank=8, alpha=16.0, dropout=0.0)
 # Windows the window criterion tunes (about; the bottom, top and default band always among them):
 # each is a probe run, so this is the criterion's cost.
 WINDOW_CANDIDATES = 5
+# Steps of each window's probe run. On SmolLM2 and the bundled data, 8 steps of rank-8 adapters
+# ranked the windows unlike full training did (it chose the default band, which trained worse
+# than the top one); 16 steps with the run's own adapters ranked them as training did.
+WINDOW_STEPS = 16
+# What `fastmid compare --auto-criterion` may name: the sensitivity probe of fastmid.probe, or
+# one of the probe-run criteria here; `--band auto` uses AUTO_CRITERION.
+AUTO_CRITERIA = ("sensitivity", *CRITERIA)
+AUTO_CRITERION = "window"
+# The band choice looks at the first this many training examples.
+AUTO_EXAMPLES = 64
 
 
 @dataclass
@@ -127,13 +144,13 @@ def probe_run(
     steps: int = 8,
     batch_size: int = 8,
     micro_batches: int = 1,
-    rank: int = 8,
-    alpha: float = 16.0,
+    adapter: MidBlockConfig = PROBE_ADAPTER,
     lr: float = 1e-3,
     seed: int = 0,
 ) -> ProbeRun:
-    """Tune a copy of ``model`` with rank-``rank`` adapters on the layers of ``band`` (default:
-    every layer) for ``steps`` AdamW steps (``batch_size`` examples each, cycling through
+    """Tune a copy of ``model`` with adapters shaped like ``adapter``'s (its targets, rank or
+    budget-matched rank, alpha, rsLoRA; no dropout) on the layers of ``band`` (default: every
+    layer) for ``steps`` AdamW steps (``batch_size`` examples each, cycling through
     ``examples``, each step's batch split into ``micro_batches``) and score the adapted layers
     (see the module docstring; layers outside the band score 0). ``heldout`` examples are
     never trained on: their loss is measured before and after the run, and with
@@ -142,7 +159,7 @@ def probe_run(
     """
     from fastmid.data import collate_padded
     from fastmid.loss import forward_loss
-    from fastmid.midblock import MidBlockConfig, apply_midblock, find_decoder_layers, lora_modules
+    from fastmid.midblock import apply_midblock, find_decoder_layers, lora_modules
 
     examples = [e for e in examples if e.num_loss_tokens > 0]
     heldout = [e for e in heldout if e.num_loss_tokens > 0]
@@ -158,7 +175,16 @@ def probe_run(
     spec = band if isinstance(band, str) else list(band)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        config = MidBlockConfig(band=spec, rank=rank, alpha=alpha, dropout=0.0, fuse_groups=False)
+        config = MidBlockConfig(
+            band=spec,
+            targets=adapter.targets,
+            rank=adapter.rank,
+            rank_budget=adapter.rank_budget,
+            alpha=adapter.alpha,
+            use_rslora=adapter.use_rslora,
+            dropout=0.0,
+            fuse_groups=False,
+        )
         apply_midblock(work, config)
     by_layer: dict[int, list[nn.Parameter]] = {}
     for layer, _, module in lora_modules(work):
@@ -320,6 +346,8 @@ def recommend_band_by_probe_run(
     width = len(default) if width is None else width
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     examples = list(examples)
+    if criterion == "window":
+        probe.setdefault("steps", WINDOW_STEPS)
     steps = probe.get("steps", 8)
     info: dict[str, Any] = {"criterion": criterion, "num_layers": num_layers, "width": width}
 
@@ -376,3 +404,33 @@ def recommend_band_by_probe_run(
         info.update(score=scores, gain=run.gain, losses=run.losses)
     info.update(layers=layers, reason=reason)
     return layers, info
+
+
+def choose_auto_band(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    *,
+    adapter: MidBlockConfig,
+    lr: float,
+    criterion: str = AUTO_CRITERION,
+    width: int | None = None,
+) -> tuple[list[int], dict[str, Any]]:
+    """The band ``--band auto`` trains (``criterion``: one of :data:`AUTO_CRITERIA`), from the
+    first :data:`AUTO_EXAMPLES` of ``examples``. ``window`` tunes each candidate with the run's
+    own adapters (``adapter``: targets, rank or rank budget, alpha, rsLoRA) and learning rate
+    ``lr``; the all-layer criteria use small probe adapters. Returns ``(layers, info)`` as
+    :func:`recommend_band_by_probe_run` does."""
+    from fastmid.probe import recommend_band
+
+    if criterion not in AUTO_CRITERIA:
+        known = "|".join(AUTO_CRITERIA)
+        raise UserError(f"band criterion must be one of {known}, got {criterion!r}")
+    examples = list(examples)[:AUTO_EXAMPLES]
+    if criterion == "sensitivity":
+        return recommend_band(model, tokenizer, examples, width=width)
+    if criterion == "window":
+        return recommend_band_by_probe_run(
+            model, tokenizer, examples, criterion=criterion, width=width, adapter=adapter, lr=lr
+        )
+    return recommend_band_by_probe_run(model, tokenizer, examples, criterion=criterion, width=width)

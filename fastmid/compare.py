@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastmid.bandgain import CRITERIA as PROBE_RUN_CRITERIA
+from fastmid.bandgain import AUTO_CRITERIA, AUTO_CRITERION
 from fastmid.config import TrainConfig, build_config, config_fields, parse_band
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
@@ -51,8 +51,6 @@ from fastmid.options import add_field_arguments
 
 PLACEMENTS = ("bottom", "middle", "top", "all", "auto")
 ALPHA_POLICIES = ("fixed", "ratio", "rslora")
-# sensitivity is the probe of `--band auto`; the others score a short all-layer probe run.
-AUTO_CRITERIA = ("sensitivity", *PROBE_RUN_CRITERIA)
 # (key, label, lower is better): the quality metrics, then the cost columns.
 METRICS: tuple[tuple[str, str, bool], ...] = (
     ("answer_nll", "answer NLL/token", True),
@@ -680,32 +678,36 @@ def plot(rows: Sequence[dict], base: dict | None, path: Path) -> None:
 
 
 def auto_band(
-    model: Any, tokenizer: Any, settings: Settings, criterion: str, width: int
+    model: Any, tokenizer: Any, settings: Settings, criterion: str, width: int, policy: str
 ) -> tuple[list[int], str]:
-    """The band ``criterion`` picks on the first training examples, and its one-line reason."""
+    """The band ``criterion`` picks on the first training examples (as ``--band auto`` would
+    for a ``width``-layer band under the scale ``policy``), and its one-line reason."""
     import torch
 
     from fastmid import data
+    from fastmid.bandgain import AUTO_EXAMPLES, choose_auto_band
     from fastmid.models import resolve_precision
 
     shared = run_config(settings)
-    records = data.load_records(shared.data or str(data.bundled_path("train")))[:64]
+    records = data.load_records(shared.data or str(data.bundled_path("train")))[:AUTO_EXAMPLES]
     examples = data.tokenize_records(
         records, tokenizer, fmt=shared.format, max_length=shared.max_length, loss_on=shared.loss_on
     )
+    # Every candidate window has the width of the middle band, so its rank and scale.
+    middle = placement_band("middle", settings.num_layers, width)
+    run = run_config(settings, Plan("auto", middle, policy, 0)).resolved()
     device = next(model.parameters()).device
     precision = resolve_precision(shared.precision, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        if criterion in PROBE_RUN_CRITERIA:
-            from fastmid.bandgain import recommend_band_by_probe_run
-
-            layers, info = recommend_band_by_probe_run(
-                model, tokenizer, examples, criterion=criterion, width=width
-            )
-        else:
-            from fastmid.probe import recommend_band
-
-            layers, info = recommend_band(model, tokenizer, examples, width=width)
+        layers, info = choose_auto_band(
+            model,
+            tokenizer,
+            examples,
+            adapter=run.midblock,
+            lr=run.lr,
+            criterion=criterion,
+            width=width,
+        )
     return layers, str(info["reason"])
 
 
@@ -717,7 +719,7 @@ def compare(
     output_dir: str | Path,
     *,
     width: int | None = None,
-    auto_criterion: str = "sensitivity",
+    auto_criterion: str = AUTO_CRITERION,
     overwrite: bool = False,
     isolate: bool = True,
     log: Any = print,
@@ -812,12 +814,14 @@ def compare(
     bands: dict[str, list[int]] = {}
     for name in placements:
         if name == "auto":
-            auto_path = out / f"auto-{auto_criterion}-w{width}.json"
+            auto_path = out / f"auto-{auto_criterion}-w{width}-{policies[0]}.json"
             if auto_path.exists():
                 bands[name] = json.loads(auto_path.read_text(encoding="utf-8"))["layers"]
             else:
                 log(f"choosing the auto band ({auto_criterion}) ...")
-                layers, reason = auto_band(model, tokenizer, settings, auto_criterion, width)
+                layers, reason = auto_band(
+                    model, tokenizer, settings, auto_criterion, width, policies[0]
+                )
                 write_text_atomic(
                     auto_path, json.dumps({"layers": layers, "reason": reason}) + "\n"
                 )
@@ -913,12 +917,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--auto-criterion",
-        default="sensitivity",
+        default=AUTO_CRITERION,
         choices=AUTO_CRITERIA,
-        help="how auto picks its band: the probe's low sensitivity, or by a short all-layer "
-        "probe run: the layers whose adapters reduced the training loss most (gain), with the "
-        "most consistent gradients across micro-batches (snr), or whose updates reduced a "
-        "held-out loss most (heldout) (default: sensitivity)",
+        help="how auto picks its band: short probe runs of about five candidate windows with the "
+        "runs' own adapters, lowest held-out loss wins (window, what --band auto does); the "
+        "probe's low sensitivity; or a short all-layer probe run: the layers whose adapters "
+        "reduced the training loss most (gain), with the most consistent gradients across "
+        "micro-batches (snr), or whose updates reduced a held-out loss most (heldout) "
+        "(default: %(default)s)",
     )
     parser.add_argument("--output-dir", default="./fastmid-compare", help="results and cache")
     parser.add_argument("--overwrite", action="store_true", help="discard cached runs")

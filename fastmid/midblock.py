@@ -36,7 +36,7 @@ from fastmid.compile import COMPILE_MODES, compile_blocks, resolve_compile
 from fastmid.errors import UserError
 from fastmid.loss import install_label_only_loss
 
-# A band: (lo, hi) fractions of depth, "all", explicit layer indices, or "auto" (the probe picks).
+# A band: (lo, hi) fractions of depth, "all", explicit layer indices, or "auto" (probe runs pick).
 Band = tuple[float, float] | str | list[int]
 
 KNOWN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -72,7 +72,7 @@ class MidBlockConfig:
         default=PAPER_BAND,
         metadata={
             "help": "depth band: 0.2,0.8 (fractions, layers [floor(lo*L), floor(hi*L))) | "
-            "all | 6-23 | 3,5,7 | auto (chosen by the probe)",
+            "all | 6-23 | 3,5,7 | auto (short probe runs of candidate windows pick it)",
             "group": "mid-block LoRA",
         },
     )

@@ -75,8 +75,6 @@ OUTPUT_ENTRIES = (
     CHECKPOINT_DIR,
     CHECKPOINT_DIR + ".old",
 )
-# How many training examples the band probe ("band: auto") looks at.
-PROBE_EXAMPLES = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,7 +106,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         records, tokenizer, fmt=cfg.format, max_length=cfg.max_length, loss_on=cfg.loss_on
     )
     heldout = HeldoutLoss.build(cfg, loss_records, tokenizer)
-    adapter_cfg, band_reason = choose_band(cfg.midblock, model, tokenizer, examples, rt.autocast)
+    adapter_cfg, band_reason = choose_band(
+        cfg.midblock, cfg.lr, model, tokenizer, examples, rt.autocast
+    )
     # FSDP shards each linear's own weight; fused groups read a concatenated copy.
     fuse = adapter_cfg.fuse_groups and parallel != "fsdp"
     adapter_cfg = dataclasses.replace(adapter_cfg, fuse_groups=fuse)
@@ -421,20 +421,21 @@ def evaluate(
 
 def choose_band(
     cfg: MidBlockConfig,
+    lr: float,
     model: nn.Module,
     tokenizer: Any,
     examples: list[Example],
     autocast: Callable[[], contextlib.AbstractContextManager],
 ) -> tuple[MidBlockConfig, str | None]:
-    """``cfg`` as given, or with the band the probe measures on the untuned model ("auto"),
-    and the probe's reason."""
+    """``cfg`` as given, or with the band "auto" picks on the untuned model (short probe runs of
+    candidate windows with this run's adapters and learning rate ``lr``), and its reason."""
     if cfg.band != "auto":
         return cfg, None
-    from fastmid import probe
+    from fastmid.bandgain import WINDOW_STEPS, choose_auto_band
 
-    log("probing layer sensitivity to choose the band ...")
+    log(f"choosing the band: candidate windows, each tuned for {WINDOW_STEPS} steps ...")
     with autocast():
-        layers, info = probe.recommend_band(model, tokenizer, examples[:PROBE_EXAMPLES])
+        layers, info = choose_auto_band(model, tokenizer, examples, adapter=cfg, lr=lr)
     reason = str(info.get("reason", ""))
     log(f"band auto → layers {layers[0]}-{layers[-1]}: {reason}")
     return dataclasses.replace(cfg, band=list(layers)), reason

@@ -13,6 +13,7 @@ import torch
 
 from fastmid import bandgain
 from fastmid.data import Example
+from fastmid.midblock import MidBlockConfig
 from fastmid.probe import best_window
 from tests.fastmid._tiny import tiny_model
 
@@ -21,6 +22,10 @@ from tests.fastmid._tiny import tiny_model
 def torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """The kernels' torch path (the probe runs train, and the interpreter is slow)."""
     monkeypatch.setattr(kernel_dispatch, "INTERPRET", False)
+
+
+# Rank-4 probe adapters with scale 2.
+SMALL = MidBlockConfig(rank=4, alpha=8.0, dropout=0.0)
 
 
 class Tok:
@@ -62,7 +67,7 @@ def test_allocated_gain_equals_the_first_step_loss_change():
     # One batch holds every example, so every step sees the same batch: the loss at step 1
     # minus the loss at step 0 is what step 0's update did, and the gains of a 1-step run
     # allocate exactly that step (to first order: small lr).
-    kw = dict(batch_size=len(data), rank=4, alpha=8.0, lr=1e-4, seed=0)
+    kw = dict(batch_size=len(data), adapter=SMALL, lr=1e-4, seed=0)
     one = bandgain.probe_run(model, data, 0, steps=1, **kw)
     two = bandgain.probe_run(model, data, 0, steps=2, **kw)
     drop = two.losses[0] - two.losses[1]
@@ -87,7 +92,7 @@ def test_heldout_allocation_equals_the_heldout_loss_change():
     data = counting()
     train, held = data[:12], data[12:]
     run = bandgain.probe_run(
-        model, train, 0, heldout=held, steps=1, batch_size=12, rank=4, alpha=8.0, lr=1e-4
+        model, train, 0, heldout=held, steps=1, batch_size=12, adapter=SMALL, lr=1e-4
     )
     # One step: the held-out loss after it minus before it is what the update did to the
     # held-out examples, and the allocation splits exactly that (to first order).
@@ -103,8 +108,7 @@ def test_heldout_allocation_equals_the_heldout_loss_change():
         allocate_heldout=False,
         steps=1,
         batch_size=12,
-        rank=4,
-        alpha=8.0,
+        adapter=SMALL,
         lr=1e-4,
     )
     assert plain.heldout is None
@@ -120,7 +124,7 @@ def test_a_band_probe_run_tunes_only_the_band():
 
 def test_probe_run_is_deterministic_under_its_seed():
     model = tiny_model("llama", 6)
-    kw = dict(steps=2, batch_size=8, micro_batches=4, rank=4, alpha=8.0)
+    kw = dict(steps=2, batch_size=8, micro_batches=4, adapter=SMALL)
     a = bandgain.probe_run(model, counting(), 0, seed=5, **kw)
     b = bandgain.probe_run(model, counting(), 0, seed=5, **kw)
     c = bandgain.probe_run(model, counting(), 0, seed=6, **kw)
@@ -246,6 +250,7 @@ def test_window_criterion_tunes_each_candidate_and_picks_the_lowest_heldout_loss
 
     def spy(model, train, pad_id, *, band, heldout, allocate_heldout, **kwargs):
         assert not allocate_heldout  # only the losses are needed
+        assert kwargs["steps"] == bandgain.WINDOW_STEPS
         assert len(train) == 6 and len(heldout) == 2
         bands.append(list(band))
         return fake_run(heldout_before=1.5, heldout_after=losses[band[0]])
@@ -266,7 +271,7 @@ def test_window_criterion_tunes_each_candidate_and_picks_the_lowest_heldout_loss
 
 def test_window_criterion_on_a_tiny_model():
     model = tiny_model("llama", 6)
-    kw = dict(criterion="window", width=3, steps=3, batch_size=4, rank=4, alpha=8.0, lr=1e-2)
+    kw = dict(criterion="window", width=3, steps=3, batch_size=4, adapter=SMALL, lr=1e-2)
     layers, info = bandgain.recommend_band_by_probe_run(model, Tok(), counting(), **kw)
     after = info["window_heldout_loss"]
     assert sorted(after) == bandgain.window_starts(6, 3)
@@ -283,3 +288,48 @@ def test_unknown_criterion_is_a_user_error():
         bandgain.recommend_band_by_probe_run(
             tiny_model("llama", 4), Tok(), examples(), criterion="vibes"
         )
+
+
+def test_a_probe_run_tunes_adapters_shaped_like_the_runs(monkeypatch):
+    """With a budget-matched template the probe's adapters get the rank and scale the run
+    would give the same band: rank floor(budget * L / n), scale alpha / rank (or / sqrt)."""
+    import fastmid.midblock as midblock
+
+    seen = []
+    real = midblock.apply_midblock
+
+    def spy(model, config):
+        state = real(model, config)
+        seen.append({(m.lora_A.shape[0], m.scale) for _, _, m in midblock.lora_modules(model)})
+        return state
+
+    monkeypatch.setattr(midblock, "apply_midblock", spy)
+    model = tiny_model("llama", 10)
+    run = MidBlockConfig(rank_budget=3, alpha=12.0)
+    bandgain.probe_run(model, counting(4), 0, band=range(2, 8), steps=1, adapter=run)
+    rslora = MidBlockConfig(rank_budget=3, alpha=12.0, use_rslora=True)
+    bandgain.probe_run(model, counting(4), 0, band=range(0, 10), steps=1, adapter=rslora)
+    bandgain.probe_run(model, counting(4), 0, steps=1)  # the default: the small probe adapters
+    assert seen == [{(5, 12.0 / 5)}, {(3, 12.0 / math.sqrt(3))}, {(8, 2.0)}]
+
+
+def test_auto_band_window_tunes_with_the_runs_adapters_and_lr(monkeypatch):
+    calls = []
+
+    def spy(model, tokenizer, examples, **kwargs):
+        calls.append((len(examples), kwargs))
+        return [1, 2], {"reason": "spied"}
+
+    monkeypatch.setattr(bandgain, "recommend_band_by_probe_run", spy)
+    run = MidBlockConfig(rank_budget=3, alpha=12.0)
+    many = counting(bandgain.AUTO_EXAMPLES + 10)
+    assert bandgain.AUTO_CRITERION == "window"
+    layers, info = bandgain.choose_auto_band(None, Tok(), many, adapter=run, lr=3e-4, width=2)
+    assert (layers, info["reason"]) == ([1, 2], "spied")
+    want = dict(criterion="window", width=2, adapter=run, lr=3e-4)
+    assert calls == [(bandgain.AUTO_EXAMPLES, want)]
+    # The all-layer criteria keep their small probe adapters.
+    bandgain.choose_auto_band(None, Tok(), many, adapter=run, lr=3e-4, criterion="snr")
+    assert calls[-1] == (bandgain.AUTO_EXAMPLES, dict(criterion="snr", width=None))
+    with pytest.raises(bandgain.UserError, match=re.escape("sensitivity|gain|snr|heldout|window")):
+        bandgain.choose_auto_band(None, Tok(), many, adapter=run, lr=3e-4, criterion="vibes")

@@ -447,3 +447,29 @@ def test_a_crashed_run_leaves_its_traceback_in_its_log(tmp_path: Path, monkeypat
     # The streams are restored, not left on the closed log.
     print("stdout is back")
     assert capsys.readouterr().out == "stdout is back\n"
+
+
+def test_auto_is_chosen_once_with_the_runs_adapters(model_dir: Path, tmp_path: Path, monkeypatch):
+    from fastmid import bandgain
+
+    calls = []
+
+    def spy(model, tokenizer, examples, *, adapter, lr, criterion, width):
+        calls.append(dict(adapter=adapter, lr=lr, criterion=criterion, width=width))
+        return [4, 5, 6, 7, 8, 9], {"reason": "spied"}
+
+    monkeypatch.setattr(bandgain, "choose_auto_band", spy)
+    settings = one_run_settings(model_dir, tmp_path, max_steps=1)
+    out = tmp_path / "cmp"
+    result = cmp.compare(settings, ["auto", "top"], ["ratio"], 1, out, **QUIET)
+    (call,) = calls
+    # The window criterion by default; candidates of the default band's width (6 of 10
+    # layers) get its budget-matched rank floor(4 * 10 / 6) = 6 and the ratio policy's
+    # alpha = (8 / 4) * 6; the run's lr.
+    assert call["criterion"] == "window" and call["width"] == 6 and call["lr"] == 1e-2
+    assert call["adapter"].rank_budget == 4 and call["adapter"].alpha == pytest.approx(12.0)
+    auto, top = result["rows"]
+    assert auto["layers"] == top["layers"] == "4-9"
+    assert json.loads((out / "auto-window-w6-ratio.json").read_text())["reason"] == "spied"
+    cmp.compare(settings, ["auto"], ["ratio"], 1, out, **QUIET)
+    assert len(calls) == 1  # cached
