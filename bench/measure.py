@@ -6,15 +6,14 @@ pytest-benchmark files and ``fastmid bench`` share one implementation.
 
 from __future__ import annotations
 
-import re
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.providers import Provider, Workload
+from fastmid.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 
 def sync() -> None:
@@ -134,30 +133,6 @@ def state_bytes(provider: Provider, batch: dict[str, torch.Tensor]) -> dict[str,
 
 # --------------------------------------------------------------------------------------------
 # Process memory (CPU): the kernel's peak-RSS counter, resettable per process
-
-
-def _status_kb(field: str) -> int:
-    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    return int(match.group(1)) if match else 0
-
-
-def rss_bytes() -> int:
-    """Current resident set size of this process."""
-    return _status_kb("VmRSS") * 1024
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size since start or since :func:`reset_peak_rss`."""
-    return _status_kb("VmHWM") * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux ``clear_refs`` 5)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def peak_training_memory(provider: Provider, batches: list[dict[str, Any]]) -> dict[str, Any]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -64,6 +63,7 @@ def worker(method: str, steps: int, batch_tokens: int) -> dict[str, Any]:
     os.environ.pop("TRITON_INTERPRET", None)
     import torch
 
+    from fastmid.memory import peak_rss_bytes
     from fastmid.midblock import MidBlockConfig, adapter_parameters, apply_midblock
     from fastmid.models import load_model
 
@@ -71,7 +71,7 @@ def worker(method: str, steps: int, batch_tokens: int) -> dict[str, Any]:
     model, tokenizer, _ = load_model(dtype=torch.bfloat16)
     apply_midblock(model, MidBlockConfig(quantize=method))
     model.train()
-    setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    setup_rss = peak_rss_bytes()
     optimizer = torch.optim.AdamW(adapter_parameters(model), lr=1e-4)
     ids = torch.randint(10, tokenizer.vocab_size, (1, batch_tokens))
     seconds = []
@@ -86,7 +86,7 @@ def worker(method: str, steps: int, batch_tokens: int) -> dict[str, Any]:
     return {
         "method": method,
         "setup_rss_bytes": setup_rss,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "step_seconds": seconds,
         "batch_tokens": batch_tokens,
         "threads": torch.get_num_threads(),

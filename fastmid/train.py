@@ -29,7 +29,6 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import signal
 import sys
@@ -60,6 +59,7 @@ from fastmid.data import Example
 from fastmid.errors import INTERRUPTED_EXIT, UserError, record_exit
 from fastmid.fileio import write_bytes_atomic, write_text_atomic
 from fastmid.loss import forward_loss
+from fastmid.memory import peak_rss_bytes
 from fastmid.midblock import MidBlockConfig, adapter_parameters, format_band
 
 # Files a run writes; --overwrite removes exactly these and nothing else the user keeps there.
@@ -658,8 +658,7 @@ class Progress:
 def _memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    # ru_maxrss is in KiB on Linux: the process's peak resident memory.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return peak_rss_bytes() / 2**30
 
 
 class Stopwatch:

@@ -1,0 +1,51 @@
+"""Process memory on CPU, from the kernel's per-process counters.
+
+The peak is ``VmHWM``, the high-water mark of this process's own address space. ``ru_maxrss``
+is not used where ``/proc`` exists: Linux carries it across ``exec``, so a process spawned by a
+large one (a ``fastmid compare`` run, a benchmark worker) would report its parent's peak.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+from pathlib import Path
+
+__all__ = ["peak_rss_bytes", "reset_peak_rss", "rss_bytes"]
+
+STATUS = Path("/proc/self/status")
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        text = STATUS.read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
+    return int(match.group(1)) if match else None
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (0 where the kernel does not say)."""
+    return (_status_kb("VmRSS") or 0) * 1024
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process since it started (or since
+    :func:`reset_peak_rss`); ``ru_maxrss`` where ``/proc`` is missing."""
+    kb = _status_kb("VmHWM")
+    if kb is None:
+        # KiB on Linux; where there is no /proc the platform's own unit may differ (bytes on
+        # macOS), so this fallback is an upper-bound estimate there.
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux ``clear_refs`` 5); False
+    where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
