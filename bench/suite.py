@@ -365,26 +365,45 @@ def _estimate(ctx: Context) -> list[dict[str, Any]]:
     return ctx.stamp(rows)
 
 
-def _bands(ctx: Context) -> list[dict[str, Any]]:
-    """fastmid throughput with the band at each placement, the placements interleaved."""
+def _time_variants(
+    ctx: Context, name: str, what: str, variants: dict[str, dict[str, Any]], warmup: int, steps: int
+) -> tuple[str, Any, dict[str, tuple[Any, float, float]], range]:
+    """fastmid built once per variant (``build_provider`` keyword arguments under a label),
+    the variants timed interleaved on the model workload (logged as ``[name] dtype: what``).
+    Returns the dtype, the workload, ``{label: (provider, tokens/s, median step s)}`` and the
+    timed step indices."""
     from bench.measure import time_interleaved
 
     opts = ctx.opts
     base, workload = ctx.model()
-
     dtype = opts.band_dtype if opts.band_dtype in opts.dtypes else opts.dtypes[0]
-    providers = []
-    for label, band in BANDS.items():
-        p = build_provider("fastmid", base, dtype, band=band)
+    providers = {}
+    for label, kwargs in variants.items():
+        p = build_provider("fastmid", base, dtype, **kwargs)
         p.name = f"fastmid[{label}]"
-        providers.append(p)
-    opts.log(f"[bands] {dtype}: {', '.join(BANDS)}")
-    times = time_interleaved(providers, workload, opts.warmup, max(opts.steps - 1, 1))
-    timed = range(opts.warmup, opts.warmup + max(opts.steps - 1, 1))
+        providers[label] = p
+    opts.log(f"[{name}] {dtype}: {what}")
+    times = time_interleaved(list(providers.values()), workload, warmup, steps)
+    timed = range(warmup, warmup + steps)
     real = sum(workload.real_tokens(i) for i in timed)
+    measured = {
+        label: (p, real / sum(times[p.name]), statistics.median(times[p.name]))
+        for label, p in providers.items()
+    }
+    return dtype, workload, measured, timed
+
+
+def _bands(ctx: Context) -> list[dict[str, Any]]:
+    """fastmid throughput with the band at each placement, the placements interleaved."""
+    opts = ctx.opts
+    variants = {label: {"band": band} for label, band in BANDS.items()}
+    steps = max(opts.steps - 1, 1)
+    dtype, workload, measured, timed = _time_variants(
+        ctx, "bands", ", ".join(BANDS), variants, opts.warmup, steps
+    )
     rows = []
-    for (label, band), p in zip(BANDS.items(), providers, strict=True):
-        tok_s = real / sum(times[p.name])
+    for label, band in BANDS.items():
+        p, tok_s, median = measured[label]
         rows.append(
             {
                 "workload": "bands",
@@ -397,7 +416,7 @@ def _bands(ctx: Context) -> list[dict[str, Any]]:
                 "model": workload.extra["model"],
                 "shape": " ".join(p.shape(workload, i) for i in timed),
                 "tokens_per_s": tok_s,
-                "step_s_median": statistics.median(times[p.name]),
+                "step_s_median": median,
             }
         )
     add_ratio(rows, "tokens_per_s", "vs_middle", lambda r: r["band"] == "middle")
@@ -408,37 +427,30 @@ def _compile(ctx: Context) -> list[dict[str, Any]]:
     """fastmid with eager and with compiled decoder blocks (``--compile off|on``), interleaved:
     the measurement behind ``--compile auto``. Three warm-up rounds at least, since a compiled
     block also compiles its backward and the first new shapes on their first steps."""
-    from bench.measure import time_interleaved
     from fastmid.compile import CompileTimer
 
     opts = ctx.opts
-    base, workload = ctx.model()
-    dtype = opts.band_dtype if opts.band_dtype in opts.dtypes else opts.dtypes[0]
     warmup = max(opts.warmup, 3)
-    providers = []
-    for mode in ("off", "on"):
-        p = build_provider("fastmid", base, dtype, compile=mode)
-        p.name = f"fastmid[compile={mode}]"
-        providers.append(p)
-    opts.log(f"[compile] {dtype}: eager and compiled blocks, {warmup} warm-up rounds")
     timer = CompileTimer()
-    times = time_interleaved(providers, workload, warmup, opts.steps)
+    variants = {f"compile={mode}": {"compile": mode} for mode in ("off", "on")}
+    what = f"eager and compiled blocks, {warmup} warm-up rounds"
+    dtype, workload, measured, _ = _time_variants(
+        ctx, "compile", what, variants, warmup, opts.steps
+    )
     compile_s = timer.seconds()
-    timed = range(warmup, warmup + opts.steps)
-    real = sum(workload.real_tokens(i) for i in timed)
     rows = [
         {
             "workload": "compile",
             "provider": "fastmid",
-            "compile": mode,
+            "compile": label.removeprefix("compile="),
             "dtype": dtype,
             "dropout": PAPER_DROPOUT,
             "model": workload.extra["model"],
-            "tokens_per_s": real / sum(times[p.name]),
-            "step_s_median": statistics.median(times[p.name]),
-            "compile_s": compile_s if mode == "on" else 0.0,
+            "tokens_per_s": tok_s,
+            "step_s_median": median,
+            "compile_s": compile_s if label == "compile=on" else 0.0,
         }
-        for mode, p in zip(("off", "on"), providers, strict=True)
+        for label, (_, tok_s, median) in measured.items()
     ]
     add_ratio(rows, "tokens_per_s", "vs_eager", lambda r: r["compile"] == "off")
     return ctx.stamp(rows)

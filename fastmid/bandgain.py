@@ -155,7 +155,8 @@ def probe_run(
     (see the module docstring; layers outside the band score 0). ``heldout`` examples are
     never trained on: their loss is measured before and after the run, and with
     ``allocate_heldout`` its change is allocated to the layers at every step (one more
-    backward pass per step). ``model`` itself is not modified.
+    backward pass per step). ``model`` itself is not modified: the copy shares its weights
+    (frozen, so untouched) and has adapters of its own.
     """
     from fastmid.data import collate_padded
     from fastmid.loss import forward_loss
@@ -169,120 +170,130 @@ def probe_run(
         raise UserError("the probe run needs at least one step of at least one example")
     if not 1 <= micro_batches <= batch_size:
         raise ValueError(f"micro_batches must be between 1 and batch_size, got {micro_batches}")
-    work = copy.deepcopy(model)
-    num_layers = len(find_decoder_layers(work))
-    device = next(work.parameters()).device
-    spec = band if isinstance(band, str) else list(band)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        config = MidBlockConfig(
-            band=spec,
-            targets=adapter.targets,
-            rank=adapter.rank,
-            rank_budget=adapter.rank_budget,
-            alpha=adapter.alpha,
-            use_rslora=adapter.use_rslora,
-            dropout=0.0,
-            fuse_groups=False,
-        )
-        apply_midblock(work, config)
-    by_layer: dict[int, list[nn.Parameter]] = {}
-    for layer, _, module in lora_modules(work):
-        by_layer.setdefault(layer, []).extend([module.lora_A, module.lora_B])
-    layers = sorted(by_layer)
-    params = [p for layer in layers for p in by_layer[layer]]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # The probe's copy shares the model's tensors: it adds adapters of its own and trains only
+    # them, so the frozen weights need no second copy (a large model could not afford one).
+    # apply_midblock freezes every parameter; their flags are put back afterwards.
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    work = copy.deepcopy(model, memo={id(t): t for t in (*model.parameters(), *model.buffers())})
+    try:
+        num_layers = len(find_decoder_layers(work))
+        device = next(work.parameters()).device
+        spec = band if isinstance(band, str) else list(band)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            config = MidBlockConfig(
+                band=spec,
+                targets=adapter.targets,
+                rank=adapter.rank,
+                rank_budget=adapter.rank_budget,
+                alpha=adapter.alpha,
+                use_rslora=adapter.use_rslora,
+                dropout=0.0,
+                fuse_groups=False,
+            )
+            apply_midblock(work, config)
+        by_layer: dict[int, list[nn.Parameter]] = {}
+        for layer, _, module in lora_modules(work):
+            by_layer.setdefault(layer, []).extend([module.lora_A, module.lora_B])
+        layers = sorted(by_layer)
+        params = [p for layer in layers for p in by_layer[layer]]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
-    def batch_loss(batch_examples: list[Any]) -> tuple[Tensor, int]:
-        batch = {k: v.to(device) for k, v in collate_padded(batch_examples, pad_id).items()}
-        return forward_loss(work, batch)
+        def batch_loss(batch_examples: list[Any]) -> tuple[Tensor, int]:
+            batch = {k: v.to(device) for k, v in collate_padded(batch_examples, pad_id).items()}
+            return forward_loss(work, batch)
 
-    def loss_grads(batch_examples: list[Any]) -> tuple[list[Tensor], float, int]:
-        """Gradients of the summed loss of ``batch_examples`` (one per layer, flattened), the
-        summed loss and its token count."""
-        for p in params:
-            p.grad = None
-        loss_sum, count = batch_loss(batch_examples)
-        loss_sum.backward()
-        flat = [
-            torch.cat([p.grad.detach().double().flatten() for p in by_layer[layer]])
-            for layer in layers
-        ]
-        return flat, float(loss_sum.detach()), int(count)
-
-    def flat_params() -> list[Tensor]:
-        return [
-            torch.cat([p.detach().double().flatten() for p in by_layer[layer]]) for layer in layers
-        ]
-
-    # The held-out set in batches of at most batch_size examples.
-    held_parts = _split(heldout, -(-len(heldout) // batch_size)) if heldout else []
-
-    def heldout_loss() -> float:
-        with torch.no_grad():
-            sums = [batch_loss(part) for part in held_parts]
-        return sum(float(loss) for loss, _ in sums) / sum(count for _, count in sums)
-
-    def allocate(grads: list[Tensor], deltas: list[Tensor]) -> list[float]:
-        return [-float(torch.dot(g, d)) for g, d in zip(grads, deltas, strict=True)]
-
-    gains = [0.0] * len(layers)
-    held_gains = [0.0] * len(layers)
-    snr = [0.0] * len(layers)
-    losses: list[float] = []
-    held_before = heldout_loss() if heldout else None
-    allocating = bool(heldout) and allocate_heldout
-    work.train()  # dropout is 0, so train mode only matters for the frozen model (none there)
-    for step in range(steps):
-        start = (step * batch_size) % len(examples)
-        chunk = [examples[(start + i) % len(examples)] for i in range(batch_size)]
-        # Gradients of each micro-batch's mean loss; the step's gradient weights them by their
-        # tokens, so it is the gradient of the whole batch's mean loss whatever the split.
-        micro = [loss_grads(part) for part in _split(chunk, micro_batches)]
-        total = sum(count for _, _, count in micro)
-        step_grads = [
-            sum(grads[slot] for grads, _, _ in micro) / total for slot in range(len(layers))
-        ]
-        losses.append(sum(loss for _, loss, _ in micro) / total)
-        if micro_batches > 1:
-            for slot in range(len(layers)):
-                rows = torch.stack([grads[slot] / count for grads, _, count in micro])
-                snr[slot] += gradient_snr(rows) / steps
-        if allocating:
-            held = [loss_grads(part) for part in held_parts]
-            held_total = sum(count for _, _, count in held)
-            held_grads = [
-                sum(grads[slot] for grads, _, _ in held) / held_total for slot in range(len(layers))
+        def loss_grads(batch_examples: list[Any]) -> tuple[list[Tensor], float, int]:
+            """Gradients of the summed loss of ``batch_examples`` (one per layer, flattened), the
+            summed loss and its token count."""
+            for p in params:
+                p.grad = None
+            loss_sum, count = batch_loss(batch_examples)
+            loss_sum.backward()
+            flat = [
+                torch.cat([p.grad.detach().double().flatten() for p in by_layer[layer]])
+                for layer in layers
             ]
-        # The optimizer steps on the training gradient, whatever the last backward left.
-        for slot, layer in enumerate(layers):
-            offset = 0
-            for p in by_layer[layer]:
-                p.grad = step_grads[slot][offset : offset + p.numel()].view_as(p).to(p.dtype)
-                offset += p.numel()
-        before = flat_params()
-        optimizer.step()
-        deltas = [a - b for a, b in zip(flat_params(), before, strict=True)]
-        gains = [x + y for x, y in zip(gains, allocate(step_grads, deltas), strict=True)]
-        if allocating:
-            shares = allocate(held_grads, deltas)
-            held_gains = [x + y for x, y in zip(held_gains, shares, strict=True)]
-        optimizer.zero_grad(set_to_none=True)
+            return flat, float(loss_sum.detach()), int(count)
 
-    def full(values: list[float]) -> list[float]:
-        out = [0.0] * num_layers
-        for slot, layer in enumerate(layers):
-            out[layer] = values[slot]
-        return out
+        def flat_params() -> list[Tensor]:
+            return [
+                torch.cat([p.detach().double().flatten() for p in by_layer[layer]])
+                for layer in layers
+            ]
 
-    return ProbeRun(
-        gain=full(gains),
-        snr=full(snr) if micro_batches > 1 else None,
-        heldout=full(held_gains) if allocating else None,
-        losses=losses,
-        heldout_before=held_before,
-        heldout_after=heldout_loss() if heldout else None,
-    )
+        # The held-out set in batches of at most batch_size examples.
+        held_parts = _split(heldout, -(-len(heldout) // batch_size)) if heldout else []
+
+        def heldout_loss() -> float:
+            with torch.no_grad():
+                sums = [batch_loss(part) for part in held_parts]
+            return sum(float(loss) for loss, _ in sums) / sum(count for _, count in sums)
+
+        def allocate(grads: list[Tensor], deltas: list[Tensor]) -> list[float]:
+            return [-float(torch.dot(g, d)) for g, d in zip(grads, deltas, strict=True)]
+
+        gains = [0.0] * len(layers)
+        held_gains = [0.0] * len(layers)
+        snr = [0.0] * len(layers)
+        losses: list[float] = []
+        held_before = heldout_loss() if heldout else None
+        allocating = bool(heldout) and allocate_heldout
+        work.train()  # dropout is 0, so train mode only matters for the frozen model (none there)
+        for step in range(steps):
+            start = (step * batch_size) % len(examples)
+            chunk = [examples[(start + i) % len(examples)] for i in range(batch_size)]
+            # Gradients of each micro-batch's mean loss; the step's gradient weights them by their
+            # tokens, so it is the gradient of the whole batch's mean loss whatever the split.
+            micro = [loss_grads(part) for part in _split(chunk, micro_batches)]
+            total = sum(count for _, _, count in micro)
+            step_grads = [
+                sum(grads[slot] for grads, _, _ in micro) / total for slot in range(len(layers))
+            ]
+            losses.append(sum(loss for _, loss, _ in micro) / total)
+            if micro_batches > 1:
+                for slot in range(len(layers)):
+                    rows = torch.stack([grads[slot] / count for grads, _, count in micro])
+                    snr[slot] += gradient_snr(rows) / steps
+            if allocating:
+                held = [loss_grads(part) for part in held_parts]
+                held_total = sum(count for _, _, count in held)
+                held_grads = [
+                    sum(grads[slot] for grads, _, _ in held) / held_total
+                    for slot in range(len(layers))
+                ]
+            # The optimizer steps on the training gradient, whatever the last backward left.
+            for slot, layer in enumerate(layers):
+                offset = 0
+                for p in by_layer[layer]:
+                    p.grad = step_grads[slot][offset : offset + p.numel()].view_as(p).to(p.dtype)
+                    offset += p.numel()
+            before = flat_params()
+            optimizer.step()
+            deltas = [a - b for a, b in zip(flat_params(), before, strict=True)]
+            gains = [x + y for x, y in zip(gains, allocate(step_grads, deltas), strict=True)]
+            if allocating:
+                shares = allocate(held_grads, deltas)
+                held_gains = [x + y for x, y in zip(held_gains, shares, strict=True)]
+            optimizer.zero_grad(set_to_none=True)
+
+        def full(values: list[float]) -> list[float]:
+            out = [0.0] * num_layers
+            for slot, layer in enumerate(layers):
+                out[layer] = values[slot]
+            return out
+
+        return ProbeRun(
+            gain=full(gains),
+            snr=full(snr) if micro_batches > 1 else None,
+            heldout=full(held_gains) if allocating else None,
+            losses=losses,
+            heldout_before=held_before,
+            heldout_after=heldout_loss() if heldout else None,
+        )
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 # What each criterion's reason says it measured.

@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("fastmid.train", "fine-tune a causal LM with Mid-Block LoRA"),
     "eval": ("fastmid.evaluate", "GSM8K-style accuracy and held-out perplexity"),
     "analyze": ("fastmid.analyze", "layer-wise metrics of a tuned model against its base"),
-    "probe": ("fastmid.probe", "per-layer sensitivity of an untuned model; recommends a band"),
+    "probe": ("fastmid.probe", "per-layer sensitivity of an untuned model, least sensitive band"),
     "bench": ("fastmid.benchcmd", "benchmark fastmid against PEFT LoRA"),
     "compare": ("fastmid.compare", "train several depth placements alike and compare them"),
     "selfcheck": ("fastmid.selfcheck", "prove the kernels on this machine; JSON report + table"),

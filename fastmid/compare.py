@@ -611,9 +611,10 @@ def to_markdown(rows: Sequence[dict], base: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: Sequence[dict], base: dict | None, path: Path) -> None:
-    """One PNG: answer NLL and accuracy per placement with ±std error bars, and beside them the
-    train time and peak memory of each placement."""
+def plot(rows: Sequence[dict], base: dict | None, path: Path, results: Sequence[dict] = ()) -> None:
+    """One PNG: answer NLL (and accuracy, when measured) per placement with ±std error bars,
+    each placement's answer NLL behind the best paired by seed (from the per-run ``results``),
+    and the train time and peak memory of each placement."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -625,12 +626,12 @@ def plot(rows: Sequence[dict], base: dict | None, path: Path) -> None:
     def err(key: str) -> list[float]:
         return [r[key + "_std"] or 0.0 for r in rows]
 
-    fig, axes = plt.subplots(1, 3, figsize=(4.2 * 3, 4.2))
-    for ax, key, colour in ((axes[0], "answer_nll", "C0"), (axes[1], "accuracy", "C2")):
-        if any(r[key] is None for r in rows):
-            ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
-            ax.set_title(dict((k, v) for k, v, _ in METRICS)[key])
-            continue
+    # Accuracy gets a panel when it was measured (--eval-limit above 0).
+    quality = [("answer_nll", "C0")]
+    if all(r["accuracy"] is not None for r in rows):
+        quality.append(("accuracy", "C2"))
+    fig, axes = plt.subplots(1, len(quality) + 2, figsize=(4.2 * (len(quality) + 2), 4.2))
+    for ax, (key, colour) in zip(axes, quality, strict=False):
         ax.errorbar(x, [r[key] for r in rows], yerr=err(key), fmt="o", capsize=5, color=colour)
         if base is not None and base.get(key) is not None:
             ax.axhline(base[key], color="grey", linestyle="--", label="base model")
@@ -638,7 +639,26 @@ def plot(rows: Sequence[dict], base: dict | None, path: Path) -> None:
         ax.set_title(dict((k, v) for k, v, _ in METRICS)[key] + " (mean ± std over seeds)")
         ax.set_xticks(x, names, fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    ax = axes[2]
+    ax = axes[-2]
+    best = separation(rows)[0]
+    gaps = [None if r is best else paired_gap(results, r, best) for r in rows]
+    if all(g is None or g.seeds < 2 for g in gaps):
+        ax.text(0.5, 0.5, "needs 2 seeds or more", ha="center", transform=ax.transAxes)
+    else:
+        means = [0.0 if g is None else g.mean for g in gaps]
+        stds = [(g.std or 0.0) if g else 0.0 for g in gaps]
+        ax.bar(x, means, yerr=stds, color="C0", capsize=4)
+        ax.margins(y=0.12)  # room for the labels above the bars
+        for i, (row, g) in enumerate(zip(rows, gaps, strict=True)):
+            label = "best" if row is best else f"{g.worse_in}/{g.seeds}" if g else ""
+            top = means[i] + stds[i] if means[i] >= 0 else 0.0
+            ax.annotate(label, (i, top), textcoords="offset points", xytext=(0, 3),
+                        ha="center", va="bottom", fontsize=8)  # fmt: skip
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_xticks(x, names, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    ax.set_title("answer NLL behind the best, paired by seed\n(mean ± std; seeds behind / seeds)")
+    ax = axes[-1]
     width = 0.38
     ax.bar(
         [i - width / 2 for i in x],
@@ -879,7 +899,7 @@ def compare(
     }
     write_text_atomic(out / "results.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out / "results.md", to_markdown(rows, base) + "\n" + text + "\n")
-    plot(rows, base, out / "compare.png")
+    plot(rows, base, out / "compare.png", results)
     return {"rows": rows, "base": base, "verdict": text, "results": results}
 
 

@@ -262,7 +262,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``fastmid probe``: print the per-layer profile and the recommended band."""
+    """``fastmid probe``: print the per-layer profile and the least sensitive band."""
     from fastmid.data import bundled_path, load_records, tokenize_records
     from fastmid.fileio import write_text_atomic
     from fastmid.midblock import find_decoder_layers
@@ -296,7 +296,9 @@ def run(args: argparse.Namespace) -> int:
             f"{i:>5} {info['grad_ratio'][i]:>11.4g} {info['rotation'][i]:>9.4f} "
             f"{info['score'][i]:>6.2f}  {mark}"
         )
-    print(f"recommended band: {_span(layers)}  ({info['reason']})")
+    print(f"least sensitive band: {_span(layers)}  ({info['reason']})")
+    # On the bundled data this band trained worse than the default one; say what auto does.
+    print("(--band auto does not use it: it tunes candidate windows briefly, see fastmid.bandgain)")
     if args.output:
         info["model"] = name
         write_text_atomic(Path(args.output), json.dumps(info, indent=2) + "\n")

@@ -333,3 +333,29 @@ def test_auto_band_window_tunes_with_the_runs_adapters_and_lr(monkeypatch):
     assert calls[-1] == (bandgain.AUTO_EXAMPLES, dict(criterion="snr", width=None))
     with pytest.raises(bandgain.UserError, match=re.escape("sensitivity|gain|snr|heldout|window")):
         bandgain.choose_auto_band(None, Tok(), many, adapter=run, lr=3e-4, criterion="vibes")
+
+
+def test_the_probe_copy_shares_the_weights_and_leaves_the_model_as_it_was(monkeypatch):
+    import fastmid.midblock as midblock
+
+    model = tiny_model("llama", 6)
+    for i, p in enumerate(model.parameters()):
+        p.requires_grad_(i % 2 == 0)
+    flags = [p.requires_grad for p in model.parameters()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    storages = []
+    real = midblock.apply_midblock
+
+    def spy(work, config):
+        storages.append({p.data_ptr() for p in work.parameters()})
+        return real(work, config)
+
+    monkeypatch.setattr(midblock, "apply_midblock", spy)
+    bandgain.probe_run(model, counting(4), 0, steps=2, adapter=SMALL)
+    # No second copy of the weights; the model keeps its flags, values and lack of adapters.
+    assert storages == [{p.data_ptr() for p in model.parameters()}]
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert getattr(model, "fastmid_state", None) is None
+    assert not any(isinstance(m, midblock.LoraLinear) for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
