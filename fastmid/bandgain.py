@@ -440,8 +440,8 @@ def choose_auto_band(
     examples = list(examples)[:AUTO_EXAMPLES]
     if criterion == "sensitivity":
         return recommend_band(model, tokenizer, examples, width=width)
-    if criterion == "window":
-        return recommend_band_by_probe_run(
-            model, tokenizer, examples, criterion=criterion, width=width, adapter=adapter, lr=lr
-        )
-    return recommend_band_by_probe_run(model, tokenizer, examples, criterion=criterion, width=width)
+    # Only window tunes bands as the run would; the all-layer runs keep PROBE_ADAPTER.
+    probe = {"adapter": adapter, "lr": lr} if criterion == "window" else {}
+    return recommend_band_by_probe_run(
+        model, tokenizer, examples, criterion=criterion, width=width, **probe
+    )

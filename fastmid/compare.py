@@ -454,14 +454,21 @@ def paired_gap(
     )
 
 
+def paired_gaps(
+    rows: Sequence[dict], best: dict, results: Sequence[dict]
+) -> list[PairedGap | None]:
+    """Each row's paired gap behind ``best`` by answer NLL, in row order (None for the best
+    itself and for a row without a seed in common with it)."""
+    return [None if row is best else paired_gap(results, row, best) for row in rows]
+
+
 def paired_table(rows: Sequence[dict], results: Sequence[dict]) -> list[dict]:
     """For results.json: every other placement's paired gap behind the best by answer NLL."""
     if not rows:
         return []
     best = separation(rows)[0]
     table = []
-    for row in rows:
-        gap = None if row is best else paired_gap(results, row, best)
+    for row, gap in zip(rows, paired_gaps(rows, best, results), strict=True):
         if gap is not None:
             table.append(
                 {
@@ -540,13 +547,12 @@ def verdict(rows: Sequence[dict], base: dict | None = None, results: Sequence[di
 def _paired_sentence(rows: Sequence[dict], best: dict, results: Sequence[dict]) -> str:
     """In how many seeds the best beat each other placement, and by how much (paired)."""
     clauses, same = [], []
-    for row in rows:
+    for row, gap in zip(rows, paired_gaps(rows, best, results), strict=True):
         if row is best:
             continue
         if row["layers"] == best["layers"] and row["policy"] == best["policy"]:
             same.append(_name(row))
             continue
-        gap = paired_gap(results, row, best)
         if gap is None or gap.seeds < 2:
             continue
         clauses.append(
@@ -641,7 +647,7 @@ def plot(rows: Sequence[dict], base: dict | None, path: Path, results: Sequence[
         ax.grid(axis="y", alpha=0.3)
     ax = axes[-2]
     best = separation(rows)[0]
-    gaps = [None if r is best else paired_gap(results, r, best) for r in rows]
+    gaps = paired_gaps(rows, best, results)
     if all(g is None or g.seeds < 2 for g in gaps):
         ax.text(0.5, 0.5, "needs 2 seeds or more", ha="center", transform=ax.transAxes)
     else:
@@ -708,16 +714,15 @@ def auto_band(
     from fastmid.bandgain import AUTO_EXAMPLES, choose_auto_band
     from fastmid.models import resolve_precision
 
-    shared = run_config(settings)
-    records = data.load_records(shared.data or str(data.bundled_path("train")))[:AUTO_EXAMPLES]
-    examples = data.tokenize_records(
-        records, tokenizer, fmt=shared.format, max_length=shared.max_length, loss_on=shared.loss_on
-    )
     # Every candidate window has the width of the middle band, so its rank and scale.
     middle = placement_band("middle", settings.num_layers, width)
     run = run_config(settings, Plan("auto", middle, policy, 0)).resolved()
+    records = data.load_records(run.data or str(data.bundled_path("train")))[:AUTO_EXAMPLES]
+    examples = data.tokenize_records(
+        records, tokenizer, fmt=run.format, max_length=run.max_length, loss_on=run.loss_on
+    )
     device = next(model.parameters()).device
-    precision = resolve_precision(shared.precision, device)
+    precision = resolve_precision(run.precision, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         layers, info = choose_auto_band(
             model,

@@ -214,11 +214,6 @@ def cpu_flags() -> set[str]:
     }
 
 
-def native_bf16() -> bool:
-    """True where bf16 matmul is fast: CUDA with bf16 support, or a CPU with AVX512-BF16/AMX."""
-    return resolve_precision("auto") == "bf16"
-
-
 # The compute precisions a run can name, and their dtypes.
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -106,7 +106,7 @@ CPUINFO_FLAGS = {
 
 
 @pytest.mark.parametrize(("flags", "native"), list(CPUINFO_FLAGS.items()))
-def test_native_bf16_reads_the_cpu_flags(
+def test_auto_precision_reads_the_cpu_flags(
     flags: str, native: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     cpuinfo = tmp_path / "cpuinfo"
@@ -115,14 +115,14 @@ def test_native_bf16_reads_the_cpu_flags(
     cpuinfo.write_text(block + block.replace(": 0", ": 1", 1))
     monkeypatch.setattr(models, "CPUINFO", cpuinfo)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert models.native_bf16() is native
+    assert (models.resolve_precision("auto") == "bf16") is native
     assert resolve_dtype("auto") is (torch.bfloat16 if native else torch.float32)
 
 
-def test_native_bf16_without_cpuinfo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_auto_precision_without_cpuinfo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(models, "CPUINFO", tmp_path / "absent")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert models.native_bf16() is False
+    assert models.resolve_precision("auto") == "fp32"
 
 
 def test_loading_shows_no_progress_bar(tiny_dir: Path, capsys: pytest.CaptureFixture):
