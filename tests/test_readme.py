@@ -14,13 +14,16 @@ def _bash_blocks() -> list[str]:
     return re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
 
 
-def test_ci_runs_the_readme_test_command_verbatim():
+def test_ci_runs_both_readme_commands_verbatim():
     quick_start = _bash_blocks()[:2]
     train_cmd, test_cmd = (block.strip() for block in quick_start)
     assert train_cmd.endswith("fastmid train")
     assert test_cmd.endswith("pytest -q")
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert train_cmd in ci_lines
     assert test_cmd in ci_lines
+    # The demo uses the base install: no extra may bring in what the default path needs.
+    assert ".[" not in train_cmd
 
 
 def test_kernel_example_runs(monkeypatch):
