@@ -535,6 +535,8 @@ def verdict(rows: Sequence[dict], base: dict | None = None, results: Sequence[di
         paired = _paired_sentence(rows, best, results)
         if paired:
             parts.append(paired)
+    if base is not None and base.get("general_ppl") is not None:
+        parts.append(_forgetting_sentence(forgetting(rows, base)))
     fastest = min(rows, key=lambda r: r["train_seconds"])
     lightest = min(rows, key=lambda r: r["peak_mem_gb"])
     parts.append(
@@ -542,6 +544,46 @@ def verdict(rows: Sequence[dict], base: dict | None = None, results: Sequence[di
         f"{_name(lightest)} used the least memory ({lightest['peak_mem_gb']:.2f} GB)."
     )
     return " ".join(parts)
+
+
+def forgetting(rows: Sequence[dict], base: dict) -> list[dict]:
+    """Per placement: the answer-NLL gain over the base model, the general-text perplexity
+    change (forgetting) and the gain per point of perplexity added (None when perplexity did
+    not rise: a gain without forgetting)."""
+    out = []
+    for row in rows:
+        gain = base[PRIMARY] - row[PRIMARY]
+        change = row["general_ppl"] - base["general_ppl"]
+        out.append(
+            {
+                "placement": _name(row),
+                "nll_gain": gain,
+                "ppl_change": change,
+                "gain_per_ppl": gain / change if change > 0 else None,
+            }
+        )
+    return out
+
+
+def _forgetting_sentence(items: Sequence[dict]) -> str:
+    """Gain per unit of forgetting, best first (placements without forgetting lead)."""
+    ranked = sorted(
+        items, key=lambda x: -math.inf if x["gain_per_ppl"] is None else -x["gain_per_ppl"]
+    )
+    clauses = [
+        f"{x['placement']} {x['nll_gain']:.3f} for {x['ppl_change']:+.2f} ppl"
+        + (
+            " (no forgetting)"
+            if x["gain_per_ppl"] is None
+            else f" = {x['gain_per_ppl']:.3f} per ppl point"
+        )
+        for x in ranked
+    ]
+    return (
+        "Answer-NLL gain per point of general-text perplexity added (forgetting): "
+        + "; ".join(clauses)
+        + "."
+    )
 
 
 def _paired_sentence(rows: Sequence[dict], best: dict, results: Sequence[dict]) -> str:
@@ -900,6 +942,7 @@ def compare(
         "base": base,
         "rows": table_rows(rows),
         "paired_vs_best": paired_table(rows, results),
+        "forgetting": forgetting(rows, base) if base.get("general_ppl") is not None else [],
         "verdict": text,
     }
     write_text_atomic(out / "results.json", json.dumps(report, indent=2) + "\n")

@@ -107,7 +107,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     heldout = HeldoutLoss.build(cfg, loss_records, tokenizer)
     adapter_cfg, band_reason = choose_band(
-        cfg.midblock, cfg.lr, model, tokenizer, examples, rt.autocast
+        cfg.midblock, cfg.lr, cfg.max_quality_gap, model, tokenizer, examples, rt.autocast
     )
     # FSDP shards each linear's own weight; fused groups read a concatenated copy.
     fuse = adapter_cfg.fuse_groups and parallel != "fsdp"
@@ -422,21 +422,26 @@ def evaluate(
 def choose_band(
     cfg: MidBlockConfig,
     lr: float,
+    max_quality_gap: float,
     model: nn.Module,
     tokenizer: Any,
     examples: list[Example],
     autocast: Callable[[], contextlib.AbstractContextManager],
 ) -> tuple[MidBlockConfig, str | None]:
     """``cfg`` as given, or with the band "auto" picks on the untuned model (short probe runs of
-    candidate windows with this run's adapters and learning rate ``lr``), and its reason."""
+    candidate windows with this run's adapters and learning rate ``lr``; all layers when the best
+    window gives up more than ``max_quality_gap`` of the all-layer gain), and its reason."""
     if cfg.band != "auto":
         return cfg, None
     from fastmid.bandgain import WINDOW_STEPS, choose_auto_band
 
     log(f"choosing the band: candidate windows, each tuned for {WINDOW_STEPS} steps ...")
     with autocast():
-        layers, info = choose_auto_band(model, tokenizer, examples, adapter=cfg, lr=lr)
+        layers, info = choose_auto_band(
+            model, tokenizer, examples, adapter=cfg, lr=lr, max_quality_gap=max_quality_gap
+        )
     reason = str(info.get("reason", ""))
+    log(info["tradeoff_line"])
     log(f"band auto → layers {layers[0]}-{layers[-1]}: {reason}")
     return dataclasses.replace(cfg, band=list(layers)), reason
 

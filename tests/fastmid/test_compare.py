@@ -122,6 +122,25 @@ def test_verdict_names_what_exceeds_the_spread():
     assert "within" not in clear
 
 
+def test_verdict_reports_gain_per_unit_of_forgetting():
+    rows = [row("middle", 1.00, 0.02), row("all", 0.90, 0.02), row("bottom", 1.2, 0.02)]
+    for r, ppl in zip(rows, [50.0, 53.0, 47.0], strict=True):
+        r["general_ppl"] = ppl
+    base = {"answer_nll": 1.45, "general_ppl": 48.0}
+    items = cmp.forgetting(rows, base)
+    # middle: 0.45 for +2 ppl; all: 0.55 for +5; bottom: 0.25 with perplexity down.
+    assert [x["gain_per_ppl"] for x in items] == pytest.approx([0.225, 0.11, None])
+    assert [x["nll_gain"] for x in items] == pytest.approx([0.45, 0.55, 0.25])
+    assert [x["ppl_change"] for x in items] == pytest.approx([2.0, 5.0, -1.0])
+    text = cmp.verdict(rows, base=base)
+    assert (
+        "Answer-NLL gain per point of general-text perplexity added (forgetting): "
+        "bottom (0-5, ratio) 0.250 for -1.00 ppl (no forgetting); "
+        "middle (0-5, ratio) 0.450 for +2.00 ppl = 0.225 per ppl point; "
+        "all (0-5, ratio) 0.550 for +5.00 ppl = 0.110 per ppl point."
+    ) in text
+
+
 def test_verdict_with_one_seed_claims_nothing():
     text = cmp.verdict([row("middle", 1.0, None), row("top", 1.5, None)])
     assert "spread is unknown" in text
