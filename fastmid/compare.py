@@ -80,6 +80,7 @@ PASSTHROUGH = (
     "grad_accum",
     "epochs",
     "max_steps",
+    "max_quality_gap",
 )
 
 
@@ -774,6 +775,7 @@ def auto_band(
             lr=run.lr,
             criterion=criterion,
             width=width,
+            max_quality_gap=run.max_quality_gap,
         )
     return layers, str(info["reason"])
 

@@ -441,7 +441,8 @@ def choose_band(
             model, tokenizer, examples, adapter=cfg, lr=lr, max_quality_gap=max_quality_gap
         )
     reason = str(info.get("reason", ""))
-    log(info["tradeoff_line"])
+    if "tradeoff_line" in info:
+        log(info["tradeoff_line"])
     log(f"band auto → layers {layers[0]}-{layers[-1]}: {reason}")
     return dataclasses.replace(cfg, band=list(layers)), reason
 

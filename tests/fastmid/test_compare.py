@@ -12,6 +12,7 @@ import pytest
 
 from fastmid import compare as cmp
 from fastmid.cli import main as cli_main
+from fastmid.config import TrainConfig
 from fastmid.errors import UserError
 from fastmid.midblock import lora_scale, resolve_rank
 from tests.fastmid._runs import RECORDS, write_jsonl
@@ -473,8 +474,10 @@ def test_auto_is_chosen_once_with_the_runs_adapters(model_dir: Path, tmp_path: P
 
     calls = []
 
-    def spy(model, tokenizer, examples, *, adapter, lr, criterion, width):
-        calls.append(dict(adapter=adapter, lr=lr, criterion=criterion, width=width))
+    def spy(model, tokenizer, examples, *, adapter, lr, criterion, width, max_quality_gap):
+        calls.append(
+            dict(adapter=adapter, lr=lr, criterion=criterion, width=width, gap=max_quality_gap)
+        )
         return [4, 5, 6, 7, 8, 9], {"reason": "spied"}
 
     monkeypatch.setattr(bandgain, "choose_auto_band", spy)
@@ -486,6 +489,8 @@ def test_auto_is_chosen_once_with_the_runs_adapters(model_dir: Path, tmp_path: P
     # layers) get its budget-matched rank floor(4 * 10 / 6) = 6 and the ratio policy's
     # alpha = (8 / 4) * 6; the run's lr.
     assert call["criterion"] == "window" and call["width"] == 6 and call["lr"] == 1e-2
+    # The train flag's default quality gap, passed through like every training flag.
+    assert call["gap"] == TrainConfig().max_quality_gap == 0.1
     assert call["adapter"].rank_budget == 4 and call["adapter"].alpha == pytest.approx(12.0)
     auto, top = result["rows"]
     assert auto["layers"] == top["layers"] == "4-9"

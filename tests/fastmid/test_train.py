@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -169,7 +170,9 @@ def test_crash_after_a_periodic_checkpoint_resumes_exactly(
     ]
 
 
-def test_band_auto_and_equalized_updates(model_dir: Path, train_file: Path, tmp_path: Path):
+def test_band_auto_and_equalized_updates(
+    model_dir: Path, train_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
     import yaml
     from transformers import AutoModelForCausalLM
 
@@ -183,6 +186,12 @@ def test_band_auto_and_equalized_updates(model_dir: Path, train_file: Path, tmp_
     assert summary["resolved"]["band_reason"]
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["band"] == ",".join(map(str, layers))  # "auto" recorded as what it chose
+    # The user sees what the band costs against all layers before the run trains.
+    (tradeoff,) = [x for x in capsys.readouterr().out.splitlines() if "band trade-off" in x]
+    assert re.search(r"keep -?\d+% of the all-layer held-out gain \(gives up \d+%", tradeoff)
+    assert tradeoff.endswith(f"→ training layers {layers[0]}-{layers[-1]}") or (
+        tradeoff.endswith("→ training all layers") and len(layers) == 10
+    )
 
     # One equalized step from B = 0: every layer moved by the same ||ΔW|| / ||W||.
     model = AutoModelForCausalLM.from_pretrained(model_dir)
