@@ -1008,7 +1008,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  accuracy    {acc}")
     ppl = arrow("heldout_ppl", ".2f")
     if ppl:
-        lines.append(f"  held-out ppl {ppl}")
+        # Perplexity on general text the run never saw: its rise is what tuning cost the
+        # model elsewhere (forgetting), the price paid for the gain above.
+        before, after = summary["eval_before"]["heldout_ppl"], summary["eval_after"]["heldout_ppl"]
+        lines.append(f"  forgetting  held-out perplexity {ppl} ({after / before - 1:+.1%})")
     lines.append(f"  throughput  {summary['tokens_per_s']:,.0f} tok/s")
     if summary.get("compile_seconds"):
         lines.append(f"  compile     {summary['compile_seconds']:.0f} s (in the first steps)")

@@ -385,3 +385,20 @@ def test_interrupted_run_with_evaluation_resumes_to_the_same_summary_and_predict
     assert len(predictions.splitlines()) == 3
     assert (resumed / "predictions.jsonl").read_text() == predictions
     assert json.loads((resumed / "summary.json").read_text())["eval_before"] == want["eval_before"]
+
+
+def test_the_summary_states_the_perplexity_change_as_forgetting():
+    from fastmid.train import format_summary
+
+    summary = {
+        "loss_first": 1.28,
+        "loss_last": 0.18,
+        "eval_before": {"accuracy": 0.062, "heldout_ppl": 42.3},
+        "eval_after": {"accuracy": 0.219, "heldout_ppl": 47.2},
+        "tokens_per_s": 371.0,
+        "wall_seconds": 158.0,
+        "adapter": "fastmid-out/adapter",
+    }
+    lines = format_summary(summary).splitlines()
+    assert "  forgetting  held-out perplexity 42.30 → 47.20 (+11.6%)" in lines
+    assert "  accuracy    0.062 → 0.219" in lines
