@@ -784,7 +784,7 @@ def compare(
     settings: Settings,
     placements: Sequence[str],
     policies: Sequence[str],
-    seeds: int,
+    seeds: int | Sequence[int],
     output_dir: str | Path,
     *,
     width: int | None = None,
@@ -804,8 +804,9 @@ def compare(
     from fastmid.midblock import PAPER_BAND, find_decoder_layers, resolve_band
     from fastmid.models import resolve_precision
 
-    if seeds < 1:
-        raise UserError(f"--seeds must be at least 1, got {seeds}")
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise UserError(f"--seeds needs at least one seed, each once and >= 0, got {seeds}")
     if not placements:
         raise UserError("--placements names no placement")
     for policy in policies:
@@ -902,7 +903,7 @@ def compare(
 
     plans = [
         Plan(name, bands[name], policy, seed)
-        for seed in range(seeds)
+        for seed in seeds
         for name in placements
         for policy in policies
     ]
@@ -957,6 +958,26 @@ def compare(
 # CLI
 
 
+def parse_seeds(spec: str) -> list[int]:
+    """``--seeds``: ``4`` → seeds 0-3, ``100-103`` → 100..103, ``5,7`` → 5 and 7."""
+    try:
+        if "," in spec:
+            return [int(x) for x in spec.split(",") if x.strip()]
+        if "-" in spec:
+            lo, hi = (int(x) for x in spec.split("-"))
+            if hi < lo:
+                raise ValueError
+            return list(range(lo, hi + 1))
+        count = int(spec)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a count, a range like 100-103 or a list like 5,7, got {spec!r}"
+        ) from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"a seed count must be at least 1, got {count}")
+    return list(range(count))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``fastmid compare``; training flags mean what they mean for ``fastmid train``."""
     parser.add_argument(
@@ -978,7 +999,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fixed (alpha constant, the paper), ratio (alpha/r at the all-layer value) or "
         "rslora (alpha/sqrt(r)); comma-separated to compare several (default: ratio)",
     )
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per run (default: 2)")
+    parser.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        default=[0, 1],
+        help="seeds per run: a count N (seeds 0..N-1), a range 100-103 or a list 5,7; name "
+        "fresh seeds to confirm a choice made on others (default: 2, i.e. 0-1)",
+    )
     parser.add_argument(
         "--width",
         type=int,

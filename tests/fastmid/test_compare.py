@@ -3,6 +3,7 @@ that resumes from its cache."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -497,3 +498,14 @@ def test_auto_is_chosen_once_with_the_runs_adapters(model_dir: Path, tmp_path: P
     assert json.loads((out / "auto-window-w6-ratio.json").read_text())["reason"] == "spied"
     cmp.compare(settings, ["auto"], ["ratio"], 1, out, **QUIET)
     assert len(calls) == 1  # cached
+
+
+def test_seeds_name_a_count_a_range_or_a_list():
+    assert cmp.parse_seeds("3") == [0, 1, 2]
+    assert cmp.parse_seeds("100-103") == [100, 101, 102, 103]
+    assert cmp.parse_seeds("5,7") == [5, 7]
+    for bad in ("0", "9-3", "x", "1-2-3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cmp.parse_seeds(bad)
+    with pytest.raises(UserError, match="each once"):
+        cmp.compare(None, ["middle"], ["ratio"], [3, 3], "unused")
