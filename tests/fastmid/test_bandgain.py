@@ -11,10 +11,10 @@ import fastmid.kernels._common as kernel_dispatch
 import pytest
 import torch
 
-from fastmid import bandgain
-from fastmid.data import Example
-from fastmid.midblock import MidBlockConfig
-from fastmid.probe import best_window
+from fastmid.engine.midblock import MidBlockConfig
+from fastmid.recipe import bandgain
+from fastmid.recipe.data import Example
+from fastmid.recipe.probe import best_window
 from tests.fastmid._tiny import tiny_model
 
 
@@ -372,7 +372,7 @@ def test_unknown_criterion_is_a_user_error():
 def test_a_probe_run_tunes_adapters_shaped_like_the_runs(monkeypatch):
     """With a budget-matched template the probe's adapters get the rank and scale the run
     would give the same band: rank floor(budget * L / n), scale alpha / rank (or / sqrt)."""
-    import fastmid.midblock as midblock
+    import fastmid.engine.midblock as midblock
 
     seen = []
     real = midblock.apply_midblock
@@ -416,7 +416,8 @@ def test_auto_band_window_tunes_with_the_runs_adapters_and_lr(monkeypatch):
 
 
 def test_the_probe_copy_shares_the_weights_and_leaves_the_model_as_it_was(monkeypatch):
-    import fastmid.midblock as midblock
+    import fastmid.engine.midblock as midblock
+    from fastmid.engine.lora import LoraLinear
 
     model = tiny_model("llama", 6)
     for i, p in enumerate(model.parameters()):
@@ -436,6 +437,6 @@ def test_the_probe_copy_shares_the_weights_and_leaves_the_model_as_it_was(monkey
     assert storages == [{p.data_ptr() for p in model.parameters()}]
     assert [p.requires_grad for p in model.parameters()] == flags
     assert getattr(model, "fastmid_state", None) is None
-    assert not any(isinstance(m, midblock.LoraLinear) for m in model.modules())
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from fastmid import compare as cmp
 from fastmid.cli import main as cli_main
-from fastmid.config import TrainConfig
+from fastmid.engine.midblock import lora_scale, resolve_rank
 from fastmid.errors import UserError
-from fastmid.midblock import lora_scale, resolve_rank
+from fastmid.recipe.config import TrainConfig
+from fastmid.study import compare as cmp
 from tests.fastmid._runs import RECORDS, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread_torch_path")
@@ -388,7 +388,7 @@ def on_call(n: int, real, action):
 def test_a_run_interrupted_during_its_evaluation_is_not_trained_again(
     model_dir: Path, tmp_path: Path, monkeypatch
 ):
-    import fastmid.train as train_mod
+    import fastmid.recipe.train as train_mod
 
     settings = one_run_settings(model_dir, tmp_path, max_steps=2)
     out = tmp_path / "cmp"
@@ -425,7 +425,7 @@ def test_a_run_interrupted_mid_training_resumes_from_its_checkpoint(
     import os
     import signal
 
-    import fastmid.train as train_mod
+    import fastmid.recipe.train as train_mod
 
     settings = one_run_settings(model_dir, tmp_path, max_steps=4)
     straight = cmp.compare(settings, ["top"], ["ratio"], 1, tmp_path / "straight", **QUIET)
@@ -471,7 +471,7 @@ def test_a_crashed_run_leaves_its_traceback_in_its_log(tmp_path: Path, monkeypat
 
 
 def test_auto_is_chosen_once_with_the_runs_adapters(model_dir: Path, tmp_path: Path, monkeypatch):
-    from fastmid import bandgain
+    from fastmid.recipe import bandgain
 
     calls = []
 

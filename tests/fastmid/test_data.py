@@ -12,9 +12,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from fastmid import synth
-from fastmid.data import (
-    IGNORE_INDEX,
+from fastmid.engine.loss import IGNORE_INDEX
+from fastmid.errors import UserError
+from fastmid.recipe import synth
+from fastmid.recipe.data import (
     Example,
     bundled_path,
     collate_packed,
@@ -23,7 +24,6 @@ from fastmid.data import (
     pack_batches,
     tokenize_records,
 )
-from fastmid.errors import UserError
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"

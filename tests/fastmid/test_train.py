@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import fastmid.train as train_mod
-from fastmid import data
-from fastmid.config import build_config
+import fastmid.recipe.train as train_mod
 from fastmid.errors import UserError
-from fastmid.train import forward_loss, lr_lambda, train
+from fastmid.recipe import data
+from fastmid.recipe.config import build_config
+from fastmid.recipe.train import forward_loss, lr_lambda, train
 from tests.fastmid._runs import (
     RECORDS,
     as_flags,
@@ -61,7 +61,7 @@ def test_loss_falls_and_adapter_loads_in_peft(model_dir: Path, train_file: Path,
     assert saved["resolved"]["precision"] == "fp32"
 
     # The saved adapter, loaded by PEFT on a fresh base, reproduces fastmid's own logits.
-    from fastmid.adapters import load_adapter
+    from fastmid.engine.adapters import load_adapter
 
     ids = torch.tensor([[5, 17, 42, 99, 3, 7, 250, 11]])
     base = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -176,8 +176,8 @@ def test_band_auto_and_equalized_updates(
     import yaml
     from transformers import AutoModelForCausalLM
 
-    from fastmid.adapters import load_adapter
-    from fastmid.midblock import lora_modules
+    from fastmid.engine.adapters import load_adapter
+    from fastmid.engine.midblock import lora_modules
 
     out = tmp_path / "run"
     summary = train(tiny_cfg(model_dir, train_file, out, band="auto", equalize_updates=True,
@@ -388,7 +388,7 @@ def test_interrupted_run_with_evaluation_resumes_to_the_same_summary_and_predict
 
 
 def test_the_summary_states_the_perplexity_change_as_forgetting():
-    from fastmid.train import format_summary
+    from fastmid.recipe.train import format_summary
 
     summary = {
         "loss_first": 1.28,

@@ -14,8 +14,8 @@ and top of the network; ``all`` is standard LoRA; ``auto`` is the band the chose
 picks on the training data; any other band is given as ``6-23``, or with ``--band`` in every
 form ``fastmid train --band`` takes.
 
-Each run trains through :func:`fastmid.train.train` in its own process (its time and peak memory
-are its own), then reloads the base model with the adapter and measures held-out accuracy
+Each run trains through :func:`fastmid.recipe.train.train` in its own process (its time and peak
+memory are its own), then reloads the base model with the adapter and measures held-out accuracy
 (GSM8K protocol), answer NLL per token on the held-out records, perplexity on general text
 (forgetting), and reports train time, tokens/s, peak memory and trainable parameters. Results
 are cached per run under ``<output-dir>/runs/``: an interrupted compare continues where it
@@ -43,11 +43,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastmid.bandgain import AUTO_CRITERIA, AUTO_CRITERION
-from fastmid.config import TrainConfig, build_config, config_fields, parse_band
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
 from fastmid.options import add_field_arguments
+from fastmid.recipe.bandgain import AUTO_CRITERIA, AUTO_CRITERION
+from fastmid.recipe.config import TrainConfig, build_config, config_fields, parse_band
 
 PLACEMENTS = ("bottom", "middle", "top", "all", "auto")
 ALPHA_POLICIES = ("fixed", "ratio", "rslora")
@@ -94,7 +94,7 @@ def placement_band(name: str, num_layers: int, width: int) -> list[int]:
     ``bottom``/``middle``/``top`` are ``width`` contiguous layers at the start, the centre (the
     default 20%–80% band when ``width`` is its width) and the end of depth.
     """
-    from fastmid.midblock import PAPER_BAND, resolve_band
+    from fastmid.engine.midblock import PAPER_BAND, resolve_band
 
     if not 1 <= width <= num_layers:
         raise UserError(f"--width must be between 1 and the model's {num_layers} layers")
@@ -179,7 +179,7 @@ def run_config(
 
     Without a plan: the shared settings alone (what every run has in common).
     """
-    from fastmid.midblock import resolve_rank
+    from fastmid.engine.midblock import resolve_rank
 
     shared = build_config(None, settings.train)
     if plan is None:
@@ -208,8 +208,8 @@ def evaluate_model(model: Any, tokenizer: Any, settings: Settings, precision: st
     """Accuracy, answer NLL/token and general-text perplexity of ``model`` (tuned or base)."""
     import torch
 
-    from fastmid import data, evaluate
-    from fastmid.heldout import answer_nll
+    from fastmid.recipe import data, evaluate
+    from fastmid.recipe.heldout import answer_nll
 
     shared = run_config(settings)
     records = _eval_records(settings)
@@ -239,7 +239,7 @@ def evaluate_model(model: Any, tokenizer: Any, settings: Settings, precision: st
 
 
 def _eval_records(settings: Settings) -> list[dict]:
-    from fastmid import data
+    from fastmid.recipe import data
 
     path = settings.eval_data or str(data.bundled_path("test"))
     return data.load_records(path)
@@ -252,9 +252,10 @@ def train_and_evaluate(settings: Settings, plan: Plan, run_dir: Path) -> dict:
     evaluation was interrupted) is only evaluated."""
     import torch
 
-    from fastmid import models, train
-    from fastmid.adapters import load_adapter
-    from fastmid.checkpoint import CHECKPOINT_DIR, find_checkpoint
+    from fastmid.engine import models
+    from fastmid.engine.adapters import load_adapter
+    from fastmid.recipe import train
+    from fastmid.recipe.checkpoint import CHECKPOINT_DIR, find_checkpoint
 
     out = run_dir / "train"
     resume = find_checkpoint(out / CHECKPOINT_DIR) is not None
@@ -753,9 +754,9 @@ def auto_band(
     for a ``width``-layer band under the scale ``policy``), and its one-line reason."""
     import torch
 
-    from fastmid import data
-    from fastmid.bandgain import AUTO_EXAMPLES, choose_auto_band
-    from fastmid.models import resolve_precision
+    from fastmid.engine.models import resolve_precision
+    from fastmid.recipe import data
+    from fastmid.recipe.bandgain import AUTO_EXAMPLES, choose_auto_band
 
     # Every candidate window has the width of the middle band, so its rank and scale.
     middle = placement_band("middle", settings.num_layers, width)
@@ -800,9 +801,10 @@ def compare(
     """
     import torch
 
-    from fastmid import models
-    from fastmid.midblock import PAPER_BAND, find_decoder_layers, resolve_band
-    from fastmid.models import resolve_precision
+    from fastmid.engine import models
+    from fastmid.engine.blocks import find_decoder_layers
+    from fastmid.engine.midblock import PAPER_BAND, resolve_band
+    from fastmid.engine.models import resolve_precision
 
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:

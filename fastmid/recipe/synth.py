@@ -5,7 +5,7 @@ collections, travel) with 1–4 steps. Answers are short chain-of-thought lines,
 calculation per line, ending ``#### N`` like GSM8K. Numbers stay small so that a 135M-parameter
 model can learn the format and most of the arithmetic after a few minutes of tuning.
 
-``python -m fastmid.synth`` rewrites ``fastmid/resources/gsm_{train,test}.jsonl``; the output
+``python -m fastmid.recipe.synth`` rewrites ``fastmid/resources/gsm_{train,test}.jsonl``; the output
 depends only on the seeds, so the shipped files are reproducible byte for byte.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fastmid.fileio import write_text_atomic
 
-RESOURCES = Path(__file__).resolve().parent / "resources"
+RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 TRAIN_SIZE = 2000
 TEST_SIZE = 200
 TRAIN_SEED = 1234
@@ -331,7 +331,7 @@ def write_jsonl(records: list[dict[str, str]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Regenerate the bundled splits into ``--out`` (default: the package's resources)."""
-    parser = argparse.ArgumentParser(prog="python -m fastmid.synth", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fastmid.recipe.synth", description=__doc__)
     parser.add_argument("--out", type=Path, default=RESOURCES, help="output directory")
     parser.add_argument(
         "--seeds",

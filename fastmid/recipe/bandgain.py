@@ -1,6 +1,6 @@
 """Bands chosen by what short tuning runs do, layer by layer.
 
-The probe in :mod:`fastmid.probe` ranks layers by how sensitive the untuned model is. The
+The probe in :mod:`fastmid.recipe.probe` ranks layers by how sensitive the untuned model is. The
 criteria here ask about tuning itself. A *probe run* tunes a copy of the model with small
 (rank-8) adapters for a few AdamW steps; one probe run loop (:func:`probe_run`) serves every
 criterion. Three score the layers of one all-layer probe run:
@@ -49,8 +49,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastmid.engine.midblock import MidBlockConfig
 from fastmid.errors import UserError
-from fastmid.midblock import MidBlockConfig
 
 __all__ = [
     "AUTO_CRITERIA",
@@ -82,8 +82,8 @@ WINDOW_CANDIDATES = 5
 # ranked the windows unlike full training did (it chose the default band, which trained worse
 # than the top one); 16 steps with the run's own adapters ranked them as training did.
 WINDOW_STEPS = 16
-# What `fastmid compare --auto-criterion` may name: the sensitivity probe of fastmid.probe, or
-# one of the probe-run criteria here; `--band auto` uses AUTO_CRITERION.
+# What `fastmid compare --auto-criterion` may name: the sensitivity probe of fastmid.recipe.probe,
+# or one of the probe-run criteria here; `--band auto` uses AUTO_CRITERION.
 AUTO_CRITERIA = ("sensitivity", *CRITERIA)
 AUTO_CRITERION = "window"
 # The band choice looks at the first this many training examples.
@@ -161,9 +161,10 @@ def probe_run(
     backward pass per step). ``model`` itself is not modified: the copy shares its weights
     (frozen, so untouched) and has adapters of its own.
     """
-    from fastmid.data import collate_padded
-    from fastmid.loss import forward_loss
-    from fastmid.midblock import apply_midblock, find_decoder_layers, lora_modules
+    from fastmid.engine.blocks import find_decoder_layers
+    from fastmid.engine.loss import forward_loss
+    from fastmid.engine.midblock import apply_midblock, lora_modules
+    from fastmid.recipe.data import collate_padded
 
     examples = [e for e in examples if e.num_loss_tokens > 0]
     heldout = [e for e in heldout if e.num_loss_tokens > 0]
@@ -310,7 +311,7 @@ _DESCRIPTION = {
 def window_starts(num_layers: int, width: int, candidates: int = WINDOW_CANDIDATES) -> list[int]:
     """Starts of the windows the ``window`` criterion tries: about ``candidates`` evenly spaced
     from the bottom to the top of depth, always with the bottom, the top and the default band."""
-    from fastmid.midblock import PAPER_BAND, resolve_band
+    from fastmid.engine.midblock import PAPER_BAND, resolve_band
 
     last = num_layers - width
     if last < 0:
@@ -379,8 +380,9 @@ def recommend_band_by_probe_run(
     all-layer held-out gain, the answer is all layers; ``info["tradeoff_line"]`` says what was
     seen either way.
     """
-    from fastmid.midblock import PAPER_BAND, find_decoder_layers, resolve_band
-    from fastmid.probe import best_window, select_band
+    from fastmid.engine.blocks import find_decoder_layers
+    from fastmid.engine.midblock import PAPER_BAND, resolve_band
+    from fastmid.recipe.probe import best_window, select_band
 
     if criterion not in CRITERIA:
         raise UserError(f"band criterion must be one of {'|'.join(CRITERIA)}, got {criterion!r}")
@@ -489,7 +491,7 @@ def choose_auto_band(
     ``lr``, and may answer all layers when the best window gives up more than
     ``max_quality_gap`` of the all-layer gain (None: never); the all-layer criteria use small
     probe adapters. Returns ``(layers, info)`` as :func:`recommend_band_by_probe_run` does."""
-    from fastmid.probe import recommend_band
+    from fastmid.recipe.probe import recommend_band
 
     if criterion not in AUTO_CRITERIA:
         known = "|".join(AUTO_CRITERIA)

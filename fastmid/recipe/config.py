@@ -4,7 +4,7 @@
 overrides (CLI flags the user actually gave), then :meth:`TrainConfig.validate`. Every problem
 is a :class:`fastmid.errors.UserError` with one line naming the field.
 
-The adapter settings are :class:`fastmid.midblock.MidBlockConfig`, nested as
+The adapter settings are :class:`fastmid.engine.midblock.MidBlockConfig`, nested as
 ``TrainConfig.midblock``; files and flags name all fields flat (``rank``, ``lr``), and each
 field's help text is stated once, in its ``metadata``, from which ``fastmid train``'s flags are
 generated.
@@ -25,11 +25,11 @@ from typing import Any
 
 import yaml
 
+from fastmid.engine.midblock import MidBlockConfig, format_band, parse_band
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
-from fastmid.midblock import MidBlockConfig, format_band, parse_band
 from fastmid.options import add_field_arguments, option
-from fastmid.tracking import REPORT_TO
+from fastmid.recipe.tracking import REPORT_TO
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -254,8 +254,8 @@ class TrainConfig:
         return self
 
     def _validate_inputs_and_tracking(self) -> None:
-        from fastmid.data import parse_fields
-        from fastmid.tracking import check_available
+        from fastmid.recipe.data import parse_fields
+        from fastmid.recipe.tracking import check_available
 
         parse_fields(self.fields)
         if not 0.0 <= self.eval_split_ratio < 1.0:
