@@ -3,8 +3,8 @@
     python -m bench.scale [--sizes 100000 1000000] [--jsonl-records 20000] [--out bench/results]
 
 - packing: synthetic examples (lengths drawn to average ~300 tokens, clipped to 16-1024) stored
-  as :class:`fastmid.data.TokenizedExamples` built straight from arrays; seconds for one
-  epoch's :func:`fastmid.data.pack_batches` (budget 8192 tokens) and for two more epochs;
+  as :class:`fastmid.recipe.data.TokenizedExamples` built straight from arrays; seconds for one
+  epoch's :func:`fastmid.recipe.data.pack_batches` (budget 8192 tokens) and for two more epochs;
 - memory: bytes per token the data holds above its raw int32 ids (the label flags and
   offsets) and the peak that packing one epoch adds, both from ``tracemalloc`` (numpy reports
   its buffers to it), and the process's RSS growth over the raw ids;
@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from fastmid.data import TokenizedExamples, load_records, pack_batches, tokenize_records
 from fastmid.memory import rss_bytes
+from fastmid.recipe.data import TokenizedExamples, load_records, pack_batches, tokenize_records
 
 MEAN_TOKENS = 300
 BATCH_TOKENS = 8192
@@ -124,7 +124,7 @@ def measure_cache(count: int) -> dict[str, Any]:
     """Cold (tokenize + write) and warm (memory-mapped) data loads of a synthetic JSONL."""
     from transformers import AutoTokenizer
 
-    from fastmid.models import default_model_dir, prepare_tokenizer
+    from fastmid.engine.models import default_model_dir, prepare_tokenizer
 
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(default_model_dir())))
     with tempfile.TemporaryDirectory() as tmp:

@@ -567,19 +567,23 @@ class TokenizedExamples(Sequence):
     # The three arrays, by file name, as the cache stores them.
     _FILES = ("ids", "labelled", "offsets")
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path) -> bool:
         """Write the arrays as ``.npy`` files into the new directory ``directory``, atomically
-        (a temporary sibling renamed into place; an existing one is left as it is)."""
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        (a temporary sibling renamed into place; an existing one is left as it is). False when
+        nothing was stored: the arrays in memory are then what the caller keeps using."""
+        try:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        except OSError:  # an unwritable cache location
+            return False
         try:
             for name in self._FILES:
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(getattr(self, name)))
             os.replace(tmp, directory)
-        except OSError:
-            # Another process wrote the same key first, or the disk refused: either way the
-            # arrays in memory are what this run uses.
+        except OSError:  # another process stored the same key first, or the disk is full
             shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        return True
 
     @classmethod
     def load(cls, directory: Path) -> TokenizedExamples | None:

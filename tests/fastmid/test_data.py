@@ -279,6 +279,11 @@ def test_tokenized_data_is_cached_by_content_tokenizer_and_settings(tmp_path: Pa
     path.write_text("\n".join(lines[:-1]) + "\n")
     tokenize()
     assert spy.calls > 0 and len(list(cache.iterdir())) == 6
+    # A cache location that cannot be written is skipped, not an error.
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    kept = tokenize_records(load_records(path), spy, max_length=64, cache_dir=blocked / "cache")
+    assert len(kept) == len(tokenize())
     # Records made in memory have no content fingerprint and are not cached.
     before = sorted(cache.iterdir())
     tokenize(records=[{"question": "q", "answer": "#### 1"}])
