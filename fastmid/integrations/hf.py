@@ -75,9 +75,9 @@ from fastmid.equalize import UpdateEqualizer
 from fastmid.errors import UserError
 from fastmid.midblock import MidBlockConfig, adapter_parameters, midblock_state
 
+# MidBlockSFTTrainer is also public; it is made by the module __getattr__ below.
 __all__ = [
     "EqualizeUpdatesCallback",
-    "MidBlockSFTTrainer",
     "MidBlockTrainer",
     "MidBlockTrainerMixin",
     "MidBlockTrainingConfig",
@@ -113,7 +113,8 @@ class EqualizeUpdatesCallback(TrainerCallback):
 
 class MidBlockTrainerMixin:
     """Adapter-only optimizer check, PEFT-format saving and adapter resuming for a ``Trainer``
-    subclass (see the module docstring). Put it first: ``class T(MidBlockTrainerMixin, Trainer)``."""
+    subclass (see the module docstring); it goes first: ``class T(MidBlockTrainerMixin, Trainer)``.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -243,7 +243,8 @@ class _StepRatios(TrainerCallback):
         after = self._effective()
         ratios = {}
         for layer, old in self.before.items():
-            step = sum(float((a - b).square().sum()) for a, b in zip(after[layer], old))
+            pairs = zip(after[layer], old, strict=True)
+            step = sum(float((a - b).square().sum()) for a, b in pairs)
             ratios[layer] = math.sqrt(step / sum(float(b.square().sum()) for b in old))
         self.steps.append(ratios)
 
@@ -253,8 +254,8 @@ def test_equalize_updates_from_the_config_equalizes_every_step(tmp_path, equaliz
     model = patched(equalize_updates=equalize)
     randomize_adapters(model)  # B = 0 would make the first step's product change vanish
     trainer = trainer_for(model, tmp_path / "run", max_steps=3, save_strategy="no")
-    attached = [c for c in trainer.callback_handler.callbacks if isinstance(c, EqualizeUpdatesCallback)]
-    assert len(attached) == int(equalize)
+    callbacks = trainer.callback_handler.callbacks
+    assert sum(isinstance(c, EqualizeUpdatesCallback) for c in callbacks) == int(equalize)
     ratios = _StepRatios(model)
     trainer.add_callback(ratios)  # after the equalizer: it sees the rescaled step
     trainer.train()
@@ -355,9 +356,7 @@ def sft_setup():
         eos_token_id=tokenizer.eos_token_id,
         initializer_range=0.2,
     )
-    apply_midblock(
-        model, MidBlockTrainingConfig(band=(0.25, 0.75), rank=4, alpha=8.0, dropout=0.0)
-    )
+    apply_midblock(model, MidBlockTrainingConfig(band=(0.25, 0.75), rank=4, alpha=8.0, dropout=0.0))
     rows = [
         {"prompt": f"Question: {r['question']}\nAnswer:", "completion": f" {r['answer']}"}
         for r in RECORDS[:8]
@@ -385,7 +384,9 @@ def sft_trainer(model, tokenizer, data, out: Path):
         packing=True,  # padding-free rows, position_ids restarting per example
         max_length=64,
     )
-    return MidBlockSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    return MidBlockSFTTrainer(
+        model=model, args=args, train_dataset=data, processing_class=tokenizer
+    )
 
 
 @needs_trl
