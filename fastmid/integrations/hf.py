@@ -33,8 +33,9 @@ What the trainers add to their base class (:class:`MidBlockTrainerMixin`, which 
   ``compute_loss_func`` read the full logits, so :class:`MidBlockTrainer` refuses them.
   Padding-free batches (``DataCollatorWithFlattening``: one row, ``position_ids`` restarting at
   0 per example, no attention mask) keep examples apart: transformers builds the block-diagonal
-  mask from the ``position_ids``, but only when no KV cache is in use, so the label-only forward
-  and ``compute_loss`` (for evaluation) pass ``use_cache=False``.
+  mask from the ``position_ids`` only when no KV cache is in use: the label-only forward leaves
+  the cache out, and ``Trainer`` sets ``model.config.use_cache`` to ``args.use_cache`` (False by
+  default), which evaluation's full forward follows.
 - **Equal-step updates**: with ``equalize_updates=True`` in :class:`MidBlockTrainingConfig` (the
   config given to ``apply_midblock``), :class:`EqualizeUpdatesCallback` wraps every optimizer
   step as ``fastmid train --equalize-updates`` does (after gradient clipping).
@@ -138,13 +139,6 @@ class MidBlockTrainerMixin:
                 "fastmid.adapter_parameters(model) or let the trainer create it"
             )
         return optimizer
-
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
-        # Evaluation runs the model's own forward, which would build a KV cache, and with one
-        # transformers ignores position_ids restarting per example (packed rows would attend
-        # across examples). The label-only training forward leaves the cache out by itself.
-        inputs.setdefault("use_cache", False)
-        return super().compute_loss(model, inputs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Replaces Trainer's full-weight save_pretrained: the base is frozen and unchanged.
