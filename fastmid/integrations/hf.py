@@ -48,7 +48,8 @@ which replaces the instance's ``forward`` with one that, called as
 ``model(**inputs, fused_lm_head=True)`` by ``compute_loss``, runs ``model.base_model`` (the patched
 decoder: frozen blocks skipped below the band, adapters in it) and scores only the next-token
 labels through the head weight in tiles, never the ``(B, T, V)`` logits; ``mean_token_accuracy``
-and ``entropy`` come from its ``is_top1``/``entropy`` fields. That head is also label-only, so
+and ``entropy`` come from its ``is_top1``/``entropy`` fields. That head also never builds the full
+logits, so
 ``MidBlockSFTTrainer`` keeps it (dropping it would cost the metrics for nothing) and the loss is
 still computed without full logits. Without ``fused_lm_head`` the forward is fastmid's label-only
 one, as in ``Trainer``. A TRL without ``add_fused_lm_head`` (whose ``compute_loss`` reads

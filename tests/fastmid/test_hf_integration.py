@@ -190,6 +190,39 @@ def test_resume_without_the_adapter_restore_would_differ(tmp_path):
     assert losses(resumed)[3] != pytest.approx(losses(whole)[3], rel=1e-3)
 
 
+def test_load_best_model_at_end_reads_the_best_adapter(tmp_path):
+    model = patched()
+    trainer = MidBlockTrainer(
+        model=model,
+        args=training_args(
+            tmp_path,
+            max_steps=4,
+            eval_strategy="steps",
+            eval_steps=2,
+            load_best_model_at_end=True,
+            metric_for_best_model="loss",
+            # The loss falls, so the highest one is the first: the best is not the last state.
+            greater_is_better=True,
+        ),
+        train_dataset=counting_sequences(),
+        eval_dataset=counting_sequences(),
+        data_collator=DataCollatorWithFlattening(),
+    )
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    evals = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
+    assert evals[4] < evals[2] and best.name == "checkpoint-2"
+    saved = load_file(best / WEIGHTS_NAME)
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and isinstance(module.lora_A, torch.nn.Parameter):
+            torch.testing.assert_close(
+                module.lora_A.detach(), saved[f"base_model.model.{name}.lora_A.weight"]
+            )
+            torch.testing.assert_close(
+                module.lora_B.detach(), saved[f"base_model.model.{name}.lora_B.weight"]
+            )
+
+
 def test_packed_rows_keep_examples_apart_in_training_and_evaluation(tmp_path):
     model = patched()
     randomize_adapters(model)
