@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import fastmid.models
+import fastmid.engine.models
 from tests.fastmid._runs import make_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,9 +43,9 @@ def tiny_default_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The scripts' load_model() gives a tiny Llama with its tokenizer instead of SmolLM2, and
     they write under a temporary directory."""
     model_dir = make_model_dir(tmp_path / "model", num_layers=5)
-    load = fastmid.models.load_model
+    load = fastmid.engine.models.load_model
     monkeypatch.setattr(
-        fastmid.models, "load_model", lambda spec=None, **kw: load(str(model_dir), **kw)
+        fastmid.engine.models, "load_model", lambda spec=None, **kw: load(str(model_dir), **kw)
     )
     monkeypatch.setattr(kernel_dispatch, "INTERPRET", False)
     monkeypatch.chdir(tmp_path)

@@ -72,10 +72,9 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from fastmid.adapters import load_adapter, save_adapter
-from fastmid.equalize import UpdateEqualizer
-from fastmid.errors import UserError
-from fastmid.midblock import MidBlockConfig, adapter_parameters, midblock_state
+from fastmid import MidBlockConfig, UserError, adapter_parameters, load_adapter, save_adapter
+from fastmid.engine.equalize import UpdateEqualizer
+from fastmid.engine.midblock import midblock_state
 
 # MidBlockSFTTrainer is also public; it is made by the module __getattr__ below.
 __all__ = [
@@ -100,7 +99,7 @@ class MidBlockTrainingConfig(MidBlockConfig):
 
 
 class EqualizeUpdatesCallback(TrainerCallback):
-    """Equal-step control (:class:`fastmid.equalize.UpdateEqualizer`) around each
+    """Equal-step control (:class:`fastmid.engine.equalize.UpdateEqualizer`) around each
     ``optimizer.step()`` of a ``Trainer``: after gradient clipping, before the scheduler."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -196,6 +195,7 @@ def _sft_trainer_class() -> type:
             super().__init__(*args, **kwargs)
 
     MidBlockSFTTrainer.__module__ = __name__
+    MidBlockSFTTrainer.__qualname__ = "MidBlockSFTTrainer"
     return MidBlockSFTTrainer
 
 

@@ -15,14 +15,19 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import DataCollatorWithFlattening, TrainerCallback, TrainingArguments
 
-from fastmid.adapters import CONFIG_NAME, WEIGHTS_NAME, save_adapter
+from fastmid.engine.adapters import CONFIG_NAME, WEIGHTS_NAME, save_adapter
+from fastmid.engine.midblock import (
+    MidBlockConfig,
+    adapter_parameters,
+    apply_midblock,
+    lora_modules,
+)
 from fastmid.errors import UserError
 from fastmid.integrations.hf import (
     EqualizeUpdatesCallback,
     MidBlockTrainer,
     MidBlockTrainingConfig,
 )
-from fastmid.midblock import MidBlockConfig, adapter_parameters, apply_midblock, lora_modules
 from tests.fastmid._runs import RECORDS, make_tokenizer
 from tests.fastmid._tiny import randomize_adapters, tiny_model
 
