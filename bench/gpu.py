@@ -171,8 +171,8 @@ def step_flops(
     Every block runs forward. Backward runs from the lowest adapted layer up and computes input
     gradients only (the frozen weights need none); in that lowest layer the frozen q/k/v
     products and the adapters of q/k/v need no input gradient either (their input does not
-    require one). Adapters: forward, both weight gradients, and the gradient through B. The LM
-    head runs forward and input-gradient backward on ``head_tokens`` positions. Attention
+    require one). Adapters: forward, both weight gradients, the gradients through B and A. The
+    LM head runs forward and input-gradient backward on ``head_tokens`` positions. Attention
     counts the full n×n square per example (as FlopCounterMode and the PaLM MFU convention
     do), forward 4·n²·q and backward twice that; pads and recomputation are not useful work.
     """
@@ -193,8 +193,10 @@ def step_flops(
         for t in targets:
             k, n = dims[t]
             skip_dx = layer == first and t in ("q_proj", "k_proj", "v_proj")
-            # forward x·Aᵀ and h·Bᵀ; backward dB, dA, dh = dy·B, and dx = dh·A unless skipped.
-            total += 2 * tokens * rank * (k + n) * 2 + (0 if skip_dx else 2 * tokens * rank * k)
+            # Forward h = x·Aᵀ and h·Bᵀ; backward dB = dyᵀ·h, dh = dy·B, dA = dhᵀ·x and,
+            # unless skipped, dx = dh·A.
+            total += 2 * tokens * rank * (k + n) + 2 * tokens * rank * (2 * n + k)
+            total += 0 if skip_dx else 2 * tokens * rank * k
     vocab_matmul = 2 * config.hidden_size * config.vocab_size
     return total + 2 * head_tokens * vocab_matmul
 
@@ -816,10 +818,10 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
             reason = f"time budget: {budget.left():.0f} s left, about {estimates[key]:.0f} s needed"
             info_row["skipped"] = reason
             log(f"[gpu] {key}: skipped ({reason})")
-            results["rows"] += [
-                {"model": key, "provider": p, "oom": False, "skipped": reason}
-                for p in opts.providers
-            ]
+            for p in opts.providers:
+                row = {"model": key, "provider": p, "oom": False, "skipped": reason}
+                _add_flops(row, config, examples, tokens, nominal, measured)
+                results["rows"].append(row)
             continue
         t0 = time.perf_counter()
         base = build_base(config, device, precision)
