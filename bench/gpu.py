@@ -21,7 +21,8 @@ the same tokens, and writes ``bench/results/gpu/<device>.json`` and ``.md``:
   ``liger_kernel`` imports. Each strong row records which of these pieces ran, and why a
   missing one did not.
 - Precision: bf16 weights, fp32 adapters and AdamW state, ``torch.autocast(bf16)``; LoRA
-  dropout 0.05, alpha 128, targets q/k/v/o (the paper's setting, ``fastmid.midblock.PAPER_*``).
+  dropout 0.05, alpha 128, targets q/k/v/o (the paper's setting,
+  ``fastmid.engine.midblock.PAPER_*``).
 - Steady state: warm-up steps (autotuning, JIT) are discarded, the timed steps run between two
   CUDA events with ``torch.cuda.synchronize`` only around the timed region, peak memory is
   ``max_memory_allocated`` reset before each provider is built (the shared frozen weights
@@ -72,11 +73,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.machine import REPO_ROOT, machine_info
-from fastmid.config import PAPER_LR
-from fastmid.data import IGNORE_INDEX, Example, collate_packed, collate_padded
-from fastmid.errors import UserError, report_user_error
-from fastmid.fileio import write_text_atomic
-from fastmid.midblock import (
+from fastmid.engine.loss import IGNORE_INDEX
+from fastmid.engine.midblock import (
     PAPER_BAND,
     PAPER_DROPOUT,
     PAPER_RANK_BUDGET,
@@ -84,6 +82,10 @@ from fastmid.midblock import (
     resolve_band,
     resolve_rank,
 )
+from fastmid.errors import UserError, report_user_error
+from fastmid.fileio import write_text_atomic
+from fastmid.recipe.config import PAPER_LR
+from fastmid.recipe.data import Example, collate_packed, collate_padded
 
 PROG = "python -m bench.gpu"
 
@@ -292,9 +294,9 @@ def _band(num_layers: int) -> tuple[list[int], int]:
 
 
 def _build_fastmid(base, examples, device, autocast, packed: bool, gc_on: bool) -> Built:
-    from fastmid.loss import forward_loss
-    from fastmid.midblock import MidBlockConfig, adapter_parameters
-    from fastmid.models import prepare_model
+    from fastmid.engine.loss import forward_loss
+    from fastmid.engine.midblock import MidBlockConfig, adapter_parameters
+    from fastmid.engine.models import prepare_model
 
     model = shared_copy(base)
     # As fastmid train sets a model up (adapters, attention for packed rows, Liger where

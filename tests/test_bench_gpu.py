@@ -135,7 +135,7 @@ def test_step_flops_equals_torch_flop_counter(band: bool) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from bench.providers import peft_model
-    from fastmid.midblock import PAPER_RANK_BUDGET
+    from fastmid.engine.midblock import PAPER_RANK_BUDGET
 
     base = _tiny_eager()
     cfg = base.config
