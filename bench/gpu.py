@@ -567,17 +567,23 @@ def gpu_busy_fraction(step: Callable[[], Any], device: torch.device) -> float:
         step()
         sync(device)
         wall = time.perf_counter() - t0
-    spans = sorted(
+    spans = [
         (e.time_range.start, e.time_range.end)
         for e in prof.events()
         if e.device_type == DeviceType.CUDA
-    )
+    ]
+    return min(covered(spans) / 1e6 / wall, 1.0)
+
+
+def covered(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals (kernels on several streams overlap:
+    each instant counts once)."""
     busy, end = 0.0, -math.inf
-    for s, e in spans:  # union of the intervals, in microseconds
+    for s, e in sorted(spans):
         if e > end:
             busy += e - max(s, end)
             end = e
-    return min(busy / 1e6 / wall, 1.0)
+    return busy
 
 
 def matmul_tflops(device: torch.device, smoke: bool) -> float:

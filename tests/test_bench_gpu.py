@@ -300,5 +300,10 @@ def test_nominal_peak_by_card(name: str, tflops: float | None) -> None:
     assert bf16_peak_tflops(name) == tflops
 
 
+def test_busy_time_counts_overlapping_kernels_once() -> None:
+    assert gpu.covered([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
+    assert gpu.covered([]) == 0
+
+
 def test_device_slug() -> None:
     assert gpu.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
