@@ -94,8 +94,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out = check_output_dir(cfg)
     resumed = read_resume_point(cfg, out)
     rt = init_runtime(cfg)
-    # Data first: a bad file should fail in a second, not after loading a model.
-    records = data.load_records(cfg.data or str(data.bundled_path("train")), cfg.fields)
+    # Data first: a bad file should fail in a second, not after loading a model. A file read
+    # without error before is only hashed: its tokens come from the cache, unparsed.
+    token_cache = models.cache_root() / "tokenized"
+    source = cfg.data or str(data.bundled_path("train"))
+    records = data.load_records(source, cfg.fields, cache_dir=token_cache)
     records, loss_records = split_heldout(cfg, records)
     eval_set = load_eval_set(cfg)
     seed_everything(cfg.seed)
@@ -109,9 +112,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         fmt=cfg.format,
         max_length=cfg.max_length,
         loss_on=cfg.loss_on,
-        cache_dir=models.cache_root() / "tokenized",
+        cache_dir=token_cache,
     )
-    heldout = HeldoutLoss.build(cfg, loss_records, tokenizer)
+    heldout = HeldoutLoss.build(cfg, loss_records, tokenizer, token_cache)
     adapter_cfg, band_reason = choose_band(
         cfg.midblock, cfg.lr, cfg.max_quality_gap, model, tokenizer, examples, rt.autocast
     )
@@ -367,11 +370,18 @@ class HeldoutLoss:
     every: int
 
     @classmethod
-    def build(cls, cfg: TrainConfig, records: Any, tokenizer: Any) -> HeldoutLoss | None:
+    def build(
+        cls, cfg: TrainConfig, records: Any, tokenizer: Any, cache_dir: Path | None = None
+    ) -> HeldoutLoss | None:
         if records is None:
             return None
         examples = data.tokenize_records(
-            records, tokenizer, fmt=cfg.format, max_length=cfg.max_length, loss_on="response"
+            records,
+            tokenizer,
+            fmt=cfg.format,
+            max_length=cfg.max_length,
+            loss_on="response",
+            cache_dir=cache_dir,
         )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return cls(examples, pad, cfg.eval_every)

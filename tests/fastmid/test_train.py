@@ -25,6 +25,7 @@ from tests.fastmid._runs import (
     RECORDS,
     as_flags,
     losses,
+    metrics,
     tiny_cfg,
     tiny_settings,
     write_jsonl,
@@ -403,3 +404,49 @@ def test_the_summary_states_the_perplexity_change_as_forgetting():
     lines = format_summary(summary).splitlines()
     assert "  forgetting  held-out perplexity 42.30 → 47.20 (+11.6%)" in lines
     assert "  accuracy    0.062 → 0.219" in lines
+
+
+def test_a_second_run_on_the_same_file_takes_its_tokens_from_the_cache(
+    model_dir: Path, train_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("FASTMID_CACHE", str(tmp_path / "cache"))
+    calls = {"parse": 0, "encode": 0}
+    splits: list[list[list[int]]] = []
+    real_parse, real_encode, real_split = data._parse_jsonl, data._encode_qa, data.split_records
+
+    def parse(*args):
+        calls["parse"] += 1
+        return real_parse(*args)
+
+    def encode(*args):
+        calls["encode"] += 1
+        return real_encode(*args)
+
+    def split(*args):
+        parts = real_split(*args)
+        splits.append([list(p.indices) for p in parts])
+        return parts
+
+    monkeypatch.setattr(data, "_parse_jsonl", parse)
+    monkeypatch.setattr(data, "_encode_qa", encode)
+    monkeypatch.setattr(data, "split_records", split)
+
+    def run(name: str) -> tuple[list[float], list[float], dict]:
+        out = tmp_path / name
+        cfg = tiny_cfg(model_dir, train_file, out, max_steps=2, eval_split_ratio=0.25, eval_every=1)
+        summary = train(cfg)
+        held = [m["eval_loss"] for m in metrics(out) if "eval_loss" in m]
+        return losses(out), held, summary["resolved"]
+
+    cold = run("cold")
+    assert calls["parse"] == 1 and calls["encode"] > 0
+    calls.update(parse=0, encode=0)
+    warm = run("warm")
+    # The file was hashed, not parsed, and neither split was tokenized again.
+    assert calls == {"parse": 0, "encode": 0}
+    assert warm == cold and len(cold[1]) == 2
+    assert splits[1] == splits[0] and len(splits[0][1]) == round(len(RECORDS) * 0.25)
+    # One byte of the file changed: a miss, parsed and tokenized again.
+    train_file.write_bytes(train_file.read_bytes().replace(b"plus", b"Plus", 1))
+    run("changed")
+    assert calls["parse"] == 1 and calls["encode"] > 0
