@@ -586,6 +586,15 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return _digest(body, json.dumps(extra, default=str).encode())
 
 
+def tokenized_key(fingerprint: str, tokenizer: Any, fmt: str, max_length: int, loss_on: str) -> str:
+    """The cache entry name of records with ``fingerprint`` (:func:`records_fingerprint`)
+    tokenized by ``tokenizer`` with these settings."""
+    settings = json.dumps({"format": fmt, "max_length": max_length, "loss_on": loss_on})
+    return _digest(
+        fingerprint.encode(), tokenizer_fingerprint(tokenizer).encode(), settings.encode()
+    )
+
+
 class TokenizedExamples(Sequence):
     """Tokenized examples stored flat: all ids in one int32 array, ``labelled[t]`` (bool) where
     ``targets[t]`` carries a label, and ``offsets`` (int64, one more than examples) where each
@@ -806,9 +815,7 @@ def tokenize_records(
     source = records_fingerprint(records) if cache_dir is not None else None
     entry = None
     if source is not None:
-        settings = json.dumps({"format": fmt, "max_length": max_length, "loss_on": loss_on})
-        key = _digest(source.encode(), tokenizer_fingerprint(tokenizer).encode(), settings.encode())
-        entry = Path(cache_dir) / key
+        entry = Path(cache_dir) / tokenized_key(source, tokenizer, fmt, max_length, loss_on)
         cached = TokenizedExamples.load(entry)
         if cached is not None:
             return cached
