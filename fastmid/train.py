@@ -574,15 +574,14 @@ def train_step(
     number in the step), which the kernels draw their dropout seeds from: N ranks take exactly
     the steps one process takes, dropout included.
     """
-    from fastmid.data import collate_packed
+    from fastmid.data import batch_to, collate_packed
 
     labels = sum(e.num_loss_tokens for batch in step_batches for e in batch)
     losses: list[torch.Tensor] = []
     tokens = 0
     for (index, batch_examples), grad_sync in dp.micro_batches(list(enumerate(step_batches))):
         torch.manual_seed(micro_batch_seed(*seed_and_step, index))
-        batch = collate_packed(batch_examples)
-        batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
+        batch = batch_to(collate_packed(batch_examples), rt.device)
         with grad_sync:
             with rt.autocast():
                 loss_sum, _ = dp.forward_loss(batch)
