@@ -1,6 +1,6 @@
 """Estimated CUDA training memory for real model shapes, without the weights or a GPU.
 
-The tracing itself is ``fastmid.estimate`` (FakeTensor model, live-storage tracker, fastmid's
+The tracing itself is ``fastmid.recipe.estimate`` (FakeTensor model, live-storage tracker, fastmid's
 packed step as ``fastmid train`` runs it); this module adds the published configs, the PEFT
 providers and ``fastmid`` with activation checkpointing, for the benchmark's memory report.
 These are estimates of ``torch.cuda.max_memory_allocated``: no allocator rounding, no CUDA
@@ -16,8 +16,14 @@ import torch
 from torch import nn
 
 from bench.providers import SPECS, ProviderSpec, peft_model
-from fastmid.estimate import Estimate, FastmidStepTracer, LiveStorageTracker, fake_mode, trace_step
-from fastmid.midblock import PAPER_BAND
+from fastmid.engine.midblock import PAPER_BAND
+from fastmid.recipe.estimate import (
+    Estimate,
+    FastmidStepTracer,
+    LiveStorageTracker,
+    fake_mode,
+    trace_step,
+)
 
 __all__ = ["Estimate", "LiveStorageTracker", "estimate_peak", "real_configs", "spec"]
 
@@ -98,11 +104,16 @@ def estimate_peak(
     The batch holds ``batch_size`` full sequences of ``seq_len`` tokens: padded (B, T) for the
     PEFT providers (no pad at all, their best case), one packed row of B·T tokens for fastmid
     with ``loss_fraction`` of the positions carrying a label. ``quantize`` ("nf4", "int8")
-    stores fastmid's frozen decoder linears quantized (fastmid.quantize).
+    stores fastmid's frozen decoder linears quantized (fastmid.engine.quantize).
     """
     from transformers import AutoModelForCausalLM
 
-    from fastmid.midblock import PAPER_RANK_BUDGET, MidBlockConfig, resolve_band, resolve_rank
+    from fastmid.engine.midblock import (
+        PAPER_RANK_BUDGET,
+        MidBlockConfig,
+        resolve_band,
+        resolve_rank,
+    )
 
     if spec(provider).packed:
         adapter = MidBlockConfig(

@@ -9,7 +9,7 @@ On a CUDA machine (one GPU: a few minutes) it runs, in order:
   composition (PEFT-style), forward + backward, at 1B / 7B / 8B layer shapes: ms, TFLOP/s, %
   of the device's bf16 peak, speed-up;
 - a 30-step ``fastmid train`` of the embedded model, its peak memory next to the FakeTensor
-  estimate of `fastmid.estimate` (and the micro-batch `--batch-tokens auto` chose);
+  estimate of `fastmid.recipe.estimate` (and the micro-batch `--batch-tokens auto` chose);
 - with two or more GPUs, a 2-process DDP step against one process;
 - the ahead-of-time compile report (`fastmid.kernels.cubin_report`) for sm_80 and sm_90.
 
@@ -312,8 +312,8 @@ def check_train(model: str | None = None, steps: int = 30) -> Section:
     FakeTensor estimate."""
     import torch
 
-    from fastmid.config import TrainConfig
-    from fastmid.train import train
+    from fastmid.recipe.config import TrainConfig
+    from fastmid.recipe.train import train
 
     torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
@@ -342,8 +342,8 @@ def _fake_estimate(cfg: Any, batch_tokens: int) -> float:
     """The FakeTensor estimate of one step of this run (micro-batches of ``batch_tokens``)."""
     from transformers import AutoConfig
 
-    from fastmid.estimate import FastmidStepTracer
-    from fastmid.models import default_model_dir
+    from fastmid.engine.models import default_model_dir
+    from fastmid.recipe.estimate import FastmidStepTracer
 
     config = AutoConfig.from_pretrained(cfg.model or default_model_dir())
     return FastmidStepTracer(config, cfg.midblock)(batch_tokens, cfg.max_length).peak / 2**30

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from fastmid import attention
-from fastmid.attention import VARLEN_ATTENTION, enable_varlen_attention
-from fastmid.midblock import MidBlockConfig, adapter_parameters, apply_midblock
+from fastmid.engine import attention
+from fastmid.engine.attention import VARLEN_ATTENTION, enable_varlen_attention
+from fastmid.engine.midblock import MidBlockConfig, adapter_parameters, apply_midblock
 from tests.fastmid._tiny import randomize_adapters, tiny_model
 
 VARLEN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2")
@@ -294,7 +294,7 @@ def test_masks_and_positions_made_in_inference_mode_are_read_without_a_cache() -
 
 
 def _packed_batch(lengths: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    from fastmid.data import Example, collate_packed
+    from fastmid.recipe.data import Example, collate_packed
 
     ids, _ = _packed(lengths)
     examples, start = [], 0
@@ -385,7 +385,7 @@ def test_one_varlen_call_per_layer_matches_per_example_sdpa(
 ) -> None:
     """The varlen route (tokens-major layout, GQA, cu_seqlens, output layout) gives what
     per-example SDPA gives, with one call per layer; the kernel is a CPU stand-in here."""
-    from fastmid.loss import forward_loss
+    from fastmid.engine.loss import forward_loss
 
     _, model = _pair("llama")
     batch = _packed_batch(LENGTHS)
@@ -416,7 +416,7 @@ def test_packed_forward_builds_no_mask_and_matches_position_ids_only(
     the loss equals the one found from position_ids alone (mask built and checked)."""
     import transformers.masking_utils as mu
 
-    from fastmid.loss import forward_loss
+    from fastmid.engine.loss import forward_loss
 
     _, model = _pair("qwen2")
     batch = _packed_batch(LENGTHS)
@@ -444,7 +444,7 @@ def test_packed_forward_builds_no_mask_and_matches_position_ids_only(
 
 
 def test_cu_seqlens_that_do_not_cover_the_row_are_refused() -> None:
-    from fastmid.loss import forward_loss
+    from fastmid.engine.loss import forward_loss
 
     _, model = _pair("llama")
     batch = _packed_batch(LENGTHS)
@@ -473,13 +473,13 @@ def test_block_causal_mask_is_compared_once_per_forward(monkeypatch: pytest.Monk
 
 
 def _cuda_case(family: str, dtype: torch.dtype, lengths: tuple[int, ...]):
-    from fastmid.loss import forward_loss
+    from fastmid.engine.loss import forward_loss
 
     model = tiny_model(family, num_layers=2, head_dim=64).to("cuda", dtype)
     apply_midblock(model, MidBlockConfig(rank=4, dropout=0.0))
     randomize_adapters(model)
     enable_varlen_attention(model)
-    from fastmid.data import batch_to
+    from fastmid.recipe.data import batch_to
 
     batch = batch_to(_packed_batch(lengths), "cuda")
 

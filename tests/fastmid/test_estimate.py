@@ -8,11 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmid import estimate
-from fastmid.config import AUTO_BATCH, add_arguments, build_config, load_yaml, save_yaml
+from fastmid.engine.midblock import MidBlockConfig
 from fastmid.errors import UserError
-from fastmid.estimate import Estimate, FastmidStepTracer, choose_batch_tokens, fit_batch_tokens
-from fastmid.midblock import MidBlockConfig
+from fastmid.recipe import estimate
+from fastmid.recipe.config import AUTO_BATCH, add_arguments, build_config, load_yaml, save_yaml
+from fastmid.recipe.estimate import (
+    Estimate,
+    FastmidStepTracer,
+    choose_batch_tokens,
+    fit_batch_tokens,
+)
 from tests.fastmid._tiny import tiny_config
 
 GIB = 2**30

@@ -11,13 +11,13 @@ import pytest
 import torch
 import yaml
 
-import fastmid.train as train_mod
-from fastmid import data, estimate
+import fastmid.recipe.train as train_mod
 from fastmid.cli import main
-from fastmid.config import AUTO_BATCH, CPU_BATCH_TOKENS, build_config
-from fastmid.estimate import BatchChoice
-from fastmid.midblock import MidBlockConfig
-from fastmid.train import Runtime, format_header, resolve_batch, train
+from fastmid.engine.midblock import MidBlockConfig
+from fastmid.recipe import data, estimate
+from fastmid.recipe.config import AUTO_BATCH, CPU_BATCH_TOKENS, build_config
+from fastmid.recipe.estimate import BatchChoice
+from fastmid.recipe.train import Runtime, format_header, resolve_batch, train
 from tests.fastmid._runs import RECORDS, as_flags, tiny_cfg, tiny_settings, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread_torch_path")

@@ -121,7 +121,7 @@ def trace_step(
 ) -> Estimate:
     """Trace one bf16-autocast forward + backward of ``loss_fn(model, batch)`` (inside the
     fake mode the model was built in) and return its estimate."""
-    from fastmid.quantize import stored_tensors
+    from fastmid.engine.quantize import stored_tensors
 
     params = list(model.parameters())
     for p in params:
@@ -152,7 +152,7 @@ def packed_step_batch(tokens: int, seq_len: int, loss_fraction: float = 0.5) -> 
     """The trainer's packed batch of ``tokens`` tokens in examples of ``seq_len`` (the last
     one shorter), ``loss_fraction`` of each example's positions labelled. Call it inside the
     fake mode: only ``cu_seqlens``, which stays on the host, is built as a real tensor."""
-    from fastmid.data import Example, collate_packed
+    from fastmid.recipe.data import Example, collate_packed
 
     lengths = [seq_len] * (tokens // seq_len) + ([tokens % seq_len] if tokens % seq_len else [])
     examples = []
@@ -174,7 +174,7 @@ class FastmidStepTracer:
 
         from transformers import AutoModelForCausalLM
 
-        from fastmid.models import prepare_model
+        from fastmid.engine.models import prepare_model
 
         self.t0 = time.perf_counter()
         self.fake = fake_mode()
@@ -190,7 +190,7 @@ class FastmidStepTracer:
 
     def __call__(self, tokens: int, seq_len: int, loss_fraction: float = 0.5) -> Estimate:
         """The estimate of one step over a packed micro-batch of ``tokens`` tokens."""
-        from fastmid.loss import forward_loss
+        from fastmid.engine.loss import forward_loss
 
         def loss_fn(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
             loss_sum, count = forward_loss(model, batch)

@@ -167,7 +167,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> t
     # print their own progress, and keep stderr for errors.
     hf_logging.disable_progress_bar()
 
-    from fastmid.quantize import import_torchao_quietly
+    from fastmid.engine.quantize import import_torchao_quietly
 
     import_torchao_quietly()  # before transformers imports it, and logs CUDA-only noise
     if spec is None:
@@ -243,11 +243,11 @@ def prepare_model(model: Any, cfg: Any, device: torch.device) -> Any:
 
     The trainer and the benchmark both set a model up through here, so what the benchmark
     measures is what ``fastmid train`` runs. Packed rows attend within each example instead of
-    over the whole masked T×T square (``fastmid.attention``): one varlen kernel call per layer
-    on CUDA (PyTorch's own, else flash-attn's), per-example SDPA elsewhere.
+    over the whole masked T×T square (``fastmid.engine.attention``): one varlen kernel call per
+    layer on CUDA (PyTorch's own, else flash-attn's), per-example SDPA elsewhere.
     """
-    from fastmid.attention import enable_varlen_attention
-    from fastmid.midblock import apply_midblock
+    from fastmid.engine.attention import enable_varlen_attention
+    from fastmid.engine.midblock import apply_midblock
 
     apply_midblock(model, cfg)
     enable_varlen_attention(model)

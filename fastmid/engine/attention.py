@@ -12,8 +12,8 @@ is ``Σ Lᵢ²`` instead of ``T²``:
 - otherwise, and on CPU where neither runs (and where it is the fast path anyway), causal SDPA
   once per example, equal-length examples batched into one call.
 
-The example boundaries come from the host: the collator (``fastmid.data.collate_packed``) puts
-``cu_seqlens`` in the batch, the trainer's loss passes it down as a keyword argument, and
+The example boundaries come from the host: the trainer's collator puts ``cu_seqlens`` in the
+batch, the loss (``fastmid.engine.loss``) passes it down as a keyword argument, and
 :func:`packed_forward` switches the model, for that forward, to an implementation with no mask
 function, so transformers builds no ``T×T`` mask and never reads ``position_ids`` back. Nothing
 in a packed forward then waits for the device. A caller with position ids only (HF Trainer,
@@ -402,7 +402,7 @@ def _per_example_call(
 
 
 # Example boundaries are read on the host and the per-example calls follow them: compiled
-# blocks (fastmid.compile) run this eagerly instead of specialising a graph on each packing.
+# blocks (fastmid.engine.compile) run this eagerly instead of specialising a graph on each packing.
 @torch.compiler.disable
 def varlen_attention_forward(
     module: nn.Module,

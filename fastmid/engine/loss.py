@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmid.attention import packed_forward
-from fastmid.data import IGNORE_INDEX
+from fastmid.engine.attention import packed_forward
+
+# The target of a position that carries no loss (cross-entropy's ignore_index).
+IGNORE_INDEX = -100
 
 # Rows of one logits chunk: 256 x vocab 49k fp32 is 48 MiB, small beside a step's
 # activations, and large enough that the head GEMM stays efficient.
@@ -173,10 +175,10 @@ def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torc
 
     ``batch["targets"]`` is already shifted (targets[t] is the token to predict at t; -100 =
     no loss). Packed batches carry ``position_ids`` restarting at 0 per example and no
-    ``attention_mask``, so examples never see each other; with the collator's host-side
-    ``cu_seqlens`` and ``label_index`` (``fastmid.data.collate_packed``) the forward and the
-    loss never wait for the device (no mask, no ``nonzero``). The LM head (the largest matmul
-    of a small model) runs only on the hidden states that carry a label.
+    ``attention_mask``, so examples never see each other; with the host-side ``cu_seqlens``
+    and ``label_index`` of the trainer's packed collator the forward and the loss never wait
+    for the device (no mask, no ``nonzero``). The LM head (the largest matmul of a small
+    model) runs only on the hidden states that carry a label.
     """
     body = model.get_decoder()
     cu_seqlens = batch.get("cu_seqlens")
