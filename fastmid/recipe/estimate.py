@@ -152,13 +152,14 @@ def packed_step_batch(tokens: int, seq_len: int, loss_fraction: float = 0.5) -> 
     """The trainer's packed batch of ``tokens`` tokens in examples of ``seq_len`` (the last
     one shorter), ``loss_fraction`` of each example's positions labelled. Call it inside the
     fake mode: only ``cu_seqlens``, which stays on the host, is built as a real tensor."""
+    from fastmid.engine.loss import IGNORE_INDEX
     from fastmid.recipe.data import Example, collate_packed
 
     lengths = [seq_len] * (tokens // seq_len) + ([tokens % seq_len] if tokens % seq_len else [])
     examples = []
     for n in lengths:
         labelled = max(1, int(n * loss_fraction)) if n > 1 else 0
-        examples.append(Example([0] * n, [-100] * (n - labelled) + [0] * labelled))
+        examples.append(Example([0] * n, [IGNORE_INDEX] * (n - labelled) + [0] * labelled))
     with unset_fake_temporarily():
         batch = collate_packed(examples)
     # Everything but the host-side boundaries becomes a fake (device) tensor.
