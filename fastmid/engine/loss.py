@@ -29,8 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmid.engine.attention import packed_forward
-
 # The target of a position that carries no loss (cross-entropy's ignore_index).
 IGNORE_INDEX = -100
 
@@ -180,6 +178,10 @@ def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torc
     for the device (no mask, no ``nonzero``). The LM head (the largest matmul of a small
     model) runs only on the hidden states that carry a label.
     """
+    # Imported here: the attention module imports transformers, which this module leaves to
+    # its callers (importing it is slow and noisy).
+    from fastmid.engine.attention import packed_forward
+
     body = model.get_decoder()
     cu_seqlens = batch.get("cu_seqlens")
     packed = nullcontext({}) if cu_seqlens is None else packed_forward(model, cu_seqlens)
