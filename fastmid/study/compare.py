@@ -51,6 +51,9 @@ from fastmid.recipe.config import TrainConfig, build_config, config_fields, pars
 
 PLACEMENTS = ("bottom", "middle", "top", "all", "auto")
 ALPHA_POLICIES = ("fixed", "ratio", "rslora")
+# What fastmid train ships (alpha fixed, scale alpha/rank): a compare without --alpha-policy
+# measures exactly the recipe a train user gets.
+DEFAULT_ALPHA_POLICY = "fixed"
 # (key, label, lower is better): the quality metrics, then the cost columns.
 METRICS: tuple[tuple[str, str, bool], ...] = (
     ("answer_nll", "answer NLL/token", True),
@@ -997,9 +1000,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--alpha-policy",
-        default="ratio",
-        help="fixed (alpha constant, the paper), ratio (alpha/r at the all-layer value) or "
-        "rslora (alpha/sqrt(r)); comma-separated to compare several (default: ratio)",
+        default=DEFAULT_ALPHA_POLICY,
+        help="fixed (alpha constant: the paper's, and what fastmid train ships), ratio (alpha/r "
+        "at the all-layer value) or rslora (alpha/sqrt(r)); comma-separated to compare several "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--seeds",

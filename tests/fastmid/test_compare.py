@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fastmid.cli import main as cli_main
-from fastmid.engine.midblock import lora_scale, resolve_rank
+from fastmid.engine.midblock import MidBlockConfig, lora_scale, resolve_rank
 from fastmid.errors import UserError
 from fastmid.recipe.config import TrainConfig
 from fastmid.study import compare as cmp
@@ -65,6 +65,17 @@ def test_alpha_policies_give_the_expected_scale(n_active, policy, want_rank, wan
     assert rank == want_rank
     alpha, rslora = cmp.policy_alpha(policy, 128.0, rank, 64)
     assert lora_scale(alpha, rank, rslora) == pytest.approx(want_scale, rel=1e-12)
+
+
+def test_compare_by_default_measures_the_scale_train_ships():
+    parser = argparse.ArgumentParser()
+    cmp.add_arguments(parser)
+    policy = parser.parse_args([]).alpha_policy
+    shipped = MidBlockConfig()
+    for n_active in (6, 18, 30):
+        rank = resolve_rank(None, shipped.rank_budget, 30, n_active)
+        alpha, rslora = cmp.policy_alpha(policy, shipped.alpha, rank, shipped.rank_budget)
+        assert lora_scale(alpha, rank, rslora) == lora_scale(shipped.alpha, rank, False)
 
 
 def test_unknown_policy_is_a_user_error():
