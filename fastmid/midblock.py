@@ -110,6 +110,13 @@ class MidBlockConfig:
         default=False,
         metadata={"help": "recompute the band and the blocks above it in backward"},
     )
+    gate_up_recompute: bool = field(
+        default=False,
+        metadata={
+            "help": "memory mode of a fused SwiGLU MLP: backward recomputes gate and up (one "
+            "more GEMM of the forward's size) instead of keeping them from forward"
+        },
+    )
     use_liger: bool = field(
         default=True,
         metadata={
@@ -361,6 +368,34 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 # The LoRA module
 
 
+class DropoutSeed:
+    """The LoRA dropout seed of one model: one 0-dim int64 tensor drawn from torch's generator
+    at the start of each training forward (a forward pre-hook), shared by every adapter, each
+    adding its own layer offset (`LoraLinear.seed_offset`) in the kernels. So no adapter call
+    draws from the generator, and the masks are reproducible under ``torch.manual_seed``.
+
+    ``current`` is None until the first training forward of the whole model; an adapter called
+    on its own then draws a seed per call (as the functional ops do). A checkpointed block
+    recomputes with the seed its forward saw (``_checkpointed_forward``), so run each
+    micro-batch's backward before the next micro-batch's forward, as every training loop does.
+    """
+
+    def __init__(self, probe: nn.Parameter) -> None:
+        self.probe = probe  # an adapter: the seed lives on its device
+        self.current: torch.Tensor | None = None
+
+    def draw(self, model: nn.Module, _args: Any) -> None:
+        if model.training:
+            self.current = torch.randint(
+                0, 2**31 - 1, (), device=self.probe.device, dtype=torch.int64
+            )
+
+
+def _seed_of(module: LoraLinear) -> torch.Tensor | None:
+    seeds = module._seeds
+    return None if seeds is None else seeds.current
+
+
 class _QKVGroup:
     """q/k/v of one attention sharing a frozen ``cat([Wq, Wk, Wv])`` and one kernel call.
 
@@ -401,6 +436,8 @@ class _QKVGroup:
             (q.scale, k.scale, v.scale),
             bias_qkv=self.bias,
             dropout_p=q.dropout_p if q.training else 0.0,
+            seed=_seed_of(q),
+            seed_offset=q.seed_offset,
         )
         self._outputs = {n: o for n, o in zip(QKV, outs, strict=True) if n != name}
         self._x, self._grad_mode = x, torch.is_grad_enabled()
@@ -411,7 +448,10 @@ class LoraLinear(nn.Module):
     """A frozen linear plus a LoRA adapter: ``y = x Wᵀ + b + scale·(drop(x) Aᵀ) Bᵀ``.
 
     ``weight`` and ``bias`` are the original linear's (frozen) tensors; ``lora_A`` (r, K) and
-    ``lora_B`` (N, r) are fp32 parameters whatever the base dtype.
+    ``lora_B`` (N, r) are fp32 parameters whatever the base dtype. Under autocast the kernels
+    keep their compute-dtype copies until the optimizer changes them; gradients come back in
+    fp32 for autograd to accumulate into ``.grad`` (see ``fastmid.kernels._lora``).
+    ``seed_offset`` is this adapter's offset to the model's dropout seed (``DropoutSeed``).
     """
 
     def __init__(
@@ -433,6 +473,8 @@ class LoraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scale = scale
         self.dropout_p = dropout_p
+        self.seed_offset = 0
+        self._seeds: DropoutSeed | None = None
         self._group: _QKVGroup | None = None
 
     @property
@@ -452,6 +494,8 @@ class LoraLinear(nn.Module):
             self.scale,
             bias=self.bias,
             dropout_p=self.dropout_p if self.training else 0.0,
+            seed=_seed_of(self),
+            seed_offset=self.seed_offset,
         )
 
     def merged_linear(self) -> nn.Linear:
@@ -536,6 +580,8 @@ _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 
 
 def _checkpointed_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
+    seeds = next((m._seeds for m in module.modules() if isinstance(m, LoraLinear)), None)
+
     def run(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
@@ -547,12 +593,24 @@ def _checkpointed_forward(module: nn.Module, forward: Callable[..., Any]) -> Cal
                 kwargs[name] = None
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        if seeds is None:
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        seed = seeds.current
+
+        def replay(*a: Any, **kw: Any) -> Any:
+            # The recomputation draws the forward's dropout masks: the seed it saw.
+            outer, seeds.current = seeds.current, seed
+            try:
+                return forward(*a, **kw)
+            finally:
+                seeds.current = outer
+
+        return checkpoint(replay, *args, use_reentrant=False, **kwargs)
 
     return run
 
 
-def _swiglu_forward(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def _swiglu_forward(mlp: nn.Module, recompute: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     gate, up = mlp.gate_proj, mlp.up_proj
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -566,6 +624,9 @@ def _swiglu_forward(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
             up.lora_B,
             (gate.scale, up.scale),
             dropout_p=gate.dropout_p if mlp.training else 0.0,
+            seed=_seed_of(gate),
+            seed_offset=gate.seed_offset,
+            recompute=recompute,
         )
         return mlp.down_proj(h)
 
@@ -649,17 +710,24 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
 
     scale = lora_scale(cfg.alpha, rank, cfg.use_rslora)
     module_paths: list[str] = []
+    seeds: DropoutSeed | None = None
     for i in layers:
         block = blocks[i]
         mods: dict[str, LoraLinear] = {}
-        for t, p in found[i].items():
+        for j, (t, p) in enumerate(found[i].items()):
             lora = LoraLinear(block.get_submodule(p), rank, scale, cfg.dropout, name=t)
             set_submodule(block, p, lora)
+            seeds = seeds or DropoutSeed(lora.lora_A)
+            # One offset per adapter of the model: every layer's mask differs.
+            lora.seed_offset, lora._seeds = i * len(cfg.targets) + j, seeds
             mods[t] = lora
             module_paths.append(f"{layers_path}.{i}.{p}")
         if cfg.fuse_groups:
             _fuse_qkv(mods)
-            _fuse_gate_up(block, found[i], mods)
+            _fuse_gate_up(block, found[i], mods, cfg.gate_up_recompute)
+    if cfg.dropout > 0 and seeds is not None:
+        # The one seed per micro-batch: drawn before any block runs.
+        model.register_forward_pre_hook(seeds.draw)
 
     # Below the band: no autograd at all. The embeddings are frozen, so their output already
     # needs no grad; wrapping the blocks also guards against inputs that do require grad.
@@ -722,7 +790,9 @@ def _fuse_qkv(mods: dict[str, LoraLinear]) -> None:
         m._group = group
 
 
-def _fuse_gate_up(block: nn.Module, paths: dict[str, str], mods: dict[str, LoraLinear]) -> None:
+def _fuse_gate_up(
+    block: nn.Module, paths: dict[str, str], mods: dict[str, LoraLinear], recompute: bool
+) -> None:
     """Run a SwiGLU MLP as lora_gate_up + down when gate and up are both targets."""
     if "gate_proj" not in mods or "up_proj" not in mods:
         return
@@ -739,7 +809,7 @@ def _fuse_gate_up(block: nn.Module, paths: dict[str, str], mods: dict[str, LoraL
     gate.weight = nn.Parameter(weight[: gate.out_features], requires_grad=False)
     up.weight = nn.Parameter(weight[gate.out_features :], requires_grad=False)
     setattr(mlp, _GATE_UP_WEIGHT, weight)
-    wrap_forward(mlp, lambda module, _forward: _swiglu_forward(module))
+    wrap_forward(mlp, lambda module, _forward: _swiglu_forward(module, recompute))
 
 
 def fused_weights(block: nn.Module) -> list[tuple[Any, str, list[LoraLinear]]]:
@@ -763,6 +833,10 @@ def unpatch_forwards(model: nn.Module) -> None:
         module.__dict__.pop(_GATE_UP_WEIGHT, None)
         if isinstance(module, LoraLinear):
             module._group = None
+    # Found by its owner, not by a stored handle: a deep copy's handle would name the original.
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if isinstance(getattr(hook, "__self__", None), DropoutSeed):
+            del model._forward_pre_hooks[key]
 
 
 # --------------------------------------------------------------------------------------------

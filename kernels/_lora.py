@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _gemm
 from ._common import torch_keep_mask, traced, use_triton
@@ -79,6 +80,18 @@ class Spec:
 # The adapters in the compute dtype, made once per change of the adapters
 # --------------------------------------------------------------------------------------------
 _CACHE_ATTR = "_fastmid_operands"
+# Optimizer steps taken in this process: a fused optimizer (torch's `fused=True` AdamW, CPU and
+# CUDA) updates the parameters in place without bumping their version counters, so the cache
+# key also holds this count, advanced by a global post-step hook on every torch optimizer.
+_optimizer_steps = 0
+
+
+def _count_step(_optimizer, _args, _kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_step)
 
 
 @dataclass(frozen=True)
@@ -98,10 +111,11 @@ def _build_operands(
 ) -> Operands:
     a = [t.to(dtype) for t in a_list]
     b = [t.to(dtype) for t in b_list]
+    a_scaled = [t * s for t, s in zip(a, scales, strict=True)]
     return Operands(
         ranks=tuple(t.shape[0] for t in a),
         a=torch.cat(a) if len(a) > 1 else a[0],
-        a_scaled_t=torch.cat([t * s for t, s in zip(a, scales, strict=True)]).t(),
+        a_scaled_t=(torch.cat(a_scaled) if len(a) > 1 else a_scaled[0]).t(),
         b_t=tuple(t.t() for t in b),
         b_scaled=tuple(t * s for t, s in zip(b, scales, strict=True)),
     )
@@ -115,12 +129,13 @@ def adapter_operands(
     cache: bool = True,
 ) -> Operands:
     """The adapters as `Operands`, cached on the first A tensor and rebuilt only when an adapter
-    changed: the key holds each adapter's version counter (bumped by every in-place update, the
-    optimizer's included) and storage, the scales and the dtype. So with fp32 adapters under
-    bf16 autocast the bf16 copies are made once per optimizer step, not once per call.
+    may have changed: the key holds the number of optimizer steps taken (`_count_step`), each
+    adapter's version counter (bumped by every other in-place update: `copy_`, `load_state_dict`)
+    and storage, the scales and the dtype. So with fp32 adapters under bf16 autocast the bf16
+    copies are made once per optimizer step, not once per call.
 
-    Contract: a write that bypasses the version counter (through `.data`) is not seen; write
-    adapters in place under `torch.no_grad()` instead, as optimizers and `load_state_dict` do.
+    Contract: a write outside a torch optimizer's step that bypasses the version counter
+    (through `.data`) is not seen; write adapters in place under `torch.no_grad()` instead.
     They are built afresh, and nothing is kept, with `cache=False` (calls under no_grad:
     evaluation, a warm-up pass before adapters are broadcast through `.data`) and when no
     adapter needs a cast (the copies are then two small scalings; gradcheck perturbs its
@@ -128,7 +143,7 @@ def adapter_operands(
     tensors = (*a_list, *b_list)
     if not cache or all(t.dtype == dtype for t in tensors):
         return _build_operands(a_list, b_list, scales, dtype)
-    key = (dtype, scales, tuple((t._version, t.data_ptr()) for t in tensors))
+    key = (_optimizer_steps, dtype, scales, tuple((t._version, t.data_ptr()) for t in tensors))
     holder = a_list[0]
     hit = holder.__dict__.get(_CACHE_ATTR)
     if hit is not None and hit[0] == key:
@@ -287,8 +302,12 @@ class LoraFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             bias_c = None if bias is None else bias.to(dtype)
             out, xa, saved_y = forward(x.to(dtype), w.to(dtype), bias_c, ops, spec, seed)
-        ctx.save_for_backward(x, w, bias, xa, saved_y, seed, *adapters)
-        ctx.spec = spec
+        # bias is needed again only to recompute gate/up.
+        kept_bias = bias if spec.swiglu and spec.recompute else None
+        ctx.save_for_backward(x, w, kept_bias, xa, saved_y, seed, *adapters)
+        # The operands built here serve the backward too (the cached ones are the same object;
+        # the adapters are saved above, so an in-place change before backward is an error).
+        ctx.spec, ctx.ops = spec, ops
         ctx.set_materialize_grads(False)
         return out
 
@@ -299,9 +318,7 @@ class LoraFunction(torch.autograd.Function):
         n_inputs = 5 + len(adapters)
         if grad_out is None:
             return (None,) * n_inputs
-        n = len(adapters) // 2
-        dtype = spec.dtype
-        ops = adapter_operands(adapters[:n], adapters[n:], spec.scales, dtype)
+        dtype, ops = spec.dtype, ctx.ops
         need_dx = ctx.needs_input_grad[2]
         with torch.autocast(x.device.type, enabled=False):
             bias_c = None if bias is None else bias.to(dtype)

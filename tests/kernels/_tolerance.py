@@ -76,9 +76,7 @@ def saved_by_op(out: torch.Tensor, inputs) -> list[torch.Tensor]:
     ]
 
 
-def spy_dx_gemms(
-    monkeypatch: pytest.MonkeyPatch, path: str, torch_mm: tuple
-) -> list[int]:
+def spy_dx_gemms(monkeypatch: pytest.MonkeyPatch, path: str, torch_mm: tuple) -> list[int]:
     """Count the backward's dx GEMMs (a list that grows by one per GEMM), spied on so that
     skipping one is observed, not inferred: on every path dx = dy·W is a ``torch.mm`` of the
     operand shapes ``torch_mm`` (cuBLAS on CUDA). ``path="torch"`` also forces the torch path
