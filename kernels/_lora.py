@@ -255,7 +255,7 @@ def backward(dy, x, w, bias, xa, saved_y, ops: Operands, spec: Spec, seed, need_
     if spec.p > 0.0 and not triton_masked:
         keep = torch_keep_mask(x.shape, spec.p, seed, offset=spec.seed_offset)
     if triton_masked:
-        da = _gemm.launch_tn(g, x, spec.p, seed, spec.seed_offset)
+        da = _gemm.launch_tn(g, x.contiguous(), spec.p, seed, spec.seed_offset)
     else:
         da = _fp32_product(g.t(), x if keep is None else torch.where(keep, x, 0.0))
     if len(sizes) == 1:
@@ -381,23 +381,11 @@ def _forward_fake(x, w, bias, a_list, b_list, scales, p, seed, seed_offset, dtyp
 
 @torch.library.custom_op("fastmid::lora_grouped_backward", mutates_args=())
 def _backward_op(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None,
-    xa: torch.Tensor,
-    saved_y: torch.Tensor,
-    a_list: list[torch.Tensor],
-    b_list: list[torch.Tensor],
-    scales: list[float],
-    p: float,
-    seed: torch.Tensor | None,
-    seed_offset: int,
-    dtype: torch.dtype,
-    swiglu: bool,
-    recompute: bool,
-    need_dx: bool,
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+    xa: torch.Tensor, saved_y: torch.Tensor, a_list: list[torch.Tensor],
+    b_list: list[torch.Tensor], scales: list[float], p: float, seed: torch.Tensor | None,
+    seed_offset: int, dtype: torch.dtype, swiglu: bool, recompute: bool, need_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:  # fmt: skip
     """(dx in x's dtype (empty without `need_dx`), dA stacked fp32, [dB_i] fp32)."""
     spec = Spec(tuple(scales), p, seed_offset, dtype, swiglu, recompute)
     ops = adapter_operands(a_list, b_list, spec.scales, dtype, cache=False)

@@ -37,17 +37,11 @@ __all__ = ["lora_gate_up", "lora_gate_up_reference"]
 # Plain-torch reference (test oracle)
 # --------------------------------------------------------------------------------------------
 def lora_gate_up_reference(
-    x: torch.Tensor,
-    weight_gate_up: torch.Tensor,
-    a_g: torch.Tensor,
-    a_u: torch.Tensor,
-    b_g: torch.Tensor,
-    b_u: torch.Tensor,
-    scales: float | Sequence[float],
-    dropout_p: float = 0.0,
-    seed: int = 0,
+    x: torch.Tensor, weight_gate_up: torch.Tensor,
+    a_g: torch.Tensor, a_u: torch.Tensor, b_g: torch.Tensor, b_u: torch.Tensor,
+    scales: float | Sequence[float], dropout_p: float = 0.0, seed: int = 0,
     keep: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """silu(gate) ⊙ up of two LoRA linears, by plain autograd: the oracle for `lora_gate_up`.
 
     `keep` (0/1, shape of x) overrides the seeded mask, so a kernel can be checked against the

@@ -32,16 +32,10 @@ from ._gemm import inspect_target
 
 
 def lora_linear_reference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    scale: float,
-    bias: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    seed: int = 0,
+    x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+    scale: float, bias: torch.Tensor | None = None, dropout_p: float = 0.0, seed: int = 0,
     keep: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """The op's math written the obvious way, differentiable by autograd.
 
     `keep` (0/1, shape of `x`) overrides the seeded mask, so a kernel can be checked against
@@ -99,8 +93,8 @@ INSPECT_TARGETS = [
         divisible=("K", "stride_xm", "stride_wr", "stride_om"), BR=128,
     ),
     inspect_target(
-        "lora_linear_bwd_da", "tn", ones=("stride_lm",),
-        divisible=("Q", "stride_lp", "stride_rm", "stride_os", "stride_op"),
+        "lora_linear_bwd_da", "tn", ones=("stride_lp",),
+        divisible=("Q", "stride_lm", "stride_rm", "stride_os", "stride_op"),
     ),
     inspect_target(
         "lora_linear_bwd_dx_dropout", "masked_add", ones=("stride_dk", "stride_gr", "stride_ak"),

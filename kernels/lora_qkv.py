@@ -38,20 +38,12 @@ __all__ = ["lora_qkv", "lora_qkv_reference"]
 # Plain-torch reference (test oracle)
 # --------------------------------------------------------------------------------------------
 def lora_qkv_reference(
-    x: torch.Tensor,
-    weight_qkv: torch.Tensor,
-    a_q: torch.Tensor,
-    a_k: torch.Tensor,
-    a_v: torch.Tensor,
-    b_q: torch.Tensor,
-    b_k: torch.Tensor,
-    b_v: torch.Tensor,
-    scales: float | Sequence[float],
-    bias_qkv: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    seed: int = 0,
-    keep: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, weight_qkv: torch.Tensor,
+    a_q: torch.Tensor, a_k: torch.Tensor, a_v: torch.Tensor,
+    b_q: torch.Tensor, b_k: torch.Tensor, b_v: torch.Tensor,
+    scales: float | Sequence[float], bias_qkv: torch.Tensor | None = None,
+    dropout_p: float = 0.0, seed: int = 0, keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Three independent LoRA linears on x, by plain autograd: the oracle for `lora_qkv`.
 
     `keep` (0/1, shape of x) overrides the seeded mask, so a kernel can be checked against the

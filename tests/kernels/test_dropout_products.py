@@ -124,3 +124,18 @@ def test_one_mask_across_the_three_kernels():
     other = _gemm.launch_masked_add(torch.zeros(m, k, device=DEVICE), *ones, p, seed, OFFSET + 1)
     assert 0.2 < (other != keep).float().mean().item() < 0.6  # independent masks: 2pq = 0.42
     assert torch.equal(other, _keep(m, k, p, OFFSET + 1))
+
+
+# --- CUDA only: bf16 (the interpreter cannot run bf16 tl.dot) at training shapes, through the
+# autotuned shipped configs ---
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("m", "k", "ranks", "p"),
+    [(4096, 576, (106,), 0.05), (4096, 576, (64, 64, 64), 0.05), (2047, 2048, (128,), 0.1)],
+)
+def test_cuda_bf16_kernels(m, k, ranks, p):
+    test_thin_masked_product(m, k, ranks, torch.bfloat16, p)
+    test_tn_masked_product(m, k, ranks, torch.bfloat16, p)
+    test_masked_add_into_dx(m, k, ranks, torch.bfloat16, p)

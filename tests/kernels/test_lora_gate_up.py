@@ -233,17 +233,21 @@ def test_rejects_bad_arguments():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("recompute", [False, True], ids=["default", "recompute"])
 @pytest.mark.parametrize("r", [16, 64])
 @pytest.mark.parametrize("p", [0.0, 0.05])
-def test_cuda_bf16_smollm2_shapes(r, p):
-    """SmolLM2 MLP shapes (M = 4096, K = 576, I = 1536) in bf16 autocast, fp32 adapters."""
+def test_cuda_bf16_smollm2_shapes(r, p, recompute):
+    """SmolLM2 MLP shapes (M = 4096, K = 576, I = 1536) in bf16 autocast, fp32 adapters, in
+    both memory modes."""
     k, inter = 576, 1536
     x, w, a, b = make_inputs((2, 2048), k, inter, (r, r), torch.float32)
     x, w = x.bfloat16(), w.bfloat16()
     keep = triton_keep_mask((4096, k), p, 9, x.device).reshape(x.shape) if p else None
     upstream = torch.randn(2, 2048, inter, device=DEVICE, dtype=torch.float64)
+    fused = lambda *t: MODULE.lora_gate_up(t[0], t[1], *t[2], *t[3], 128 / r, p, 9,
+                                           recompute=recompute)  # fmt: skip
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        got = run(op(128 / r, p, 9), x, w, a, b, upstream)
+        got = run(fused, x, w, a, b, upstream)
         base = run(ref(128 / r, p, keep), x, w, a, b, upstream)
     want = run(ref(128 / r, p, keep), *as64(x, w, a, b), upstream)
     assert_all_within_torch_error(NAMES, got, want, base)
