@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from bench.providers import SPECS, ProviderSpec, peft_model
-from fastmid.midblock import PAPER_BAND
+from fastmid.engine.midblock import PAPER_BAND
 
 
 def real_configs() -> dict[str, Any]:
@@ -133,8 +133,8 @@ class Estimate:
 def _label_only_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """fastmid's label-only LM head with the label positions known in advance.
 
-    ``fastmid.train.forward_loss`` finds them with ``nonzero``, whose output size depends on data
-    and so cannot be traced without data; here they come as ``batch["label_index"]``.
+    ``fastmid.engine.loss.forward_loss`` finds them with ``nonzero``, whose output size depends on
+    data and so cannot be traced without data; here they come as ``batch["label_index"]``.
     """
     body = model.get_decoder()
     hidden = body(
@@ -178,18 +178,18 @@ def estimate_peak(
     The batch holds ``batch_size`` full sequences of ``seq_len`` tokens: padded (B, T) for the
     PEFT providers (no pad at all, their best case), one packed row of B·T tokens for fastmid
     with ``loss_fraction`` of the positions carrying a label. ``quantize`` ("nf4", "int8")
-    stores fastmid's frozen decoder linears quantized (fastmid.quantize).
+    stores fastmid's frozen decoder linears quantized (fastmid.engine.quantize).
     """
     from transformers import AutoModelForCausalLM
 
-    from fastmid.midblock import (
+    from fastmid.engine.midblock import (
         PAPER_RANK_BUDGET,
         MidBlockConfig,
         apply_midblock,
         resolve_band,
         resolve_rank,
     )
-    from fastmid.quantize import stored_tensors
+    from fastmid.engine.quantize import stored_tensors
 
     t0 = time.perf_counter()
     tokens = batch_size * seq_len

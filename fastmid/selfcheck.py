@@ -312,8 +312,8 @@ def check_train(model: str | None = None, steps: int = 30) -> Section:
     FakeTensor estimate."""
     import torch
 
-    from fastmid.config import TrainConfig
-    from fastmid.train import train
+    from fastmid.recipe.config import TrainConfig
+    from fastmid.recipe.train import train
 
     torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
@@ -350,7 +350,7 @@ def _fake_estimate(cfg: Any) -> float | None:
         sys.path.pop(0)
     from transformers import AutoConfig
 
-    from fastmid.models import default_model_dir
+    from fastmid.engine.models import default_model_dir
 
     config = AutoConfig.from_pretrained(cfg.model or default_model_dir())
     seq_len = cfg.max_length

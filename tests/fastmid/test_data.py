@@ -12,9 +12,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from fastmid import synth
-from fastmid.data import (
-    IGNORE_INDEX,
+from fastmid.engine.loss import IGNORE_INDEX
+from fastmid.errors import UserError
+from fastmid.recipe import synth
+from fastmid.recipe.data import (
     Example,
     bundled_path,
     collate_packed,
@@ -23,7 +24,6 @@ from fastmid.data import (
     pack_batches,
     tokenize_records,
 )
-from fastmid.errors import UserError
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -317,3 +317,20 @@ def test_bundled_problems_are_correct_multi_step_and_disjoint() -> None:
         assert final == f"#### {calcs[-1][0][3]}"
         steps.add(len(lines))
     assert steps >= {1, 2, 3, 4}
+
+
+def test_synth_makes_a_second_independent_set_from_other_seeds(tmp_path: Path) -> None:
+    assert synth.main(["--out", str(tmp_path), "--seeds", "4321", "8765"]) == 0
+    bundled = {
+        json.loads(line)["question"]
+        for split in ("train", "test")
+        for line in (synth.RESOURCES / f"gsm_{split}.jsonl").read_text().splitlines()
+    }
+    fresh = [json.loads(x) for x in (tmp_path / "gsm_train.jsonl").read_text().splitlines()]
+    test = [json.loads(x) for x in (tmp_path / "gsm_test.jsonl").read_text().splitlines()]
+    assert (len(fresh), len(test)) == (synth.TRAIN_SIZE, synth.TEST_SIZE)
+    # Mostly new problems (a few short ones can coincide), none shared between its splits.
+    overlap = sum(r["question"] in bundled for r in fresh) / len(fresh)
+    assert overlap < 0.05
+    assert not {r["question"] for r in test} & {r["question"] for r in fresh}
+    assert synth.splits(4321, 8765)["train"] == fresh

@@ -13,7 +13,7 @@ import torch
 from fastmid.kernels import _lora, lora_gate_up, lora_linear, lora_linear_reference, lora_qkv
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastmid.midblock import LoraLinear, MidBlockConfig, apply_midblock
+from fastmid import MidBlockConfig, apply_midblock, lora_modules
 from tests.fastmid._tiny import tiny_model
 
 
@@ -173,7 +173,7 @@ def test_patched_model_draws_one_seed_per_forward(torch_path, monkeypatch):
     model = tiny_model("llama", num_layers=5)
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
     apply_midblock(model, MidBlockConfig(band=[1, 2, 3], rank=4, targets=targets, dropout=0.1))
-    loras = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    loras = [m for _, _, m in lora_modules(model)]
     assert len({m.seed_offset for m in loras}) == len(loras) == 18
     draws = []
     real = torch.randint

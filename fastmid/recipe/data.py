@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
+from fastmid.engine.loss import IGNORE_INDEX
 from fastmid.errors import UserError
 
-IGNORE_INDEX = -100
 QA_PROMPT = "Question: {question}\nAnswer:"
 _BUNDLED = {"train": "gsm_train.jsonl", "test": "gsm_test.jsonl", "heldout": "heldout.txt"}
 

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmid.data import IGNORE_INDEX
+# The target of a position that carries no loss (cross-entropy's ignore_index).
+IGNORE_INDEX = -100
 
 # Rows of one logits chunk: 256 x vocab 49k fp32 is 48 MiB, small beside a step's
 # activations, and large enough that the head GEMM stays efficient.
