@@ -130,10 +130,15 @@ def _measure(step: Callable[[], None], x: Any) -> tuple[float, float, float]:
     return gpu_ms, host_ms, peak
 
 
-def op_rows(device: str = "cuda", shapes=None, paths=PATHS) -> list[dict[str, Any]]:
+def op_rows(
+    device: str = "cuda",
+    shapes=None,
+    paths=PATHS,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
     """One row per (path, layer shape, op): fused and unfused GPU ms, host ms per call, peak
     MiB and the speed-up (unfused ms / fused ms). `shapes` defaults to the three model shapes
-    on CUDA and a tiny one elsewhere."""
+    on CUDA and a tiny one elsewhere; `on_row` sees each row as soon as it is measured."""
     import torch
     from fastmid.kernels import _common
 
@@ -157,6 +162,8 @@ def op_rows(device: str = "cuda", shapes=None, paths=PATHS) -> list[dict[str, An
                         "unfused_host_ms": round(u_host, 4), "unfused_peak_mib": round(u_mib),
                         "speedup": round(u_ms / f_ms, 3),
                     })  # fmt: skip
+                    if on_row is not None:
+                        on_row(rows[-1])
     finally:
         _common.KERNEL_PATH = saved_path
     return rows
@@ -168,11 +175,15 @@ COLUMNS = (
 )  # fmt: skip
 
 
+def format_row(row: dict[str, Any]) -> str:
+    """One markdown table row."""
+    return "| " + " | ".join(str(row[c]) for c in COLUMNS) + " |"
+
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """The rows as a markdown table."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
-    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + [format_row(r) for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,7 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
-    print(format_rows(op_rows(device, paths=tuple(args.path or PATHS))), flush=True)
+    # Rows are printed as they are measured: a caller that stops this process on a time budget
+    # (bench.gpu) keeps the table so far.
+    print(format_rows([]), flush=True)
+    op_rows(
+        device, paths=tuple(args.path or PATHS), on_row=lambda r: print(format_row(r), flush=True)
+    )
     return 0
 
 
