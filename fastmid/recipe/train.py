@@ -104,7 +104,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if parallel != "fsdp":  # under FSDP only each rank's shard goes to the device
         model.to(rt.device)
     examples = data.tokenize_records(
-        records, tokenizer, fmt=cfg.format, max_length=cfg.max_length, loss_on=cfg.loss_on
+        records,
+        tokenizer,
+        fmt=cfg.format,
+        max_length=cfg.max_length,
+        loss_on=cfg.loss_on,
+        cache_dir=models.cache_root() / "tokenized",
     )
     heldout = HeldoutLoss.build(cfg, loss_records, tokenizer)
     adapter_cfg, band_reason = choose_band(
@@ -530,7 +535,7 @@ class EpochBatches:
         from fastmid.recipe.data import pack_batches
 
         if self._cached is None or self._cached[0] != epoch:
-            bins = pack_batches(self._examples, self._batch_tokens, seed=self._seed + epoch)
+            bins = pack_batches(self._examples, self._batch_tokens, self._seed, epoch=epoch)
             self._cached = (epoch, bins)
         return self._cached[1]
 
