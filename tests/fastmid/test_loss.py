@@ -245,3 +245,51 @@ def test_liger_fused_loss_gets_the_head_the_rows_the_labels_and_the_cap(monkeypa
     # The same numbers as fastmid's own chunked path, which runs without the stand-in.
     monkeypatch.setattr(loss_mod, "_liger_loss", lambda device: None)
     torch.testing.assert_close(linear_cross_entropy(hidden, head, labels, softcap), want)
+
+
+def test_label_only_forward_with_left_padding_matches_transformers():
+    model = _patched("llama")
+    ids, _, labels = _batch(model.config.vocab_size)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left-padded rows, as generation-style collators build them
+    mask[2, :2] = 0
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    want, want_grads = _loss_and_grads(
+        model.eval(), input_ids=ids, attention_mask=mask, labels=labels
+    )
+    got, got_grads = _loss_and_grads(
+        model.train(), input_ids=ids, attention_mask=mask, labels=labels
+    )
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * float(w.abs().max()))
+
+
+def test_label_only_forward_takes_shift_labels_and_leaves_logits_to_keep_alone():
+    from fastmid.loss import shift_labels
+
+    model = _patched("llama")
+    ids, mask, labels = _batch(model.config.vocab_size)
+    # Pre-shifted targets (what sequence-parallel trainers pass) with fewer labelled positions.
+    shifted = shift_labels(labels).contiguous()
+    shifted[:, 8:] = IGNORE_INDEX
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels, shift_labels=shifted)
+    with torch.no_grad():
+        want = model.eval()(**inputs).loss
+        got = model.train()(**inputs)
+        plain = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, want, rtol=1e-5, atol=1e-6)
+    assert (got.loss - plain).abs() > 1e-3  # the given targets were used, not labels shifted
+    # logits_to_keep asks for logits: the model's own forward runs and returns them, with
+    # its own loss (here every position is kept, so the loss is the full one).
+    keep_all = ids.shape[1]
+    with torch.no_grad():
+        kept = model.train()(
+            input_ids=ids, attention_mask=mask, labels=labels, logits_to_keep=keep_all
+        )
+        full = model.eval()(input_ids=ids, attention_mask=mask, labels=labels)
+    assert kept.logits.shape == (*ids.shape, model.config.vocab_size)
+    torch.testing.assert_close(kept.logits, full.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kept.loss, full.loss, rtol=1e-5, atol=1e-6)
