@@ -10,8 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmid.loss import IGNORE_INDEX, linear_cross_entropy
-from fastmid.midblock import MidBlockConfig, adapter_parameters, apply_midblock, unpatch_forwards
+from fastmid.engine.loss import IGNORE_INDEX, linear_cross_entropy
+from fastmid.engine.midblock import (
+    MidBlockConfig,
+    adapter_parameters,
+    apply_midblock,
+    unpatch_forwards,
+)
 from tests.fastmid._tiny import randomize_adapters, tiny_model
 from tests.kernels._tolerance import assert_within_torch_error
 
@@ -221,7 +226,7 @@ class _StandInLigerLoss(nn.Module):
 
 @pytest.mark.parametrize("softcap", [None, 2.0])
 def test_liger_fused_loss_gets_the_head_the_rows_the_labels_and_the_cap(monkeypatch, softcap):
-    from fastmid import loss as loss_mod
+    from fastmid.engine import loss as loss_mod
 
     # Where Liger runs (CUDA with liger_kernel), linear_cross_entropy hands it everything; on
     # this CPU a stand-in with Liger's interface takes its place.
@@ -267,7 +272,7 @@ def test_label_only_forward_with_left_padding_matches_transformers():
 
 
 def test_label_only_forward_takes_shift_labels_and_leaves_logits_to_keep_alone():
-    from fastmid.loss import shift_labels
+    from fastmid.engine.loss import shift_labels
 
     model = _patched("llama")
     ids, mask, labels = _batch(model.config.vocab_size)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fastmid import tracking
 from fastmid.errors import UserError
+from fastmid.recipe import tracking
 
 CONFIG = {"lr": 0.001, "band": "0.2,0.8", "targets": ["q_proj", "v_proj"]}
 
@@ -121,7 +121,7 @@ def test_none_tracker_writes_nothing(tmp_path: Path):
 
 def crash_in_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """The run's forward raises during optimizer step ``step`` (one micro-batch a step)."""
-    import fastmid.train as train_mod
+    import fastmid.recipe.train as train_mod
 
     real, calls = train_mod.forward_loss, {"n": 0}
 
@@ -138,7 +138,7 @@ def crash_and_resume(
     kind: str, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Path:
     """5 steps, a checkpoint every 2, a crash in step 4 (after step 3 was logged), --resume."""
-    from fastmid.train import train
+    from fastmid.recipe.train import train
     from tests.fastmid._runs import RECORDS, tiny_cfg, write_jsonl
 
     data = write_jsonl(tmp_path / "train.jsonl", RECORDS)

@@ -28,8 +28,8 @@ def test_quantized_training_saves_an_adapter_that_evaluates_and_merges(
     method: str, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ):
     from fastmid import load_adapter, merge
-    from fastmid.models import load_model
-    from fastmid.quantize import QuantizedWeight, quantize_frozen
+    from fastmid.engine.models import load_model
+    from fastmid.engine.quantize import QuantizedWeight, quantize_frozen
 
     data = write_jsonl(tmp_path / "train.jsonl", RECORDS[:24])
     held = write_jsonl(tmp_path / "held.jsonl", RECORDS[24:27])
@@ -79,7 +79,7 @@ def test_quantized_training_saves_an_adapter_that_evaluates_and_merges(
 def test_quantize_user_errors_are_one_line_and_write_nothing(
     extra: list[str], message: str, model_dir: Path, tmp_path: Path, capsys, monkeypatch
 ):
-    from fastmid import quantize
+    from fastmid.engine import quantize
 
     if "{no torchao}" in extra:  # NF4 quantizes through torchao, an optional extra
         monkeypatch.setattr(quantize, "import_torchao_quietly", lambda: None)

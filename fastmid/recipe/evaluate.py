@@ -21,11 +21,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from fastmid.data import IGNORE_INDEX, QA_PROMPT, Example, bundled_path, load_records
+from fastmid.engine.loss import IGNORE_INDEX
+from fastmid.engine.quantize import QUANTIZE_METHODS
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
-from fastmid.heldout import answer_nll
-from fastmid.midblock import QUANTIZE_METHODS
+from fastmid.recipe.data import QA_PROMPT, Example, bundled_path, load_records
+from fastmid.recipe.heldout import answer_nll
 
 _NUMBER = re.compile(r"-?[\d,]*\d\.?\d*")
 
@@ -229,8 +230,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``fastmid eval``: print accuracy (and perplexity); optionally write predictions."""
-    from fastmid.models import load_model, resolve_dtype
-    from fastmid.quantize import quantize_frozen
+    from fastmid.engine.models import load_model, resolve_dtype
+    from fastmid.engine.quantize import quantize_frozen
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be positive, got {args.limit}")
@@ -248,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     if torch.cuda.is_available():
         model.to("cuda")
     if args.adapter is not None:
-        from fastmid.adapters import load_adapter
+        from fastmid.engine.adapters import load_adapter
 
         load_adapter(model, args.adapter)
     quantize_frozen(model, args.quantize)

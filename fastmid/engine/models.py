@@ -167,7 +167,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> t
     # print their own progress, and keep stderr for errors.
     hf_logging.disable_progress_bar()
 
-    from fastmid.quantize import import_torchao_quietly
+    from fastmid.engine.quantize import import_torchao_quietly
 
     import_torchao_quietly()  # before transformers imports it, and logs CUDA-only noise
     if spec is None:
@@ -248,8 +248,8 @@ def prepare_model(model: Any, cfg: Any, device: torch.device) -> Any:
     """
     from importlib.util import find_spec
 
-    from fastmid.attention import enable_varlen_attention
-    from fastmid.midblock import apply_midblock
+    from fastmid.engine.attention import enable_varlen_attention
+    from fastmid.engine.midblock import apply_midblock
 
     apply_midblock(model, cfg)
     half = model.dtype in (torch.bfloat16, torch.float16)
