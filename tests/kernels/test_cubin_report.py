@@ -95,7 +95,7 @@ def test_refuses_to_run_under_the_interpreter():
 # @triton.jit kernels that cubin_report does not compile, and why.
 NOT_REPORTED = {
     # Materialises the dropout mask for the tests' references; no GEMM, never launched in
-    # training (the GEMMs draw the same mask in-kernel).
+    # training (the masked products draw the same mask in-kernel).
     "_keep_mask_kernel",
 }
 
@@ -109,7 +109,7 @@ def test_registry_covers_every_kernel_module():
     kernels = {
         name for p in package.glob("*.py") for name in jit.findall(p.read_text(encoding="utf-8"))
     }
-    assert "_main_kernel" in kernels and "_nf4_matmul_kernel" in kernels
+    assert "_thin_kernel" in kernels and "_nf4_matmul_kernel" in kernels
     compiled = {t.fn.__name__ for t in targets()}
     assert compiled == kernels - NOT_REPORTED
     # An op module is one that declares its launches (INSPECT_TARGETS at module level).
