@@ -32,6 +32,8 @@ import torch
 from fastmid.engine.loss import IGNORE_INDEX
 from fastmid.errors import UserError
 
+# Record formats: qa = the paper's prompt and answer; chat = the tokenizer's chat template.
+FORMATS = ("qa", "chat")
 QA_PROMPT = "Question: {question}\nAnswer:"
 _BUNDLED = {"train": "gsm_train.jsonl", "test": "gsm_test.jsonl", "heldout": "heldout.txt"}
 
@@ -490,7 +492,7 @@ def tokenize_records(
     ``"all"`` on every token after the first, as the paper does. Examples left with no loss
     token after truncation are dropped; UserError if none remain.
     """
-    if fmt not in ("qa", "chat"):
+    if fmt not in FORMATS:
         raise UserError(f"unknown data format {fmt!r}; expected qa or chat")
     if loss_on not in ("response", "all"):
         raise UserError(f"unknown loss_on {loss_on!r}; expected response or all")

@@ -42,6 +42,7 @@ from fastmid.recipe.data import (
 )
 from fastmid.recipe.distributed import log
 from fastmid.recipe.heldout import answer_nll
+from fastmid.recipe.inputs import add_data_argument, add_model_argument
 
 _NUMBER = re.compile(r"-?[\d,]*\d\.?\d*")
 
@@ -316,19 +317,13 @@ def _format_eval(result: dict[str, float]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``fastmid eval``."""
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="HF dir, .gguf or hub id (default: the embedded SmolLM2-135M-Instruct)",
-    )
+    add_model_argument(parser)
     parser.add_argument(
         "--adapter",
         default=None,
         help="adapter directory to load, PEFT format (default: none, the base model alone)",
     )
-    parser.add_argument(
-        "--data", default=None, help="JSONL test records (default: the bundled test split)"
-    )
+    add_data_argument(parser, "test", records="JSONL test records")
     parser.add_argument(
         "--limit", type=int, default=None, help="evaluate the first N records (default: all)"
     )
