@@ -28,11 +28,38 @@ from fastmid.engine.midblock import PAPER_BAND
 
 
 def real_configs() -> dict[str, Any]:
-    """Published architectures of the models the paper tunes (and Llama-3-8B), as HF configs."""
+    """Published architectures of the models the paper tunes, the embedded default's
+    (SmolLM2-135M) and two Llamas, as HF configs."""
     from transformers import LlamaConfig, Olmo2Config
 
     olmo = dict(vocab_size=100352, max_position_embeddings=4096, rope_theta=500000.0)
     return {
+        "SmolLM2-135M": LlamaConfig(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=8192,
+            rope_theta=100000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+        ),
+        # Without the llama3 RoPE scaling of the release: it changes no shape and no cost.
+        "Llama-3.2-1B": LlamaConfig(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+        ),
         "OLMo2-1B": Olmo2Config(
             hidden_size=2048,
             intermediate_size=8192,

@@ -87,6 +87,12 @@ class TrainConfig:
 
     # LoRA placement and shape (band, targets, rank, alpha, dropout, ...).
     midblock: MidBlockConfig = field(default_factory=MidBlockConfig)
+    max_quality_gap: float = option(
+        0.1,
+        "--band auto trains all layers when the best window gives up more than this share of "
+        "the all-layer held-out loss reduction in the same short probe runs (0.1: the band must "
+        "keep nine tenths of it; 1: always a band)",
+    )
 
     precision: str = option(
         "auto",
@@ -214,6 +220,8 @@ class TrainConfig:
             _at_least_zero("warmup_steps", self.warmup_steps)
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.max_quality_gap <= 1:
+            raise UserError(f"max_quality_gap must be in [0, 1], got {self.max_quality_gap}")
         _positive("batch_tokens", self.batch_tokens)
         if self.batch_tokens < self.max_length:
             raise UserError(

@@ -92,7 +92,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     heldout = HeldoutLoss.build(cfg, loss_records, tokenizer)
     adapter_cfg, band_reason = choose_band(
-        cfg.midblock, cfg.lr, model, tokenizer, examples, rt.autocast
+        cfg.midblock, cfg.lr, cfg.max_quality_gap, model, tokenizer, examples, rt.autocast
     )
     # FSDP shards each linear's own weight; fused groups read a concatenated copy.
     fuse = adapter_cfg.fuse_groups and parallel != "fsdp"
@@ -250,21 +250,27 @@ def seed_everything(seed: int) -> None:
 def choose_band(
     cfg: MidBlockConfig,
     lr: float,
+    max_quality_gap: float,
     model: nn.Module,
     tokenizer: Any,
     examples: list[Example],
     autocast: Callable[[], contextlib.AbstractContextManager],
 ) -> tuple[MidBlockConfig, str | None]:
     """``cfg`` as given, or with the band "auto" picks on the untuned model (short probe runs of
-    candidate windows with this run's adapters and learning rate ``lr``), and its reason."""
+    candidate windows with this run's adapters and learning rate ``lr``; all layers when the best
+    window gives up more than ``max_quality_gap`` of the all-layer gain), and its reason."""
     if cfg.band != "auto":
         return cfg, None
     from fastmid.recipe.bandgain import WINDOW_STEPS, choose_auto_band
 
     log(f"choosing the band: candidate windows, each tuned for {WINDOW_STEPS} steps ...")
     with autocast():
-        layers, info = choose_auto_band(model, tokenizer, examples, adapter=cfg, lr=lr)
+        layers, info = choose_auto_band(
+            model, tokenizer, examples, adapter=cfg, lr=lr, max_quality_gap=max_quality_gap
+        )
     reason = str(info.get("reason", ""))
+    if "tradeoff_line" in info:
+        log(info["tradeoff_line"])
     log(f"band auto → layers {layers[0]}-{layers[-1]}: {reason}")
     return dataclasses.replace(cfg, band=list(layers)), reason
 
@@ -403,7 +409,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  accuracy    {acc}")
     ppl = arrow("heldout_ppl", ".2f")
     if ppl:
-        lines.append(f"  held-out ppl {ppl}")
+        # Perplexity on general text the run never saw: its rise is what tuning cost the
+        # model elsewhere (forgetting), the price paid for the gain above.
+        before, after = summary["eval_before"]["heldout_ppl"], summary["eval_after"]["heldout_ppl"]
+        lines.append(f"  forgetting  held-out perplexity {ppl} ({after / before - 1:+.1%})")
     lines.append(f"  throughput  {summary['tokens_per_s']:,.0f} tok/s")
     if summary.get("compile_seconds"):
         lines.append(f"  compile     {summary['compile_seconds']:.0f} s (in the first steps)")

@@ -317,3 +317,20 @@ def test_bundled_problems_are_correct_multi_step_and_disjoint() -> None:
         assert final == f"#### {calcs[-1][0][3]}"
         steps.add(len(lines))
     assert steps >= {1, 2, 3, 4}
+
+
+def test_synth_makes_a_second_independent_set_from_other_seeds(tmp_path: Path) -> None:
+    assert synth.main(["--out", str(tmp_path), "--seeds", "4321", "8765"]) == 0
+    bundled = {
+        json.loads(line)["question"]
+        for split in ("train", "test")
+        for line in (synth.RESOURCES / f"gsm_{split}.jsonl").read_text().splitlines()
+    }
+    fresh = [json.loads(x) for x in (tmp_path / "gsm_train.jsonl").read_text().splitlines()]
+    test = [json.loads(x) for x in (tmp_path / "gsm_test.jsonl").read_text().splitlines()]
+    assert (len(fresh), len(test)) == (synth.TRAIN_SIZE, synth.TEST_SIZE)
+    # Mostly new problems (a few short ones can coincide), none shared between its splits.
+    overlap = sum(r["question"] in bundled for r in fresh) / len(fresh)
+    assert overlap < 0.05
+    assert not {r["question"] for r in test} & {r["question"] for r in fresh}
+    assert synth.splits(4321, 8765)["train"] == fresh

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -170,7 +171,9 @@ def test_crash_after_a_periodic_checkpoint_resumes_exactly(
     ]
 
 
-def test_band_auto_and_equalized_updates(model_dir: Path, train_file: Path, tmp_path: Path):
+def test_band_auto_and_equalized_updates(
+    model_dir: Path, train_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
     import yaml
     from transformers import AutoModelForCausalLM
 
@@ -184,6 +187,12 @@ def test_band_auto_and_equalized_updates(model_dir: Path, train_file: Path, tmp_
     assert summary["resolved"]["band_reason"]
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["band"] == ",".join(map(str, layers))  # "auto" recorded as what it chose
+    # The user sees what the band costs against all layers before the run trains.
+    (tradeoff,) = [x for x in capsys.readouterr().out.splitlines() if "band trade-off" in x]
+    assert re.search(r"keep -?\d+% of the all-layer held-out gain \(gives up \d+%", tradeoff)
+    assert tradeoff.endswith(f"→ training layers {layers[0]}-{layers[-1]}") or (
+        tradeoff.endswith("→ training all layers") and len(layers) == 10
+    )
 
     # One equalized step from B = 0: every layer moved by the same ||ΔW|| / ||W||.
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -377,3 +386,20 @@ def test_interrupted_run_with_evaluation_resumes_to_the_same_summary_and_predict
     assert len(predictions.splitlines()) == 3
     assert (resumed / "predictions.jsonl").read_text() == predictions
     assert json.loads((resumed / "summary.json").read_text())["eval_before"] == want["eval_before"]
+
+
+def test_the_summary_states_the_perplexity_change_as_forgetting():
+    from fastmid.recipe.train import format_summary
+
+    summary = {
+        "loss_first": 1.28,
+        "loss_last": 0.18,
+        "eval_before": {"accuracy": 0.062, "heldout_ppl": 42.3},
+        "eval_after": {"accuracy": 0.219, "heldout_ppl": 47.2},
+        "tokens_per_s": 371.0,
+        "wall_seconds": 158.0,
+        "adapter": "fastmid-out/adapter",
+    }
+    lines = format_summary(summary).splitlines()
+    assert "  forgetting  held-out perplexity 42.30 → 47.20 (+11.6%)" in lines
+    assert "  accuracy    0.062 → 0.219" in lines
