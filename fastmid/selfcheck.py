@@ -9,7 +9,7 @@ On a CUDA machine (one GPU: a few minutes) it runs, in order:
   composition (PEFT-style), forward + backward, at 1B / 7B / 8B layer shapes: ms, TFLOP/s, %
   of the device's bf16 peak, speed-up;
 - a 30-step ``fastmid train`` of the embedded model, its peak memory next to the FakeTensor
-  estimate of `bench/estimate.py` when that is importable (a source checkout);
+  estimate of `fastmid.recipe.estimate` (and the micro-batch `--batch-tokens auto` chose);
 - with two or more GPUs, a 2-process DDP step against one process;
 - the ahead-of-time compile report (`fastmid.kernels.cubin_report`) for sm_80 and sm_90.
 
@@ -328,34 +328,24 @@ def check_train(model: str | None = None, steps: int = 30) -> Section:
         "flash_attn": _installed("flash_attn"),
         "liger_kernel": _installed("liger_kernel"),
     }
-    estimate = _fake_estimate(cfg)
-    if estimate is not None:
-        row["estimate_gib"] = round(estimate, 3)
+    estimate = _fake_estimate(cfg, summary["resolved"]["batch_tokens"])
+    row["estimate_gib"] = round(estimate, 3)
     ok = summary["steps"] == steps and math.isfinite(summary["loss_last"])
     detail = f"{summary['steps']} steps, loss {summary['loss_first']:.3f} → "
     detail += f"{summary['loss_last']:.3f}, peak {peak:.2f} GiB"
-    detail += f" (FakeTensor estimate {estimate:.2f} GiB)" if estimate is not None else ""
+    detail += f" (FakeTensor estimate {estimate:.2f} GiB)"
     return Section("train", "pass" if ok else "fail", detail, rows=[row])
 
 
-def _fake_estimate(cfg: Any) -> float | None:
-    """The FakeTensor estimate of one step of this run, when bench/ is importable."""
-    sys.path.insert(0, str(REPO_ROOT))
-    try:
-        from bench.estimate import estimate_peak
-    except ImportError:
-        return None
-    finally:
-        sys.path.pop(0)
+def _fake_estimate(cfg: Any, batch_tokens: int) -> float:
+    """The FakeTensor estimate of one step of this run (micro-batches of ``batch_tokens``)."""
     from transformers import AutoConfig
 
     from fastmid.engine.models import default_model_dir
+    from fastmid.recipe.estimate import FastmidStepTracer
 
     config = AutoConfig.from_pretrained(cfg.model or default_model_dir())
-    seq_len = cfg.max_length
-    est = estimate_peak(config, "fastmid", batch_size=max(1, cfg.batch_tokens // seq_len),
-                        seq_len=seq_len)  # fmt: skip
-    return est.peak / 2**30
+    return FastmidStepTracer(config, cfg.midblock)(batch_tokens, cfg.max_length).peak / 2**30
 
 
 def check_ddp() -> Section:

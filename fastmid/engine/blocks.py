@@ -9,6 +9,7 @@ sit above them and never in a circle with them.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -77,6 +78,12 @@ class _WrappedForward:
             inner = self.inner or type(self.module).forward.__get__(self.module)
             self.run = self.make(self.module, inner)
         return self.run(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        # Callers that inspect ``model.forward`` (Trainer's unused-column filter, generate's
+        # kwargs check) see the parameters of the forward it wraps, not (*args, **kwargs).
+        return inspect.signature(self.inner or type(self.module).forward.__get__(self.module))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _WrappedForward:
         # The module's copy is in `memo` already: copy registers it before copying its state.

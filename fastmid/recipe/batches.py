@@ -83,7 +83,7 @@ class EpochBatches:
 
     def epoch(self, epoch: int) -> list[list[int]]:
         if self._cached is None or self._cached[0] != epoch:
-            bins = pack_batches(self._examples, self._batch_tokens, seed=self._seed + epoch)
+            bins = pack_batches(self._examples, self._batch_tokens, self._seed, epoch=epoch)
             self._cached = (epoch, bins)
         return self._cached[1]
 

@@ -38,7 +38,7 @@ from fastmid.recipe.checkpoint import (
     remove_checkpoint,
     save_checkpoint,
 )
-from fastmid.recipe.config import TrainConfig, may_change_on_resume, save_yaml
+from fastmid.recipe.config import AUTO_BATCH, TrainConfig, may_change_on_resume, save_yaml
 from fastmid.recipe.distributed import log
 from fastmid.recipe.metrics import Progress, save_curve, truncate_metrics
 
@@ -87,8 +87,10 @@ def read_resume_point(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
 def check_resume_compatible(cfg: TrainConfig, saved: dict[str, Any]) -> None:
     """A --resume must train what the checkpoint trained (logging and eval may change)."""
     now = cfg.to_dict()
+    # batch_tokens auto takes the checkpoint's sizes (train.resolve_batch), whatever it chose then.
+    chosen = ("batch_tokens", "grad_accum") if cfg.batch_tokens == AUTO_BATCH else ()
     for key, value in saved.items():
-        if may_change_on_resume(key) or key not in now:
+        if may_change_on_resume(key) or key not in now or key in chosen:
             continue
         if now[key] != value:
             raise UserError(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -17,11 +19,15 @@ from fastmid.errors import UserError
 from fastmid.recipe import synth
 from fastmid.recipe.data import (
     Example,
+    TokenizedExamples,
+    batch_to,
     bundled_path,
     collate_packed,
     collate_padded,
     load_records,
     pack_batches,
+    records_fingerprint,
+    split_records,
     tokenize_records,
 )
 
@@ -195,11 +201,117 @@ def test_chat_format_from_question_answer_and_errors() -> None:
         tokenize_records([{"question": "q", "answer": "a"}], tok, fmt="chat")
 
 
+def _alone(records: list[dict], tok: PreTrainedTokenizerFast, **settings: object) -> list[Example]:
+    """Each record tokenized by itself; those left without a label are skipped."""
+    out = []
+    for record in records:
+        with contextlib.suppress(UserError):
+            out.extend(tokenize_records([record], tok, **settings))
+    return out
+
+
+def test_batched_tokenization_matches_one_record_at_a_time() -> None:
+    tok = tiny_tokenizer()
+    records = list(load_records(bundled_path("train"))[:40])
+    for fmt, loss_on in [("qa", "response"), ("chat", "response"), ("qa", "all")]:
+        settings = {"fmt": fmt, "max_length": 96, "loss_on": loss_on}
+        together = tokenize_records(records, tok, **settings)
+        alone = _alone(records, tok, **settings)
+        assert list(together) == alone
+        assert together.num_loss_tokens() == sum(e.num_loss_tokens for e in alone)
+        pair = alone[3].num_loss_tokens + alone[7].num_loss_tokens
+        assert together.num_loss_tokens([3, 7]) == pair
+        assert together.lengths.tolist() == [len(e) for e in alone]
+    # Some records lost their whole response to truncation at 96 tokens, and are dropped.
+    assert len(_alone(records, tok, max_length=96)) < len(records)
+    assert TokenizedExamples.from_examples(alone)[5] == alone[5]
+
+
+class _CountingTokenizer:
+    """A tokenizer that counts its encode calls and otherwise is ``tok``."""
+
+    def __init__(self, tok: PreTrainedTokenizerFast) -> None:
+        self.tok, self.calls = tok, 0
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        self.calls += 1
+        return self.tok(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.tok, name)
+
+
+def test_tokenized_data_is_cached_by_content_tokenizer_and_settings(tmp_path: Path) -> None:
+    lines = bundled_path("train").read_text().splitlines()[:30]
+    path = _write(tmp_path, "\n".join(lines) + "\n")
+    cache = tmp_path / "cache"
+    spy = _CountingTokenizer(tiny_tokenizer())
+
+    def tokenize(records: object = None, tokenizer: object = spy, **settings: object) -> object:
+        records = load_records(path) if records is None else records
+        return tokenize_records(records, tokenizer, max_length=64, cache_dir=cache, **settings)
+
+    first = tokenize()
+    assert spy.calls > 0 and len(list(cache.iterdir())) == 1
+    spy.calls = 0
+    again = tokenize()
+    assert spy.calls == 0  # a hit: loaded from the .npy files, no tokenizer call
+    assert isinstance(again.ids, np.memmap) and list(again) == list(first)
+    # Any setting, the tokenizer or the file's bytes changing is a miss with its own entry.
+    for change in [
+        {"max_length": 48},
+        {"loss_on": "all"},
+        {"fmt": "chat"},
+    ]:
+        settings = {"max_length": 64, **change}
+        max_length = settings.pop("max_length")
+        spy.calls = 0
+        tokenize_records(
+            load_records(path), spy, max_length=max_length, cache_dir=cache, **settings
+        )
+        assert spy.calls > 0
+    other = tiny_tokenizer()
+    other.chat_template = CHATML.replace("<|im_start|>", "<|im_start|> ")
+    other_spy = _CountingTokenizer(other)
+    tokenize(tokenizer=other_spy)
+    assert other_spy.calls > 0
+    assert len(list(cache.iterdir())) == 5
+    spy.calls = 0
+    path.write_text("\n".join(lines[:-1]) + "\n")
+    tokenize()
+    assert spy.calls > 0 and len(list(cache.iterdir())) == 6
+    # A cache location that cannot be written is skipped, not an error.
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    kept = tokenize_records(load_records(path), spy, max_length=64, cache_dir=blocked / "cache")
+    assert len(kept) == len(tokenize())
+    # Records made in memory have no content fingerprint and are not cached.
+    before = sorted(cache.iterdir())
+    tokenize(records=[{"question": "q", "answer": "#### 1"}])
+    assert sorted(cache.iterdir()) == before
+
+
+def test_a_split_of_the_records_has_its_own_cache_entry(tmp_path: Path) -> None:
+    path = _write(tmp_path, "\n".join(bundled_path("train").read_text().splitlines()[:20]))
+    records = load_records(path)
+    train_a, held_a = split_records(records, 0.25, seed=1)
+    train_b, _ = split_records(records, 0.25, seed=2)
+    prints = {records_fingerprint(r) for r in (records, train_a, held_a, train_b)}
+    assert None not in prints and len(prints) == 4
+    assert records_fingerprint(split_records(load_records(path), 0.25, seed=1)[0]) == (
+        records_fingerprint(train_a)
+    )
+
+
 # ---------------------------------------------------------------- packing and collation
 
 
 def _examples(lengths: list[int]) -> list[Example]:
     return [Example(list(range(n)), [*range(1, n), IGNORE_INDEX]) for n in lengths]
+
+
+def _compositions(batches: list[list[int]]) -> set[tuple[int, ...]]:
+    return {tuple(b) for b in batches}
 
 
 def test_pack_batches_respects_budget_and_is_deterministic() -> None:
@@ -208,16 +320,47 @@ def test_pack_batches_respects_budget_and_is_deterministic() -> None:
     batches = pack_batches(examples, max_tokens=256, seed=3)
     assert sorted(i for b in batches for i in b) == list(range(200))
     assert all(sum(lengths[i] for i in b) <= 256 for b in batches)
-    # First-fit decreasing wastes little: within one batch of the lower bound.
+    assert all(b == sorted(b) for b in batches)
+    # Best-fit decreasing wastes little: within one batch of the lower bound.
     assert len(batches) <= -(-sum(lengths) // 256) + 1
     assert pack_batches(examples, 256, seed=3) == batches
-    other = pack_batches(examples, 256, seed=4)
-    assert other != batches and sorted(map(sorted, other)) == sorted(map(sorted, batches))
     assert pack_batches(examples, 256, seed=3, shuffle=False) == pack_batches(
         examples, 256, seed=99, shuffle=False
     )
     with pytest.raises(UserError, match="more than the batch budget"):
         pack_batches(examples, max_tokens=50, seed=0)
+
+
+def test_seeds_and_epochs_change_which_examples_share_a_batch() -> None:
+    gen = np.random.default_rng(0)
+    lengths = gen.integers(20, 200, size=3000).tolist()
+    flat = TokenizedExamples(
+        np.zeros(sum(lengths), np.int32),
+        np.ones(sum(lengths), np.bool_),
+        np.concatenate(([0], np.cumsum(lengths))),
+    )
+    base = pack_batches(flat, 2048, seed=0, epoch=0)
+    same = _compositions(base)
+    for seed, epoch in [(1, 0), (0, 1)]:
+        other = pack_batches(flat, 2048, seed=seed, epoch=epoch)
+        # Another seed or epoch: the same number of batches, few of them with the same members.
+        assert len(other) == len(base)
+        assert len(_compositions(other) & same) < len(base) // 10
+        assert sorted(i for b in other for i in b) == list(range(3000))
+        assert all(sum(lengths[i] for i in b) <= 2048 for b in other)
+    assert pack_batches(flat, 2048, seed=0, epoch=0) == base
+    # 3000 examples over 181 lengths are rounded to 2 tokens; little is wasted.
+    assert len(base) <= -(-sum(lengths) // 2048) * 1.03 + 1
+    # The flat arrays and a list of Examples of the same lengths pack alike.
+    assert pack_batches(_examples(lengths), 2048, seed=0, epoch=0) == base
+
+
+def test_one_example_per_bin_when_each_fills_the_budget() -> None:
+    # Budget 1031 → 2-token units, 515 of them: 1031 tokens round to 516 units, past the
+    # capacity, and still fill a bin alone; 1028 + 2 tokens share one.
+    lengths = [1031, 1028, 2, 1030]
+    batches = pack_batches(_examples(lengths), 1031, seed=0)
+    assert sorted(map(sorted, batches)) == [[0], [1, 2], [3]]
 
 
 def test_collators_shapes_positions_and_targets() -> None:
@@ -226,11 +369,26 @@ def test_collators_shapes_positions_and_targets() -> None:
     assert packed["input_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
     assert packed["targets"].tolist() == [[1, 2, IGNORE_INDEX, 1, 2, 3, 4, IGNORE_INDEX]]
+    # Host-side metadata: example boundaries for varlen attention, label positions for the head.
+    assert packed["cu_seqlens"].dtype == torch.int32
+    assert packed["cu_seqlens"].tolist() == [0, 3, 8]
+    assert packed["label_index"].tolist() == [0, 1, 3, 4, 5, 6]
     padded = collate_padded([a, b], pad_id=9)
     assert padded["input_ids"].tolist() == [[0, 1, 2, 9, 9], [0, 1, 2, 3, 4]]
     assert padded["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert padded["targets"][0].tolist() == [1, 2, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
     assert padded["position_ids"][1].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_cu_seqlens_of_uneven_examples_and_batch_to_keeps_them_on_the_host() -> None:
+    examples = _examples([4, 1, 6, 4])
+    batch = collate_packed(examples)
+    assert batch["cu_seqlens"].tolist() == [0, 4, 5, 11, 15]
+    # The one-token example has no label (its only target is the shifted-away -100).
+    assert batch["label_index"].tolist() == [0, 1, 2, 5, 6, 7, 8, 9, 11, 12, 13]
+    moved = batch_to(batch, "meta")
+    assert moved["cu_seqlens"] is batch["cu_seqlens"]
+    assert {k for k, v in moved.items() if v.is_meta} == set(batch) - {"cu_seqlens"}
 
 
 def _packed_and_alone(model: torch.nn.Module, use_cache: bool, restart: bool) -> float:
