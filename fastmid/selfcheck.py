@@ -1,7 +1,8 @@
 """``fastmid selfcheck``: prove the kernels' execution path on this machine in one command.
 
 On a CUDA machine (one GPU: a few minutes) it runs, in order:
-- the CUDA-marked tests (``pytest -m gpu``, when the source checkout's tests are present);
+- the CUDA-marked tests (``pytest -m gpu``, when the source checkout's tests are present; any
+  skipped one makes the section "not checked");
 - every op in bf16 and fp16 against an fp64 reference at real layer shapes (hidden 576 to
   5120, ranks 16-128, up to 16k tokens), forward and every gradient, with dropout on, under
   the kernel tests' tolerance rule (`fastmid.kernels.tolerance`);
@@ -196,19 +197,38 @@ def check_numerics(cuda: bool, quick: bool) -> Section:
 # --------------------------------------------------------------------------------------------
 
 
-def check_gpu_tests() -> Section:
-    tests = REPO_ROOT / "tests"
+def check_gpu_tests(tests: Path = REPO_ROOT / "tests") -> Section:
+    """``pytest -m gpu`` over ``tests``: a pass only when every GPU test ran and passed. A
+    skipped test (a missing package such as liger_kernel) checked nothing, so any skip makes
+    the section "not checked", with the reasons."""
+    import xml.etree.ElementTree as ET
+
     if not tests.is_dir():
         return Section("gpu tests", "not checked", "the source checkout's tests/ is not present")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(tests)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr
-    return Section("gpu tests", "pass" if proc.returncode == 0 else "fail", summary)
+    with tempfile.TemporaryDirectory() as tmp:
+        junit = Path(tmp) / "gpu-tests.xml"
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-m", "gpu", f"--junitxml={junit}", str(tests)],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        cases = ET.parse(junit).getroot().iter("testcase") if junit.exists() else iter(())
+        outcomes = [(c.find("failure"), c.find("error"), c.find("skipped")) for c in cases]
+    failed = sum(f is not None or e is not None for f, e, _ in outcomes)
+    skips = [s for f, e, s in outcomes if s is not None and f is None and e is None]
+    passed = len(outcomes) - failed - len(skips)
+    if failed or proc.returncode not in (0, 5):  # 5: nothing collected
+        lines = (proc.stdout.strip() or proc.stderr.strip() or "no output").splitlines()
+        return Section("gpu tests", "fail", f"{failed} failed, {passed} passed: {lines[-1]}")
+    if not outcomes:
+        return Section("gpu tests", "not checked", "no GPU test was collected")
+    if skips:
+        reasons = sorted({s.get("message", "").strip() for s in skips})
+        detail = f"{passed} passed, {len(skips)} skipped: {'; '.join(reasons)}"
+        return Section("gpu tests", "not checked", detail)
+    return Section("gpu tests", "pass", f"{passed} passed")
 
 
 # (model, hidden, (q, k, v) sizes, intermediate) of the benchmarked layers.

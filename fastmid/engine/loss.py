@@ -95,7 +95,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         )
 
 
-def _liger_loss() -> Any:
+def _liger_loss(device: torch.device) -> Any:
+    """Liger's fused linear cross-entropy module class where it runs: CUDA, liger_kernel."""
+    if device.type != "cuda":
+        return None
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError:
@@ -123,11 +126,10 @@ def linear_cross_entropy(
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         return F.cross_entropy(logits, labels, reduction="sum")
-    if hidden.is_cuda:
-        liger = _liger_loss()
-        if liger is not None:
-            loss_fn = liger(ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap)
-            return loss_fn(head.weight, hidden, labels, head.bias)
+    liger = _liger_loss(hidden.device)
+    if liger is not None:
+        loss_fn = liger(ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap)
+        return loss_fn(head.weight, hidden, labels, head.bias)
     if hidden.shape[0] == 0:
         # Nothing to predict: a zero that still belongs to the graph (backward gives zeros).
         return hidden.float().sum() * 0.0

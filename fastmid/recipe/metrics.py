@@ -104,7 +104,9 @@ class MetricsWindow:
         self.heldout = heldout
         # Only rank 0 reports to a tracker, as it alone writes metrics.jsonl.
         self.tracker = tracking.make_tracker(
-            cfg.report_to if distributed.is_main() else "none", out
+            cfg.report_to if distributed.is_main() else "none",
+            out,
+            resumed_at=progress.step if cfg.resume else None,
         )
         self.tracker.open({**cfg.to_dict(), "resolved": resolved})
         first_step = progress.step

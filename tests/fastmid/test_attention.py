@@ -285,8 +285,16 @@ def test_masks_and_positions_made_in_inference_mode_are_read_without_a_cache() -
         want = ref(input_ids=ids, attention_mask=mask, use_cache=False).logits
         got = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         packed_ids, pos = _packed(LENGTHS)
-        model(input_ids=packed_ids, position_ids=pos, use_cache=False)
+        packed = model(input_ids=packed_ids, position_ids=pos, use_cache=False).logits
+        ends = torch.tensor(LENGTHS).cumsum(0).tolist()
+        alone = [
+            ref(input_ids=packed_ids[:, end - n : end], use_cache=False).logits
+            for n, end in zip(LENGTHS, ends, strict=True)
+        ]
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()])
+    # The packed batch's block-diagonal mask built under inference mode too: each example's
+    # logits are those of the example run alone.
+    torch.testing.assert_close(packed, torch.cat(alone, dim=1))
 
 
 # --------------------------------------------------------------------------------------------
