@@ -47,6 +47,8 @@ from fastmid.engine.loss import IGNORE_INDEX
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
 
+# Record formats: qa = the paper's prompt and answer; chat = the tokenizer's chat template.
+FORMATS = ("qa", "chat")
 QA_PROMPT = "Question: {question}\nAnswer:"
 _BUNDLED = {"train": "gsm_train.jsonl", "test": "gsm_test.jsonl", "heldout": "heldout.txt"}
 
@@ -804,7 +806,7 @@ def tokenize_records(
     stored there under a hash of the records, the tokenizer and these settings, and a later
     call with the same ones loads it memory-mapped without calling the tokenizer.
     """
-    if fmt not in ("qa", "chat"):
+    if fmt not in FORMATS:
         raise UserError(f"unknown data format {fmt!r}; expected qa or chat")
     if loss_on not in ("response", "all"):
         raise UserError(f"unknown loss_on {loss_on!r}; expected response or all")

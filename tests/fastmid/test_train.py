@@ -19,8 +19,9 @@ import torch
 import fastmid.recipe.train as train_mod
 from fastmid.errors import UserError
 from fastmid.recipe import data
+from fastmid.recipe.batches import lr_lambda
 from fastmid.recipe.config import build_config
-from fastmid.recipe.train import forward_loss, lr_lambda, train
+from fastmid.recipe.train import forward_loss, train
 from tests.fastmid._runs import (
     RECORDS,
     as_flags,
