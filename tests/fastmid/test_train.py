@@ -413,6 +413,8 @@ def test_the_summary_states_the_perplexity_change_as_forgetting():
 def test_a_second_run_on_the_same_file_takes_its_tokens_from_the_cache(
     model_dir: Path, train_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
+    from fastmid.recipe import evaluate as recipe_evaluate
+
     monkeypatch.setenv("FASTMID_CACHE", str(tmp_path / "cache"))
     calls = {"parse": 0, "encode": 0}
     splits: list[list[list[int]]] = []
@@ -433,7 +435,8 @@ def test_a_second_run_on_the_same_file_takes_its_tokens_from_the_cache(
 
     monkeypatch.setattr(data, "_parse_jsonl", parse)
     monkeypatch.setattr(data, "_encode_qa", encode)
-    monkeypatch.setattr(data, "split_records", split)
+    # The held-out split is taken where the recipe's evaluation step takes it.
+    monkeypatch.setattr(recipe_evaluate, "split_records", split)
 
     def run(name: str) -> tuple[list[float], list[float], dict]:
         out = tmp_path / name
