@@ -41,6 +41,7 @@ from fastmid.data import IGNORE_INDEX
 from fastmid.errors import UserError
 from fastmid.fileio import replace_atomic
 from fastmid.midblock import QUANTIZE_METHODS
+from fastmid.outdir import holds_output_dir
 
 __all__ = [
     "COLUMNS",
@@ -477,8 +478,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@holds_output_dir(lambda args: args.output_dir)
 def run(args: argparse.Namespace) -> int:
     """``fastmid analyze``: compute the table, write CSV + JSON + PNG, print the table."""
+    from fastmid.adapters import resolve_adapter_dir
     from fastmid.data import bundled_path, load_records, tokenize_records
     from fastmid.midblock import parse_band
     from fastmid.models import load_model
@@ -491,8 +494,7 @@ def run(args: argparse.Namespace) -> int:
     tuned_path = Path(args.tuned)
     if not tuned_path.exists():
         raise UserError(f"--tuned not found: {args.tuned}")
-    if not is_adapter_dir(tuned_path) and is_adapter_dir(tuned_path / "adapter"):
-        tuned_path = tuned_path / "adapter"  # the output dir of a `fastmid train` run
+    tuned_path = resolve_adapter_dir(tuned_path)
     band = None
     if args.band is not None:
         band = parse_band(args.band)

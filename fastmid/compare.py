@@ -48,6 +48,7 @@ from fastmid.config import TrainConfig, build_config, config_fields, parse_band
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
 from fastmid.options import add_field_arguments
+from fastmid.outdir import holds_output_dir, user_entries
 
 PLACEMENTS = ("bottom", "middle", "top", "all", "auto")
 ALPHA_POLICIES = ("fixed", "ratio", "rslora")
@@ -794,7 +795,7 @@ def compare(
                 f"{out} holds a compare with other settings; pass --overwrite to start over "
                 "or use another --output-dir"
             )
-    elif out.is_dir() and any(out.iterdir()) and not stamp.exists() and not overwrite:
+    elif user_entries(out) and not stamp.exists() and not overwrite:
         raise UserError(f"output dir {out} is not empty; pass --overwrite or use another")
     if overwrite:
         for entry in (
@@ -982,6 +983,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@holds_output_dir(lambda args: args.output_dir)
 def run(args: argparse.Namespace) -> int:
     """``fastmid compare``: train every placement, evaluate, write the table, plot, verdict."""
     from transformers.utils import logging as hf_logging

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -61,6 +62,7 @@ from fastmid.fileio import write_bytes_atomic, write_text_atomic
 from fastmid.loss import forward_loss
 from fastmid.memory import peak_rss_bytes
 from fastmid.midblock import MidBlockConfig, adapter_parameters, format_band
+from fastmid.outdir import hold_output_dir, user_entries
 
 # Files a run writes; --overwrite removes exactly these and nothing else the user keeps there.
 OUTPUT_ENTRIES = (
@@ -82,6 +84,23 @@ OUTPUT_ENTRIES = (
 # --------------------------------------------------------------------------------------------
 
 
+def one_run_per_output_dir(
+    run: Callable[[TrainConfig], dict[str, Any]],
+) -> Callable[[TrainConfig], dict[str, Any]]:
+    """Hold the output dir's lock around ``run(cfg)``: a second run there refuses at once.
+    Rank 0 holds it for all ranks of one run (they start before the process group exists,
+    hence torchrun's RANK)."""
+
+    @functools.wraps(run)
+    def locked(cfg: TrainConfig) -> dict[str, Any]:
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        with hold_output_dir(cfg.validate().output_dir, enabled=rank0):
+            return run(cfg)
+
+    return locked
+
+
+@one_run_per_output_dir
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run one training job described by ``cfg``; returns the summary (also summary.json).
 
@@ -275,7 +294,7 @@ def check_output_dir(cfg: TrainConfig) -> Path:
         if find_checkpoint(out / CHECKPOINT_DIR) is None:
             raise UserError(f"--resume: no checkpoint in {out} (nothing to resume)")
         return out
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+    if user_entries(out) and not cfg.overwrite:
         raise UserError(
             f"output dir {out} is not empty; pass --overwrite to replace its results "
             "or --resume to continue"
