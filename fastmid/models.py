@@ -246,15 +246,21 @@ def prepare_model(model: Any, cfg: Any, device: torch.device) -> Any:
     over the whole masked T×T square: flash-attn's varlen kernels on CUDA where installed (half
     precision only), else fastmid's per-example SDPA.
     """
-    from importlib.util import find_spec
-
-    from fastmid.attention import enable_varlen_attention
     from fastmid.midblock import apply_midblock
 
     apply_midblock(model, cfg)
+    select_attention(model, device)
+    return model.fastmid_state
+
+
+def select_attention(model: Any, device: torch.device) -> None:
+    """The attention a patched model trains and evaluates with (see :func:`prepare_model`)."""
+    from importlib.util import find_spec
+
+    from fastmid.attention import enable_varlen_attention
+
     half = model.dtype in (torch.bfloat16, torch.float16)
     if device.type == "cuda" and half and find_spec("flash_attn") is not None:
         model.set_attn_implementation("flash_attention_2")
     else:
         enable_varlen_attention(model)
-    return model.fastmid_state

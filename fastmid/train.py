@@ -349,10 +349,10 @@ def load_eval_set(cfg: TrainConfig) -> EvalSet | None:
     if eval_path is None and cfg.data is None:
         eval_path = str(data.bundled_path("test"))
     records = data.load_records(eval_path, cfg.fields) if eval_path is not None else None
+    # The held-out sample is always whole (it is short): one adapter, one perplexity.
     heldout = ev.heldout_texts()
-    if cfg.eval_limit is not None:
-        records = records[: cfg.eval_limit] if records is not None else None
-        heldout = heldout[: cfg.eval_limit]
+    if cfg.eval_limit is not None and records is not None:
+        records = records[: cfg.eval_limit]
     return EvalSet(records, heldout) if records or heldout else None
 
 
@@ -430,7 +430,7 @@ def evaluate(
             )
             result["accuracy"] = float(acc)
         if eval_set.heldout:
-            ppl = ev.perplexity(model, tokenizer, eval_set.heldout, max_length=cfg.max_length)
+            ppl = ev.heldout_perplexity(model, tokenizer)
             result["heldout_ppl"] = float(ppl)
     model.train(was_training)
     if not tuned:
