@@ -108,7 +108,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     set; ``--resume`` then continues with the same losses an uninterrupted run would have.
     """
     wall = Stopwatch()
-    cfg = cfg.validate().resolved()
+    recipe = cfg.validate().recipe()
+    cfg = cfg.resolved()
     out = check_output_dir(cfg)
     resumed = read_resume_point(cfg, out)
     rt = init_runtime(cfg)
@@ -147,6 +148,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     scheduler = make_scheduler(optimizer, plan, cfg.schedule)
     equalizer = make_equalizer(model) if cfg.equalize_updates else None
     resolved = describe_run(rt, model_name, parallel, state, params, plan, examples, band_reason)
+    resolved.update(lr=cfg.lr, schedule=cfg.schedule, recipe=recipe)
     progress = start_or_resume(cfg, out, model, optimizer, scheduler, eval_before, plan)
     log(format_header(resolved))
 
@@ -260,15 +262,19 @@ def describe_run(
 
 
 def format_header(resolved: dict[str, Any]) -> str:
-    """The opening line of a run: model, band, rank, adapter size, precision, data, length
-    (after a line saying so when the budget's rank was clamped to a layer's width)."""
+    """The opening lines of a run: model, band, rank, adapter size, precision, data, length,
+    then the lr, its schedule and which recipe chose them (after a line saying so when the
+    budget's rank was clamped to a layer's width)."""
     r = resolved
     note = f"note: {r['rank_note']}\n" if "rank_note" in r else ""
+    steps = r["total_steps"]
     return note + (
         f"fastmid train: {r['model_name']} | layers {r['layers'][0]}-{r['layers'][-1]} of "
         f"{r['num_layers']} | rank {r['rank']} | {r['adapter_parameters']:,} adapter params | "
         f"{r['precision']} | {r['train_examples']} examples, {r['micro_batches_per_epoch']} "
-        f"micro-batches/epoch | {r['total_steps']} steps"
+        f"micro-batches/epoch | {steps} step{'' if steps == 1 else 's'}\n"
+        f"lr {r['lr']:g}, {r['warmup_steps']} warmup step{'' if r['warmup_steps'] == 1 else 's'}"
+        f" then {r['schedule']} | recipe: {r['recipe']}"
     )
 
 
@@ -499,7 +505,8 @@ def plan_steps(micro_per_epoch: int, cfg: TrainConfig) -> StepPlan:
         total_steps = math.ceil(total_micro / cfg.grad_accum)
     warmup = cfg.warmup_steps
     if warmup is None:
-        warmup = math.ceil(cfg.warmup_ratio * total_steps)
+        # Rounded up, but never every step: a 1-step run trains at the peak lr.
+        warmup = min(math.ceil(cfg.warmup_ratio * total_steps), total_steps - 1)
     return StepPlan(micro_per_epoch, cfg.grad_accum, total_steps, total_micro, warmup)
 
 
@@ -656,6 +663,8 @@ class Progress:
     loss_first: float | None = None
     loss_last: float | None = None
     eval_before: dict[str, float] = field(default_factory=dict)
+    # [step, held-out loss] at each --eval-every step.
+    eval_losses: list[list[float]] = field(default_factory=list)
 
     def summary(self, plan: StepPlan, resolved: dict[str, Any], interrupted: bool) -> dict:
         """The run's summary so far (summary.json adds the evaluation after training)."""
@@ -665,6 +674,8 @@ class Progress:
             "total_steps": plan.total_steps,
             "loss_first": self.loss_first,
             "loss_last": self.loss_last,
+            "eval_losses": self.eval_losses,
+            # The steps' own rate: logging, held-out losses and checkpoints are not timed.
             "tokens_per_s": self.totals["tokens"] / max(self.totals["train_seconds"], 1e-9),
             "train_seconds": self.totals["train_seconds"],
             # torch.compile (--compile) is lazy: its time is inside the first steps' time.
@@ -748,12 +759,22 @@ class MetricsWindow:
         step = progress.step
         evaluating = self.heldout is not None and self.heldout.due(step, self.total_steps)
         if force or evaluating or step % self.log_every == 0 or step == self.total_steps:
-            extra = {"eval_loss": heldout_loss()} if evaluating and heldout_loss else {}
-            record = self.flush(progress, result.lr, result.grad_norm, extra)
+            seconds = self.elapsed()  # the steps' own time, without the held-out loss
+            extra = {}
+            if evaluating and heldout_loss:
+                extra["eval_loss"] = heldout_loss()
+                progress.eval_losses.append([step, extra["eval_loss"]])
+            record = self.flush(progress, result.lr, result.grad_norm, extra, seconds)
             self.tracker.log(step, tracking.namespaced(record))
 
     def restart_clock(self) -> None:
         self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds since the window's clock started, the device's queued work included."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - self.start
 
     def add(self, result: StepResult) -> None:
         for loss in result.losses:
@@ -769,12 +790,12 @@ class MetricsWindow:
         lr: float,
         grad_norm: torch.Tensor | None = None,
         extra: dict[str, float] | None = None,
+        seconds: float | None = None,
     ) -> dict[str, Any]:
         """Close the window at ``progress.step``: sum over ranks, update ``progress``, log
-        (with the last step's gradient norm and ``extra`` numbers such as the eval loss)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - self.start
+        (with the last step's gradient norm and ``extra`` numbers such as the eval loss).
+        ``seconds``: the window's training time, if taken before other work (default: now)."""
+        seconds = self.elapsed() if seconds is None else seconds
         # Each rank summed its own micro-batches; self.labels is already global.
         loss_sum, all_tokens = distributed.all_reduce_sum(self.loss, self.tokens)
         tokens = int(all_tokens)
@@ -804,6 +825,8 @@ class MetricsWindow:
             f"loss {loss:.4f} | lr {lr:.2e} | tok/s {record['tokens_per_s']:,.0f} | "
             f"mem {record['mem_gb']:.2f} GB"
         )
+        if "eval_loss" in record:
+            line += f" | held-out loss {record['eval_loss']:.4f}"
         if self.bar is not None:
             self.bar.set_postfix_str(line, refresh=True)
         else:
@@ -833,6 +856,7 @@ def start_or_resume(
     progress = Progress(
         int(extra["step"]), extra["totals"], extra["loss_first"], extra["loss_last"], eval_before
     )
+    progress.eval_losses = extra.get("eval_losses", [])
     if distributed.is_main():
         _truncate_metrics(out / "metrics.jsonl", progress.step)
     log(f"resumed from {out / CHECKPOINT_DIR} at step {progress.step}/{plan.total_steps}")
@@ -1013,20 +1037,26 @@ def format_summary(summary: dict[str, Any]) -> str:
             return None
         return f"{before:{fmt}} → {after:{fmt}}"
 
-    lines = ["", "summary"]
+    rows: list[tuple[str, str]] = []
     if summary.get("loss_first") is not None:
-        lines.append(f"  loss        {summary['loss_first']:.4f} → {summary['loss_last']:.4f}")
+        rows.append(("loss", f"{summary['loss_first']:.4f} → {summary['loss_last']:.4f}"))
+    held = summary.get("eval_losses") or []
+    if held:
+        steps = f"step {held[0][0]}" if len(held) == 1 else f"steps {held[0][0]}-{held[-1][0]}"
+        rows.append(("held-out loss", f"{held[0][1]:.4f} → {held[-1][1]:.4f} ({steps})"))
     acc = arrow("accuracy", ".3f")
     if acc:
-        lines.append(f"  accuracy    {acc}")
+        rows.append(("accuracy", acc))
     ppl = arrow("heldout_ppl", ".2f")
     if ppl:
-        lines.append(f"  held-out ppl {ppl}")
-    lines.append(f"  throughput  {summary['tokens_per_s']:,.0f} tok/s")
+        rows.append(("held-out ppl", ppl))
+    rows.append(("throughput", f"{summary['tokens_per_s']:,.0f} tok/s"))
     if summary.get("compile_seconds"):
-        lines.append(f"  compile     {summary['compile_seconds']:.0f} s (in the first steps)")
-    lines.append(f"  wall time   {summary.get('wall_seconds', 0.0):.0f} s")
-    lines.append(f"  adapter     {summary.get('adapter')}")
+        rows.append(("compile", f"{summary['compile_seconds']:.0f} s (in the first steps)"))
+    rows.append(("wall time", f"{summary.get('wall_seconds', 0.0):.0f} s"))
+    rows.append(("adapter", str(summary.get("adapter"))))
+    width = max(len(label) for label, _ in rows)
+    lines = ["", "summary", *(f"  {label:<{width}}  {value}" for label, value in rows)]
     return "\n".join(lines)
 
 
