@@ -208,7 +208,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fields",
         default=None,
-        help="columns of another record shape: prompt=COL,response=COL (as fastmid train)",
+        help="columns of another record shape: prompt=COL,response=COL, as for fastmid train "
+        "(default: none, records have question/answer or prompt/response)",
     )
     parser.add_argument(
         "--limit", type=int, default=None, help="evaluate the first N records (default: all)"
