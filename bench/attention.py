@@ -1,7 +1,7 @@
 """Attention for packed rows: fastmid's per-example SDPA against batching padded buckets.
 
-fastmid's varlen path (``fastmid.attention``) runs causal SDPA once per example, batching only
-examples of equal length. The alternative measured here right-pads every example to a bucket
+fastmid's varlen path (``fastmid.engine.attention``) runs causal SDPA once per example, batching
+only examples of equal length. The alternative measured here right-pads every example to a bucket
 length (a multiple of ``bucket``, or the longest example with ``bucket=0``) and runs one causal
 SDPA per bucket: fewer, larger calls, paid for with attention over pad positions. Causal masking
 keeps the real rows exact (a real query never sees the pads after it).
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fastmid.attention import varlen_attention_forward
+from fastmid.engine.attention import varlen_attention_forward
 
 # SmolLM2-135M: 9 query heads, 3 key/value heads, head dim 64.
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from bench.providers import make_workload
-    from fastmid.models import default_model_dir
+    from fastmid.engine.models import default_model_dir
 
     parser = argparse.ArgumentParser(prog="python -m bench.attention")
     parser.add_argument("--steps", type=int, default=4, help="packing bins (rows) timed")

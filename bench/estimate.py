@@ -24,15 +24,42 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from bench.providers import SPECS, ProviderSpec, peft_model
-from fastmid.midblock import PAPER_BAND
+from fastmid.engine.midblock import PAPER_BAND
 
 
 def real_configs() -> dict[str, Any]:
-    """Published architectures of the models the paper tunes (and Llama-3-8B), as HF configs."""
+    """Published architectures of the models the paper tunes, the embedded default's
+    (SmolLM2-135M) and two Llamas, as HF configs."""
     from transformers import LlamaConfig, Olmo2Config
 
     olmo = dict(vocab_size=100352, max_position_embeddings=4096, rope_theta=500000.0)
     return {
+        "SmolLM2-135M": LlamaConfig(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=8192,
+            rope_theta=100000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+        ),
+        # Without the llama3 RoPE scaling of the release: it changes no shape and no cost.
+        "Llama-3.2-1B": LlamaConfig(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+        ),
         "OLMo2-1B": Olmo2Config(
             hidden_size=2048,
             intermediate_size=8192,
@@ -133,8 +160,8 @@ class Estimate:
 def _label_only_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """fastmid's label-only LM head with the label positions known in advance.
 
-    ``fastmid.train.forward_loss`` finds them with ``nonzero``, whose output size depends on data
-    and so cannot be traced without data; here they come as ``batch["label_index"]``.
+    ``fastmid.engine.loss.forward_loss`` finds them with ``nonzero``, whose output size depends on
+    data and so cannot be traced without data; here they come as ``batch["label_index"]``.
     """
     body = model.get_decoder()
     hidden = body(
@@ -178,18 +205,18 @@ def estimate_peak(
     The batch holds ``batch_size`` full sequences of ``seq_len`` tokens: padded (B, T) for the
     PEFT providers (no pad at all, their best case), one packed row of B·T tokens for fastmid
     with ``loss_fraction`` of the positions carrying a label. ``quantize`` ("nf4", "int8")
-    stores fastmid's frozen decoder linears quantized (fastmid.quantize).
+    stores fastmid's frozen decoder linears quantized (fastmid.engine.quantize).
     """
     from transformers import AutoModelForCausalLM
 
-    from fastmid.midblock import (
+    from fastmid.engine.midblock import (
         PAPER_RANK_BUDGET,
         MidBlockConfig,
         apply_midblock,
         resolve_band,
         resolve_rank,
     )
-    from fastmid.quantize import stored_tensors
+    from fastmid.engine.quantize import stored_tensors
 
     t0 = time.perf_counter()
     tokens = batch_size * seq_len

@@ -41,8 +41,9 @@ import torch
 from torch.autograd.profiler_util import FunctionEvent
 
 from bench.providers import PROVIDERS, Provider, Workload, build_provider
+from bench.tables import csv_bytes
+from fastmid.engine.loss import IGNORE_INDEX
 from fastmid.fileio import write_bytes_atomic
-from fastmid.loss import IGNORE_INDEX
 
 CATEGORIES = (
     "frozen_gemm",
@@ -417,9 +418,7 @@ def profile_plot(rows: list[dict[str, Any]], title: str) -> bytes:
 
 
 def _csv(rows: list[dict[str, Any]]) -> bytes:
-    from bench.report import _csv_bytes
-
-    return _csv_bytes(
+    return csv_bytes(
         [{k: v for k, v in r.items() if k not in ("top_ops", "step_s_all")} for r in rows]
     )
 

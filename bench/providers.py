@@ -3,13 +3,13 @@
 Providers (all train the same examples, in the same order, with AdamW at the paper's lr):
 
 - ``peft_all``   standard LoRA as the paper's baseline runs it: PEFT ``LoraConfig`` with the
-  paper's rank, alpha, dropout and q/k/v/o targets (``fastmid.midblock.PAPER_*``) on every
+  paper's rank, alpha, dropout and q/k/v/o targets (``fastmid.engine.midblock.PAPER_*``) on every
   layer, right-padded
   batches (HF's usual collator), loss on every non-pad token through ``model(labels=...)``;
 - ``peft_all_gc`` the same with non-reentrant gradient checkpointing, as PEFT users enable it;
 - ``peft_mid``   PEFT on fastmid's band with the budget-matched rank (``layers_to_transform``),
   padded batches, loss on every token: what the band alone gives with stock kernels;
-- ``fastmid``    ``fastmid.models.prepare_model`` (the trainer's own patching and attention
+- ``fastmid``    ``fastmid.engine.models.prepare_model`` (the trainer's own patching and attention
   choice) + the trainer's packing (one row, positions restarting per example) + the trainer's
   loss (LM head only where a label exists, the trainer's ``loss_on``).
 
@@ -29,19 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastmid.config import PAPER_LR
-from fastmid.data import (
-    IGNORE_INDEX,
-    Example,
-    bundled_path,
-    collate_packed,
-    collate_padded,
-    load_records,
-    pack_batches,
-    tokenize_records,
-)
-from fastmid.errors import UserError
-from fastmid.midblock import (
+from fastmid.engine.loss import IGNORE_INDEX
+from fastmid.engine.midblock import (
     PAPER_ALPHA,
     PAPER_BAND,
     PAPER_DROPOUT,
@@ -52,7 +41,18 @@ from fastmid.midblock import (
     resolve_band,
     resolve_rank,
 )
-from fastmid.models import DTYPES, prepare_model
+from fastmid.engine.models import DTYPES, prepare_model
+from fastmid.errors import UserError
+from fastmid.recipe.config import PAPER_LR
+from fastmid.recipe.data import (
+    Example,
+    bundled_path,
+    collate_packed,
+    collate_padded,
+    load_records,
+    pack_batches,
+    tokenize_records,
+)
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def load_base(quick: bool) -> tuple[nn.Module, Any, str]:
     ``quick`` keeps the embedded tokenizer (so the data is the real token stream) but swaps the
     135M model for :func:`tiny_config` so the whole machinery runs in seconds.
     """
-    from fastmid.models import default_model_dir, load_model
+    from fastmid.engine.models import default_model_dir, load_model
 
     if not quick:
         model, tokenizer, name = load_model(None, dtype=torch.float32)
@@ -209,7 +209,7 @@ def make_workload(
     Steps are the trainer's own packing bins (``pack_batches``, token budget ``batch_tokens``);
     the PEFT providers pad the same examples, so every provider sees identical real tokens.
     """
-    from fastmid.config import TrainConfig
+    from fastmid.recipe.config import TrainConfig
 
     defaults = TrainConfig()
     max_length = max_length or defaults.max_length
@@ -260,7 +260,7 @@ def _peft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
 
 def _fastmid_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    from fastmid.train import forward_loss
+    from fastmid.engine.loss import forward_loss
 
     loss_sum, n_tokens = forward_loss(model, batch)
     return loss_sum / max(n_tokens, 1)

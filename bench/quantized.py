@@ -36,9 +36,10 @@ def embedded_weight_bytes() -> dict[str, Any]:
     """Frozen-weight bytes of the embedded model per method, and NF4's divisibility check."""
     import torch
 
-    from fastmid.midblock import MidBlockConfig, apply_midblock, find_decoder_layers
-    from fastmid.models import load_model
-    from fastmid.quantize import NF4_BLOCK, frozen_weight_bytes
+    from fastmid.engine.blocks import find_decoder_layers
+    from fastmid.engine.midblock import MidBlockConfig, apply_midblock
+    from fastmid.engine.models import load_model
+    from fastmid.engine.quantize import NF4_BLOCK, frozen_weight_bytes
 
     out: dict[str, Any] = {}
     for method in METHODS:
@@ -63,9 +64,9 @@ def worker(method: str, steps: int, batch_tokens: int) -> dict[str, Any]:
     os.environ.pop("TRITON_INTERPRET", None)
     import torch
 
+    from fastmid.engine.midblock import MidBlockConfig, adapter_parameters, apply_midblock
+    from fastmid.engine.models import load_model
     from fastmid.memory import peak_rss_bytes
-    from fastmid.midblock import MidBlockConfig, adapter_parameters, apply_midblock
-    from fastmid.models import load_model
 
     torch.manual_seed(0)
     model, tokenizer, _ = load_model(dtype=torch.bfloat16)

@@ -6,12 +6,12 @@ half-written report that looks complete.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 from pathlib import Path
 from typing import Any
 
+from bench.tables import csv_bytes, markdown_table
 from fastmid.fileio import write_bytes_atomic
 
 CSV_WORKLOADS = ("throughput", "flops", "memory", "estimate", "bands", "compile")
@@ -26,30 +26,12 @@ GB = 1024**3
 MB = 1024**2
 
 
-def _csv_bytes(rows: list[dict[str, Any]]) -> bytes:
-    columns: list[str] = []
-    for r in rows:
-        columns += [k for k in r if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue().encode()
-
-
 # --------------------------------------------------------------------------------------------
 # Text tables
 
 
 def _fmt_ratio(x: float | None) -> str:
     return "" if x is None else f"{x:.2f}x"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    """A GitHub-markdown table (also readable as plain text)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def summary_tables(results: dict[str, Any]) -> str:
@@ -75,7 +57,7 @@ def summary_tables(results: dict[str, Any]) -> str:
             )
         parts.append(
             "Training throughput (real tokens/s, identical batches, providers interleaved)\n\n"
-            + _table(
+            + markdown_table(
                 [
                     "provider",
                     "precision",
@@ -109,7 +91,7 @@ def summary_tables(results: dict[str, Any]) -> str:
         kind = results["memory"][0]["kind"]
         parts.append(
             f"Peak training memory ({kind}, fresh process per provider; MiB)\n\n"
-            + _table(
+            + markdown_table(
                 [
                     "provider",
                     "precision",
@@ -139,7 +121,7 @@ def summary_tables(results: dict[str, Any]) -> str:
         ]
         parts.append(
             "ESTIMATED CUDA peak memory, bf16 mixed precision (FakeTensor trace; GiB)\n\n"
-            + _table(
+            + markdown_table(
                 [
                     "model",
                     "provider",
@@ -166,7 +148,7 @@ def summary_tables(results: dict[str, Any]) -> str:
         ]
         parts.append(
             "fastmid band placement (throughput)\n\n"
-            + _table(["band", "layers", "rank", "precision", "tokens/s", "vs middle"], rows)
+            + markdown_table(["band", "layers", "rank", "precision", "tokens/s", "vs middle"], rows)
         )
     if results.get("compile"):
         rows = [
@@ -182,7 +164,9 @@ def summary_tables(results: dict[str, Any]) -> str:
         ]
         parts.append(
             "fastmid with compiled decoder blocks (--compile; providers interleaved)\n\n"
-            + _table(["compile", "precision", "dropout", "tokens/s", "vs eager", "compile s"], rows)
+            + markdown_table(
+                ["compile", "precision", "dropout", "tokens/s", "vs eager", "compile s"], rows
+            )
         )
     if results.get("engine") or results.get("profile"):
         from bench.profile import engine_table, profile_table
@@ -292,7 +276,7 @@ def write_reports(results: dict[str, Any], out_dir: Path) -> list[Path]:
     for workload in CSV_WORKLOADS:
         if results.get(workload):
             path = out_dir / f"{workload}.csv"
-            write_bytes_atomic(path, _csv_bytes(results[workload]))
+            write_bytes_atomic(path, csv_bytes(results[workload]))
             written.append(path)
         png = _plot(results, workload)
         if png is not None:

@@ -45,7 +45,7 @@ from bench.providers import (
     load_base,
     make_workload,
 )
-from fastmid.midblock import PAPER_DROPOUT
+from fastmid.engine.midblock import PAPER_DROPOUT
 
 
 @dataclass
@@ -427,7 +427,7 @@ def _compile(ctx: Context) -> list[dict[str, Any]]:
     """fastmid with eager and with compiled decoder blocks (``--compile off|on``), interleaved:
     the measurement behind ``--compile auto``. Three warm-up rounds at least, since a compiled
     block also compiles its backward and the first new shapes on their first steps."""
-    from fastmid.compile import CompileTimer
+    from fastmid.engine.compile import CompileTimer
 
     opts = ctx.opts
     warmup = max(opts.warmup, 3)
@@ -588,7 +588,7 @@ def options_from_cli(quick: bool, **given: Any) -> SuiteOptions:
         overrides[name] = value
     loss_on = given.get("loss_on")
     if loss_on is not None:
-        from fastmid.config import LOSS_ON
+        from fastmid.recipe.config import LOSS_ON
 
         if loss_on not in LOSS_ON:
             raise UserError(f"--loss-on must be one of {'|'.join(LOSS_ON)}, got {loss_on!r}")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from fastmid.kernels import lora_gate_up, lora_qkv
 
-from fastmid.midblock import PAPER_ALPHA, PAPER_DROPOUT
+from fastmid.engine.midblock import PAPER_ALPHA, PAPER_DROPOUT
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

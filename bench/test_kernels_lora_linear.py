@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from fastmid.kernels import lora_linear
 
-from fastmid.midblock import PAPER_ALPHA
+from fastmid.engine.midblock import PAPER_ALPHA
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -17,15 +17,15 @@ notices.install()
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "MidBlockConfig": "fastmid.midblock",
-    "apply_midblock": "fastmid.midblock",
-    "resolve_band": "fastmid.midblock",
-    "lora_modules": "fastmid.midblock",
-    "adapter_parameters": "fastmid.midblock",
-    "save_adapter": "fastmid.adapters",
-    "load_adapter": "fastmid.adapters",
-    "merge": "fastmid.adapters",
-    "quantize_frozen": "fastmid.quantize",
+    "MidBlockConfig": "fastmid.engine.midblock",
+    "apply_midblock": "fastmid.engine.midblock",
+    "resolve_band": "fastmid.engine.midblock",
+    "lora_modules": "fastmid.engine.midblock",
+    "adapter_parameters": "fastmid.engine.midblock",
+    "save_adapter": "fastmid.engine.adapters",
+    "load_adapter": "fastmid.engine.adapters",
+    "merge": "fastmid.engine.adapters",
+    "quantize_frozen": "fastmid.engine.quantize",
     "UserError": "fastmid.errors",
 }
 

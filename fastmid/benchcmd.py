@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workloads",
         type=_csv,
         default=None,
-        help="comma list of workloads (default: all; a wrong name lists them)",
+        help="comma list of workloads (default: all; a wrong name lists them); gpu runs alone: "
+        "the GPU benchmark on real model shapes (python -m bench.gpu; --quick = its CPU smoke)",
     )
     parser.add_argument(
         "--providers",
@@ -103,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--threads must be positive, got {args.threads}")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
+    if args.workloads and "gpu" in args.workloads:
+        return _run_gpu(args)
     import torch
 
     from bench import suite
@@ -114,3 +117,25 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     default_out = root / "bench" / "results" / ("quick" if args.quick else "")
     return suite.command(options, Path(args.out) if args.out else default_out)
+
+
+def _run_gpu(args: argparse.Namespace) -> int:
+    """``--workloads gpu``: hand the flags that apply to ``bench.gpu``'s own command."""
+    if args.workloads != ("gpu",):
+        raise UserError("--workloads gpu runs alone: fastmid bench --workloads gpu [--quick]")
+    unused = [
+        f"--{name.replace('_', '-')}"
+        for name in ("dtypes", "batch_tokens", "loss_on", "threads")
+        if getattr(args, name) is not None
+    ]
+    if unused:
+        raise UserError(f"{unused[0]} does not apply to --workloads gpu (bf16, fixed shapes)")
+    from bench import gpu
+
+    argv = ["--smoke"] if args.quick else []
+    for flag, value in (("--out", args.out), ("--steps", args.steps), ("--warmup", args.warmup)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.providers:
+        argv += ["--providers", ",".join(args.providers)]
+    return gpu.command(gpu.parse_options(argv))

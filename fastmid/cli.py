@@ -14,12 +14,15 @@ from fastmid.errors import UserError, report_user_error
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("fastmid.train", "fine-tune a causal LM with Mid-Block LoRA"),
-    "eval": ("fastmid.evaluate", "GSM8K-style accuracy and held-out perplexity"),
-    "analyze": ("fastmid.analyze", "layer-wise metrics of a tuned model against its base"),
-    "probe": ("fastmid.probe", "per-layer sensitivity map of an untuned model (a diagnostic)"),
+    "train": ("fastmid.recipe.train", "fine-tune a causal LM with Mid-Block LoRA"),
+    "eval": ("fastmid.recipe.evaluate", "GSM8K-style accuracy and held-out perplexity"),
+    "analyze": ("fastmid.study.analyze", "layer-wise metrics of a tuned model against its base"),
+    "probe": (
+        "fastmid.recipe.probe",
+        "per-layer sensitivity map of an untuned model (a diagnostic)",
+    ),
     "bench": ("fastmid.benchcmd", "benchmark fastmid against PEFT LoRA"),
-    "compare": ("fastmid.compare", "train several depth placements alike and compare them"),
+    "compare": ("fastmid.study.compare", "train several depth placements alike and compare them"),
     "selfcheck": ("fastmid.selfcheck", "prove the kernels on this machine; JSON report + table"),
 }
 

@@ -36,8 +36,18 @@ from typing import Any
 
 from fastmid.fileio import write_text_atomic
 
-# Dense bf16 tensor-core peak (TFLOP/s) by device name, for the "% of peak" column.
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+# Dense bf16 tensor-core peak (TFLOP/s) by a part of the device name, the vendor's datasheet
+# figures; the first key found in the name wins, so the H100's PCIe and NVL parts come before
+# the plain "H100" (SXM, "NVIDIA H100 80GB HBM3").
+BF16_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10": 125.0,
+}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -221,11 +231,15 @@ LAYER_SHAPES = {
 }
 
 
+def bf16_peak_tflops(device_name: str) -> float | None:
+    """Nominal dense bf16 TFLOP/s of the card called ``device_name``; None for an unknown card."""
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in device_name), None)
+
+
 def _device_peak_tflops() -> float | None:
     import torch
 
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    return bf16_peak_tflops(torch.cuda.get_device_name())
 
 
 def _bench_layer(model: str, shapes: tuple, tokens: int, rank: int, peak: float | None):
@@ -312,8 +326,8 @@ def check_train(model: str | None = None, steps: int = 30) -> Section:
     FakeTensor estimate."""
     import torch
 
-    from fastmid.config import TrainConfig
-    from fastmid.train import train
+    from fastmid.recipe.config import TrainConfig
+    from fastmid.recipe.train import train
 
     torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
@@ -350,7 +364,7 @@ def _fake_estimate(cfg: Any) -> float | None:
         sys.path.pop(0)
     from transformers import AutoConfig
 
-    from fastmid.models import default_model_dir
+    from fastmid.engine.models import default_model_dir
 
     config = AutoConfig.from_pretrained(cfg.model or default_model_dir())
     seq_len = cfg.max_length

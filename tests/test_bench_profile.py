@@ -6,7 +6,7 @@ import pytest
 
 from bench.profile import CATEGORIES, engine_batch, engine_provider, profile_step
 from bench.providers import build_provider, load_base, make_workload
-from fastmid.loss import IGNORE_INDEX
+from fastmid.engine.loss import IGNORE_INDEX
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
 

@@ -180,7 +180,7 @@ def test_ratios_are_against_the_reference_row_of_each_group() -> None:
 
 def test_providers_say_how_they_batch() -> None:
     from bench.providers import SPECS, Workload
-    from fastmid.data import Example
+    from fastmid.recipe.data import Example
 
     examples = [Example(input_ids=[1] * n, targets=[2] * n) for n in (3, 5)]
     workload = Workload(examples, [[0, 1]], pad_id=0, epoch_tokens=8, max_length=8,

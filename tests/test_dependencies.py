@@ -84,15 +84,15 @@ def base_site(tmp: Path, dists: set[str]) -> Path:
 # The default path: the CLI, the train command and what it imports to set a run up, and the
 # loader of the embedded GGUF model, whose requirements transformers checks only at load time.
 DEFAULT_PATH = """
-import fastmid.cli, fastmid.train, fastmid.evaluate, fastmid.models, fastmid.data
-from fastmid.train import add_arguments
+import fastmid.cli, fastmid.recipe.train, fastmid.recipe.evaluate, fastmid.engine.models
+from fastmid.recipe.train import add_arguments
 from transformers.utils import import_utils
 missing = [n for n in ("accelerate", "gguf") if not getattr(import_utils, f"is_{n}_available")()]
 assert not missing, f"transformers cannot load a GGUF file without {missing}"
 """
 
 LOAD_EMBEDDED = """
-from fastmid.models import load_model
+from fastmid.engine.models import load_model
 model, tokenizer, name = load_model(None)
 print("loaded", name, sum(p.numel() for p in model.parameters()))
 """

@@ -20,7 +20,7 @@ def test_every_cache_and_tracker_dir_is_in_the_session_temp_dir(session_home: Pa
 
 def test_a_datasets_input_caches_in_the_session_temp_dir(session_home: Path, tmp_path: Path):
     datasets = pytest.importorskip("datasets")
-    from fastmid.data import load_records
+    from fastmid.recipe.data import load_records
 
     csv = tmp_path / "records.csv"
     csv.write_text("question,answer\nWhat is 1 + 1?,#### 2\n")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fastmid.config import TrainConfig, build_config, config_fields
+from fastmid.recipe.config import TrainConfig, build_config, config_fields
 from tests.fastmid._tiny import tiny_model
 
 # Short arithmetic records: a tiny model can visibly learn them in a few steps.

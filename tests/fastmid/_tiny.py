@@ -69,7 +69,7 @@ def tiny_model(family: str, num_layers: int = 10, **overrides: Any) -> torch.nn.
 
 def randomize_adapters(model: torch.nn.Module, seed: int = 7) -> None:
     """Give every fastmid adapter non-zero A and B so the LoRA path changes the output."""
-    from fastmid.midblock import lora_modules
+    from fastmid.engine.midblock import lora_modules
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -82,7 +82,7 @@ def peft_twin(base: torch.nn.Module, patched: torch.nn.Module) -> torch.nn.Modul
     """A PEFT LoRA model on ``base`` (an unpatched copy) with ``patched``'s adapter weights."""
     from peft import LoraConfig, get_peft_model
 
-    from fastmid.midblock import LoraLinear
+    from fastmid.engine.lora import LoraLinear
 
     state = patched.fastmid_state
     config = LoraConfig(

@@ -13,9 +13,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from fastmid.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, merge, save_adapter
+from fastmid.engine.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, merge, save_adapter
+from fastmid.engine.lora import LoraLinear
+from fastmid.engine.midblock import MidBlockConfig, apply_midblock, lora_modules
 from fastmid.errors import UserError
-from fastmid.midblock import LoraLinear, MidBlockConfig, apply_midblock, lora_modules
 from tests.fastmid._tiny import randomize_adapters, tiny_model
 
 IDS = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 128, 64, 31]])
@@ -232,8 +233,8 @@ def test_loaded_scale_follows_the_adapter(tmp_path):
 
 @pytest.mark.slow
 def test_embedded_smollm2_band_step_and_peft_load(tmp_path):
-    from fastmid.midblock import adapter_parameters
-    from fastmid.models import load_model
+    from fastmid.engine.midblock import adapter_parameters
+    from fastmid.engine.models import load_model
 
     model, tokenizer, _ = load_model()
     base = copy.deepcopy(model)

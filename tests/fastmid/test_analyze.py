@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from fastmid import cli
-from fastmid.adapters import merge, save_adapter
-from fastmid.analyze import COLUMNS, analyze, write_outputs
-from fastmid.data import Example
-from fastmid.midblock import MidBlockConfig, apply_midblock, lora_modules
+from fastmid.engine.adapters import merge, save_adapter
+from fastmid.engine.midblock import MidBlockConfig, apply_midblock, lora_modules
+from fastmid.recipe.data import Example
+from fastmid.study.analyze import COLUMNS, analyze, write_outputs
 from tests.fastmid._tiny import tiny_model
 
 LAYERS = 10
@@ -132,7 +132,7 @@ def test_cli_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 @pytest.mark.slow
 def test_cli_on_the_embedded_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from fastmid.models import load_model
+    from fastmid.engine.models import load_model
 
     model, _, name = load_model()
     patched = apply_midblock(model, MidBlockConfig(dropout=0.0))

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from fastmid import attention
-from fastmid.attention import VARLEN_ATTENTION, enable_varlen_attention
-from fastmid.midblock import MidBlockConfig, adapter_parameters, apply_midblock
+from fastmid.engine import attention
+from fastmid.engine.attention import VARLEN_ATTENTION, enable_varlen_attention
+from fastmid.engine.midblock import MidBlockConfig, adapter_parameters, apply_midblock
 from tests.fastmid._tiny import randomize_adapters, tiny_model
 
 VARLEN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2")

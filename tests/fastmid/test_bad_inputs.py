@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastmid import checkpoint
 from fastmid.cli import main
+from fastmid.recipe import checkpoint
 from tests.fastmid._runs import RECORDS, make_model_dir, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread_torch_path")
@@ -289,7 +289,7 @@ def resume_without_checkpoint(env: Env):
 
 def _leave_checkpoint(env: Env) -> Path:
     """A run interrupted after its first step: ``out/checkpoint`` holds step 1 of 3."""
-    from fastmid import train as train_module
+    from fastmid.recipe import train as train_module
 
     real = train_module.StopFlag.installed
 

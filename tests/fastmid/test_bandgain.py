@@ -11,10 +11,10 @@ import fastmid.kernels._common as kernel_dispatch
 import pytest
 import torch
 
-from fastmid import bandgain
-from fastmid.data import Example
-from fastmid.midblock import MidBlockConfig
-from fastmid.probe import best_window
+from fastmid.engine.midblock import MidBlockConfig
+from fastmid.recipe import bandgain
+from fastmid.recipe.data import Example
+from fastmid.recipe.probe import best_window
 from tests.fastmid._tiny import tiny_model
 
 
@@ -269,6 +269,85 @@ def test_window_criterion_tunes_each_candidate_and_picks_the_lowest_heldout_loss
     )
 
 
+def test_band_tradeoff_numbers():
+    # All layers gain 1.5 - 0.5 = 1.0; the band 1.5 - 0.6 = 0.9: it gives up a tenth.
+    t = bandgain.band_tradeoff(1.5, 0.6, 0.5, band_seconds=3.0, all_seconds=4.0)
+    assert t == pytest.approx({"gap": 0.1, "time": 0.75})
+    # A band at least as good as all layers gives up nothing; so does a run where all layers
+    # gained nothing (no gain to give up).
+    assert bandgain.band_tradeoff(1.5, 0.4, 0.5, 1.0, 2.0)["gap"] == 0.0
+    assert bandgain.band_tradeoff(1.5, 1.7, 1.6, 1.0, 2.0)["gap"] == 0.0
+
+
+def _window_and_all(monkeypatch, window_loss: float, all_loss: float) -> list[str]:
+    """Fake probe runs: every window ends at ``window_loss`` except start 2 (0.01 lower), the
+    all-layer run at ``all_loss``, all from 1.5; returns the bands tried ("all" or a start)."""
+    tried = []
+
+    def fake(model, train, pad_id, *, heldout, allocate_heldout, band="all", **kwargs):
+        tried.append(band if band == "all" else band[0])
+        if band == "all":
+            return fake_run(heldout_before=1.5, heldout_after=all_loss)
+        after = window_loss - (0.01 if band[0] == 2 else 0.0)
+        return fake_run(heldout_before=1.5, heldout_after=after)
+
+    monkeypatch.setattr(bandgain, "probe_run", fake)
+    return tried
+
+
+def test_auto_answers_all_layers_when_the_band_gives_up_too_much(monkeypatch):
+    # All layers reduce the held-out loss by 1.0, the best window (start 2) by 0.6: it gives up
+    # 40%, more than the 10% allowed.
+    tried = _window_and_all(monkeypatch, window_loss=0.91, all_loss=0.5)
+    layers, info = bandgain.recommend_band_by_probe_run(
+        tiny_model("llama", 10), Tok(), examples(8), criterion="window", max_quality_gap=0.1
+    )
+    assert tried == [0, 1, 2, 3, 4, "all"]
+    assert layers == list(range(10))
+    assert info["tradeoff"]["gap"] == pytest.approx(0.4)
+    assert info["all_layers_heldout_loss"] == 0.5
+    assert info["reason"].startswith("all layers: the best 6-layer window (2-7) gives up 40%")
+    line = info["tradeoff_line"]
+    assert line.startswith("band trade-off: layers 2-7 keep 60% of the all-layer held-out gain")
+    assert "(gives up 40%, limit --max-quality-gap 10%)" in line
+    assert line.endswith("→ training all layers")
+
+
+def test_auto_keeps_the_band_within_the_quality_gap(monkeypatch):
+    # The best window reduces the loss by 0.95 of the all-layer 1.0: 5% given up, within 10%.
+    _window_and_all(monkeypatch, window_loss=0.56, all_loss=0.5)
+    layers, info = bandgain.recommend_band_by_probe_run(
+        tiny_model("llama", 10), Tok(), examples(8), criterion="window", max_quality_gap=0.1
+    )
+    assert layers == list(range(2, 8))
+    assert info["tradeoff"]["gap"] == pytest.approx(0.05)
+    assert "keep 95% of the all-layer held-out gain (gives up 5%" in info["tradeoff_line"]
+    assert info["tradeoff_line"].endswith("→ training layers 2-7")
+    # Without a limit no all-layer run is made and the band stands.
+    tried = _window_and_all(monkeypatch, window_loss=0.91, all_loss=0.5)
+    layers, info = bandgain.recommend_band_by_probe_run(
+        tiny_model("llama", 10), Tok(), examples(8), criterion="window"
+    )
+    assert "all" not in tried and layers == list(range(2, 8)) and "tradeoff" not in info
+
+
+def test_auto_all_layers_on_a_tiny_model():
+    """A real probe on a tiny model: a 1-layer window cannot match all 6 layers on the
+    counting task, so a zero gap limit must answer all layers, and a limit of 1 never does."""
+    model = tiny_model("llama", 6)
+    kw = dict(criterion="window", width=1, steps=3, batch_size=4, adapter=SMALL, lr=1e-2)
+    strict, info = bandgain.recommend_band_by_probe_run(
+        model, Tok(), counting(), max_quality_gap=0.0, **kw
+    )
+    assert info["tradeoff"]["gap"] > 0
+    assert info["all_layers_heldout_loss"] < min(info["window_heldout_loss"].values())
+    assert strict == list(range(6))
+    lenient, _ = bandgain.recommend_band_by_probe_run(
+        model, Tok(), counting(), max_quality_gap=1.0, **kw
+    )
+    assert len(lenient) == 1
+
+
 def test_window_criterion_on_a_tiny_model():
     model = tiny_model("llama", 6)
     kw = dict(criterion="window", width=3, steps=3, batch_size=4, adapter=SMALL, lr=1e-2)
@@ -293,7 +372,7 @@ def test_unknown_criterion_is_a_user_error():
 def test_a_probe_run_tunes_adapters_shaped_like_the_runs(monkeypatch):
     """With a budget-matched template the probe's adapters get the rank and scale the run
     would give the same band: rank floor(budget * L / n), scale alpha / rank (or / sqrt)."""
-    import fastmid.midblock as midblock
+    import fastmid.engine.midblock as midblock
 
     seen = []
     real = midblock.apply_midblock
@@ -324,19 +403,21 @@ def test_auto_band_window_tunes_with_the_runs_adapters_and_lr(monkeypatch):
     run = MidBlockConfig(rank_budget=3, alpha=12.0)
     many = counting(bandgain.AUTO_EXAMPLES + 10)
     assert bandgain.AUTO_CRITERION == "window"
-    layers, info = bandgain.choose_auto_band(None, Tok(), many, adapter=run, lr=3e-4, width=2)
+    auto = dict(adapter=run, lr=3e-4, max_quality_gap=0.25)
+    layers, info = bandgain.choose_auto_band(None, Tok(), many, width=2, **auto)
     assert (layers, info["reason"]) == ([1, 2], "spied")
-    want = dict(criterion="window", width=2, adapter=run, lr=3e-4)
+    want = dict(criterion="window", width=2, **auto)
     assert calls == [(bandgain.AUTO_EXAMPLES, want)]
     # The all-layer criteria keep their small probe adapters.
-    bandgain.choose_auto_band(None, Tok(), many, adapter=run, lr=3e-4, criterion="snr")
+    bandgain.choose_auto_band(None, Tok(), many, criterion="snr", **auto)
     assert calls[-1] == (bandgain.AUTO_EXAMPLES, dict(criterion="snr", width=None))
     with pytest.raises(bandgain.UserError, match=re.escape("sensitivity|gain|snr|heldout|window")):
-        bandgain.choose_auto_band(None, Tok(), many, adapter=run, lr=3e-4, criterion="vibes")
+        bandgain.choose_auto_band(None, Tok(), many, criterion="vibes", **auto)
 
 
 def test_the_probe_copy_shares_the_weights_and_leaves_the_model_as_it_was(monkeypatch):
-    import fastmid.midblock as midblock
+    import fastmid.engine.midblock as midblock
+    from fastmid.engine.lora import LoraLinear
 
     model = tiny_model("llama", 6)
     for i, p in enumerate(model.parameters()):
@@ -356,6 +437,6 @@ def test_the_probe_copy_shares_the_weights_and_leaves_the_model_as_it_was(monkey
     assert storages == [{p.data_ptr() for p in model.parameters()}]
     assert [p.requires_grad for p in model.parameters()] == flags
     assert getattr(model, "fastmid_state", None) is None
-    assert not any(isinstance(m, midblock.LoraLinear) for m in model.modules())
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key

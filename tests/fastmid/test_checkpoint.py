@@ -13,15 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-from fastmid import checkpoint
-from fastmid.checkpoint import (
+from fastmid.errors import UserError
+from fastmid.recipe import checkpoint
+from fastmid.recipe.checkpoint import (
     find_checkpoint,
     load_checkpoint,
     remove_checkpoint,
     save_checkpoint,
     verify_checkpoint,
 )
-from fastmid.errors import UserError
 
 
 def _trainer(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, Any]:

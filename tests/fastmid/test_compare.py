@@ -3,6 +3,7 @@ that resumes from its cache."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -10,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from fastmid import compare as cmp
 from fastmid.cli import main as cli_main
+from fastmid.engine.midblock import MidBlockConfig, lora_scale, resolve_rank
 from fastmid.errors import UserError
-from fastmid.midblock import lora_scale, resolve_rank
+from fastmid.recipe.config import TrainConfig
+from fastmid.study import compare as cmp
 from tests.fastmid._runs import RECORDS, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread_torch_path")
@@ -63,6 +65,17 @@ def test_alpha_policies_give_the_expected_scale(n_active, policy, want_rank, wan
     assert rank == want_rank
     alpha, rslora = cmp.policy_alpha(policy, 128.0, rank, 64)
     assert lora_scale(alpha, rank, rslora) == pytest.approx(want_scale, rel=1e-12)
+
+
+def test_compare_by_default_measures_the_scale_train_ships():
+    parser = argparse.ArgumentParser()
+    cmp.add_arguments(parser)
+    policy = parser.parse_args([]).alpha_policy
+    shipped = MidBlockConfig()
+    for n_active in (6, 18, 30):
+        rank = resolve_rank(None, shipped.rank_budget, 30, n_active)
+        alpha, rslora = cmp.policy_alpha(policy, shipped.alpha, rank, shipped.rank_budget)
+        assert lora_scale(alpha, rank, rslora) == lora_scale(shipped.alpha, rank, False)
 
 
 def test_unknown_policy_is_a_user_error():
@@ -120,6 +133,25 @@ def test_verdict_names_what_exceeds_the_spread():
     clear = cmp.verdict([row("middle", 1.0, 0.01), row("top", 1.2, 0.01)])
     assert "Every difference from the best exceeds the seed-to-seed spread." in clear
     assert "within" not in clear
+
+
+def test_verdict_reports_gain_per_unit_of_forgetting():
+    rows = [row("middle", 1.00, 0.02), row("all", 0.90, 0.02), row("bottom", 1.2, 0.02)]
+    for r, ppl in zip(rows, [50.0, 53.0, 47.0], strict=True):
+        r["general_ppl"] = ppl
+    base = {"answer_nll": 1.45, "general_ppl": 48.0}
+    items = cmp.forgetting(rows, base)
+    # middle: 0.45 for +2 ppl; all: 0.55 for +5; bottom: 0.25 with perplexity down.
+    assert [x["gain_per_ppl"] for x in items] == pytest.approx([0.225, 0.11, None])
+    assert [x["nll_gain"] for x in items] == pytest.approx([0.45, 0.55, 0.25])
+    assert [x["ppl_change"] for x in items] == pytest.approx([2.0, 5.0, -1.0])
+    text = cmp.verdict(rows, base=base)
+    assert (
+        "Answer-NLL gain per point of general-text perplexity added (forgetting): "
+        "bottom (0-5, ratio) 0.250 for -1.00 ppl (no forgetting); "
+        "middle (0-5, ratio) 0.450 for +2.00 ppl = 0.225 per ppl point; "
+        "all (0-5, ratio) 0.550 for +5.00 ppl = 0.110 per ppl point."
+    ) in text
 
 
 def test_verdict_with_one_seed_claims_nothing():
@@ -367,7 +399,7 @@ def on_call(n: int, real, action):
 def test_a_run_interrupted_during_its_evaluation_is_not_trained_again(
     model_dir: Path, tmp_path: Path, monkeypatch
 ):
-    import fastmid.train as train_mod
+    import fastmid.recipe.train as train_mod
 
     settings = one_run_settings(model_dir, tmp_path, max_steps=2)
     out = tmp_path / "cmp"
@@ -404,7 +436,7 @@ def test_a_run_interrupted_mid_training_resumes_from_its_checkpoint(
     import os
     import signal
 
-    import fastmid.train as train_mod
+    import fastmid.recipe.train as train_mod
 
     settings = one_run_settings(model_dir, tmp_path, max_steps=4)
     straight = cmp.compare(settings, ["top"], ["ratio"], 1, tmp_path / "straight", **QUIET)
@@ -450,12 +482,14 @@ def test_a_crashed_run_leaves_its_traceback_in_its_log(tmp_path: Path, monkeypat
 
 
 def test_auto_is_chosen_once_with_the_runs_adapters(model_dir: Path, tmp_path: Path, monkeypatch):
-    from fastmid import bandgain
+    from fastmid.recipe import bandgain
 
     calls = []
 
-    def spy(model, tokenizer, examples, *, adapter, lr, criterion, width):
-        calls.append(dict(adapter=adapter, lr=lr, criterion=criterion, width=width))
+    def spy(model, tokenizer, examples, *, adapter, lr, criterion, width, max_quality_gap):
+        calls.append(
+            dict(adapter=adapter, lr=lr, criterion=criterion, width=width, gap=max_quality_gap)
+        )
         return [4, 5, 6, 7, 8, 9], {"reason": "spied"}
 
     monkeypatch.setattr(bandgain, "choose_auto_band", spy)
@@ -467,9 +501,22 @@ def test_auto_is_chosen_once_with_the_runs_adapters(model_dir: Path, tmp_path: P
     # layers) get its budget-matched rank floor(4 * 10 / 6) = 6 and the ratio policy's
     # alpha = (8 / 4) * 6; the run's lr.
     assert call["criterion"] == "window" and call["width"] == 6 and call["lr"] == 1e-2
+    # The train flag's default quality gap, passed through like every training flag.
+    assert call["gap"] == TrainConfig().max_quality_gap == 0.1
     assert call["adapter"].rank_budget == 4 and call["adapter"].alpha == pytest.approx(12.0)
     auto, top = result["rows"]
     assert auto["layers"] == top["layers"] == "4-9"
     assert json.loads((out / "auto-window-w6-ratio.json").read_text())["reason"] == "spied"
     cmp.compare(settings, ["auto"], ["ratio"], 1, out, **QUIET)
     assert len(calls) == 1  # cached
+
+
+def test_seeds_name_a_count_a_range_or_a_list():
+    assert cmp.parse_seeds("3") == [0, 1, 2]
+    assert cmp.parse_seeds("100-103") == [100, 101, 102, 103]
+    assert cmp.parse_seeds("5,7") == [5, 7]
+    for bad in ("0", "9-3", "x", "1-2-3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cmp.parse_seeds(bad)
+    with pytest.raises(UserError, match="each once"):
+        cmp.compare(None, ["middle"], ["ratio"], [3, 3], "unused")

@@ -7,11 +7,11 @@ import fastmid.kernels._common as kernel_dispatch
 import pytest
 import torch
 
-from fastmid.attention import enable_varlen_attention
-from fastmid.compile import resolve_compile
+from fastmid.engine.attention import enable_varlen_attention
+from fastmid.engine.compile import resolve_compile
+from fastmid.engine.loss import forward_loss
+from fastmid.engine.midblock import MidBlockConfig, adapter_parameters, apply_midblock
 from fastmid.errors import UserError
-from fastmid.loss import forward_loss
-from fastmid.midblock import MidBlockConfig, adapter_parameters, apply_midblock
 from tests.fastmid._tiny import randomize_adapters, tiny_model
 
 

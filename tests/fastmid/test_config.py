@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fastmid.config import DEMO, TrainConfig, build_config, load_yaml, save_yaml
+from fastmid.engine.midblock import parse_band
 from fastmid.errors import UserError
-from fastmid.midblock import parse_band
+from fastmid.recipe.config import DEMO, TrainConfig, build_config, load_yaml, save_yaml
 
 
 def test_defaults_follow_the_paper():
@@ -115,7 +115,7 @@ def test_yaml_file_problems(tmp_path: Path):
 def test_every_field_is_one_flag_with_its_help_and_default():
     import argparse
 
-    from fastmid.config import add_arguments, config_fields
+    from fastmid.recipe.config import add_arguments, config_fields
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -137,7 +137,7 @@ def test_every_field_is_one_flag_with_its_help_and_default():
 
 
 def test_user_errors_are_value_errors_for_library_callers():
-    from fastmid.midblock import MidBlockConfig
+    from fastmid.engine.midblock import MidBlockConfig
 
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         build_config(None, {"rank": 0})

@@ -2,28 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from fastmid import synth
-from fastmid.data import (
-    IGNORE_INDEX,
+from fastmid.engine.loss import IGNORE_INDEX
+from fastmid.errors import UserError
+from fastmid.recipe import synth
+from fastmid.recipe.data import (
     Example,
+    TokenizedExamples,
     bundled_path,
     collate_packed,
     collate_padded,
     load_records,
     pack_batches,
+    records_fingerprint,
+    split_records,
     tokenize_records,
 )
-from fastmid.errors import UserError
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -199,11 +204,117 @@ def test_chat_format_from_question_answer_and_errors() -> None:
         tokenize_records([{"question": "q", "answer": "a"}], tok, fmt="chat")
 
 
+def _alone(records: list[dict], tok: PreTrainedTokenizerFast, **settings: object) -> list[Example]:
+    """Each record tokenized by itself; those left without a label are skipped."""
+    out = []
+    for record in records:
+        with contextlib.suppress(UserError):
+            out.extend(tokenize_records([record], tok, **settings))
+    return out
+
+
+def test_batched_tokenization_matches_one_record_at_a_time() -> None:
+    tok = tiny_tokenizer()
+    records = list(load_records(bundled_path("train"))[:40])
+    for fmt, loss_on in [("qa", "response"), ("chat", "response"), ("qa", "all")]:
+        settings = {"fmt": fmt, "max_length": 96, "loss_on": loss_on}
+        together = tokenize_records(records, tok, **settings)
+        alone = _alone(records, tok, **settings)
+        assert list(together) == alone
+        assert together.num_loss_tokens() == sum(e.num_loss_tokens for e in alone)
+        pair = alone[3].num_loss_tokens + alone[7].num_loss_tokens
+        assert together.num_loss_tokens([3, 7]) == pair
+        assert together.lengths.tolist() == [len(e) for e in alone]
+    # Some records lost their whole response to truncation at 96 tokens, and are dropped.
+    assert len(_alone(records, tok, max_length=96)) < len(records)
+    assert TokenizedExamples.from_examples(alone)[5] == alone[5]
+
+
+class _CountingTokenizer:
+    """A tokenizer that counts its encode calls and otherwise is ``tok``."""
+
+    def __init__(self, tok: PreTrainedTokenizerFast) -> None:
+        self.tok, self.calls = tok, 0
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        self.calls += 1
+        return self.tok(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.tok, name)
+
+
+def test_tokenized_data_is_cached_by_content_tokenizer_and_settings(tmp_path: Path) -> None:
+    lines = bundled_path("train").read_text().splitlines()[:30]
+    path = _write(tmp_path, "\n".join(lines) + "\n")
+    cache = tmp_path / "cache"
+    spy = _CountingTokenizer(tiny_tokenizer())
+
+    def tokenize(records: object = None, tokenizer: object = spy, **settings: object) -> object:
+        records = load_records(path) if records is None else records
+        return tokenize_records(records, tokenizer, max_length=64, cache_dir=cache, **settings)
+
+    first = tokenize()
+    assert spy.calls > 0 and len(list(cache.iterdir())) == 1
+    spy.calls = 0
+    again = tokenize()
+    assert spy.calls == 0  # a hit: loaded from the .npy files, no tokenizer call
+    assert isinstance(again.ids, np.memmap) and list(again) == list(first)
+    # Any setting, the tokenizer or the file's bytes changing is a miss with its own entry.
+    for change in [
+        {"max_length": 48},
+        {"loss_on": "all"},
+        {"fmt": "chat"},
+    ]:
+        settings = {"max_length": 64, **change}
+        max_length = settings.pop("max_length")
+        spy.calls = 0
+        tokenize_records(
+            load_records(path), spy, max_length=max_length, cache_dir=cache, **settings
+        )
+        assert spy.calls > 0
+    other = tiny_tokenizer()
+    other.chat_template = CHATML.replace("<|im_start|>", "<|im_start|> ")
+    other_spy = _CountingTokenizer(other)
+    tokenize(tokenizer=other_spy)
+    assert other_spy.calls > 0
+    assert len(list(cache.iterdir())) == 5
+    spy.calls = 0
+    path.write_text("\n".join(lines[:-1]) + "\n")
+    tokenize()
+    assert spy.calls > 0 and len(list(cache.iterdir())) == 6
+    # A cache location that cannot be written is skipped, not an error.
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    kept = tokenize_records(load_records(path), spy, max_length=64, cache_dir=blocked / "cache")
+    assert len(kept) == len(tokenize())
+    # Records made in memory have no content fingerprint and are not cached.
+    before = sorted(cache.iterdir())
+    tokenize(records=[{"question": "q", "answer": "#### 1"}])
+    assert sorted(cache.iterdir()) == before
+
+
+def test_a_split_of_the_records_has_its_own_cache_entry(tmp_path: Path) -> None:
+    path = _write(tmp_path, "\n".join(bundled_path("train").read_text().splitlines()[:20]))
+    records = load_records(path)
+    train_a, held_a = split_records(records, 0.25, seed=1)
+    train_b, _ = split_records(records, 0.25, seed=2)
+    prints = {records_fingerprint(r) for r in (records, train_a, held_a, train_b)}
+    assert None not in prints and len(prints) == 4
+    assert records_fingerprint(split_records(load_records(path), 0.25, seed=1)[0]) == (
+        records_fingerprint(train_a)
+    )
+
+
 # ---------------------------------------------------------------- packing and collation
 
 
 def _examples(lengths: list[int]) -> list[Example]:
     return [Example(list(range(n)), [*range(1, n), IGNORE_INDEX]) for n in lengths]
+
+
+def _compositions(batches: list[list[int]]) -> set[tuple[int, ...]]:
+    return {tuple(b) for b in batches}
 
 
 def test_pack_batches_respects_budget_and_is_deterministic() -> None:
@@ -212,16 +323,47 @@ def test_pack_batches_respects_budget_and_is_deterministic() -> None:
     batches = pack_batches(examples, max_tokens=256, seed=3)
     assert sorted(i for b in batches for i in b) == list(range(200))
     assert all(sum(lengths[i] for i in b) <= 256 for b in batches)
-    # First-fit decreasing wastes little: within one batch of the lower bound.
+    assert all(b == sorted(b) for b in batches)
+    # Best-fit decreasing wastes little: within one batch of the lower bound.
     assert len(batches) <= -(-sum(lengths) // 256) + 1
     assert pack_batches(examples, 256, seed=3) == batches
-    other = pack_batches(examples, 256, seed=4)
-    assert other != batches and sorted(map(sorted, other)) == sorted(map(sorted, batches))
     assert pack_batches(examples, 256, seed=3, shuffle=False) == pack_batches(
         examples, 256, seed=99, shuffle=False
     )
     with pytest.raises(UserError, match="more than the batch budget"):
         pack_batches(examples, max_tokens=50, seed=0)
+
+
+def test_seeds_and_epochs_change_which_examples_share_a_batch() -> None:
+    gen = np.random.default_rng(0)
+    lengths = gen.integers(20, 200, size=3000).tolist()
+    flat = TokenizedExamples(
+        np.zeros(sum(lengths), np.int32),
+        np.ones(sum(lengths), np.bool_),
+        np.concatenate(([0], np.cumsum(lengths))),
+    )
+    base = pack_batches(flat, 2048, seed=0, epoch=0)
+    same = _compositions(base)
+    for seed, epoch in [(1, 0), (0, 1)]:
+        other = pack_batches(flat, 2048, seed=seed, epoch=epoch)
+        # Another seed or epoch: the same number of batches, few of them with the same members.
+        assert len(other) == len(base)
+        assert len(_compositions(other) & same) < len(base) // 10
+        assert sorted(i for b in other for i in b) == list(range(3000))
+        assert all(sum(lengths[i] for i in b) <= 2048 for b in other)
+    assert pack_batches(flat, 2048, seed=0, epoch=0) == base
+    # 3000 examples over 181 lengths are rounded to 2 tokens; little is wasted.
+    assert len(base) <= -(-sum(lengths) // 2048) * 1.03 + 1
+    # The flat arrays and a list of Examples of the same lengths pack alike.
+    assert pack_batches(_examples(lengths), 2048, seed=0, epoch=0) == base
+
+
+def test_one_example_per_bin_when_each_fills_the_budget() -> None:
+    # Budget 1031 → 2-token units, 515 of them: 1031 tokens round to 516 units, past the
+    # capacity, and still fill a bin alone; 1028 + 2 tokens share one.
+    lengths = [1031, 1028, 2, 1030]
+    batches = pack_batches(_examples(lengths), 1031, seed=0)
+    assert sorted(map(sorted, batches)) == [[0], [1, 2], [3]]
 
 
 def test_collators_shapes_positions_and_targets() -> None:
@@ -321,3 +463,20 @@ def test_bundled_problems_are_correct_multi_step_and_disjoint() -> None:
         assert final == f"#### {calcs[-1][0][3]}"
         steps.add(len(lines))
     assert steps >= {1, 2, 3, 4}
+
+
+def test_synth_makes_a_second_independent_set_from_other_seeds(tmp_path: Path) -> None:
+    assert synth.main(["--out", str(tmp_path), "--seeds", "4321", "8765"]) == 0
+    bundled = {
+        json.loads(line)["question"]
+        for split in ("train", "test")
+        for line in (synth.RESOURCES / f"gsm_{split}.jsonl").read_text().splitlines()
+    }
+    fresh = [json.loads(x) for x in (tmp_path / "gsm_train.jsonl").read_text().splitlines()]
+    test = [json.loads(x) for x in (tmp_path / "gsm_test.jsonl").read_text().splitlines()]
+    assert (len(fresh), len(test)) == (synth.TRAIN_SIZE, synth.TEST_SIZE)
+    # Mostly new problems (a few short ones can coincide), none shared between its splits.
+    overlap = sum(r["question"] in bundled for r in fresh) / len(fresh)
+    assert overlap < 0.05
+    assert not {r["question"] for r in test} & {r["question"] for r in fresh}
+    assert synth.splits(4321, 8765)["train"] == fresh

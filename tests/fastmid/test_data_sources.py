@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fastmid import data
+from fastmid.engine.loss import IGNORE_INDEX
 from fastmid.errors import UserError
+from fastmid.recipe import data
 
 datasets = pytest.importorskip("datasets")
 
@@ -181,5 +182,5 @@ def test_tokenizing_a_parquet_alpaca_set(tmp_path: Path):
     tok = tiny_tokenizer()
     examples = data.tokenize_records(data.load_records(path), tok, max_length=64)
     assert len(examples) == 3
-    answer = [t for t in examples[1].targets if t != data.IGNORE_INDEX]
+    answer = [t for t in examples[1].targets if t != IGNORE_INDEX]
     assert tok.decode(answer[:-1]).strip() == "3"  # the output, then EOS

@@ -19,12 +19,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastmid import distributed
-from fastmid.checkpoint import load_checkpoint, save_checkpoint
-from fastmid.data import Example, collate_packed
+from fastmid.engine.lora import is_fused
+from fastmid.engine.midblock import MidBlockConfig, adapter_parameters, apply_midblock
 from fastmid.errors import UserError
-from fastmid.midblock import MidBlockConfig, adapter_parameters, apply_midblock, is_fused
-from fastmid.train import forward_loss
+from fastmid.recipe import distributed
+from fastmid.recipe.checkpoint import load_checkpoint, save_checkpoint
+from fastmid.recipe.data import Example, collate_packed
+from fastmid.recipe.train import forward_loss
 from tests.fastmid._runs import RECORDS, make_model_dir, metrics, tiny_settings, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -219,8 +220,8 @@ def cli_config(out: Path, run: str, **over):
 @pytest.fixture(scope="module")
 def single_process_dropout(two_process_runs: Path) -> Path:
     """One process, dropout 0.05: the reference of the 2-rank run with dropout."""
-    from fastmid.config import build_config
-    from fastmid.train import train
+    from fastmid.recipe.config import build_config
+    from fastmid.recipe.train import train
 
     with single_process_torch_path():
         train(build_config(None, cli_config(two_process_runs, "dropout_single", dropout=0.05)))
@@ -230,8 +231,8 @@ def single_process_dropout(two_process_runs: Path) -> Path:
 @pytest.fixture(scope="module")
 def single_process_cli(two_process_runs: Path) -> Path:
     """The same ``fastmid train`` run in one process (the reference of the 2-rank runs)."""
-    from fastmid.config import build_config
-    from fastmid.train import train
+    from fastmid.recipe.config import build_config
+    from fastmid.recipe.train import train
 
     with single_process_torch_path():
         train(build_config(None, cli_config(two_process_runs, "cli_single", **EVAL)))
@@ -411,8 +412,8 @@ def test_stopped_two_rank_run_resumes_in_one_process(
 ):
     """SIGTERM on one rank mid-step 2: both ranks stop after step 2 and checkpoint; one
     process resumes to the end with the losses of the unbroken run."""
-    from fastmid.config import build_config
-    from fastmid.train import train
+    from fastmid.recipe.config import build_config
+    from fastmid.recipe.train import train
 
     root = two_process_runs
     stopped = root / "cli_stopped"
@@ -484,7 +485,7 @@ def _write(prefix: Path, losses: list[float], adapter: dict[str, torch.Tensor]) 
 def _fsdp_sharding(model: torch.nn.Module) -> dict[str, int]:
     from torch.distributed.tensor import DTensor
 
-    from fastmid.midblock import find_decoder_layers
+    from fastmid.engine.blocks import find_decoder_layers
 
     blocks = find_decoder_layers(model)
     sharded = [b for b in blocks if all(isinstance(p, DTensor) for p in _frozen(b))]
@@ -499,8 +500,8 @@ def _frozen(block: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def _cli_runs(out: Path) -> None:
     """``fastmid train`` end to end on 2 ranks: a full run, and one stopped by SIGTERM."""
-    import fastmid.train as train_mod
-    from fastmid.config import build_config
+    import fastmid.recipe.train as train_mod
+    from fastmid.recipe.config import build_config
 
     train_mod.train(build_config(None, cli_config(out, "cli_ddp", **EVAL)))
     train_mod.train(build_config(None, cli_config(out, "cli_ddp_dropout", dropout=0.05)))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastmid.equalize import UpdateEqualizer, smallest_positive_root
+from fastmid.engine.equalize import UpdateEqualizer, smallest_positive_root
 from tests.fastmid._tiny import tiny_model
 
 
@@ -128,7 +128,7 @@ def test_after_step_requires_before_step() -> None:
 
 
 def test_on_a_patched_tiny_model() -> None:
-    from fastmid.midblock import MidBlockConfig, apply_midblock, lora_modules
+    from fastmid.engine.midblock import MidBlockConfig, apply_midblock, lora_modules
 
     model = apply_midblock(tiny_model("llama", num_layers=5), MidBlockConfig(rank=4, dropout=0.0))
     model.train()

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fastmid.cli import main
-from fastmid.data import bundled_path, load_records
-from fastmid.evaluate import (
+from fastmid.recipe.data import bundled_path, load_records
+from fastmid.recipe.evaluate import (
     extract_last_number,
     gold_answer,
     gsm_accuracy,
@@ -199,7 +199,7 @@ def test_eval_cli_user_errors(
 
 @pytest.mark.slow
 def test_embedded_model_answers_and_models_text() -> None:
-    from fastmid.models import load_model
+    from fastmid.engine.models import load_model
 
     model, tok, name = load_model(None, dtype=torch.bfloat16)
     assert name == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -216,9 +216,9 @@ def test_embedded_model_answers_and_models_text() -> None:
 def test_eval_cli_loads_an_adapter(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
     # The kernels' interpreter path has its own tests; the torch path keeps this one fast.
     monkeypatch.setattr("fastmid.kernels._common.INTERPRET", False, raising=False)
-    from fastmid.adapters import save_adapter
-    from fastmid.midblock import MidBlockConfig, adapter_parameters, apply_midblock
-    from fastmid.models import load_model
+    from fastmid.engine.adapters import save_adapter
+    from fastmid.engine.midblock import MidBlockConfig, adapter_parameters, apply_midblock
+    from fastmid.engine.models import load_model
 
     model, tok, _ = load_model(str(tiny_dir))
     apply_midblock(model, MidBlockConfig(band="all", rank=4, dropout=0.0))

@@ -16,9 +16,9 @@ import fastmid.kernels._common as kernel_dispatch
 import pytest
 import torch
 
-import fastmid.train as train_mod
+import fastmid.recipe.train as train_mod
 from fastmid.cli import main
-from fastmid.config import build_config
+from fastmid.recipe.config import build_config
 from tests.fastmid._runs import RECORDS, make_model_dir, write_jsonl
 
 

@@ -85,8 +85,8 @@ def test_an_interrupted_worker_reports_130_before_teardown(
     # is ended during teardown (torchrun's grace period after passing a signal on).
     import argparse
 
-    from fastmid import distributed
-    from fastmid import train as train_mod
+    from fastmid.recipe import distributed
+    from fastmid.recipe import train as train_mod
 
     status = tmp_path / "status.txt"
     status.write_text("")

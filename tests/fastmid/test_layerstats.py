@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fastmid import layerstats
+from fastmid.study import layerstats
 
 
 def _orthogonal(d: int) -> torch.Tensor:

@@ -9,8 +9,8 @@ from typing import ClassVar
 import pytest
 import torch
 
-from fastmid import liger
-from fastmid.midblock import KNOWN_TARGETS, MidBlockConfig, apply_midblock
+from fastmid.engine import liger
+from fastmid.engine.midblock import KNOWN_TARGETS, MidBlockConfig, apply_midblock
 from tests.fastmid._tiny import tiny_model
 
 

@@ -8,8 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmid.loss import IGNORE_INDEX, linear_cross_entropy
-from fastmid.midblock import MidBlockConfig, adapter_parameters, apply_midblock, unpatch_forwards
+from fastmid.engine.loss import IGNORE_INDEX, linear_cross_entropy
+from fastmid.engine.midblock import (
+    MidBlockConfig,
+    adapter_parameters,
+    apply_midblock,
+    unpatch_forwards,
+)
 from tests.fastmid._tiny import randomize_adapters, tiny_model
 from tests.kernels._tolerance import assert_within_torch_error
 

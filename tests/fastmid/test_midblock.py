@@ -9,19 +9,18 @@ import pytest
 import torch
 from torch import nn
 
-from fastmid.errors import UserError
-from fastmid.midblock import (
+from fastmid.engine.blocks import find_decoder_layers
+from fastmid.engine.lora import LoraLinear, is_fused
+from fastmid.engine.midblock import (
     KNOWN_TARGETS,
-    LoraLinear,
     MidBlockConfig,
     adapter_parameters,
     apply_midblock,
-    find_decoder_layers,
-    is_fused,
     lora_modules,
     resolve_band,
     resolve_rank,
 )
+from fastmid.errors import UserError
 from tests.fastmid._tiny import FAMILIES, peft_twin, randomize_adapters, tiny_model
 
 ALL = KNOWN_TARGETS

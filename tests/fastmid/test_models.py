@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import ViTConfig
 
-from fastmid import models
+from fastmid.engine import models
+from fastmid.engine.models import load_model, resolve_dtype
 from fastmid.errors import UserError
-from fastmid.models import load_model, resolve_dtype
 from tests.fastmid.test_data import tiny_llama, tiny_tokenizer
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from fastmid import cli
-from fastmid.data import Example
-from fastmid.midblock import MidBlockConfig, apply_midblock, resolve_band
-from fastmid.probe import recommend_band, select_band
+from fastmid.engine.midblock import MidBlockConfig, apply_midblock, resolve_band
+from fastmid.recipe.data import Example
+from fastmid.recipe.probe import recommend_band, select_band
 from tests.fastmid._tiny import tiny_model
 
 TOKENIZER = types.SimpleNamespace(pad_token_id=0)

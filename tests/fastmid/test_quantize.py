@@ -8,23 +8,19 @@ import pytest
 import torch
 from torch import nn
 
-from fastmid.adapters import load_adapter, merge, save_adapter
-from fastmid.config import TrainConfig
-from fastmid.errors import UserError
-from fastmid.midblock import (
-    LoraLinear,
-    MidBlockConfig,
-    adapter_parameters,
-    apply_midblock,
-    find_decoder_layers,
-)
-from fastmid.quantize import (
+from fastmid.engine.adapters import load_adapter, merge, save_adapter
+from fastmid.engine.blocks import find_decoder_layers
+from fastmid.engine.lora import LoraLinear
+from fastmid.engine.midblock import MidBlockConfig, adapter_parameters, apply_midblock
+from fastmid.engine.quantize import (
     QuantizedLinear,
     QuantizedWeight,
     dequantize_frozen,
     frozen_weight_bytes,
     quantize_frozen,
 )
+from fastmid.errors import UserError
+from fastmid.recipe.config import TrainConfig
 
 from ._tiny import randomize_adapters, tiny_model
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fastmid import tracking
 from fastmid.errors import UserError
+from fastmid.recipe import tracking
 
 CONFIG = {"lr": 0.001, "band": "0.2,0.8", "targets": ["q_proj", "v_proj"]}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import fastmid.train as train_mod
-from fastmid import data
-from fastmid.config import build_config
+import fastmid.recipe.train as train_mod
 from fastmid.errors import UserError
-from fastmid.evaluate import heldout_texts
-from fastmid.train import forward_loss, lr_lambda, train
+from fastmid.recipe import data
+from fastmid.recipe.config import build_config
+from fastmid.recipe.evaluate import heldout_texts
+from fastmid.recipe.train import forward_loss, lr_lambda, train
 from tests.fastmid._runs import (
     RECORDS,
     as_flags,
@@ -61,7 +62,7 @@ def test_loss_falls_and_adapter_loads_in_peft(model_dir: Path, train_file: Path,
     assert saved["resolved"]["precision"] == "fp32"
 
     # The saved adapter, loaded by PEFT on a fresh base, reproduces fastmid's own logits.
-    from fastmid.adapters import load_adapter
+    from fastmid.engine.adapters import load_adapter
 
     ids = torch.tensor([[5, 17, 42, 99, 3, 7, 250, 11]])
     base = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -170,12 +171,14 @@ def test_crash_after_a_periodic_checkpoint_resumes_exactly(
     ]
 
 
-def test_band_auto_and_equalized_updates(model_dir: Path, train_file: Path, tmp_path: Path):
+def test_band_auto_and_equalized_updates(
+    model_dir: Path, train_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
     import yaml
     from transformers import AutoModelForCausalLM
 
-    from fastmid.adapters import load_adapter
-    from fastmid.midblock import lora_modules
+    from fastmid.engine.adapters import load_adapter
+    from fastmid.engine.midblock import lora_modules
 
     out = tmp_path / "run"
     summary = train(tiny_cfg(model_dir, train_file, out, band="auto", equalize_updates=True,
@@ -184,6 +187,12 @@ def test_band_auto_and_equalized_updates(model_dir: Path, train_file: Path, tmp_
     assert summary["resolved"]["band_reason"]
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["band"] == ",".join(map(str, layers))  # "auto" recorded as what it chose
+    # The user sees what the band costs against all layers before the run trains.
+    (tradeoff,) = [x for x in capsys.readouterr().out.splitlines() if "band trade-off" in x]
+    assert re.search(r"keep -?\d+% of the all-layer held-out gain \(gives up \d+%", tradeoff)
+    assert tradeoff.endswith(f"→ training layers {layers[0]}-{layers[-1]}") or (
+        tradeoff.endswith("→ training all layers") and len(layers) == 10
+    )
 
     # One equalized step from B = 0: every layer moved by the same ||ΔW|| / ||W||.
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -255,13 +264,14 @@ def test_embedded_model_trains_two_steps(tmp_path: Path):
 # tolerance. Re-recorded when dropout seeds became a function of (seed, step, micro-batch), and
 # again when the torch path's dropout masks came from a counter-based hash instead of
 # torch.bernoulli: step 1 stays (B = 0, so dropout cannot change its loss), later steps moved by
-# < 0.4% each time.
+# < 0.4% each time. Re-recorded again when packing began to draw which examples share a batch
+# from (seed, epoch): every step's batch changed, so every loss did.
 PINNED_LOSSES = [
-    6.943142361111111,
-    7.1237742106119795,
-    6.48257898401331,
-    6.046443515353733,
-    5.582620126229745,
+    6.937461570457176,
+    6.82272211710612,
+    6.643148351598669,
+    5.943908126265915,
+    5.642979515923394,
 ]
 
 
@@ -379,3 +389,20 @@ def test_interrupted_run_with_evaluation_resumes_to_the_same_summary_and_predict
     assert len(predictions.splitlines()) == 3
     assert (resumed / "predictions.jsonl").read_text() == predictions
     assert json.loads((resumed / "summary.json").read_text())["eval_before"] == want["eval_before"]
+
+
+def test_the_summary_states_the_perplexity_change_as_forgetting():
+    from fastmid.recipe.train import format_summary
+
+    summary = {
+        "loss_first": 1.28,
+        "loss_last": 0.18,
+        "eval_before": {"accuracy": 0.062, "heldout_ppl": 42.3},
+        "eval_after": {"accuracy": 0.219, "heldout_ppl": 47.2},
+        "tokens_per_s": 371.0,
+        "wall_seconds": 158.0,
+        "adapter": "fastmid-out/adapter",
+    }
+    lines = format_summary(summary).splitlines()
+    assert "  forgetting  held-out perplexity 42.30 → 47.20 (+11.6%)" in lines
+    assert "  accuracy    0.062 → 0.219" in lines

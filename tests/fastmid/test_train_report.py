@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-import fastmid.train as train_mod
+import fastmid.recipe.train as train_mod
 from fastmid.cli import main
-from fastmid.config import TrainConfig, build_config
-from fastmid.train import format_summary, plan_steps
+from fastmid.recipe.config import TrainConfig, build_config
+from fastmid.recipe.train import format_summary, plan_steps
 from tests.fastmid._runs import RECORDS, as_flags, metrics, tiny_settings, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread_torch_path")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastmid.midblock import MidBlockConfig, apply_midblock
+from fastmid.engine.midblock import MidBlockConfig, apply_midblock
 from tests.fastmid._tiny import randomize_adapters, tiny_model
 
 from ._tolerance import force_torch_path

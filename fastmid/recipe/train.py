@@ -1,7 +1,7 @@
 """The training recipe and the ``fastmid train`` command.
 
 :func:`train` reads top to bottom as named steps: check the output dir → load data → load the
-model → choose the band → patch it (:func:`fastmid.models.prepare_model`) → evaluate the base
+model → choose the band → patch it (:func:`fastmid.engine.models.prepare_model`) → evaluate the base
 model → AdamW over the adapter parameters only and a schedule sized by :func:`plan_steps` →
 the loop of :func:`train_step` over packed token-budget batches, logged through a
 :class:`MetricsWindow` and checkpointed → evaluate again → save the adapter (PEFT format), the
@@ -45,8 +45,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastmid import data, distributed, models, tracking
-from fastmid.checkpoint import (
+from fastmid.engine import models
+from fastmid.engine.compile import compile_seconds
+from fastmid.engine.loss import forward_loss
+from fastmid.engine.midblock import MidBlockConfig, adapter_parameters, format_band
+from fastmid.errors import INTERRUPTED_EXIT, UserError, record_exit
+from fastmid.fileio import write_bytes_atomic, write_text_atomic
+from fastmid.memory import peak_rss_bytes
+from fastmid.outdir import hold_output_dir, user_entries
+from fastmid.recipe import data, distributed, tracking
+from fastmid.recipe.checkpoint import (
     CHECKPOINT_DIR,
     find_checkpoint,
     load_checkpoint,
@@ -54,15 +62,8 @@ from fastmid.checkpoint import (
     remove_checkpoint,
     save_checkpoint,
 )
-from fastmid.compile import compile_seconds
-from fastmid.config import TrainConfig, build_config, may_change_on_resume, save_yaml
-from fastmid.data import Example
-from fastmid.errors import INTERRUPTED_EXIT, UserError, record_exit
-from fastmid.fileio import write_bytes_atomic, write_text_atomic
-from fastmid.loss import forward_loss
-from fastmid.memory import peak_rss_bytes
-from fastmid.midblock import MidBlockConfig, adapter_parameters, format_band
-from fastmid.outdir import hold_output_dir, user_entries
+from fastmid.recipe.config import TrainConfig, build_config, may_change_on_resume, save_yaml
+from fastmid.recipe.data import Example
 
 # Files a run writes; --overwrite removes exactly these and nothing else the user keeps there.
 OUTPUT_ENTRIES = (
@@ -123,11 +124,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if parallel != "fsdp":  # under FSDP only each rank's shard goes to the device
         model.to(rt.device)
     examples = data.tokenize_records(
-        records, tokenizer, fmt=cfg.format, max_length=cfg.max_length, loss_on=cfg.loss_on
+        records,
+        tokenizer,
+        fmt=cfg.format,
+        max_length=cfg.max_length,
+        loss_on=cfg.loss_on,
+        cache_dir=models.cache_root() / "tokenized",
     )
     heldout = HeldoutLoss.build(cfg, loss_records, tokenizer)
     adapter_cfg, band_reason = choose_band(
-        cfg.midblock, cfg.lr, model, tokenizer, examples, rt.autocast
+        cfg.midblock, cfg.lr, cfg.max_quality_gap, model, tokenizer, examples, rt.autocast
     )
     # FSDP shards each linear's own weight; fused groups read a concatenated copy.
     fuse = adapter_cfg.fuse_groups and parallel != "fsdp"
@@ -346,8 +352,8 @@ class EvalSet:
 def load_eval_set(cfg: TrainConfig) -> EvalSet | None:
     """Accuracy records (bundled test split unless given) and held-out perplexity texts; None
     when there is nothing to evaluate."""
-    from fastmid import data
-    from fastmid import evaluate as ev
+    from fastmid.recipe import data
+    from fastmid.recipe import evaluate as ev
 
     if not cfg.eval:
         return None
@@ -401,7 +407,7 @@ class HeldoutLoss:
     def __call__(
         self, model: nn.Module, autocast: Callable[[], contextlib.AbstractContextManager]
     ) -> float:
-        from fastmid.heldout import answer_nll
+        from fastmid.recipe.heldout import answer_nll
 
         with autocast():
             return answer_nll(model, self.examples, self.pad_id)
@@ -416,7 +422,7 @@ def evaluate(
     tuned: bool = False,
 ) -> tuple[dict[str, float], list[dict]]:
     """Accuracy and held-out perplexity of ``model`` on ``eval_set``, and its predictions."""
-    from fastmid import evaluate as ev
+    from fastmid.recipe import evaluate as ev
 
     if eval_set is None:
         return {}, []
@@ -447,28 +453,34 @@ def evaluate(
 def choose_band(
     cfg: MidBlockConfig,
     lr: float,
+    max_quality_gap: float,
     model: nn.Module,
     tokenizer: Any,
     examples: list[Example],
     autocast: Callable[[], contextlib.AbstractContextManager],
 ) -> tuple[MidBlockConfig, str | None]:
     """``cfg`` as given, or with the band "auto" picks on the untuned model (short probe runs of
-    candidate windows with this run's adapters and learning rate ``lr``), and its reason."""
+    candidate windows with this run's adapters and learning rate ``lr``; all layers when the best
+    window gives up more than ``max_quality_gap`` of the all-layer gain), and its reason."""
     if cfg.band != "auto":
         return cfg, None
-    from fastmid.bandgain import WINDOW_STEPS, choose_auto_band
+    from fastmid.recipe.bandgain import WINDOW_STEPS, choose_auto_band
 
     log(f"choosing the band: candidate windows, each tuned for {WINDOW_STEPS} steps ...")
     with autocast():
-        layers, info = choose_auto_band(model, tokenizer, examples, adapter=cfg, lr=lr)
+        layers, info = choose_auto_band(
+            model, tokenizer, examples, adapter=cfg, lr=lr, max_quality_gap=max_quality_gap
+        )
     reason = str(info.get("reason", ""))
+    if "tradeoff_line" in info:
+        log(info["tradeoff_line"])
     log(f"band auto → layers {layers[0]}-{layers[-1]}: {reason}")
     return dataclasses.replace(cfg, band=list(layers)), reason
 
 
 def make_equalizer(model: nn.Module) -> Any:
     """The per-layer update equalizer (``--equalize-updates``)."""
-    from fastmid.equalize import UpdateEqualizer
+    from fastmid.engine.equalize import UpdateEqualizer
 
     return UpdateEqualizer(model)
 
@@ -546,10 +558,10 @@ class EpochBatches:
         self._cached: tuple[int, list[list[int]]] | None = None
 
     def epoch(self, epoch: int) -> list[list[int]]:
-        from fastmid.data import pack_batches
+        from fastmid.recipe.data import pack_batches
 
         if self._cached is None or self._cached[0] != epoch:
-            bins = pack_batches(self._examples, self._batch_tokens, seed=self._seed + epoch)
+            bins = pack_batches(self._examples, self._batch_tokens, self._seed, epoch=epoch)
             self._cached = (epoch, bins)
         return self._cached[1]
 
@@ -600,7 +612,7 @@ def train_step(
     number in the step), which the kernels draw their dropout seeds from: N ranks take exactly
     the steps one process takes, dropout included.
     """
-    from fastmid.data import collate_packed
+    from fastmid.recipe.data import collate_packed
 
     labels = sum(e.num_loss_tokens for batch in step_batches for e in batch)
     losses: list[torch.Tensor] = []
@@ -1005,7 +1017,7 @@ def save_curve(metrics_path: Path, png_path: Path) -> None:
 
 
 def _save_adapter_atomic(model: nn.Module, adapter_dir: Path, model_name: str) -> None:
-    from fastmid.adapters import save_adapter
+    from fastmid.engine.adapters import save_adapter
 
     tmp = Path(tempfile.mkdtemp(dir=adapter_dir.parent, prefix=".adapter.tmp-"))
     try:
@@ -1049,7 +1061,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         rows.append(("accuracy", acc))
     ppl = arrow("heldout_ppl", ".2f")
     if ppl:
-        rows.append(("held-out ppl", ppl))
+        # Perplexity on general text the run never saw: its rise is what tuning cost the
+        # model elsewhere (forgetting), the price paid for the gain above.
+        before, after = summary["eval_before"]["heldout_ppl"], summary["eval_after"]["heldout_ppl"]
+        rows.append(("forgetting", f"held-out perplexity {ppl} ({after / before - 1:+.1%})"))
     rows.append(("throughput", f"{summary['tokens_per_s']:,.0f} tok/s"))
     if summary.get("compile_seconds"):
         rows.append(("compile", f"{summary['compile_seconds']:.0f} s (in the first steps)"))
@@ -1066,8 +1081,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``fastmid train``: one per config field (see :mod:`fastmid.config`)."""
-    from fastmid.config import add_arguments as add_config_arguments
+    """Flags of ``fastmid train``: one per config field (see :mod:`fastmid.recipe.config`)."""
+    from fastmid.recipe.config import add_arguments as add_config_arguments
 
     add_config_arguments(parser)
 

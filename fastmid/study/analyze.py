@@ -6,7 +6,7 @@ kept: per layer only the mean-pooled ``(N, D)`` matrix of the N examples (mean o
 and a logit-lens hit count survive a batch. The two models are run one after the other, never
 both in memory (an adapter is applied onto the same base model after its pass).
 
-Per layer (see :mod:`fastmid.layerstats` for the formulas):
+Per layer (see :mod:`fastmid.study.layerstats` for the formulas):
 
 - ``cka``, ``cosine``, ``mean_shift``: base vs tuned pooled states of the same inputs;
 - ``erank_*``, ``entropy_*``: normalised effective rank and matrix entropy of each model's states;
@@ -36,12 +36,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastmid import layerstats
-from fastmid.data import IGNORE_INDEX
+from fastmid.engine.loss import IGNORE_INDEX
+from fastmid.engine.quantize import QUANTIZE_METHODS
 from fastmid.errors import UserError
 from fastmid.fileio import replace_atomic
-from fastmid.midblock import QUANTIZE_METHODS
 from fastmid.outdir import holds_output_dir
+from fastmid.study import layerstats
 
 __all__ = [
     "COLUMNS",
@@ -120,8 +120,8 @@ def collect_states(
     """
     from tqdm.auto import tqdm
 
-    from fastmid.data import collate_padded
-    from fastmid.midblock import find_decoder_layers
+    from fastmid.engine.blocks import find_decoder_layers
+    from fastmid.recipe.data import collate_padded
 
     blocks = find_decoder_layers(model)
     norm, head = final_norm(model), model.get_output_embeddings()
@@ -185,8 +185,8 @@ def _lens_mask(valid: Tensor, per_row: int) -> Tensor:
 
 
 def _projection_weights(model: nn.Module, names: Sequence[str]) -> dict[int, list[Tensor]]:
-    from fastmid.midblock import find_decoder_layers
-    from fastmid.probe import layer_projections
+    from fastmid.engine.blocks import find_decoder_layers
+    from fastmid.recipe.probe import layer_projections
 
     return {
         i: [m.weight.detach() for m in layer_projections(block, names).values()]
@@ -211,7 +211,8 @@ def weight_change(base: dict[int, list[Tensor]], tuned: dict[int, list[Tensor]])
 def adapter_weight_change(model: nn.Module) -> list[float]:
     """Per layer ``||s·B·A||_F / ||W||_F`` over the layer's adapted projections stacked, for a
     model with adapters applied (0 for layers without adapters)."""
-    from fastmid.midblock import find_decoder_layers, lora_modules
+    from fastmid.engine.blocks import find_decoder_layers
+    from fastmid.engine.midblock import lora_modules
 
     num = [0.0] * len(find_decoder_layers(model))
     den = [0.0] * len(num)
@@ -279,10 +280,10 @@ def analyze(
     :func:`collect_states`. ``quantize`` stores the base's frozen linears quantized (as the
     adapter was trained), in both passes.
     """
-    from fastmid.adapters import load_adapter, merge
-    from fastmid.midblock import lora_modules
-    from fastmid.probe import PROJECTIONS
-    from fastmid.quantize import quantize_frozen
+    from fastmid.engine.adapters import load_adapter, merge
+    from fastmid.engine.midblock import lora_modules
+    from fastmid.engine.quantize import quantize_frozen
+    from fastmid.recipe.probe import PROJECTIONS
 
     if quantize != "none" and callable(tuned):
         raise UserError("--quantize applies to an adapter; a full tuned model has its own weights")
@@ -481,10 +482,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 @holds_output_dir(lambda args: args.output_dir)
 def run(args: argparse.Namespace) -> int:
     """``fastmid analyze``: compute the table, write CSV + JSON + PNG, print the table."""
-    from fastmid.adapters import resolve_adapter_dir
-    from fastmid.data import bundled_path, load_records, tokenize_records
-    from fastmid.midblock import parse_band
-    from fastmid.models import load_model
+    from fastmid.engine.adapters import resolve_adapter_dir
+    from fastmid.engine.midblock import parse_band
+    from fastmid.engine.models import load_model
+    from fastmid.recipe.data import bundled_path, load_records, tokenize_records
 
     for name in ("samples", "max_length", "batch_size"):
         if getattr(args, name) <= 0:

@@ -5,7 +5,7 @@ collections, travel) with 1–4 steps. Answers are short chain-of-thought lines,
 calculation per line, ending ``#### N`` like GSM8K. Numbers stay small so that a 135M-parameter
 model can learn the format and most of the arithmetic after a few minutes of tuning.
 
-``python -m fastmid.synth`` rewrites ``fastmid/resources/gsm_{train,test}.jsonl``; the output
+``python -m fastmid.recipe.synth`` rewrites ``fastmid/resources/gsm_{train,test}.jsonl``; the output
 depends only on the seeds, so the shipped files are reproducible byte for byte.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fastmid.fileio import write_text_atomic
 
-RESOURCES = Path(__file__).resolve().parent / "resources"
+RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 TRAIN_SIZE = 2000
 TEST_SIZE = 200
 TRAIN_SEED = 1234
@@ -313,10 +313,13 @@ def generate(n: int, seed: int, exclude: set[str] | None = None) -> list[dict[st
     return out
 
 
-def splits() -> dict[str, list[dict[str, str]]]:
-    """The bundled train and test splits (test questions never appear in train)."""
-    train = generate(TRAIN_SIZE, TRAIN_SEED)
-    test = generate(TEST_SIZE, TEST_SEED, exclude={r["question"] for r in train})
+def splits(
+    train_seed: int = TRAIN_SEED, test_seed: int = TEST_SEED
+) -> dict[str, list[dict[str, str]]]:
+    """Train and test splits (test questions never appear in train); the default seeds give
+    the bundled ones, other seeds a fresh set that played no part in any choice made on them."""
+    train = generate(TRAIN_SIZE, train_seed)
+    test = generate(TEST_SIZE, test_seed, exclude={r["question"] for r in train})
     return {"train": train, "test": test}
 
 
@@ -328,10 +331,19 @@ def write_jsonl(records: list[dict[str, str]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Regenerate the bundled splits into ``--out`` (default: the package's resources)."""
-    parser = argparse.ArgumentParser(prog="python -m fastmid.synth", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fastmid.recipe.synth", description=__doc__)
     parser.add_argument("--out", type=Path, default=RESOURCES, help="output directory")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs=2,
+        default=(TRAIN_SEED, TEST_SEED),
+        metavar=("TRAIN", "TEST"),
+        help="generator seeds of the two splits; other seeds make a second, independent set "
+        f"(default: {TRAIN_SEED} {TEST_SEED}, the bundled one)",
+    )
     args = parser.parse_args(argv)
-    for split, records in splits().items():
+    for split, records in splits(*args.seeds).items():
         write_jsonl(records, args.out / f"gsm_{split}.jsonl")
     return 0
 

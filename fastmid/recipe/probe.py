@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastmid.engine.midblock import PAPER_TARGETS
 from fastmid.errors import UserError
-from fastmid.midblock import PAPER_TARGETS
 
 __all__ = [
     "add_arguments",
@@ -105,8 +105,10 @@ def recommend_band(
     The model's ``requires_grad`` flags and train/eval mode are restored afterwards and its
     ``.grad`` fields are left empty.
     """
-    from fastmid.data import IGNORE_INDEX, collate_padded
-    from fastmid.midblock import PAPER_BAND, find_decoder_layers, resolve_band
+    from fastmid.engine.blocks import find_decoder_layers
+    from fastmid.engine.loss import IGNORE_INDEX
+    from fastmid.engine.midblock import PAPER_BAND, resolve_band
+    from fastmid.recipe.data import collate_padded
 
     if getattr(model, "fastmid_state", None) is not None:
         raise ValueError("recommend_band needs the untuned model, before apply_midblock")
@@ -263,10 +265,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``fastmid probe``: print the per-layer profile and the least sensitive band."""
-    from fastmid.data import bundled_path, load_records, tokenize_records
+    from fastmid.engine.blocks import find_decoder_layers
+    from fastmid.engine.models import load_model
     from fastmid.fileio import write_text_atomic
-    from fastmid.midblock import find_decoder_layers
-    from fastmid.models import load_model
+    from fastmid.recipe.data import bundled_path, load_records, tokenize_records
 
     for name in ("max_length", "batch_size", "batches"):
         if getattr(args, name) <= 0:

@@ -19,7 +19,6 @@ Everything is patched on module *instances*; the model's classes are never touch
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -31,22 +30,17 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fastmid import kernels
-from fastmid.compile import COMPILE_MODES, compile_blocks, resolve_compile
+from fastmid.engine.blocks import find_layers_with_path, set_submodule, unwrap_forward, wrap_forward
+from fastmid.engine.compile import COMPILE_MODES, compile_blocks, resolve_compile
+from fastmid.engine.lora import _GATE_UP_WEIGHT, LoraLinear, _fuse_gate_up, _fuse_qkv
+from fastmid.engine.loss import install_label_only_loss
+from fastmid.engine.quantize import QUANTIZE_METHODS
 from fastmid.errors import UserError
-from fastmid.loss import install_label_only_loss
 
 # A band: (lo, hi) fractions of depth, "all", explicit layer indices, or "auto" (probe runs pick).
 Band = tuple[float, float] | str | list[int]
 
 KNOWN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-QKV = ("q_proj", "k_proj", "v_proj")
-
-# Instance attribute names used to remember what a patch replaced, so merge() can undo it.
-_ORIG_FORWARD = "_fastmid_orig_forward"
-# The concatenated frozen [W_gate; W_up] of a fused SwiGLU MLP (a plain attribute: gate and up
-# already own the matrix, as views).
-_GATE_UP_WEIGHT = "_fastmid_gate_up_weight"
 
 
 # The paper's setting (arXiv 2604.11838): LoRA on q/k/v/o of the 20%-80% depth band, alpha 128,
@@ -56,8 +50,6 @@ PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PAPER_ALPHA = 128.0
 PAPER_DROPOUT = 0.05
 PAPER_RANK_BUDGET = 64
-# How quantize_frozen may store the frozen linears (fastmid.quantize).
-QUANTIZE_METHODS = ("none", "nf4", "int8")
 
 
 @dataclass
@@ -313,31 +305,6 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
 # Finding the decoder blocks
 
 
-def _num_layers(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "num_hidden_layers", None)
-
-
-def find_layers_with_path(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(path, list) of the decoder blocks: the ModuleList of num_hidden_layers same-class blocks."""
-    expected = _num_layers(model)
-    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
-    for name, mlist in lists:
-        if (expected is None or len(mlist) == expected) and len({type(b) for b in mlist}) == 1:
-            return name, mlist
-    found = ", ".join(f"{n or '<root>'}[{len(m)}]" for n, m in lists) or "none"
-    raise UserError(
-        f"unknown model layout for {type(model).__name__}: no list of "
-        f"num_hidden_layers={expected} decoder blocks (module lists found: {found})"
-    )
-
-
-def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The ``nn.ModuleList`` of decoder blocks of a HF causal LM (e.g. ``model.model.layers``)."""
-    return find_layers_with_path(model)[1]
-
-
 def _linear_names(block: nn.Module) -> list[str]:
     return [n for n, m in block.named_modules() if isinstance(m, (nn.Linear, LoraLinear))]
 
@@ -350,178 +317,12 @@ def _find_target(block: nn.Module, target: str) -> str | None:
     return hits[0] if hits else None
 
 
-def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    """Put ``module`` at the dotted ``path`` inside ``root``."""
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, module)
-
-
 # --------------------------------------------------------------------------------------------
 # The LoRA module
 
 
-class _QKVGroup:
-    """q/k/v of one attention sharing a frozen ``cat([Wq, Wk, Wv])`` and one kernel call.
-
-    The attention code still calls q_proj(x), k_proj(x), v_proj(x) one after the other. The
-    first of the three calls computes all projections with ``lora_qkv`` and keeps the other two
-    outputs, keyed by the identity of ``x`` (and the grad mode); the next calls on the same
-    tensor take theirs and the stash is dropped once empty. A call that finds no matching stash
-    (another input, or a module called twice) computes the three projections afresh.
-    """
-
-    def __init__(self, modules: dict[str, LoraLinear], weight: torch.Tensor, bias: Any) -> None:
-        self.modules = modules
-        self.weight = weight
-        self.bias = bias
-        self._x: torch.Tensor | None = None
-        self._grad_mode = False
-        self._outputs: dict[str, torch.Tensor] = {}
-
-    def take(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
-        if self._x is x and self._grad_mode == torch.is_grad_enabled() and name in self._outputs:
-            out = self._outputs.pop(name)
-            if not self._outputs:
-                self._x = None
-            return out
-        return None
-
-    def compute(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (self.modules[n] for n in QKV)
-        outs = kernels.lora_qkv(
-            x,
-            self.weight,
-            q.lora_A,
-            k.lora_A,
-            v.lora_A,
-            q.lora_B,
-            k.lora_B,
-            v.lora_B,
-            (q.scale, k.scale, v.scale),
-            bias_qkv=self.bias,
-            dropout_p=q.dropout_p if q.training else 0.0,
-        )
-        self._outputs = {n: o for n, o in zip(QKV, outs, strict=True) if n != name}
-        self._x, self._grad_mode = x, torch.is_grad_enabled()
-        return outs[QKV.index(name)]
-
-
-class LoraLinear(nn.Module):
-    """A frozen linear plus a LoRA adapter: ``y = x Wᵀ + b + scale·(drop(x) Aᵀ) Bᵀ``.
-
-    ``weight`` and ``bias`` are the original linear's (frozen) tensors; ``lora_A`` (r, K) and
-    ``lora_B`` (N, r) are fp32 parameters whatever the base dtype.
-    """
-
-    def __init__(
-        self, base: nn.Linear, rank: int, scale: float, dropout_p: float, name: str = ""
-    ) -> None:
-        super().__init__()
-        self.in_features = base.in_features
-        self.out_features = base.out_features
-        self.name = name
-        self.weight = base.weight
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
-        # Same init as PEFT: A Kaiming-uniform, B zero, so the patched model starts unchanged.
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.scale = scale
-        self.dropout_p = dropout_p
-        self._group: _QKVGroup | None = None
-
-    @property
-    def rank(self) -> int:
-        return self.lora_A.shape[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = self._group
-        if group is not None:
-            out = group.take(self.name, x)
-            return out if out is not None else group.compute(self.name, x)
-        return kernels.lora_linear(
-            x,
-            self.weight,
-            self.lora_A,
-            self.lora_B,
-            self.scale,
-            bias=self.bias,
-            dropout_p=self.dropout_p if self.training else 0.0,
-        )
-
-    def merged_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with ``W + scale·B·A`` folded in (in fp32, cast back)."""
-        w = self.weight.detach()
-        delta = self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device="meta"
-        )
-        # A fresh contiguous tensor: grouped weights are views into one shared matrix, which
-        # save_pretrained would refuse as shared storage.
-        linear.weight = nn.Parameter((w.float() + delta).to(w.dtype), requires_grad=False)
-        if self.bias is not None:
-            linear.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
-        return linear
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"rank={self.rank}, scale={self.scale:g}, dropout={self.dropout_p:g}"
-        )
-
-
 # --------------------------------------------------------------------------------------------
 # Instance-level forward wrappers
-
-
-class _WrappedForward:
-    """An instance-level forward built by ``make(module, inner_forward)``.
-
-    ``copy.deepcopy`` of a patched model rebuilds the wrapper around the copy (a plain closure
-    would keep calling the original module and leave the copy's parameters without grads).
-    """
-
-    def __init__(self, module: nn.Module, make: ForwardMaker, inner: Any) -> None:
-        self.module, self.make, self.inner = module, make, inner
-        self.run: Callable[..., Any] | None = None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # Built on first call: during a deepcopy the module's copy has no attributes yet.
-        if self.run is None:
-            inner = self.inner or type(self.module).forward.__get__(self.module)
-            self.run = self.make(self.module, inner)
-        return self.run(*args, **kwargs)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _WrappedForward:
-        # The module's copy is in `memo` already: copy registers it before copying its state.
-        module = memo.get(id(self.module), self.module)
-        return _WrappedForward(module, self.make, copy.deepcopy(self.inner, memo))
-
-
-ForwardMaker = Callable[[nn.Module, Callable[..., Any]], Callable[..., Any]]
-
-
-def wrap_forward(module: nn.Module, make: ForwardMaker) -> None:
-    """Replace ``module.forward`` on this instance only with ``make(module, forward)``,
-    remembering what was there."""
-    if _ORIG_FORWARD not in module.__dict__:
-        setattr(module, _ORIG_FORWARD, module.__dict__.get("forward"))
-    module.forward = _WrappedForward(module, make, module.__dict__.get("forward"))
-
-
-def unwrap_forward(module: nn.Module) -> None:
-    """Undo :func:`wrap_forward` on this instance (no-op when it was never wrapped)."""
-    if _ORIG_FORWARD not in module.__dict__:
-        return
-    orig = module.__dict__.pop(_ORIG_FORWARD)
-    module.__dict__.pop("forward", None)
-    if orig is not None:
-        module.forward = orig
 
 
 def _no_grad_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
@@ -550,52 +351,6 @@ def _checkpointed_forward(module: nn.Module, forward: Callable[..., Any]) -> Cal
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     return run
-
-
-def _swiglu_forward(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    gate, up = mlp.gate_proj, mlp.up_proj
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        h = kernels.lora_gate_up(
-            x,
-            # Read per call: quantize_frozen may replace the matrix after patching.
-            mlp._fastmid_gate_up_weight,
-            gate.lora_A,
-            up.lora_A,
-            gate.lora_B,
-            up.lora_B,
-            (gate.scale, up.scale),
-            dropout_p=gate.dropout_p if mlp.training else 0.0,
-        )
-        return mlp.down_proj(h)
-
-    return forward
-
-
-def _is_swiglu(mlp: nn.Module) -> bool:
-    """True when ``mlp`` computes down(silu(gate(x)) * up(x)) with bias-free gate and up.
-
-    Checked numerically once on a small probe input rather than trusted from the class name,
-    so a family with another MLP formula keeps its own forward.
-    """
-    gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
-    if not all(isinstance(m, LoraLinear) for m in (gate, up)) or down is None:
-        return False
-    if gate.bias is not None or up.bias is not None:
-        return False
-    if not is_silu(getattr(mlp, "act_fn", None)):
-        return False
-    w = gate.weight
-    with torch.no_grad():
-        x = torch.randn(2, gate.in_features, dtype=w.dtype, device=w.device)
-        expected = down(torch.nn.functional.silu(x @ w.T) * (x @ up.weight.T))
-        got = type(mlp).forward(mlp, x)
-    return torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-3)
-
-
-def is_silu(act: Any) -> bool:
-    """True for SiLU activation modules (torch's and transformers' own class)."""
-    return isinstance(act, nn.SiLU) or type(act).__name__ in {"SiLU", "SiLUActivation"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -669,7 +424,7 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
         for i in range(layers[0], num_layers):
             wrap_forward(blocks[i], _checkpointed_forward)
     if cfg.use_liger:
-        from fastmid.liger import apply_liger_to_frozen
+        from fastmid.engine.liger import apply_liger_to_frozen
 
         frozen = [blocks[i] for i in range(num_layers) if i not in set(layers)]
         apply_liger_to_frozen(frozen)
@@ -692,68 +447,10 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
         rank_note=rank_note,
     )
     if cfg.quantize != "none":
-        from fastmid.quantize import quantize_frozen
+        from fastmid.engine.quantize import quantize_frozen
 
         quantize_frozen(model, cfg.quantize)
     return model
-
-
-def _fuse_qkv(mods: dict[str, LoraLinear]) -> None:
-    """Share one frozen cat([Wq, Wk, Wv]) between q, k and v (weights become views into it)."""
-    if not all(n in mods for n in QKV):
-        return
-    q, k, v = (mods[n] for n in QKV)
-    if len({m.weight.dtype for m in (q, k, v)}) != 1 or len({m.rank for m in (q, k, v)}) != 1:
-        return
-    has_bias = [m.bias is not None for m in (q, k, v)]
-    if any(has_bias) and not all(has_bias):
-        return
-    weight = torch.cat([m.weight.detach() for m in (q, k, v)], 0)
-    bias = torch.cat([m.bias.detach() for m in (q, k, v)], 0) if all(has_bias) else None
-    start = 0
-    for m in (q, k, v):
-        n = m.out_features
-        m.weight = nn.Parameter(weight[start : start + n], requires_grad=False)
-        if bias is not None:
-            m.bias = nn.Parameter(bias[start : start + n], requires_grad=False)
-        start += n
-    group = _QKVGroup({n: mods[n] for n in QKV}, weight, bias)
-    for m in (q, k, v):
-        m._group = group
-
-
-def _fuse_gate_up(block: nn.Module, paths: dict[str, str], mods: dict[str, LoraLinear]) -> None:
-    """Run a SwiGLU MLP as lora_gate_up + down when gate and up are both targets."""
-    if "gate_proj" not in mods or "up_proj" not in mods:
-        return
-    mlp_path = paths["gate_proj"].rpartition(".")[0]
-    if paths["up_proj"].rpartition(".")[0] != mlp_path:
-        return
-    mlp = block.get_submodule(mlp_path) if mlp_path else block
-    if not _is_swiglu(mlp):
-        return
-    gate, up = mods["gate_proj"], mods["up_proj"]
-    if gate.weight.dtype != up.weight.dtype or gate.rank != up.rank:
-        return
-    weight = torch.cat([gate.weight.detach(), up.weight.detach()], 0)
-    gate.weight = nn.Parameter(weight[: gate.out_features], requires_grad=False)
-    up.weight = nn.Parameter(weight[gate.out_features :], requires_grad=False)
-    setattr(mlp, _GATE_UP_WEIGHT, weight)
-    wrap_forward(mlp, lambda module, _forward: _swiglu_forward(module))
-
-
-def fused_weights(block: nn.Module) -> list[tuple[Any, str, list[LoraLinear]]]:
-    """Each frozen concatenated weight of ``block`` as (holder, attribute name, member modules
-    in row order): q/k/v's shared matrix and a fused SwiGLU's gate/up matrix. A later pass
-    (quantization) replaces the matrix and the members' row views of it together."""
-    out: list[tuple[Any, str, list[LoraLinear]]] = []
-    for module in block.modules():
-        group = module._group if isinstance(module, LoraLinear) else None
-        if group is not None and all(g is not group for g, _, _ in out):
-            out.append((group, "weight", [group.modules[n] for n in QKV]))
-        if "_fastmid_gate_up_weight" in module.__dict__:
-            out.append((module, "_fastmid_gate_up_weight", [module.gate_proj, module.up_proj]))
-    return out
 
 
 def unpatch_forwards(model: nn.Module) -> None:
@@ -777,19 +474,6 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[int, str, LoraLinear]]:
         for name, module in blocks[i].named_modules():
             if isinstance(module, LoraLinear):
                 yield i, name.rpartition(".")[2], module
-
-
-def is_fused(model: nn.Module) -> bool:
-    """True when q/k/v or gate/up of some block run from one concatenated frozen weight.
-
-    FSDP cannot shard such a copy; it needs a model patched with ``fuse_groups=False``.
-    """
-    for module in model.modules():
-        if isinstance(module, LoraLinear) and module._group is not None:
-            return True
-        if _GATE_UP_WEIGHT in vars(module):
-            return True
-    return False
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmid.data import IGNORE_INDEX
+# The target of a position that carries no loss (cross-entropy's ignore_index).
+IGNORE_INDEX = -100
 
 # Rows of one logits chunk: 256 x vocab 49k fp32 is 48 MiB, small beside a step's
 # activations, and large enough that the head GEMM stays efficient.
@@ -218,6 +219,10 @@ def _label_only_forward(
         targets = params.pop("shift_labels", None)
         params.pop("ignore_index", None)
         targets = shift_labels(labels) if targets is None else targets
+        if params.get("use_cache") is None:
+            # A training step has no use for a KV cache, and with one transformers ignores
+            # position_ids restarting per example: packed rows would attend across examples.
+            params["use_cache"] = False
         out = model.get_decoder()(**params)
         loss_sum, count = label_loss(model, out.last_hidden_state, targets.to(labels.device))
         denom = num_items if num_items is not None else max(count, 1)

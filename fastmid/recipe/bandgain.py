@@ -1,6 +1,6 @@
 """Bands chosen by what short tuning runs do, layer by layer.
 
-The probe in :mod:`fastmid.probe` ranks layers by how sensitive the untuned model is. The
+The probe in :mod:`fastmid.recipe.probe` ranks layers by how sensitive the untuned model is. The
 criteria here ask about tuning itself. A *probe run* tunes a copy of the model with small
 (rank-8) adapters for a few AdamW steps; one probe run loop (:func:`probe_run`) serves every
 criterion. Three score the layers of one all-layer probe run:
@@ -41,6 +41,7 @@ Ties (every criterion) go to the window nearest the middle of the network, then 
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,18 +49,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastmid.engine.midblock import MidBlockConfig
 from fastmid.errors import UserError
-from fastmid.midblock import MidBlockConfig
 
 __all__ = [
     "AUTO_CRITERIA",
     "AUTO_CRITERION",
     "CRITERIA",
     "ProbeRun",
+    "band_tradeoff",
     "choose_auto_band",
     "gradient_snr",
     "probe_run",
     "recommend_band_by_probe_run",
+    "tradeoff_line",
     "window_starts",
 ]
 
@@ -79,8 +82,8 @@ WINDOW_CANDIDATES = 5
 # ranked the windows unlike full training did (it chose the default band, which trained worse
 # than the top one); 16 steps with the run's own adapters ranked them as training did.
 WINDOW_STEPS = 16
-# What `fastmid compare --auto-criterion` may name: the sensitivity probe of fastmid.probe, or
-# one of the probe-run criteria here; `--band auto` uses AUTO_CRITERION.
+# What `fastmid compare --auto-criterion` may name: the sensitivity probe of fastmid.recipe.probe,
+# or one of the probe-run criteria here; `--band auto` uses AUTO_CRITERION.
 AUTO_CRITERIA = ("sensitivity", *CRITERIA)
 AUTO_CRITERION = "window"
 # The band choice looks at the first this many training examples.
@@ -158,9 +161,10 @@ def probe_run(
     backward pass per step). ``model`` itself is not modified: the copy shares its weights
     (frozen, so untouched) and has adapters of its own.
     """
-    from fastmid.data import collate_padded
-    from fastmid.loss import forward_loss
-    from fastmid.midblock import apply_midblock, find_decoder_layers, lora_modules
+    from fastmid.engine.blocks import find_decoder_layers
+    from fastmid.engine.loss import forward_loss
+    from fastmid.engine.midblock import apply_midblock, lora_modules
+    from fastmid.recipe.data import collate_padded
 
     examples = [e for e in examples if e.num_loss_tokens > 0]
     heldout = [e for e in heldout if e.num_loss_tokens > 0]
@@ -307,7 +311,7 @@ _DESCRIPTION = {
 def window_starts(num_layers: int, width: int, candidates: int = WINDOW_CANDIDATES) -> list[int]:
     """Starts of the windows the ``window`` criterion tries: about ``candidates`` evenly spaced
     from the bottom to the top of depth, always with the bottom, the top and the default band."""
-    from fastmid.midblock import PAPER_BAND, resolve_band
+    from fastmid.engine.midblock import PAPER_BAND, resolve_band
 
     last = num_layers - width
     if last < 0:
@@ -330,6 +334,33 @@ def _split_heldout(examples: list[Any]) -> tuple[list[Any], list[Any]]:
     return examples[:cut], examples[cut:]
 
 
+def band_tradeoff(
+    before: float, band_after: float, all_after: float, band_seconds: float, all_seconds: float
+) -> dict[str, float]:
+    """What a band costs and saves against all layers, from one probe run of each.
+
+    ``gap`` is the share of the all-layer held-out loss reduction the band gives up:
+    ``(band_after − all_after) / (before − all_after)`` (0 when the band does as well or better,
+    or when all layers gained nothing); ``time`` is the band's probe time over the all-layer one.
+    """
+    gain = before - all_after
+    gap = max(0.0, band_after - all_after) / gain if gain > 0 else 0.0
+    return {"gap": gap, "time": band_seconds / all_seconds if all_seconds > 0 else 1.0}
+
+
+def tradeoff_line(
+    layers: Sequence[int], start: int, width: int, tradeoff: dict[str, float], limit: float
+) -> str:
+    """One line for the user: the quality the best band gives up and the time it saves."""
+    chosen = "all layers" if len(layers) > width else f"layers {layers[0]}-{layers[-1]}"
+    return (
+        f"band trade-off: layers {start}-{start + width - 1} keep "
+        f"{1 - tradeoff['gap']:.0%} of the all-layer held-out gain (gives up "
+        f"{tradeoff['gap']:.0%}, limit --max-quality-gap {limit:.0%}) in "
+        f"{tradeoff['time']:.2f}x the all-layer probe time → training {chosen}"
+    )
+
+
 def recommend_band_by_probe_run(
     model: nn.Module,
     tokenizer: Any,
@@ -337,16 +368,21 @@ def recommend_band_by_probe_run(
     *,
     criterion: str = "gain",
     width: int | None = None,
+    max_quality_gap: float | None = None,
     **probe: Any,
 ) -> tuple[list[int], dict[str, Any]]:
     """The ``width``-layer band ``criterion`` picks by probe runs on ``examples`` (see the
     module docstring). ``heldout`` and ``window`` keep the last quarter of the examples out of
     training to measure on; ``snr`` splits each step into micro-batches. Returns
     ``(layers, info)`` with the scores, the probe's losses and a one-line ``reason``; ``probe``
-    goes to :func:`probe_run`.
+    goes to :func:`probe_run`. With ``max_quality_gap`` (``window`` only) the same probe run
+    on every layer is the reference: when the best window gives up more than that share of the
+    all-layer held-out gain, the answer is all layers; ``info["tradeoff_line"]`` says what was
+    seen either way.
     """
-    from fastmid.midblock import PAPER_BAND, find_decoder_layers, resolve_band
-    from fastmid.probe import best_window, select_band
+    from fastmid.engine.blocks import find_decoder_layers
+    from fastmid.engine.midblock import PAPER_BAND, resolve_band
+    from fastmid.recipe.probe import best_window, select_band
 
     if criterion not in CRITERIA:
         raise UserError(f"band criterion must be one of {'|'.join(CRITERIA)}, got {criterion!r}")
@@ -365,11 +401,14 @@ def recommend_band_by_probe_run(
     if criterion == "window":
         train, held = _split_heldout(examples)
         after: dict[int, float] = {}
+        seconds: dict[int, float] = {}
         for start in window_starts(num_layers, width):
             band = range(start, start + width)
+            began = time.perf_counter()
             run = probe_run(
                 model, train, pad_id, heldout=held, allocate_heldout=False, band=band, **probe
             )
+            seconds[start] = time.perf_counter() - began
             after[start] = run.heldout_after
         start = best_window(after, num_layers, width)
         layers = list(range(start, start + width))
@@ -386,6 +425,24 @@ def recommend_band_by_probe_run(
             f"{loss_of(num_layers - width)})"
         )
         info.update(heldout_before=before, window_heldout_loss=after)
+        if max_quality_gap is not None and width < num_layers:
+            # The same short run on every layer: what the band would give up, and what it saves.
+            began = time.perf_counter()
+            whole = probe_run(model, train, pad_id, heldout=held, allocate_heldout=False, **probe)
+            all_seconds = time.perf_counter() - began
+            tradeoff = band_tradeoff(
+                before, after[start], whole.heldout_after, seconds[start], all_seconds
+            )
+            info.update(all_layers_heldout_loss=whole.heldout_after, tradeoff=tradeoff)
+            if tradeoff["gap"] > max_quality_gap:
+                layers = list(range(num_layers))
+                reason = (
+                    f"all layers: the best {width}-layer window ({start}-{start + width - 1}) "
+                    f"gives up {tradeoff['gap']:.0%} of the all-layer held-out gain, more than "
+                    f"--max-quality-gap {max_quality_gap:.0%} ({before:.3f} → window "
+                    f"{after[start]:.3f}, all layers {whole.heldout_after:.3f})"
+                )
+            info["tradeoff_line"] = tradeoff_line(layers, start, width, tradeoff, max_quality_gap)
     else:
         if criterion == "heldout":
             examples, held = _split_heldout(examples)
@@ -426,13 +483,15 @@ def choose_auto_band(
     lr: float,
     criterion: str = AUTO_CRITERION,
     width: int | None = None,
+    max_quality_gap: float | None,
 ) -> tuple[list[int], dict[str, Any]]:
     """The band ``--band auto`` trains (``criterion``: one of :data:`AUTO_CRITERIA`), from the
     first :data:`AUTO_EXAMPLES` of ``examples``. ``window`` tunes each candidate with the run's
     own adapters (``adapter``: targets, rank or rank budget, alpha, rsLoRA) and learning rate
-    ``lr``; the all-layer criteria use small probe adapters. Returns ``(layers, info)`` as
-    :func:`recommend_band_by_probe_run` does."""
-    from fastmid.probe import recommend_band
+    ``lr``, and may answer all layers when the best window gives up more than
+    ``max_quality_gap`` of the all-layer gain (None: never); the all-layer criteria use small
+    probe adapters. Returns ``(layers, info)`` as :func:`recommend_band_by_probe_run` does."""
+    from fastmid.recipe.probe import recommend_band
 
     if criterion not in AUTO_CRITERIA:
         known = "|".join(AUTO_CRITERIA)
@@ -441,7 +500,9 @@ def choose_auto_band(
     if criterion == "sensitivity":
         return recommend_band(model, tokenizer, examples, width=width)
     # Only window tunes bands as the run would; the all-layer runs keep PROBE_ADAPTER.
-    probe = {"adapter": adapter, "lr": lr} if criterion == "window" else {}
+    probe: dict[str, Any] = {}
+    if criterion == "window":
+        probe = {"adapter": adapter, "lr": lr, "max_quality_gap": max_quality_gap}
     return recommend_band_by_probe_run(
         model, tokenizer, examples, criterion=criterion, width=width, **probe
     )

@@ -4,7 +4,7 @@
 overrides (CLI flags the user actually gave), then :meth:`TrainConfig.validate`. Every problem
 is a :class:`fastmid.errors.UserError` with one line naming the field.
 
-The adapter settings are :class:`fastmid.midblock.MidBlockConfig`, nested as
+The adapter settings are :class:`fastmid.engine.midblock.MidBlockConfig`, nested as
 ``TrainConfig.midblock``; files and flags name all fields flat (``rank``, ``lr``), and each
 field's help text is stated once, in its ``metadata``, from which ``fastmid train``'s flags are
 generated.
@@ -25,11 +25,11 @@ from typing import Any
 
 import yaml
 
+from fastmid.engine.midblock import MidBlockConfig, format_band, parse_band
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
-from fastmid.midblock import MidBlockConfig, format_band, parse_band
 from fastmid.options import add_field_arguments, option
-from fastmid.tracking import REPORT_TO
+from fastmid.recipe.tracking import REPORT_TO
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -87,6 +87,12 @@ class TrainConfig:
 
     # LoRA placement and shape (band, targets, rank, alpha, dropout, ...).
     midblock: MidBlockConfig = field(default_factory=MidBlockConfig)
+    max_quality_gap: float = option(
+        0.1,
+        "--band auto trains all layers when the best window gives up more than this share of "
+        "the all-layer held-out loss reduction in the same short probe runs (0.1: the band must "
+        "keep nine tenths of it; 1: always a band)",
+    )
 
     precision: str = option(
         "auto",
@@ -214,6 +220,8 @@ class TrainConfig:
             _at_least_zero("warmup_steps", self.warmup_steps)
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.max_quality_gap <= 1:
+            raise UserError(f"max_quality_gap must be in [0, 1], got {self.max_quality_gap}")
         _positive("batch_tokens", self.batch_tokens)
         if self.batch_tokens < self.max_length:
             raise UserError(
@@ -246,8 +254,8 @@ class TrainConfig:
         return self
 
     def _validate_inputs_and_tracking(self) -> None:
-        from fastmid.data import parse_fields
-        from fastmid.tracking import check_available
+        from fastmid.recipe.data import parse_fields
+        from fastmid.recipe.tracking import check_available
 
         parse_fields(self.fields)
         if not 0.0 <= self.eval_split_ratio < 1.0:

@@ -50,9 +50,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastmid.data import IGNORE_INDEX
+from fastmid.engine.lora import is_fused
+from fastmid.engine.loss import IGNORE_INDEX
 from fastmid.errors import INTERRUPTED_EXIT, STATUS_FILE_ENV, USER_ERROR_EXIT, UserError
-from fastmid.midblock import is_fused
 
 T = TypeVar("T")
 PARALLEL_MODES = ("auto", "ddp", "fsdp")
@@ -291,7 +291,7 @@ class ParallelStep:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        from fastmid.midblock import find_decoder_layers
+        from fastmid.engine.blocks import find_decoder_layers
 
         mesh = init_device_mesh(device.type, (self.world_size,))
         blocks = find_decoder_layers(self.model)

@@ -167,7 +167,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> t
     # print their own progress, and keep stderr for errors.
     hf_logging.disable_progress_bar()
 
-    from fastmid.quantize import import_torchao_quietly
+    from fastmid.engine.quantize import import_torchao_quietly
 
     import_torchao_quietly()  # before transformers imports it, and logs CUDA-only noise
     if spec is None:
@@ -246,7 +246,7 @@ def prepare_model(model: Any, cfg: Any, device: torch.device) -> Any:
     over the whole masked T×T square: flash-attn's varlen kernels on CUDA where installed (half
     precision only), else fastmid's per-example SDPA.
     """
-    from fastmid.midblock import apply_midblock
+    from fastmid.engine.midblock import apply_midblock
 
     apply_midblock(model, cfg)
     select_attention(model, device)

@@ -14,8 +14,8 @@ and top of the network; ``all`` is standard LoRA; ``auto`` is the band the chose
 picks on the training data; any other band is given as ``6-23``, or with ``--band`` in every
 form ``fastmid train --band`` takes.
 
-Each run trains through :func:`fastmid.train.train` in its own process (its time and peak memory
-are its own), then reloads the base model with the adapter and measures held-out accuracy
+Each run trains through :func:`fastmid.recipe.train.train` in its own process (its time and peak
+memory are its own), then reloads the base model with the adapter and measures held-out accuracy
 (GSM8K protocol), answer NLL per token on the held-out records, perplexity on general text
 (forgetting), and reports train time, tokens/s, peak memory and trainable parameters. Results
 are cached per run under ``<output-dir>/runs/``: an interrupted compare continues where it
@@ -43,15 +43,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastmid.bandgain import AUTO_CRITERIA, AUTO_CRITERION
-from fastmid.config import TrainConfig, build_config, config_fields, parse_band
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
 from fastmid.options import add_field_arguments
 from fastmid.outdir import holds_output_dir, user_entries
+from fastmid.recipe.bandgain import AUTO_CRITERIA, AUTO_CRITERION
+from fastmid.recipe.config import TrainConfig, build_config, config_fields, parse_band
 
 PLACEMENTS = ("bottom", "middle", "top", "all", "auto")
 ALPHA_POLICIES = ("fixed", "ratio", "rslora")
+# What fastmid train ships (alpha fixed, scale alpha/rank): a compare without --alpha-policy
+# measures exactly the recipe a train user gets.
+DEFAULT_ALPHA_POLICY = "fixed"
 # (key, label, lower is better): the quality metrics, then the cost columns.
 METRICS: tuple[tuple[str, str, bool], ...] = (
     ("answer_nll", "answer NLL/token", True),
@@ -81,6 +84,7 @@ PASSTHROUGH = (
     "grad_accum",
     "epochs",
     "max_steps",
+    "max_quality_gap",
 )
 
 
@@ -94,7 +98,7 @@ def placement_band(name: str, num_layers: int, width: int) -> list[int]:
     ``bottom``/``middle``/``top`` are ``width`` contiguous layers at the start, the centre (the
     default 20%–80% band when ``width`` is its width) and the end of depth.
     """
-    from fastmid.midblock import PAPER_BAND, resolve_band
+    from fastmid.engine.midblock import PAPER_BAND, resolve_band
 
     if not 1 <= width <= num_layers:
         raise UserError(f"--width must be between 1 and the model's {num_layers} layers")
@@ -179,7 +183,7 @@ def run_config(
 
     Without a plan: the shared settings alone (what every run has in common).
     """
-    from fastmid.midblock import resolve_rank
+    from fastmid.engine.midblock import resolve_rank
 
     shared = build_config(None, settings.train)
     if plan is None:
@@ -208,8 +212,8 @@ def evaluate_model(model: Any, tokenizer: Any, settings: Settings, precision: st
     """Accuracy, answer NLL/token and general-text perplexity of ``model`` (tuned or base)."""
     import torch
 
-    from fastmid import data, evaluate
-    from fastmid.heldout import answer_nll
+    from fastmid.recipe import data, evaluate
+    from fastmid.recipe.heldout import answer_nll
 
     shared = run_config(settings)
     records = _eval_records(settings)
@@ -239,7 +243,7 @@ def evaluate_model(model: Any, tokenizer: Any, settings: Settings, precision: st
 
 
 def _eval_records(settings: Settings) -> list[dict]:
-    from fastmid import data
+    from fastmid.recipe import data
 
     path = settings.eval_data or str(data.bundled_path("test"))
     return data.load_records(path)
@@ -252,9 +256,10 @@ def train_and_evaluate(settings: Settings, plan: Plan, run_dir: Path) -> dict:
     evaluation was interrupted) is only evaluated."""
     import torch
 
-    from fastmid import models, train
-    from fastmid.adapters import load_adapter
-    from fastmid.checkpoint import CHECKPOINT_DIR, find_checkpoint
+    from fastmid.engine import models
+    from fastmid.engine.adapters import load_adapter
+    from fastmid.recipe import train
+    from fastmid.recipe.checkpoint import CHECKPOINT_DIR, find_checkpoint
 
     out = run_dir / "train"
     resume = find_checkpoint(out / CHECKPOINT_DIR) is not None
@@ -536,6 +541,8 @@ def verdict(rows: Sequence[dict], base: dict | None = None, results: Sequence[di
         paired = _paired_sentence(rows, best, results)
         if paired:
             parts.append(paired)
+    if base is not None and base.get("general_ppl") is not None:
+        parts.append(_forgetting_sentence(forgetting(rows, base)))
     fastest = min(rows, key=lambda r: r["train_seconds"])
     lightest = min(rows, key=lambda r: r["peak_mem_gb"])
     parts.append(
@@ -543,6 +550,46 @@ def verdict(rows: Sequence[dict], base: dict | None = None, results: Sequence[di
         f"{_name(lightest)} used the least memory ({lightest['peak_mem_gb']:.2f} GB)."
     )
     return " ".join(parts)
+
+
+def forgetting(rows: Sequence[dict], base: dict) -> list[dict]:
+    """Per placement: the answer-NLL gain over the base model, the general-text perplexity
+    change (forgetting) and the gain per point of perplexity added (None when perplexity did
+    not rise: a gain without forgetting)."""
+    out = []
+    for row in rows:
+        gain = base[PRIMARY] - row[PRIMARY]
+        change = row["general_ppl"] - base["general_ppl"]
+        out.append(
+            {
+                "placement": _name(row),
+                "nll_gain": gain,
+                "ppl_change": change,
+                "gain_per_ppl": gain / change if change > 0 else None,
+            }
+        )
+    return out
+
+
+def _forgetting_sentence(items: Sequence[dict]) -> str:
+    """Gain per unit of forgetting, best first (placements without forgetting lead)."""
+    ranked = sorted(
+        items, key=lambda x: -math.inf if x["gain_per_ppl"] is None else -x["gain_per_ppl"]
+    )
+    clauses = [
+        f"{x['placement']} {x['nll_gain']:.3f} for {x['ppl_change']:+.2f} ppl"
+        + (
+            " (no forgetting)"
+            if x["gain_per_ppl"] is None
+            else f" = {x['gain_per_ppl']:.3f} per ppl point"
+        )
+        for x in ranked
+    ]
+    return (
+        "Answer-NLL gain per point of general-text perplexity added (forgetting): "
+        + "; ".join(clauses)
+        + "."
+    )
 
 
 def _paired_sentence(rows: Sequence[dict], best: dict, results: Sequence[dict]) -> str:
@@ -711,9 +758,9 @@ def auto_band(
     for a ``width``-layer band under the scale ``policy``), and its one-line reason."""
     import torch
 
-    from fastmid import data
-    from fastmid.bandgain import AUTO_EXAMPLES, choose_auto_band
-    from fastmid.models import resolve_precision
+    from fastmid.engine.models import resolve_precision
+    from fastmid.recipe import data
+    from fastmid.recipe.bandgain import AUTO_EXAMPLES, choose_auto_band
 
     # Every candidate window has the width of the middle band, so its rank and scale.
     middle = placement_band("middle", settings.num_layers, width)
@@ -733,6 +780,7 @@ def auto_band(
             lr=run.lr,
             criterion=criterion,
             width=width,
+            max_quality_gap=run.max_quality_gap,
         )
     return layers, str(info["reason"])
 
@@ -741,7 +789,7 @@ def compare(
     settings: Settings,
     placements: Sequence[str],
     policies: Sequence[str],
-    seeds: int,
+    seeds: int | Sequence[int],
     output_dir: str | Path,
     *,
     width: int | None = None,
@@ -757,12 +805,14 @@ def compare(
     """
     import torch
 
-    from fastmid import models
-    from fastmid.midblock import PAPER_BAND, find_decoder_layers, resolve_band
-    from fastmid.models import resolve_precision
+    from fastmid.engine import models
+    from fastmid.engine.blocks import find_decoder_layers
+    from fastmid.engine.midblock import PAPER_BAND, resolve_band
+    from fastmid.engine.models import resolve_precision
 
-    if seeds < 1:
-        raise UserError(f"--seeds must be at least 1, got {seeds}")
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise UserError(f"--seeds needs at least one seed, each once and >= 0, got {seeds}")
     if not placements:
         raise UserError("--placements names no placement")
     for policy in policies:
@@ -859,7 +909,7 @@ def compare(
 
     plans = [
         Plan(name, bands[name], policy, seed)
-        for seed in range(seeds)
+        for seed in seeds
         for name in placements
         for policy in policies
     ]
@@ -901,6 +951,7 @@ def compare(
         "base": base,
         "rows": table_rows(rows),
         "paired_vs_best": paired_table(rows, results),
+        "forgetting": forgetting(rows, base) if base.get("general_ppl") is not None else [],
         "verdict": text,
     }
     write_text_atomic(out / "results.json", json.dumps(report, indent=2) + "\n")
@@ -911,6 +962,26 @@ def compare(
 
 # --------------------------------------------------------------------------------------------
 # CLI
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """``--seeds``: ``4`` → seeds 0-3, ``100-103`` → 100..103, ``5,7`` → 5 and 7."""
+    try:
+        if "," in spec:
+            return [int(x) for x in spec.split(",") if x.strip()]
+        if "-" in spec:
+            lo, hi = (int(x) for x in spec.split("-"))
+            if hi < lo:
+                raise ValueError
+            return list(range(lo, hi + 1))
+        count = int(spec)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a count, a range like 100-103 or a list like 5,7, got {spec!r}"
+        ) from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"a seed count must be at least 1, got {count}")
+    return list(range(count))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -930,11 +1001,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--alpha-policy",
-        default="ratio",
-        help="fixed (alpha constant, the paper), ratio (alpha/r at the all-layer value) or "
-        "rslora (alpha/sqrt(r)); comma-separated to compare several (default: ratio)",
+        default=DEFAULT_ALPHA_POLICY,
+        help="fixed (alpha constant: the paper's, and what fastmid train ships), ratio (alpha/r "
+        "at the all-layer value) or rslora (alpha/sqrt(r)); comma-separated to compare several "
+        "(default: %(default)s)",
     )
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per run (default: 2)")
+    parser.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        default=[0, 1],
+        help="seeds per run: a count N (seeds 0..N-1), a range 100-103 or a list 5,7; name "
+        "fresh seeds to confirm a choice made on others (default: 2, i.e. 0-1)",
+    )
     parser.add_argument(
         "--width",
         type=int,

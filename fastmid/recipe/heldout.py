@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from fastmid.data import Example, collate_padded
-from fastmid.loss import forward_loss
+from fastmid.engine.loss import forward_loss
+from fastmid.recipe.data import Example, collate_padded
 
 
 @torch.no_grad()

@@ -89,15 +89,16 @@ class UpdateEqualizer:
         eq = UpdateEqualizer(model)
         eq.before_step(); optimizer.step(); eq.after_step()
 
-    ``modules`` defaults to ``fastmid.midblock.lora_modules(model)``: ``(layer, name, module)`` with
-    ``module.weight``, ``module.lora_A (r, K)``, ``module.lora_B (N, r)`` and ``module.scale``.
+    ``modules`` defaults to ``fastmid.engine.midblock.lora_modules(model)``: ``(layer, name,
+    module)`` with ``module.weight``, ``module.lora_A (r, K)``, ``module.lora_B (N, r)`` and
+    ``module.scale``.
     """
 
     def __init__(
         self, model: nn.Module, modules: Iterable[tuple[int, str, nn.Module]] | None = None
     ) -> None:
         if modules is None:
-            from fastmid.midblock import lora_modules
+            from fastmid.engine.midblock import lora_modules
 
             modules = lora_modules(model)
         self.layers: dict[int, list[nn.Module]] = {}

@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from fastmid.data import IGNORE_INDEX, QA_PROMPT, Example, bundled_path, load_records
+from fastmid.engine.loss import IGNORE_INDEX
+from fastmid.engine.quantize import QUANTIZE_METHODS
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
-from fastmid.heldout import answer_nll
-from fastmid.midblock import QUANTIZE_METHODS
 from fastmid.outdir import holds_output_dir
+from fastmid.recipe.data import QA_PROMPT, Example, bundled_path, load_records
+from fastmid.recipe.heldout import answer_nll
 
 _NUMBER = re.compile(r"-?[\d,]*\d\.?\d*")
 
@@ -263,9 +264,9 @@ def _output_dir(args: argparse.Namespace) -> Path | None:
 @holds_output_dir(_output_dir)
 def run(args: argparse.Namespace) -> int:
     """``fastmid eval``: print accuracy (and perplexity); optionally write predictions."""
-    from fastmid.adapters import load_adapter, resolve_adapter_dir
-    from fastmid.models import load_model, resolve_dtype, select_attention
-    from fastmid.quantize import quantize_frozen
+    from fastmid.engine.adapters import load_adapter, resolve_adapter_dir
+    from fastmid.engine.models import load_model, resolve_dtype, select_attention
+    from fastmid.engine.quantize import quantize_frozen
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be positive, got {args.limit}")

@@ -24,20 +24,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fastmid.errors import UserError
-from fastmid.fileio import replace_atomic
-from fastmid.midblock import (
+from fastmid.engine.blocks import find_layers_with_path, set_submodule
+from fastmid.engine.lora import LoraLinear
+from fastmid.engine.midblock import (
     KNOWN_TARGETS,
-    LoraLinear,
     MidBlockConfig,
     apply_midblock,
-    find_layers_with_path,
     lora_scale,
     midblock_state,
-    set_submodule,
     unpatch_forwards,
 )
-from fastmid.quantize import dequantize_frozen, quantized_method
+from fastmid.engine.quantize import dequantize_frozen, quantized_method
+from fastmid.errors import UserError
+from fastmid.fileio import replace_atomic
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -243,7 +242,7 @@ def merge(model: nn.Module, dequantize: bool = False) -> nn.Module:
     by ``nn.Linear``, every instance-level wrapper removed, ``fastmid_state`` deleted, so
     ``save_pretrained`` works. The base parameters stay frozen.
 
-    A quantized base (``fastmid.quantize``) is refused unless ``dequantize=True``: then every
+    A quantized base (``fastmid.engine.quantize``) is refused unless ``dequantize=True``: then every
     frozen weight is dequantized first and the adapters are folded into those values, so the
     merged model computes what the quantized base plus adapters did, at full-precision size.
     """

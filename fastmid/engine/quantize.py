@@ -37,15 +37,13 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from fastmid import notices
+from fastmid.engine.blocks import find_decoder_layers
+from fastmid.engine.lora import LoraLinear, fused_weights
 from fastmid.errors import UserError
 from fastmid.kernels.nf4_matmul import NF4Weight, nf4_dequantize, nf4_linear
-from fastmid.midblock import (
-    QUANTIZE_METHODS,
-    LoraLinear,
-    find_decoder_layers,
-    fused_weights,
-)
 
+# How quantize_frozen may store the frozen linears.
+QUANTIZE_METHODS = ("none", "nf4", "int8")
 # Values per NF4 block (one absmax scale each): QLoRA's choice; must divide each layer's width.
 NF4_BLOCK = 64
 # Upper bound on NF4 scales per double-quantization group (torchao's default); a smaller power

@@ -215,7 +215,7 @@ def _causal_attention(
 
 
 # Example boundaries are read on the host and the per-example calls follow them: compiled
-# blocks (fastmid.compile) run this eagerly instead of specialising a graph on each packing.
+# blocks (fastmid.engine.compile) run this eagerly instead of specialising a graph on each packing.
 @torch.compiler.disable
 def varlen_attention_forward(
     module: nn.Module,

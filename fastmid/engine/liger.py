@@ -2,7 +2,7 @@
 
 Adapted blocks keep their own modules (their MLP may already run ``lora_gate_up``); this only
 swaps the forwards of frozen RMSNorms and plain SwiGLU MLPs, on module instances, through
-:func:`fastmid.midblock.wrap_forward` so that ``unpatch_forwards`` undoes it like every other
+:func:`fastmid.engine.blocks.wrap_forward` so that ``unpatch_forwards`` undoes it like every other
 wrapper. Without ``liger_kernel`` installed, or off CUDA, nothing changes.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastmid.midblock import is_silu, wrap_forward
+from fastmid.engine.blocks import is_silu, wrap_forward
 
 # RMSNorm classes computing w * x / rms(x) with the weight applied after the cast back to the
 # input dtype, i.e. Liger's "llama" casting mode. Gemma's (1 + w) norms are left alone.

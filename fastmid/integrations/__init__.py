@@ -1,0 +1,1 @@
+"""Integrations of fastmid's engine with other training loops (``fastmid.integrations.hf``)."""
