@@ -257,7 +257,7 @@ def select_attention(model: Any, device: torch.device) -> None:
     """The attention a patched model trains and evaluates with (see :func:`prepare_model`)."""
     from importlib.util import find_spec
 
-    from fastmid.attention import enable_varlen_attention
+    from fastmid.engine.attention import enable_varlen_attention
 
     half = model.dtype in (torch.bfloat16, torch.float16)
     if device.type == "cuda" and half and find_spec("flash_attn") is not None:
