@@ -99,7 +99,7 @@ def test_summary_rows_align():
     }
     lines = format_summary(summary).splitlines()[2:]
     assert [line.split("  ")[1] for line in lines] == [
-        "loss", "accuracy", "held-out ppl", "throughput", "wall time", "adapter",
+        "loss", "accuracy", "forgetting", "throughput", "wall time", "adapter",
     ]  # fmt: skip
     starts = {len(line) - len(line.split("  ", 2)[2].lstrip()) for line in lines}
     assert len(starts) == 1  # every value starts in one column
