@@ -94,3 +94,22 @@ def test_a_killed_runs_directory_is_usable_at_once(model_dir: Path, tmp_path: Pa
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "--output", "{out}/preds.jsonl"],
+        ["analyze", "--tuned", "{out}", "--output-dir", "{out}"],
+        ["compare", "--output-dir", "{out}"],
+    ],
+)
+def test_every_writing_command_refuses_a_held_directory(argv: list[str], tmp_path: Path, capsys):
+    from fastmid.cli import main
+
+    out = tmp_path / "out"
+    with hold_output_dir(out):
+        assert main([a.format(out=out) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"output dir {out} is in use by another fastmid run (pid {os.getpid()})" in err
