@@ -21,6 +21,7 @@ from fastmid.errors import UserError
 from fastmid.recipe import data
 from fastmid.recipe.batches import lr_lambda
 from fastmid.recipe.config import build_config
+from fastmid.recipe.evaluate import heldout_texts
 from fastmid.recipe.train import forward_loss, train
 from tests.fastmid._runs import (
     RECORDS,
@@ -348,7 +349,9 @@ def test_terminal_shows_a_progress_bar_and_the_run_plots_its_curve(
     assert "step/s" in text or "s/step" in text
     assert "step 1/3 |" not in text  # no line per step in a terminal
     assert "loss " in text  # the bar carries the metrics
-    assert "evaluating the base model on 2 held-out texts" in text
+    # eval_limit limits accuracy records only: the held-out sample is always whole.
+    whole = len(heldout_texts())
+    assert f"evaluating the base model on {whole} held-out texts" in text
     assert "0 records" not in text
 
     image = matplotlib.image.imread(out / "curve.png")
