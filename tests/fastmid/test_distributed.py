@@ -469,6 +469,36 @@ def test_nproc_launcher_runs_fsdp_end_to_end(
     )
 
 
+@pytest.mark.slow  # a torchrun launch
+def test_fsdp_ranks_read_only_their_shards_from_meta(two_process_runs: Path):
+    """Built on the meta device, each rank reads from the safetensors file only its own rows of
+    every block weight (no rank ever holds a whole block tensor), the embeddings and norms whole;
+    the sharded model then holds exactly the file's weights."""
+    from safetensors.torch import load_file as read_all
+
+    weights = read_all(str(make_model_dir_path(two_process_runs) / "model.safetensors"))
+    full_bytes = sum(w.numel() * w.element_size() for w in weights.values())
+    for rank in (0, 1):
+        run = json.loads((two_process_runs / f"meta_load_rank{rank}.json").read_text())
+        assert run["all_meta_before"] and run["matches_file"]
+        names = [name for name, _, _ in run["reads"]]
+        assert sorted(names) == sorted(weights)  # every weight read, and once
+        read_bytes = 0
+        for name, rows, numel in run["reads"]:
+            full_rows = weights[name].shape[0]
+            if ".layers." in name:  # a block weight: this rank's chunk of rows only
+                chunk = -(-full_rows // 2)
+                assert rows == min(chunk, full_rows - rank * chunk), name
+            else:  # embeddings, final norm, LM head: whole on every rank
+                assert rows == full_rows, name
+            read_bytes += numel * weights[name].element_size()
+        assert run["loaded_bytes"] == read_bytes < full_bytes
+
+
+def make_model_dir_path(out: Path) -> Path:
+    return Path(json.loads((out / "cli.json").read_text())["model"])
+
+
 # --------------------------------------------------------------------------------------------
 # The torchrun side
 
@@ -526,6 +556,86 @@ def _cli_runs(out: Path) -> None:
         (out / "cli_stopped.json").write_text(json.dumps({"interrupted": summary["interrupted"]}))
 
 
+class _RecordingOpen:
+    """``safetensors.safe_open`` that records the shape of every tensor read through it."""
+
+    def __init__(self, real, reads: list[tuple[str, int, int]]) -> None:
+        self._real, self._reads = real, reads
+
+    def __call__(self, *args, **kwargs):
+        reads, opened = self._reads, self._real(*args, **kwargs)
+
+        class Handle:
+            def __enter__(self):
+                self.f = opened.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return opened.__exit__(*exc)
+
+            def keys(self):
+                return self.f.keys()
+
+            def get_tensor(self, name):
+                t = self.f.get_tensor(name)
+                reads.append((name, t.shape[0], t.numel()))
+                return t
+
+            def get_slice(self, name):
+                sl = self.f.get_slice(name)
+
+                class Slice:
+                    def __getitem__(self, index):
+                        t = sl[index]
+                        reads.append((name, t.shape[0], t.numel()))
+                        return t
+
+                return Slice()
+
+        return Handle()
+
+
+def _meta_load(out: Path) -> None:
+    """Build the CLI runs' model on meta, shard it, read the shards; record what was read."""
+    import safetensors
+    from torch.distributed.tensor import DTensor
+
+    from fastmid.engine import models
+
+    model_dir = make_model_dir_path(out)
+    model, _, _, files = models.load_empty_model(str(model_dir))
+    cfg = MidBlockConfig(
+        band=(0.2, 0.8), targets=("q_proj", "gate_proj", "up_proj"), fuse_groups=False
+    )
+    apply_midblock(model, cfg)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    all_meta_before = all(p.is_meta for p in frozen)
+    reads: list[tuple[str, int, int]] = []
+    real_open = safetensors.safe_open
+    safetensors.safe_open = _RecordingOpen(real_open, reads)
+    try:
+        dp = distributed.ParallelStep(model, "fsdp", forward_loss, torch.device("cpu"), files)
+    finally:
+        safetensors.safe_open = real_open
+    weights = load_file(str(files[0]))
+    gathered = {
+        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+        for n, p in model.named_parameters()
+        if not p.requires_grad
+    }
+    matches = gathered.keys() <= weights.keys() and all(
+        torch.equal(t, weights[n]) for n, t in gathered.items()
+    )
+    run = dict(
+        all_meta_before=all_meta_before,
+        matches_file=matches,
+        reads=reads,
+        loaded_bytes=dp.loaded_bytes,
+    )
+    rank = distributed.get_rank()
+    (out / f"meta_load_rank{rank}.json").write_text(json.dumps(run))
+
+
 def _worker(scenario: str, out: Path) -> None:
     distributed.init_distributed(torch.device("cpu"))
     try:
@@ -550,6 +660,7 @@ def _worker(scenario: str, out: Path) -> None:
             (out / "stopped.json").write_text(json.dumps(losses))
         losses, adapter = train_steps("ddp", first=RESUME_AT, ckpt=out / "single_ckpt")
         _write(out / "resumed", losses, adapter)
+        _meta_load(out)
         _cli_runs(out)
     finally:
         distributed.shutdown()
