@@ -8,7 +8,6 @@ decides where these go; :mod:`fastmid.engine.quantize` swaps their frozen matric
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -185,30 +184,11 @@ def _is_swiglu(mlp: nn.Module) -> bool:
     if not is_silu(getattr(mlp, "act_fn", None)):
         return False
     w = gate.weight
-    on_meta = w.is_meta
     with torch.no_grad():
-        # Drawn on the host for a meta base, as for a host-loaded one (the same RNG state after).
-        x = torch.randn(2, gate.in_features, dtype=w.dtype, device="cpu" if on_meta else w.device)
-        if on_meta:
-            mlp = _random_copy(mlp)
-            gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-            w = gate.weight
+        x = torch.randn(2, gate.in_features, dtype=w.dtype, device=w.device)
         expected = down(torch.nn.functional.silu(x @ w.T) * (x @ up.weight.T))
         got = type(mlp).forward(mlp, x)
     return torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-3)
-
-
-def _random_copy(module: nn.Module) -> nn.Module:
-    """A host copy of ``module`` with its meta parameters filled from a private generator (the
-    formula check needs numbers, not these weights; the global RNG is left untouched)."""
-    probe = copy.deepcopy(module)
-    gen = torch.Generator().manual_seed(0)
-    for sub in probe.modules():
-        for name, p in sub.named_parameters(recurse=False):
-            if p.is_meta:
-                value = torch.randn(p.shape, generator=gen) * 0.02
-                setattr(sub, name, nn.Parameter(value.to(p.dtype), requires_grad=False))
-    return probe
 
 
 def _fuse_qkv(mods: dict[str, LoraLinear]) -> None:

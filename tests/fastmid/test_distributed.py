@@ -7,6 +7,7 @@ single-process reference runs the same loop in the pytest process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -294,6 +295,52 @@ def test_fsdp_refuses_fused_groups(torch_path: None):
     assert not is_fused(unfused)
     gate_up_only = MidBlockConfig(rank=2, targets=("gate_proj", "up_proj", "down_proj"))
     assert is_fused(apply_midblock(tiny_model("llama", 5), gate_up_only))
+
+
+def test_meta_built_model_patches_like_a_loaded_one(tmp_path: Path):
+    """A model built on the meta device has no weight memory, and gets the buffers, the adapters
+    (on the host) and the RNG state after patching that the loaded model gets."""
+    from fastmid.engine import models
+
+    model_dir = make_model_dir(tmp_path, num_layers=4)
+    empty, _, _, files = models.load_empty_model(str(model_dir))
+    loaded, _, _ = models.load_model(str(model_dir))
+    assert files == [model_dir / "model.safetensors"]
+    assert all(p.is_meta for p in empty.parameters())
+    loaded_buffers = dict(loaded.named_buffers())
+    assert [n for n, _ in empty.named_buffers()] == list(loaded_buffers)
+    for name, buffer in empty.named_buffers():
+        torch.testing.assert_close(buffer, loaded_buffers[name], rtol=0, atol=0)
+    cfg = MidBlockConfig(band=(0.25, 0.75), targets=("q_proj", "gate_proj", "up_proj"))
+    cfg = dataclasses.replace(cfg, fuse_groups=False)
+    after = []
+    for model in (empty, loaded):
+        torch.manual_seed(3)
+        apply_midblock(model, cfg)
+        after.append(torch.rand(4))
+    torch.testing.assert_close(after[0], after[1], rtol=0, atol=0)
+    adapters = [dict(adapter_named(m)) for m in (empty, loaded)]
+    assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+    for name, value in adapters[0].items():
+        assert value.device.type == "cpu"
+        torch.testing.assert_close(value, adapters[1][name], rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="meta"):
+        distributed.ParallelStep(empty, "none", forward_loss, torch.device("cpu"))
+
+
+def adapter_named(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(n, p.detach()) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def test_meta_build_needs_local_safetensors(tmp_path: Path):
+    """No meta build (the caller loads whole) for a .bin checkpoint."""
+    from fastmid.engine import models
+
+    model_dir = make_model_dir(tmp_path, num_layers=2)
+    weights = load_file(str(model_dir / "model.safetensors"))
+    (model_dir / "model.safetensors").unlink()
+    torch.save(weights, model_dir / "pytorch_model.bin")
+    assert models.load_empty_model(str(model_dir)) is None
 
 
 @pytest.mark.slow  # a torchrun launch
