@@ -502,17 +502,22 @@ def test_nproc_launcher_runs_fsdp_end_to_end(
         rtol=1e-5,
         atol=0,
     )
-    assert_adapters_close(
-        load_file(str(fsdp / "adapter" / "adapter_model.safetensors")),
-        load_file(str(single_process_cli / "adapter" / "adapter_model.safetensors")),
-    )
-    summary, ref = (
+    adapter = load_file(str(fsdp / "adapter" / "adapter_model.safetensors"))
+    ref = load_file(str(single_process_cli / "adapter" / "adapter_model.safetensors"))
+    assert adapter.keys() == ref.keys()
+    for name, want in ref.items():
+        # Adam moves a weight by about ±lr whatever its gradient, so an element whose gradient
+        # is rounding noise (2 ranks sum in another order) lands up to ~1e-3 of the tensor's
+        # largest entry away (seen: 1.1e-4 of 0.139); the losses above pin the arithmetic.
+        atol = 5e-3 * float(want.abs().max())
+        torch.testing.assert_close(adapter[name], want, rtol=1e-4, atol=atol, msg=name)
+    summary, ref_summary = (
         json.loads((d / "summary.json").read_text()) for d in (fsdp, single_process_cli)
     )
     assert summary["resolved"]["parallel"] == "fsdp"
-    assert summary["eval_after"]["accuracy"] == ref["eval_after"]["accuracy"]
+    assert summary["eval_after"]["accuracy"] == ref_summary["eval_after"]["accuracy"]
     assert summary["eval_after"]["heldout_ppl"] == pytest.approx(
-        ref["eval_after"]["heldout_ppl"], rel=1e-4
+        ref_summary["eval_after"]["heldout_ppl"], rel=1e-4
     )
 
 
