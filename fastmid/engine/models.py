@@ -256,6 +256,16 @@ def load_empty_model(
     # no_init_weights: the random init would only be overwritten (and costs seconds per GB).
     with no_init_weights(), _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Tying is part of the init skipped above (a tied LM head is the embedding, one file key).
+    model.tie_weights()
+    from safetensors import safe_open
+
+    stored: set[str] = set()
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            stored.update(f.keys())
+    if any(n not in stored for n, _ in model.named_parameters()):
+        return None  # names the files do not use as they are: transformers' loader maps them
     return model.eval(), prepare_tokenizer(tokenizer), name, files
 
 

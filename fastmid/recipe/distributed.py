@@ -239,14 +239,21 @@ def load_sharded_weights(model: nn.Module, files: Sequence[Path], device: torch.
     from torch.distributed.tensor import DTensor, Shard
 
     # to_empty gives every tensor fresh storage (FSDP re-registers its shards); the real ones
-    # are put back afterwards. Tied parameters are one object, so they stay tied.
+    # are put back afterwards.
     keep = {
         name: t.detach().clone()
         for name, t in [*model.named_parameters(), *model.named_buffers()]
         if not _local(t).is_meta
     }
     to_fill = [(n, p) for n, p in model.named_parameters() if _local(p).is_meta]
-    model.to_empty(device=device)
+    # Swapping keeps every Parameter object (a meta tensor cannot take new storage in place):
+    # tied weights stay one parameter, and references held elsewhere stay valid.
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
     params_and_buffers = dict([*model.named_parameters(), *model.named_buffers()])
     read = 0
     with torch.no_grad():

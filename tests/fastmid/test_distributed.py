@@ -533,6 +533,7 @@ def test_fsdp_ranks_read_only_their_shards_from_meta(two_process_runs: Path):
     for rank in (0, 1):
         run = json.loads((two_process_runs / f"meta_load_rank{rank}.json").read_text())
         assert run["all_meta_before"] and run["matches_file"]
+        assert run["adapters_are_the_models"] and run["tied_after"]
         names = [name for name, _, _ in run["reads"]]
         assert sorted(names) == sorted(weights)  # every weight read, and once
         read_bytes = 0
@@ -683,6 +684,27 @@ def _meta_load(out: Path) -> None:
         matches_file=matches,
         reads=reads,
         loaded_bytes=dp.loaded_bytes,
+    )
+    # A tied LM head stays the embedding (one key in the file), and the adapters the step
+    # reduces are the model's own parameters.
+    run["adapters_are_the_models"] = all(
+        any(q is p for q in model.parameters()) for p in dp._params
+    )
+    tied_dir = out / "tied-llama"
+    if distributed.is_main():
+        from tests.fastmid._tiny import tiny_model
+
+        tiny_model("llama", num_layers=2, tie_word_embeddings=True).save_pretrained(tied_dir)
+        tokenizer_files = make_model_dir_path(out).glob("tokenizer*")
+        for f in tokenizer_files:
+            (tied_dir / f.name).write_bytes(f.read_bytes())
+    distributed.barrier()
+    tied, _, _, tied_files = models.load_empty_model(str(tied_dir))
+    apply_midblock(tied, cfg)
+    distributed.ParallelStep(tied, "fsdp", forward_loss, torch.device("cpu"), tied_files)
+    embedding = load_file(str(tied_files[0]))["model.embed_tokens.weight"]
+    run["tied_after"] = tied.lm_head.weight is tied.model.embed_tokens.weight and torch.equal(
+        tied.lm_head.weight.detach(), embedding
     )
     rank = distributed.get_rank()
     (out / f"meta_load_rank{rank}.json").write_text(json.dumps(run))
