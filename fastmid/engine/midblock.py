@@ -5,8 +5,8 @@
 - the decoder blocks are found by one generic walk (any ``nn.ModuleList`` holding
   ``config.num_hidden_layers`` blocks), so Llama, Mistral, Qwen2/3, OLMo2 and Gemma2 share
   one code path;
-- in the band, every target ``nn.Linear`` becomes a :class:`LoraLinear` backed by
-  ``fastmid.kernels`` (it takes over the frozen weight and bias, nothing is copied);
+- in the band, every target ``nn.Linear`` becomes a :class:`~fastmid.engine.lora.LoraLinear`
+  backed by ``fastmid.kernels`` (it takes over the frozen weight and bias, nothing is copied);
 - when q, k and v are all targets their frozen weights are concatenated once and the three
   modules' weights become views into that matrix, so one ``lora_qkv`` call serves the three
   projections; a SwiGLU MLP whose gate and up are targets runs ``lora_gate_up`` then ``down``;
@@ -14,7 +14,10 @@
   ``torch.no_grad()`` (nothing saved for backward, no backward), and the blocks above the band
   only propagate input gradients because they own no trainable parameter.
 
-Everything is patched on module *instances*; the model's classes are never touched.
+Everything is patched on module *instances*; the model's classes are never touched. This module
+decides what goes where; the pieces it places sit below it: the LoRA layers and fused groups
+(:mod:`fastmid.engine.lora`), finding blocks and wrapping forwards (:mod:`fastmid.engine.blocks`),
+Liger, quantization, the label-only loss and compilation.
 """
 
 from __future__ import annotations
@@ -32,15 +35,10 @@ from torch.utils.checkpoint import checkpoint
 
 from fastmid.engine.blocks import find_layers_with_path, set_submodule, unwrap_forward, wrap_forward
 from fastmid.engine.compile import COMPILE_MODES, compile_blocks, resolve_compile
-from fastmid.engine.lora import (
-    _GATE_UP_WEIGHT,
-    DropoutSeed,
-    LoraLinear,
-    _fuse_gate_up,
-    _fuse_qkv,
-)
+from fastmid.engine.liger import apply_liger_to_frozen
+from fastmid.engine.lora import DropoutSeed, LoraLinear, fuse_gate_up, fuse_qkv, unfuse
 from fastmid.engine.loss import install_label_only_loss
-from fastmid.engine.quantize import QUANTIZE_METHODS
+from fastmid.engine.quantize import QUANTIZE_METHODS, quantize_frozen
 from fastmid.errors import UserError
 
 # A band: (lo, hi) fractions of depth, "all", explicit layer indices, or "auto" (probe runs pick).
@@ -444,8 +442,8 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
             mods[t] = lora
             module_paths.append(f"{layers_path}.{i}.{p}")
         if cfg.fuse_groups:
-            _fuse_qkv(mods)
-            _fuse_gate_up(block, found[i], mods, cfg.gate_up_recompute)
+            fuse_qkv(mods)
+            fuse_gate_up(block, found[i], mods, cfg.gate_up_recompute)
     if cfg.dropout > 0 and seeds is not None:
         # The one seed per micro-batch: drawn before any block runs.
         model.register_forward_pre_hook(seeds.draw)
@@ -458,8 +456,6 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
         for i in range(layers[0], num_layers):
             wrap_forward(blocks[i], _checkpointed_forward)
     if cfg.use_liger:
-        from fastmid.engine.liger import apply_liger_to_frozen
-
         frozen = [blocks[i] for i in range(num_layers) if i not in set(layers)]
         apply_liger_to_frozen(frozen)
     # model(input_ids=..., labels=...) applies the LM head only where a label exists.
@@ -481,8 +477,6 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
         rank_note=rank_note,
     )
     if cfg.quantize != "none":
-        from fastmid.engine.quantize import quantize_frozen
-
         quantize_frozen(model, cfg.quantize)
     return model
 
@@ -491,9 +485,7 @@ def unpatch_forwards(model: nn.Module) -> None:
     """Remove every instance-level forward wrapper apply_midblock installed."""
     for module in model.modules():
         unwrap_forward(module)
-        module.__dict__.pop(_GATE_UP_WEIGHT, None)
-        if isinstance(module, LoraLinear):
-            module._group = None
+        unfuse(module)
     # Found by its owner, not by a stored handle: a deep copy's handle would name the original.
     for key, hook in list(model._forward_pre_hooks.items()):
         if isinstance(getattr(hook, "__self__", None), DropoutSeed):
