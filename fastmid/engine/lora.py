@@ -128,7 +128,9 @@ class LoraLinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        device = base.weight.device
+        # A base still on the meta device (a sharded run fills it in later) gets host adapters,
+        # drawn from the same generator a host-loaded base would use.
+        device = base.weight.device if not base.weight.is_meta else torch.device("cpu")
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
         # Same init as PEFT: A Kaiming-uniform, B zero, so the patched model starts unchanged.

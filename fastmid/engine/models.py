@@ -8,15 +8,18 @@ read safetensors and take a few seconds.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from fastmid.errors import UserError
 
@@ -193,6 +196,77 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> t
     except (OSError, ValueError, KeyError, ImportError) as err:
         raise UserError(f"cannot load model {source!r}: {_first_line(err)}") from None
     return model.eval(), prepare_tokenizer(tokenizer), name
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Create every parameter registered inside on the meta device; buffers stay real.
+
+    Non-persistent buffers (rotary frequencies) are computed in ``__init__`` and are in no
+    checkpoint, so they are built for real; parameters get their values from the checkpoint.
+    """
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def safetensors_files(source: Path) -> list[Path]:
+    """The safetensors weight files of a local model directory (empty when it has none, or
+    also has ``.bin`` weights transformers might prefer)."""
+    files = sorted(source.glob("*.safetensors"))
+    if any(source.glob("*.bin")):
+        return []
+    return files
+
+
+def load_empty_model(
+    spec: str | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[Any, Any, str, list[Path]] | None:
+    """``(model, tokenizer, name, weight_files)`` with the model's parameters on the meta
+    device (no weight memory), or None when ``spec`` is not a local safetensors directory.
+
+    Each rank of a sharded run builds this and then reads only its own shards of the weights
+    from ``weight_files`` (:func:`fastmid.recipe.distributed.load_sharded_weights`).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+
+    source = default_model_dir() if spec is None else Path(spec).expanduser()
+    name = DEFAULT_HUB_ID if spec is None else spec
+    if source.suffix == ".gguf" or not source.is_dir():
+        return None
+    _check_causal_lm(str(source))
+    files = safetensors_files(source)
+    if not files:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(str(source))
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError, KeyError, ImportError) as err:
+        raise UserError(f"cannot load model {str(source)!r}: {_first_line(err)}") from None
+    # no_init_weights: the random init would only be overwritten (and costs seconds per GB).
+    with no_init_weights(), _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Tying is part of the init skipped above (a tied LM head is the embedding, one file key).
+    model.tie_weights()
+    from safetensors import safe_open
+
+    stored: set[str] = set()
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            stored.update(f.keys())
+    if any(n not in stored for n, _ in model.named_parameters()):
+        return None  # names the files do not use as they are: transformers' loader maps them
+    return model.eval(), prepare_tokenizer(tokenizer), name, files
 
 
 # CPU flags (as /proc/cpuinfo names them) of a native bf16 matmul: AVX512-BF16 or AMX-BF16.

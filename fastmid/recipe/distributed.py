@@ -222,6 +222,81 @@ def resolve_parallel(mode: str, model: nn.Module, device: torch.device, world_si
 
 
 # --------------------------------------------------------------------------------------------
+# Loading a sharded model from safetensors
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """The part of ``param`` this rank stores (its shard of an FSDP DTensor, else itself)."""
+    from torch.distributed.tensor import DTensor
+
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+def load_sharded_weights(model: nn.Module, files: Sequence[Path], device: torch.device) -> int:
+    """Give a model built on the meta device (then FSDP-sharded) its weights from safetensors
+    ``files``, reading only this rank's rows of every sharded tensor; returns the bytes read.
+
+    FSDP2 shards dim 0 in ``torch.chunk`` pieces: rank r holds rows ``[r·c, r·c + len)`` with
+    ``c = ceil(rows / world)``. Parameters FSDP does not shard (embeddings, final norm, LM
+    head) are read whole; parameters and buffers that are already real (the adapters, rotary
+    frequencies) keep their values.
+    """
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, Shard
+
+    # to_empty gives every tensor fresh storage (FSDP re-registers its shards); the real ones
+    # are put back afterwards.
+    keep = {
+        name: t.detach().clone()
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+        if not _local(t).is_meta
+    }
+    to_fill = [(n, p) for n, p in model.named_parameters() if _local(p).is_meta]
+    # Swapping keeps every Parameter object (a meta tensor cannot take new storage in place):
+    # tied weights stay one parameter, and references held elsewhere stay valid.
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    params_and_buffers = dict([*model.named_parameters(), *model.named_buffers()])
+    read = 0
+    with torch.no_grad():
+        for name, value in keep.items():
+            _local(params_and_buffers[name]).copy_(_local(value))
+        where = {}
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                where.update(dict.fromkeys(f.keys(), path))
+        missing = [n for n, _ in to_fill if n not in where]
+        if missing:
+            raise ValueError(f"{len(missing)} weights are in no file, e.g. {missing[0]!r}")
+        for name, _ in to_fill:
+            # One open per tensor: the file is memory-mapped, and the pages a read touches
+            # count in this process's RSS until the mapping closes.
+            with safe_open(str(where[name]), framework="pt", device="cpu") as f:
+                param = params_and_buffers[name]
+                local = _local(param)
+                if isinstance(param, DTensor):
+                    if tuple(param.placements) != (Shard(0),):
+                        raise ValueError(f"{name}: cannot load placement {param.placements}")
+                    rows = param.shape[0]
+                    chunk = -(-rows // param.device_mesh.size())
+                    start = min(param.device_mesh.get_local_rank() * chunk, rows)
+                    part = f.get_slice(name)[start : start + local.shape[0]]
+                else:
+                    part = f.get_tensor(name)
+            if part.shape != local.shape:
+                raise ValueError(
+                    f"{name}: the file holds {tuple(part.shape)}, the model {tuple(local.shape)}"
+                )
+            local.copy_(part)
+            read += part.numel() * part.element_size()
+    return read
+
+
+# --------------------------------------------------------------------------------------------
 # The data-parallel step
 
 
@@ -259,7 +334,14 @@ class ParallelStep:
         optimizer.step()
     """
 
-    def __init__(self, model: nn.Module, mode: str, loss_fn: LossFn, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        mode: str,
+        loss_fn: LossFn,
+        device: torch.device,
+        weight_files: Sequence[Path] = (),
+    ) -> None:
         if mode not in ("none", "ddp", "fsdp"):
             raise ValueError(f"mode must be none|ddp|fsdp, got {mode!r}")
         if mode == "fsdp" and is_fused(model):
@@ -268,6 +350,8 @@ class ParallelStep:
             raise ValueError("FSDP needs a model patched with fuse_groups=False")
         self.model = model
         self.mode = mode
+        # Bytes of weights this rank read from ``weight_files`` (a model built on meta).
+        self.loaded_bytes = 0
         self.rank = get_rank()
         self.world_size = get_world_size()
         self._loss_fn = loss_fn
@@ -283,7 +367,9 @@ class ParallelStep:
         if self.mode == "ddp":
             self._wrap_ddp(device)
         elif self.mode == "fsdp":
-            self._wrap_fsdp(device)
+            self._wrap_fsdp(device, weight_files)
+        if any(p.is_meta for p in model.parameters()):
+            raise ValueError("a model on the meta device needs mode fsdp and its weight_files")
 
     # --- wrapping ---
 
@@ -302,7 +388,7 @@ class ParallelStep:
         )
         self._ddp.register_comm_hook(None, _sum_allreduce_hook)
 
-    def _wrap_fsdp(self, device: torch.device) -> None:
+    def _wrap_fsdp(self, device: torch.device, weight_files: Sequence[Path]) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -324,6 +410,9 @@ class ParallelStep:
         self._root = fully_shard(
             _LossModule(self.model, self._loss_fn), mesh=mesh, ignored_params=whole
         )
+        if weight_files:
+            # Built on the meta device: each rank reads only its own shards of the blocks.
+            self.loaded_bytes = load_sharded_weights(self.model, weight_files, device)
         self.model.to(device)
         # One forward through the root now: it makes the root the root before anything calls
         # a block on its own (an evaluation), and it allocates the blocks' gathered weights

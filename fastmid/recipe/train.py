@@ -26,6 +26,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -108,8 +109,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     records, loss_records = split_heldout(cfg, records)
     eval_set = load_eval_set(cfg)
     seed_everything(cfg.seed)
-    model, tokenizer, model_name = models.load_model(cfg.model, dtype=rt.dtype)
-    parallel = distributed.resolve_parallel(cfg.parallel, model, rt.device, rt.world)
+    model, tokenizer, model_name, parallel, weight_files = load_base_model(cfg, rt)
     if parallel != "fsdp":  # under FSDP only each rank's shard goes to the device
         model.to(rt.device)
     examples = data.tokenize_records(
@@ -130,7 +130,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     state = models.prepare_model(model, adapter_cfg, rt.device)
     # One process: a pass-through. Several: DDP or FSDP, this rank's micro-batches, grad sums.
-    dp = distributed.ParallelStep(model, parallel, forward_loss, rt.device)
+    dp = distributed.ParallelStep(model, parallel, forward_loss, rt.device, weight_files)
     requested, (cfg, batch_choice) = cfg, resolve_batch(cfg, rt, model, adapter_cfg, resumed)
     # Freshly patched adapters have lora_B = 0, so this is exactly the base model's output;
     # patching first makes a bad band/rank/target fail before minutes of generation.
@@ -232,6 +232,26 @@ def init_runtime(cfg: TrainConfig) -> Runtime:
     if world > 1 and cfg.grad_accum % world:
         log(f"note: grad_accum {cfg.grad_accum} is not a multiple of {world} ranks; some idle")
     return Runtime(device, world, models.resolve_precision(cfg.precision, device))
+
+
+def load_base_model(cfg: TrainConfig, rt: Runtime) -> tuple[nn.Module, Any, str, str, list[Path]]:
+    """``(model, tokenizer, name, parallel mode, weight files)``.
+
+    Under FSDP from a local safetensors directory the model is built on the meta device and
+    ``weight_files`` are returned: each rank later reads only its own shards, so no rank holds
+    a whole copy. Otherwise (one process, DDP, a GGUF or hub model, or a band "auto" picks by
+    training the whole model) the weights are loaded here and ``weight_files`` is empty.
+    """
+    if rt.world > 1 and cfg.midblock.band != "auto":
+        empty = models.load_empty_model(cfg.model, dtype=rt.dtype)
+        if empty is not None:
+            model, tokenizer, name, files = empty
+            parallel = distributed.resolve_parallel(cfg.parallel, model, rt.device, rt.world)
+            if parallel == "fsdp":
+                return model, tokenizer, name, parallel, files
+    model, tokenizer, name = models.load_model(cfg.model, dtype=rt.dtype)
+    parallel = distributed.resolve_parallel(cfg.parallel, model, rt.device, rt.world)
+    return model, tokenizer, name, parallel, []
 
 
 def resolve_batch(
