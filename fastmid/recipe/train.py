@@ -99,9 +99,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     records, loss_records = split_heldout(cfg, records)
     eval_set = load_eval_set(cfg)
     seed_everything(cfg.seed)
-    model, tokenizer, model_name = models.load_model(cfg.model, dtype=rt.dtype)
+    model, tokenizer, model_name, load_block = load_base_model(cfg, rt)
     parallel = distributed.resolve_parallel(cfg.parallel, model, rt.device, rt.world)
-    if parallel != "fsdp":  # under FSDP only each rank's shard goes to the device
+    # Under FSDP only each rank's shard goes to the device; a block loader puts each block there.
+    if parallel != "fsdp" and load_block is None:
         model.to(rt.device)
     examples = data.tokenize_records(
         records,
@@ -119,7 +120,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     fuse = adapter_cfg.fuse_groups and parallel != "fsdp"
     adapter_cfg = dataclasses.replace(adapter_cfg, fuse_groups=fuse)
     torch.manual_seed(cfg.seed)
-    state = models.prepare_model(model, adapter_cfg, rt.device)
+    state = models.prepare_model(model, adapter_cfg, rt.device, load_block)
     # One process: a pass-through. Several: DDP or FSDP, this rank's micro-batches, grad sums.
     dp = distributed.ParallelStep(model, parallel, forward_loss, rt.device)
     # Freshly patched adapters have lora_B = 0, so this is exactly the base model's output;
@@ -210,6 +211,20 @@ def init_runtime(cfg: TrainConfig) -> Runtime:
     if world > 1 and cfg.grad_accum % world:
         log(f"note: grad_accum {cfg.grad_accum} is not a multiple of {world} ranks; some idle")
     return Runtime(device, world, models.resolve_precision(cfg.precision, device))
+
+
+def load_base_model(cfg: TrainConfig, rt: Runtime) -> tuple[nn.Module, Any, str, Any]:
+    """The base model, its tokenizer and name, and the loader of its decoder blocks (None when
+    the model is loaded whole, not yet on the device). A quantized run leaves the blocks to be
+    loaded one at a time while patching, each quantized before the next is read (the load peak
+    is the quantized model plus one block); the band "auto" first probes the full-precision
+    model, so it loads it whole."""
+    if cfg.midblock.quantize == "none" or cfg.midblock.band == "auto":
+        return (*models.load_model(cfg.model, dtype=rt.dtype), None)
+    model, tokenizer, name, load_block = models.load_model_blockwise(cfg.model, rt.dtype, rt.device)
+    if load_block.note is not None:
+        log(f"note: {load_block.note}")
+    return model, tokenizer, name, load_block
 
 
 def describe_run(
