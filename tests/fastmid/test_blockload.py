@@ -140,3 +140,33 @@ def test_a_checkpoint_with_other_tensor_names_loads_whole(fp32_dir, tmp_path, mo
     assert "model.norm.weight" in load_block.note and "loads whole" in load_block.note
     assert not any(t.is_meta for t in model.parameters())
     load_block(0)  # a no-op: nothing is left to load
+
+
+@pytest.mark.usefixtures("one_thread_torch_path")
+def test_quantized_train_loads_block_by_block_with_the_same_losses(
+    model_dir, tmp_path, monkeypatch, capsys
+):
+    from fastmid.recipe.train import train
+    from tests.fastmid._runs import losses, tiny_cfg, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS)
+    loaded: list[int] = []
+    call = blockload.BlockLoader.__call__
+
+    def counted(self, i):
+        if self.index is not None:
+            loaded.append(i)
+        call(self, i)
+
+    monkeypatch.setattr(blockload.BlockLoader, "__call__", counted)
+    settings = dict(max_steps=3, quantize="int8", dropout=0.05)
+    train(tiny_cfg(model_dir, data, tmp_path / "blockwise", **settings))
+    assert loaded == list(range(10))
+    assert "loads whole" not in capsys.readouterr().out
+    # The same run with the model loaded whole (as a checkpoint whose names differ would be).
+    monkeypatch.setattr(blockload, "checkpoint_mismatch", lambda model, index: "x.weight")
+    train(tiny_cfg(model_dir, data, tmp_path / "whole", **settings))
+    assert "loads whole" in capsys.readouterr().out
+    assert loaded == list(range(10))
+    got, want = losses(tmp_path / "blockwise"), losses(tmp_path / "whole")
+    assert len(got) == 3 and got == want
