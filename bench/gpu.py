@@ -85,7 +85,7 @@ from fastmid.engine.midblock import (
 from fastmid.errors import UserError, report_user_error
 from fastmid.fileio import write_text_atomic
 from fastmid.recipe.config import PAPER_LR
-from fastmid.recipe.data import Example, collate_packed, collate_padded
+from fastmid.recipe.data import Example, batch_to, collate_packed, collate_padded
 
 PROG = "python -m bench.gpu"
 
@@ -305,7 +305,8 @@ def _build_fastmid(base, examples, device, autocast, packed: bool, gc_on: bool) 
     optimizer = torch.optim.AdamW(adapter_parameters(model), lr=PAPER_LR)
     labels = sum(e.num_loss_tokens for e in examples)
     if packed:
-        batch = _on(collate_packed(examples), device)
+        # The trainer's move: cu_seqlens stays on the host, so no forward reads the device.
+        batch = batch_to(collate_packed(examples), device)
 
         def loss() -> torch.Tensor:
             loss_sum, _ = forward_loss(model, batch)

@@ -46,6 +46,7 @@ from fastmid.errors import UserError
 from fastmid.recipe.config import PAPER_LR
 from fastmid.recipe.data import (
     Example,
+    batch_to,
     bundled_path,
     collate_packed,
     collate_padded,
@@ -295,7 +296,7 @@ class Provider:
         return contextlib.nullcontext()
 
     def batch(self, examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in self.collate(examples, pad_id).items()}
+        return batch_to(self.collate(examples, pad_id), self.device)
 
     def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Loss and backward (gradients left in place)."""

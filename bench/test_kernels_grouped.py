@@ -4,8 +4,9 @@
 
 Providers: `peft` is what a standard LoRA layer does per projection (frozen linear + dropout +
 two thin linears, three times for q/k/v; gate, up, silu·up for the MLP), `fastmid` is one
-`lora_qkv` / `lora_gate_up` call. Each measurement is forward + backward of one layer's
-projections in bf16 autocast with fp32 adapters, M = 4096 tokens. Skipped without CUDA.
+`lora_qkv` / `lora_gate_up` call, `fastmid_recompute` gate/up's memory mode. Each measurement
+is forward + backward of one layer's projections in bf16 autocast with fp32 adapters,
+M = 4096 tokens. Skipped without CUDA.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def test_qkv(benchmark, shape, r, provider):
     _timed(benchmark, step)
 
 
-@pytest.mark.parametrize("provider", ["peft", "fastmid"])
+@pytest.mark.parametrize("provider", ["peft", "fastmid", "fastmid_recompute"])
 @pytest.mark.parametrize("r", [16, 64])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_gate_up(benchmark, shape, r, provider):
@@ -110,8 +111,9 @@ def test_gate_up(benchmark, shape, r, provider):
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            if provider == "fastmid":
-                h = lora_gate_up(x, w_gu, *a, *b, scale, dropout_p=DROPOUT)
+            if provider != "peft":  # fastmid_recompute: gate/up's memory mode
+                recompute = provider == "fastmid_recompute"
+                h = lora_gate_up(x, w_gu, *a, *b, scale, DROPOUT, recompute=recompute)
             else:
                 h = F.silu(_lora(x, wg, a[0], b[0], scale)) * _lora(x, wu, a[1], b[1], scale)
         h.backward(grad)

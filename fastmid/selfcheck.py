@@ -1,7 +1,8 @@
 """``fastmid selfcheck``: prove the kernels' execution path on this machine in one command.
 
 On a CUDA machine (one GPU: a few minutes) it runs, in order:
-- the CUDA-marked tests (``pytest -m gpu``, when the source checkout's tests are present);
+- the CUDA-marked tests (``pytest -m gpu``, when the source checkout's tests are present; any
+  skipped one makes the section "not checked");
 - every op in bf16 and fp16 against an fp64 reference at real layer shapes (hidden 576 to
   5120, ranks 16-128, up to 16k tokens), forward and every gradient, with dropout on, under
   the kernel tests' tolerance rule (`fastmid.kernels.tolerance`);
@@ -9,7 +10,7 @@ On a CUDA machine (one GPU: a few minutes) it runs, in order:
   composition (PEFT-style), forward + backward, at 1B / 7B / 8B layer shapes: ms, TFLOP/s, %
   of the device's bf16 peak, speed-up;
 - a 30-step ``fastmid train`` of the embedded model, its peak memory next to the FakeTensor
-  estimate of `bench/estimate.py` when that is importable (a source checkout);
+  estimate of `fastmid.recipe.estimate` (and the micro-batch `--batch-tokens auto` chose);
 - with two or more GPUs, a 2-process DDP step against one process;
 - the ahead-of-time compile report (`fastmid.kernels.cubin_report`) for sm_80 and sm_90.
 
@@ -208,19 +209,38 @@ def check_numerics(cuda: bool, quick: bool) -> Section:
 # --------------------------------------------------------------------------------------------
 
 
-def check_gpu_tests() -> Section:
-    tests = REPO_ROOT / "tests"
+def check_gpu_tests(tests: Path = REPO_ROOT / "tests") -> Section:
+    """``pytest -m gpu`` over ``tests``: a pass only when every GPU test ran and passed. A
+    skipped test (a missing package such as liger_kernel) checked nothing, so any skip makes
+    the section "not checked", with the reasons."""
+    import xml.etree.ElementTree as ET
+
     if not tests.is_dir():
         return Section("gpu tests", "not checked", "the source checkout's tests/ is not present")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(tests)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr
-    return Section("gpu tests", "pass" if proc.returncode == 0 else "fail", summary)
+    with tempfile.TemporaryDirectory() as tmp:
+        junit = Path(tmp) / "gpu-tests.xml"
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-m", "gpu", f"--junitxml={junit}", str(tests)],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        cases = ET.parse(junit).getroot().iter("testcase") if junit.exists() else iter(())
+        outcomes = [(c.find("failure"), c.find("error"), c.find("skipped")) for c in cases]
+    failed = sum(f is not None or e is not None for f, e, _ in outcomes)
+    skips = [s for f, e, s in outcomes if s is not None and f is None and e is None]
+    passed = len(outcomes) - failed - len(skips)
+    if failed or proc.returncode not in (0, 5):  # 5: nothing collected
+        lines = (proc.stdout.strip() or proc.stderr.strip() or "no output").splitlines()
+        return Section("gpu tests", "fail", f"{failed} failed, {passed} passed: {lines[-1]}")
+    if not outcomes:
+        return Section("gpu tests", "not checked", "no GPU test was collected")
+    if skips:
+        reasons = sorted({s.get("message", "").strip() for s in skips})
+        detail = f"{passed} passed, {len(skips)} skipped: {'; '.join(reasons)}"
+        return Section("gpu tests", "not checked", detail)
+    return Section("gpu tests", "pass", f"{passed} passed")
 
 
 # (model, hidden, (q, k, v) sizes, intermediate) of the benchmarked layers.
@@ -343,34 +363,24 @@ def check_train(model: str | None = None, steps: int = 30) -> Section:
         "flash_attn": _installed("flash_attn"),
         "liger_kernel": _installed("liger_kernel"),
     }
-    estimate = _fake_estimate(cfg)
-    if estimate is not None:
-        row["estimate_gib"] = round(estimate, 3)
+    estimate = _fake_estimate(cfg, summary["resolved"]["batch_tokens"])
+    row["estimate_gib"] = round(estimate, 3)
     ok = summary["steps"] == steps and math.isfinite(summary["loss_last"])
     detail = f"{summary['steps']} steps, loss {summary['loss_first']:.3f} → "
     detail += f"{summary['loss_last']:.3f}, peak {peak:.2f} GiB"
-    detail += f" (FakeTensor estimate {estimate:.2f} GiB)" if estimate is not None else ""
+    detail += f" (FakeTensor estimate {estimate:.2f} GiB)"
     return Section("train", "pass" if ok else "fail", detail, rows=[row])
 
 
-def _fake_estimate(cfg: Any) -> float | None:
-    """The FakeTensor estimate of one step of this run, when bench/ is importable."""
-    sys.path.insert(0, str(REPO_ROOT))
-    try:
-        from bench.estimate import estimate_peak
-    except ImportError:
-        return None
-    finally:
-        sys.path.pop(0)
+def _fake_estimate(cfg: Any, batch_tokens: int) -> float:
+    """The FakeTensor estimate of one step of this run (micro-batches of ``batch_tokens``)."""
     from transformers import AutoConfig
 
     from fastmid.engine.models import default_model_dir
+    from fastmid.recipe.estimate import FastmidStepTracer
 
     config = AutoConfig.from_pretrained(cfg.model or default_model_dir())
-    seq_len = cfg.max_length
-    est = estimate_peak(config, "fastmid", batch_size=max(1, cfg.batch_tokens // seq_len),
-                        seq_len=seq_len)  # fmt: skip
-    return est.peak / 2**30
+    return FastmidStepTracer(config, cfg.midblock)(batch_tokens, cfg.max_length).peak / 2**30
 
 
 def check_ddp() -> Section:

@@ -4,7 +4,8 @@
 - LoRA dropout: one keep-mask drawn from a seed tensor (`dropout_seed`), in-kernel
   (`keep_mask`, Philox via `tl.rand`) or on the torch path (`torch_keep_mask`, a counter-based
   hash), so backward redraws the mask instead of storing it;
-- `registered_op`: a custom op that plain eager calls bypass (`RegisteredOp`);
+- `traced`: whether a call needs the registered op (torch.compile, fake tensors) or can take
+  the plain autograd.Function of the eager path;
 - shipped autotune configs: each kernel module lists its own per arch (sm_80 / sm_90); here
   are the helpers to name them, turn them into `triton.Config`s, pick the family for a device,
   and `InspectTarget`, the registry entry `python -m fastmid.kernels.cubin_report` compiles.
@@ -18,9 +19,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import triton
@@ -57,78 +56,16 @@ def use_triton(t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-def _traced(args: tuple) -> bool:
-    """True while torch.compile traces, or when an argument (or a tensor in a list argument) is
-    a tensor subclass (fake/functional tensors of a trace, DTensor): calls that need the
-    registered op."""
+def traced(tensors: tuple) -> bool:
+    """True while torch.compile traces, or when one of `tensors` (None allowed) is a tensor
+    subclass (the fake tensors of a memory estimate, functional tensors, DTensor): the calls
+    that must go through an op's registered `torch.library` op. Plain eager calls run a plain
+    `torch.autograd.Function` instead: the dispatcher's Python round trip for a custom op and
+    its backward measured about 1 ms per forward + backward on an H200, more than a decoder
+    layer's adapter work at small shapes."""
     if torch.compiler.is_compiling():
         return True
-    for arg in args:
-        for t in arg if isinstance(arg, (list, tuple)) else (arg,):
-            if isinstance(t, torch.Tensor) and type(t) not in _PLAIN_TENSORS:
-                return True
-    return False
-
-
-class RegisteredOp:
-    """A `torch.library` custom op together with the Python function it was made from.
-
-    Traced calls (`_traced`) go through the registered op, so torch.compile sees one opaque,
-    fake-able node. Plain eager calls run the function itself, inside a plain
-    `torch.autograd.Function` once a backward is registered: the dispatcher's Python round trip
-    (schema checks, autograd and backend redispatch for the op and its backward) measured about
-    0.5 ms per forward + backward on 2 CPU threads and 1 ms on an H200, more than a decoder
-    layer's adapter work at small shapes."""
-
-    def __init__(self, op: Any, fn: Callable[..., Any]) -> None:
-        self.op, self.fn = op, fn
-        self._function: type[torch.autograd.Function] | None = None
-
-    def register_fake(self, fake: Callable[..., Any]) -> Callable[..., Any]:
-        self.op.register_fake(fake)
-        return fake
-
-    def register_autograd(self, backward: Callable[..., Any], setup_context: Callable) -> None:
-        """Register `backward` on the op and build the eager `autograd.Function` from the same
-        two callables. Outputs after the first are saved intermediates: not differentiable,
-        and no zero grads are materialised for them."""
-        self.op.register_autograd(backward, setup_context=setup_context)
-        fn = self.fn
-
-        class _Eager(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, *args):
-                out = fn(*args)
-                setup_context(ctx, args, out)
-                if isinstance(out, tuple):
-                    ctx.mark_non_differentiable(*out[1:])
-                ctx.set_materialize_grads(False)
-                return out
-
-            @staticmethod
-            def backward(ctx, *grads):
-                if grads[0] is None:  # no gradient reached the output: none for the inputs
-                    return (None,) * len(ctx.needs_input_grad)
-                return backward(ctx, *grads)
-
-        self._function = _Eager
-
-    def __call__(self, *args: Any) -> Any:
-        if _traced(args):
-            return self.op(*args)
-        if self._function is not None:
-            return self._function.apply(*args)
-        return self.fn(*args)
-
-
-def registered_op(register: Callable[..., Any], name: str) -> Callable[..., RegisteredOp]:
-    """Decorator: `register(name, mutates_args=())` (`torch.library.custom_op`, or `triton_op`
-    for ops that launch Triton kernels) applied to the function, wrapped in a `RegisteredOp`."""
-
-    def wrap(fn: Callable[..., Any]) -> RegisteredOp:
-        return RegisteredOp(register(name, mutates_args=())(fn), fn)
-
-    return wrap
+    return any(t is not None and type(t) not in _PLAIN_TENSORS for t in tensors)
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -150,6 +87,8 @@ def dropout_seed(
     if dropout_p <= 0.0:
         return None
     if isinstance(seed, torch.Tensor):
+        if seed.dtype == torch.int64 and seed.dim() == 0 and seed.device == device:
+            return seed  # the per-micro-batch seed of a patched model: no op per call
         return seed.to(device=device, dtype=torch.int64).reshape(())
     if seed is None:
         return torch.randint(0, 2**31 - 1, (), device=device, dtype=torch.int64)
@@ -179,9 +118,11 @@ def torch_keep_mask(
     dropout_p: float,
     seed: int | torch.Tensor,
     device: torch.device | str | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     """Bool keep-mask of `shape` (keep probability 1-p) for the torch path, a pure function of
-    (seed, flat row-major index): forward and backward both compute it, so it is never stored.
+    (seed + offset, flat row-major index): forward and backward both compute it, so it is
+    never stored. `offset` is the caller's layer offset added to the micro-batch's seed.
 
     A counter-based hash, not `bernoulli_`: each 32-bit word of a multiply-xorshift hash of
     (seed, pair index) gives two 16-bit uniforms, one per element, kept when >= p·2¹⁶
@@ -193,7 +134,10 @@ def torch_keep_mask(
     n = math.prod(shape)
     h = torch.arange((n + 1) // 2, dtype=torch.int32, device=device)
     # int64 product, keep the low 32 bits: the seed mixed into every word.
-    h.mul_(_MIX1).add_((seed.to(device) * _GOLDEN).to(torch.int32))
+    seed_term = seed.to(device) * _GOLDEN
+    if offset:
+        seed_term.add_(offset * _GOLDEN)
+    h.mul_(_MIX1).add_(seed_term.to(torch.int32))
     tmp = torch.empty_like(h)
     # Logical right shifts (int32 shifts are arithmetic, so mask off the sign copies).
     torch.bitwise_right_shift(h, 16, out=tmp).bitwise_and_(0xFFFF)
@@ -212,28 +156,34 @@ def keep_mask(seed, offsets, dropout_p):
 
 
 @triton.jit
-def _keep_mask_kernel(Out, SEED, numel, dropout_p, BLOCK: tl.constexpr):
+def _keep_mask_kernel(Out, SEED, seed_offset, numel, dropout_p, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = keep_mask(tl.load(SEED), offs, dropout_p)
+    keep = keep_mask(tl.load(SEED) + seed_offset, offs, dropout_p)
     tl.store(Out + offs, keep.to(tl.float32), mask=offs < numel)
 
 
 def triton_keep_mask(
-    shape: tuple[int, ...], dropout_p: float, seed: int | torch.Tensor, device: torch.device
+    shape: tuple[int, ...],
+    dropout_p: float,
+    seed: int | torch.Tensor,
+    device: torch.device,
+    offset: int = 0,
 ) -> torch.Tensor:
     """Materialise the in-kernel keep-mask (0/1 fp32, row-major over `shape`) that the Triton
-    kernels draw for (seed, p); used to check kernels against the reference with the same mask."""
+    kernels draw for (seed + offset, p); used to check kernels against the reference with the
+    same mask."""
     out = torch.empty(shape, device=device, dtype=torch.float32)
     seed_t = dropout_seed(1.0, seed, device)
     numel = out.numel()
     block = 1024
-    _keep_mask_kernel[(triton.cdiv(numel, block),)](out, seed_t, numel, dropout_p, BLOCK=block)
+    grid = (triton.cdiv(numel, block),)
+    _keep_mask_kernel[grid](out, seed_t, offset, numel, dropout_p, BLOCK=block)
     return out
 
 
 def rank_block(rank: int, widest: int = 64) -> int:
     """Block size over the LoRA rank: a power of two >= 16 (the smallest `tl.dot` dimension),
-    at most `widest`. The main GEMM's epilogue walks the rank in chunks of at most 64; the thin
+    at most `widest`. The masked dx update walks the rank in chunks of at most 64; the thin
     GEMM takes up to 128 at once, so x is read once for every rank up to 128."""
     return min(widest, max(16, triton.next_power_of_2(rank)))
 

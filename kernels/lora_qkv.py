@@ -16,10 +16,10 @@ every later product is a plain GEMM with no per-member rescaling pass. Forward s
 only (R columns, a few percent of the output); the dropout mask is redrawn from its seed in
 backward instead of being stored.
 
-Execution: the three-member case of the grouped GEMMs in `_gemm` — Triton kernels when
-`use_triton` (CUDA, or the interpreter under TRITON_INTERPRET=1), one main GEMM with a rank-r
-segment per member; otherwise a torch path of few BLAS calls, the rank-r products accumulated
-into column views of the base output by `addmm_` (beta=1, so no extra pass).
+Execution: the three-member case of the grouped composition in `_lora` — one cuBLAS GEMM over
+the fused weight for y and one for dx, each member's rank-r product accumulated into its
+columns of y by `addmm_` (beta=1, so no extra pass); the dropout-masked products on Triton
+where it runs.
 """
 
 from __future__ import annotations
@@ -27,18 +27,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.library import triton_op
 
-from . import _gemm
-from ._common import (
-    check_dropout,
-    compute_dtype,
-    dropout_seed,
-    effective_scale,
-    registered_op,
-    torch_keep_mask,
-)
-from ._gemm import inspect_target
+from . import _lora
+from ._common import check_dropout, compute_dtype, dropout_seed, effective_scale, torch_keep_mask
 
 __all__ = ["lora_qkv", "lora_qkv_reference"]
 
@@ -47,20 +38,12 @@ __all__ = ["lora_qkv", "lora_qkv_reference"]
 # Plain-torch reference (test oracle)
 # --------------------------------------------------------------------------------------------
 def lora_qkv_reference(
-    x: torch.Tensor,
-    weight_qkv: torch.Tensor,
-    a_q: torch.Tensor,
-    a_k: torch.Tensor,
-    a_v: torch.Tensor,
-    b_q: torch.Tensor,
-    b_k: torch.Tensor,
-    b_v: torch.Tensor,
-    scales: float | Sequence[float],
-    bias_qkv: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    seed: int = 0,
-    keep: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, weight_qkv: torch.Tensor,
+    a_q: torch.Tensor, a_k: torch.Tensor, a_v: torch.Tensor,
+    b_q: torch.Tensor, b_k: torch.Tensor, b_v: torch.Tensor,
+    scales: float | Sequence[float], bias_qkv: torch.Tensor | None = None,
+    dropout_p: float = 0.0, seed: int = 0, keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Three independent LoRA linears on x, by plain autograd: the oracle for `lora_qkv`.
 
     `keep` (0/1, shape of x) overrides the seeded mask, so a kernel can be checked against the
@@ -79,75 +62,6 @@ def lora_qkv_reference(
             ws, biases, (a_q, a_k, a_v), (b_q, b_k, b_v), scales, strict=True
         )
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Custom ops and their autograd (x 2-D in its own dtype, cast inside: only x itself is saved)
-# --------------------------------------------------------------------------------------------
-_ADAPTERS = ("a_q", "a_k", "a_v", "b_q", "b_k", "b_v")
-_ARG_NAMES = ("x", "w", "bias", *_ADAPTERS, "scales", "p", "seed", "dtype")
-
-
-@registered_op(triton_op, "fastmid::lora_qkv")
-def _lora_qkv_op(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None,
-    a_q: torch.Tensor,
-    a_k: torch.Tensor,
-    a_v: torch.Tensor,
-    b_q: torch.Tensor,
-    b_k: torch.Tensor,
-    b_v: torch.Tensor,
-    scales: list[float],
-    p: float,
-    seed: torch.Tensor | None,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y = [q | k | v] (M,N), xa (M,R)) in `dtype`; `scales` are the effective ones."""
-    with torch.autocast(x.device.type, enabled=False):
-        a_list = [a.to(dtype) for a in (a_q, a_k, a_v)]
-        b_list = [b.to(dtype) for b in (b_q, b_k, b_v)]
-        bias = None if bias is None else bias.to(dtype)
-        return _gemm.lora_forward(x.to(dtype), w.to(dtype), bias, a_list, b_list, scales, p, seed)
-
-
-@registered_op(triton_op, "fastmid::lora_qkv_backward")
-def _lora_qkv_backward_op(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    w: torch.Tensor,
-    a_q: torch.Tensor,
-    a_k: torch.Tensor,
-    a_v: torch.Tensor,
-    b_q: torch.Tensor,
-    b_k: torch.Tensor,
-    b_v: torch.Tensor,
-    xa: torch.Tensor,
-    scales: list[float],
-    p: float,
-    seed: torch.Tensor | None,
-    dtype: torch.dtype,
-    need_dx: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(dx in x's dtype (empty without `need_dx`), [dA_q, dA_k, dA_v, dB_q, dB_k, dB_v] in the
-    adapters' dtypes)."""
-    adapters = (a_q, a_k, a_v, b_q, b_k, b_v)
-    with torch.autocast(x.device.type, enabled=False):
-        a_list = [a.to(dtype) for a in adapters[:3]]
-        b_list = [b.to(dtype) for b in adapters[3:]]
-        dy = dy.to(dtype)
-        dys = dy.split([b.shape[0] for b in b_list], dim=1)
-        dx, da, dbs = _gemm.lora_backward(
-            x.to(dtype), dy, dys, w.to(dtype), a_list, b_list, scales, xa, p, seed, need_dx
-        )
-    das = da.split([a.shape[0] for a in a_list])
-    # Copies: the dA slices are views of one tensor, and op outputs must not alias.
-    grads = [g.to(t.dtype, copy=True) for g, t in zip((*das, *dbs), adapters, strict=True)]
-    return dx.to(x.dtype), grads
-
-
-_gemm.register_grouped_autograd(_lora_qkv_op, _lora_qkv_backward_op, _ARG_NAMES, _ADAPTERS)
 
 
 def _triple(scales: float | Sequence[float]) -> tuple[float, float, float]:
@@ -171,13 +85,14 @@ def lora_qkv(
     bias_qkv: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     seed: int | torch.Tensor | None = None,
+    seed_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v = three LoRA linears sharing one read of x (see the module docstring).
 
     x (..., K); weight_qkv = cat(Wq, Wk, Wv) (Nq+Nk+Nv, K), frozen, built once by the caller;
     a_i (r_i, K); b_i (N_i, r_i); scales: one float or (s_q, s_k, s_v); bias_qkv (N,) or None.
-    One dropout mask is shared by q, k and v; `seed` (int or 0-dim tensor) fixes it, None
-    draws one from torch's generator.
+    One dropout mask is shared by q, k and v; `seed` (int or 0-dim tensor) plus `seed_offset`
+    fix it, seed None draws one from torch's generator.
     Returns q (..., Nq), k (..., Nk), v (..., Nv), column views of one fused output buffer.
     """
     K = x.shape[-1]
@@ -188,27 +103,14 @@ def lora_qkv(
         if a.shape[1] != K or b.shape[1] != a.shape[0]:
             raise ValueError(f"adapter shapes A {tuple(a.shape)}, B {tuple(b.shape)} for K={K}")
     check_dropout(dropout_p)
-    y, _ = _lora_qkv_op(
-        x.reshape(-1, K), weight_qkv, bias_qkv, a_q, a_k, a_v, b_q, b_k, b_v,
-        [effective_scale(s, dropout_p) for s in _triple(scales)], float(dropout_p),
-        dropout_seed(dropout_p, seed, x.device), compute_dtype(x),
+    spec = _lora.Spec(
+        tuple(effective_scale(s, dropout_p) for s in _triple(scales)), float(dropout_p),
+        seed_offset, compute_dtype(x), cache=torch.is_grad_enabled(),
+    )  # fmt: skip
+    seed_t = dropout_seed(dropout_p, seed, x.device)
+    y = _lora.apply(
+        "lora_qkv", x.reshape(-1, K), weight_qkv, bias_qkv, (a_q, a_k, a_v), (b_q, b_k, b_v),
+        spec, seed_t,
     )  # fmt: skip
     # q, k, v are column views of the one fused output: no copy out of it.
     return tuple(t.view(*x.shape[:-1], t.shape[1]) for t in y.split(sizes, dim=1))
-
-
-# --------------------------------------------------------------------------------------------
-# Ahead-of-time compilation targets (`python -m fastmid.kernels.cubin_report`): the launches
-# lora_qkv makes that lora_linear's do not cover (three members).
-# --------------------------------------------------------------------------------------------
-INSPECT_TARGETS = [
-    inspect_target(
-        "lora_qkv_fwd_y", "main", ones=("stride_xk", "stride_wk", "s0_br", "s1_br", "s2_br"),
-        divisible=("N", "K", "stride_xm", "stride_wn", "stride_ym", "n1", "n2"),
-        HAS_BIAS=True, NUM_SEG=3, DROPOUT=False, BR=64, GROUP_M=8,
-    ),
-    inspect_target(
-        "lora_qkv_bwd_g", "thin", ones=("stride_xk", "stride_wr"),
-        divisible=("K", "stride_xm", "stride_wk"), DROPOUT=False, BR=128,
-    ),
-]  # fmt: skip

@@ -48,13 +48,28 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return out, res.stdout
 
 
+def _csv_matches(path: Path, rows: list[dict], skip: tuple[str, ...] = ()) -> None:
+    """``path`` holds exactly ``rows`` (results.json's), one line each, every value as written."""
+    with path.open(newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) > 0, path.name
+    for line, row in zip(table, rows, strict=True):
+        want = {k: "" if v is None else str(v) for k, v in row.items() if k not in skip}
+        assert {k: line[k] for k in want} == want, path.name
+        assert set(line) - set(want) == set(), path.name
+
+
 @pytest.mark.slow
 def test_quick_writes_every_report(quick_run: tuple[Path, str]) -> None:
     out, stdout = quick_run
+    results = json.loads((out / "results.json").read_text())
+    assert "partial" not in results  # the complete report, not a progress snapshot
     for name in ("throughput", "flops", "memory", "estimate", "bands", "compile"):
-        assert (out / f"{name}.csv").stat().st_size > 0
-    for name in ("profile", "engine"):
-        assert (out / f"{name}.csv").stat().st_size > 0
+        _csv_matches(out / f"{name}.csv", results[name])
+    # The profile's CSV leaves out the per-op lists (kept in profile.json).
+    _csv_matches(out / "profile.csv", results["profile"], skip=("top_ops", "step_s_all"))
+    assert json.loads((out / "profile.json").read_text()) == results["profile"]
+    _csv_matches(out / "engine.csv", results["engine"], skip=("top_ops", "step_s_all"))
     for png in (
         "throughput.png",
         "mfu.png",
@@ -64,7 +79,15 @@ def test_quick_writes_every_report(quick_run: tuple[Path, str]) -> None:
         "profile.png",
     ):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "vs peft_all" in (out / "summary.md").read_text()
+    # The summary's throughput table: one line per measured row, with its numbers.
+    summary = (out / "summary.md").read_text()
+    for r in results["throughput"]:
+        line = (
+            f"| {r['provider']} | {r['dtype']} | {r['tokens_per_s']:.0f} | "
+            f"{r['vs_peft_all']:.2f}x | {r['vs_peft_mid']:.2f}x | {r['epoch_s_est'] / 60:.1f} |"
+        )
+        assert line in summary, line
+    assert f"commit {results['machine']['commit']}" in summary
     assert "Training throughput" in stdout and "ESTIMATED CUDA peak memory" in stdout
     assert not list(out.glob(".*")), "temporary files left behind"
 

@@ -30,6 +30,34 @@ _GATE_UP_WEIGHT = "_fastmid_gate_up_weight"
 # The LoRA module
 
 
+class DropoutSeed:
+    """The LoRA dropout seed of one model: one 0-dim int64 tensor drawn from torch's generator
+    at the start of each training forward (a forward pre-hook), shared by every adapter, each
+    adding its own layer offset (`LoraLinear.seed_offset`) in the kernels. So no adapter call
+    draws from the generator, and the masks are reproducible under ``torch.manual_seed``.
+
+    ``current`` is None until the first training forward of the whole model; an adapter called
+    on its own then draws a seed per call (as the functional ops do). A checkpointed block
+    recomputes with the seed its forward saw (``midblock._checkpointed_forward``), so run each
+    micro-batch's backward before the next micro-batch's forward, as every training loop does.
+    """
+
+    def __init__(self, probe: nn.Parameter) -> None:
+        self.probe = probe  # an adapter: the seed lives on its device
+        self.current: torch.Tensor | None = None
+
+    def draw(self, model: nn.Module, _args: Any) -> None:
+        if model.training:
+            self.current = torch.randint(
+                0, 2**31 - 1, (), device=self.probe.device, dtype=torch.int64
+            )
+
+
+def _seed_of(module: LoraLinear) -> torch.Tensor | None:
+    seeds = module._seeds
+    return None if seeds is None else seeds.current
+
+
 class _QKVGroup:
     """q/k/v of one attention sharing a frozen ``cat([Wq, Wk, Wv])`` and one kernel call.
 
@@ -70,6 +98,8 @@ class _QKVGroup:
             (q.scale, k.scale, v.scale),
             bias_qkv=self.bias,
             dropout_p=q.dropout_p if q.training else 0.0,
+            seed=_seed_of(q),
+            seed_offset=q.seed_offset,
         )
         self._outputs = {n: o for n, o in zip(QKV, outs, strict=True) if n != name}
         self._x, self._grad_mode = x, torch.is_grad_enabled()
@@ -80,7 +110,10 @@ class LoraLinear(nn.Module):
     """A frozen linear plus a LoRA adapter: ``y = x Wᵀ + b + scale·(drop(x) Aᵀ) Bᵀ``.
 
     ``weight`` and ``bias`` are the original linear's (frozen) tensors; ``lora_A`` (r, K) and
-    ``lora_B`` (N, r) are fp32 parameters whatever the base dtype.
+    ``lora_B`` (N, r) are fp32 parameters whatever the base dtype. Under autocast the kernels
+    keep their compute-dtype copies until the optimizer changes them; gradients come back in
+    fp32 for autograd to accumulate into ``.grad`` (see ``fastmid.kernels._lora``).
+    ``seed_offset`` is this adapter's offset to the model's dropout seed (``DropoutSeed``).
     """
 
     def __init__(
@@ -102,6 +135,8 @@ class LoraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scale = scale
         self.dropout_p = dropout_p
+        self.seed_offset = 0
+        self._seeds: DropoutSeed | None = None
         self._group: _QKVGroup | None = None
 
     @property
@@ -121,6 +156,8 @@ class LoraLinear(nn.Module):
             self.scale,
             bias=self.bias,
             dropout_p=self.dropout_p if self.training else 0.0,
+            seed=_seed_of(self),
+            seed_offset=self.seed_offset,
         )
 
     def merged_linear(self) -> nn.Linear:
@@ -148,7 +185,7 @@ class LoraLinear(nn.Module):
 # Fused groups: q/k/v and a SwiGLU's gate/up share one frozen matrix
 
 
-def _swiglu_forward(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def _swiglu_forward(mlp: nn.Module, recompute: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     gate, up = mlp.gate_proj, mlp.up_proj
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -162,6 +199,9 @@ def _swiglu_forward(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
             up.lora_B,
             (gate.scale, up.scale),
             dropout_p=gate.dropout_p if mlp.training else 0.0,
+            seed=_seed_of(gate),
+            seed_offset=gate.seed_offset,
+            recompute=recompute,
         )
         return mlp.down_proj(h)
 
@@ -213,8 +253,11 @@ def _fuse_qkv(mods: dict[str, LoraLinear]) -> None:
         m._group = group
 
 
-def _fuse_gate_up(block: nn.Module, paths: dict[str, str], mods: dict[str, LoraLinear]) -> None:
-    """Run a SwiGLU MLP as lora_gate_up + down when gate and up are both targets."""
+def _fuse_gate_up(
+    block: nn.Module, paths: dict[str, str], mods: dict[str, LoraLinear], recompute: bool
+) -> None:
+    """Run a SwiGLU MLP as lora_gate_up + down when gate and up are both targets; `recompute`
+    is lora_gate_up's memory mode."""
     if "gate_proj" not in mods or "up_proj" not in mods:
         return
     mlp_path = paths["gate_proj"].rpartition(".")[0]
@@ -230,7 +273,7 @@ def _fuse_gate_up(block: nn.Module, paths: dict[str, str], mods: dict[str, LoraL
     gate.weight = nn.Parameter(weight[: gate.out_features], requires_grad=False)
     up.weight = nn.Parameter(weight[gate.out_features :], requires_grad=False)
     setattr(mlp, _GATE_UP_WEIGHT, weight)
-    wrap_forward(mlp, lambda module, _forward: _swiglu_forward(module))
+    wrap_forward(mlp, lambda module, _forward: _swiglu_forward(module, recompute))
 
 
 def fused_weights(block: nn.Module) -> list[tuple[Any, str, list[LoraLinear]]]:

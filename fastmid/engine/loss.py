@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -94,7 +95,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         )
 
 
-def _liger_loss() -> Any:
+def _liger_loss(device: torch.device) -> Any:
+    """Liger's fused linear cross-entropy module class where it runs: CUDA, liger_kernel."""
+    if device.type != "cuda":
+        return None
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError:
@@ -122,11 +126,10 @@ def linear_cross_entropy(
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         return F.cross_entropy(logits, labels, reduction="sum")
-    if hidden.is_cuda:
-        liger = _liger_loss()
-        if liger is not None:
-            loss_fn = liger(ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap)
-            return loss_fn(head.weight, hidden, labels, head.bias)
+    liger = _liger_loss(hidden.device)
+    if liger is not None:
+        loss_fn = liger(ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap)
+        return loss_fn(head.weight, hidden, labels, head.bias)
     if hidden.shape[0] == 0:
         # Nothing to predict: a zero that still belongs to the graph (backward gives zeros).
         return hidden.float().sum() * 0.0
@@ -142,13 +145,21 @@ def _softcap(model: nn.Module) -> float | None:
 
 
 def label_loss(
-    model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
+    model: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    label_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """(summed CE, label count) of ``model``'s head on ``hidden`` (..., H) where ``targets``
-    (already shifted, same leading shape) is not -100."""
+    (already shifted, same leading shape) is not -100.
+
+    ``label_index``, the flat positions of those labels when the caller knows them (the
+    collator does), spares the ``nonzero`` that would otherwise find them: a host sync.
+    """
     flat = targets.reshape(-1)
-    # One host sync here (nonzero) gives the label count without a separate .item().
-    index = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    index = label_index
+    if index is None:
+        index = (flat != IGNORE_INDEX).nonzero().squeeze(1)
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
     labels = flat.index_select(0, index)
     head = model.get_output_embeddings()
@@ -164,19 +175,28 @@ def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torc
 
     ``batch["targets"]`` is already shifted (targets[t] is the token to predict at t; -100 =
     no loss). Packed batches carry ``position_ids`` restarting at 0 per example and no
-    ``attention_mask``, from which the attention builds a block-diagonal causal mask so
-    examples never see each other. The LM head (the largest matmul of a small model) runs only
-    on the hidden states that carry a label.
+    ``attention_mask``, so examples never see each other; with the host-side ``cu_seqlens``
+    and ``label_index`` of the trainer's packed collator the forward and the loss never wait
+    for the device (no mask, no ``nonzero``). The LM head (the largest matmul of a small
+    model) runs only on the hidden states that carry a label.
     """
+    # Imported here: the attention module imports transformers, which this module leaves to
+    # its callers (importing it is slow and noisy).
+    from fastmid.engine.attention import packed_forward
+
     body = model.get_decoder()
-    out = body(
-        input_ids=batch["input_ids"],
-        position_ids=batch.get("position_ids"),
-        attention_mask=batch.get("attention_mask"),
-        use_cache=False,
-    )
+    cu_seqlens = batch.get("cu_seqlens")
+    packed = nullcontext({}) if cu_seqlens is None else packed_forward(model, cu_seqlens)
+    with packed as extra:
+        out = body(
+            input_ids=batch["input_ids"],
+            position_ids=batch.get("position_ids"),
+            attention_mask=batch.get("attention_mask"),
+            use_cache=False,
+            **extra,
+        )
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    return label_loss(model, hidden, batch["targets"])
+    return label_loss(model, hidden, batch["targets"], batch.get("label_index"))
 
 
 # --------------------------------------------------------------------------------------------

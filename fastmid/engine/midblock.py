@@ -32,7 +32,13 @@ from torch.utils.checkpoint import checkpoint
 
 from fastmid.engine.blocks import find_layers_with_path, set_submodule, unwrap_forward, wrap_forward
 from fastmid.engine.compile import COMPILE_MODES, compile_blocks, resolve_compile
-from fastmid.engine.lora import _GATE_UP_WEIGHT, LoraLinear, _fuse_gate_up, _fuse_qkv
+from fastmid.engine.lora import (
+    _GATE_UP_WEIGHT,
+    DropoutSeed,
+    LoraLinear,
+    _fuse_gate_up,
+    _fuse_qkv,
+)
 from fastmid.engine.loss import install_label_only_loss
 from fastmid.engine.quantize import (
     QUANTIZE_METHODS,
@@ -107,6 +113,13 @@ class MidBlockConfig:
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "recompute the band and the blocks above it in backward"},
+    )
+    gate_up_recompute: bool = field(
+        default=False,
+        metadata={
+            "help": "memory mode of a fused SwiGLU MLP: backward recomputes gate and up (one "
+            "more GEMM of the forward's size) instead of keeping them from forward"
+        },
     )
     use_liger: bool = field(
         default=True,
@@ -343,6 +356,8 @@ _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 
 
 def _checkpointed_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
+    seeds = next((m._seeds for m in module.modules() if isinstance(m, LoraLinear)), None)
+
     def run(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
@@ -354,7 +369,19 @@ def _checkpointed_forward(module: nn.Module, forward: Callable[..., Any]) -> Cal
                 kwargs[name] = None
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        if seeds is None:
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        seed = seeds.current
+
+        def replay(*a: Any, **kw: Any) -> Any:
+            # The recomputation draws the forward's dropout masks: the seed it saw.
+            outer, seeds.current = seeds.current, seed
+            try:
+                return forward(*a, **kw)
+            finally:
+                seeds.current = outer
+
+        return checkpoint(replay, *args, use_reentrant=False, **kwargs)
 
     return run
 
@@ -427,6 +454,7 @@ def apply_midblock(
     scale = lora_scale(cfg.alpha, rank, cfg.use_rslora)
     module_paths: list[str] = []
     band = set(layers)
+    seeds: DropoutSeed | None = None
     if cfg.use_liger:
         from fastmid.engine.liger import apply_liger_to_frozen
     for i, block in enumerate(blocks):
@@ -434,20 +462,26 @@ def apply_midblock(
             load_block(i)
         if i in band:
             mods: dict[str, LoraLinear] = {}
-            for t, p in found[i].items():
+            for j, (t, p) in enumerate(found[i].items()):
                 lora = LoraLinear(block.get_submodule(p), rank, scale, cfg.dropout, name=t)
                 set_submodule(block, p, lora)
+                seeds = seeds or DropoutSeed(lora.lora_A)
+                # One offset per adapter of the model: every layer's mask differs.
+                lora.seed_offset, lora._seeds = i * len(cfg.targets) + j, seeds
                 mods[t] = lora
                 module_paths.append(f"{layers_path}.{i}.{p}")
             if cfg.fuse_groups:
                 _fuse_qkv(mods)
-                _fuse_gate_up(block, found[i], mods)
+                _fuse_gate_up(block, found[i], mods, cfg.gate_up_recompute)
         elif cfg.use_liger:
             # Before quantizing: Liger's MLP runs only on plain linears.
             apply_liger_to_frozen([block])
         # Quantizing each block as soon as it is patched frees its full-precision weights
         # before the next block is loaded.
         quantize_block(i, block, cfg.quantize)
+    if cfg.dropout > 0 and seeds is not None:
+        # The one seed per micro-batch: drawn before any block runs.
+        model.register_forward_pre_hook(seeds.draw)
 
     # Below the band: no autograd at all. The embeddings are frozen, so their output already
     # needs no grad; wrapping the blocks also guards against inputs that do require grad.
@@ -486,6 +520,10 @@ def unpatch_forwards(model: nn.Module) -> None:
         module.__dict__.pop(_GATE_UP_WEIGHT, None)
         if isinstance(module, LoraLinear):
             module._group = None
+    # Found by its owner, not by a stored handle: a deep copy's handle would name the original.
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if isinstance(getattr(hook, "__self__", None), DropoutSeed):
+            del model._forward_pre_hooks[key]
 
 
 # --------------------------------------------------------------------------------------------

@@ -319,18 +319,12 @@ def prepare_model(
 
     The trainer and the benchmark both set a model up through here, so what the benchmark
     measures is what ``fastmid train`` runs. Packed rows attend within each example instead of
-    over the whole masked T×T square: flash-attn's varlen kernels on CUDA where installed (half
-    precision only), else fastmid's per-example SDPA.
+    over the whole masked T×T square (``fastmid.engine.attention``): one varlen kernel call per
+    layer on CUDA (PyTorch's own, else flash-attn's), per-example SDPA elsewhere.
     """
-    from importlib.util import find_spec
-
     from fastmid.engine.attention import enable_varlen_attention
     from fastmid.engine.midblock import apply_midblock
 
     apply_midblock(model, cfg, load_block=load_block)
-    half = model.dtype in (torch.bfloat16, torch.float16)
-    if device.type == "cuda" and half and find_spec("flash_attn") is not None:
-        model.set_attn_implementation("flash_attention_2")
-    else:
-        enable_varlen_attention(model)
+    enable_varlen_attention(model)
     return model.fastmid_state

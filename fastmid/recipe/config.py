@@ -38,6 +38,10 @@ LOSS_ON = ("response", "all")
 PARALLEL = ("auto", "ddp", "fsdp")
 
 PAPER_LR = 1e-4
+#: ``batch_tokens`` value that sizes the micro-batch to the device (fastmid.recipe.estimate).
+AUTO_BATCH = "auto"
+#: What ``batch_tokens: auto`` means on a CPU: small packs keep block-diagonal attention cheap.
+CPU_BATCH_TOKENS = 1024
 # `fastmid train` with no arguments: a run of about five minutes on a 2-core CPU in which the
 # embedded model visibly learns the bundled task (the paper's 1e-4 needs far more steps).
 DEMO: dict[str, Any] = {"max_steps": 16, "lr": 1e-3}
@@ -113,10 +117,13 @@ class TrainConfig:
         "lr decay after warmup: linear to 0 (the paper), cosine to 0, or constant",
         choices=SCHEDULES,
     )
-    batch_tokens: int = option(
-        1024,
-        "token budget of one packed micro-batch (whole examples, no padding); 1024 holds about "
-        "11 bundled examples, and small packs keep the block-diagonal attention cheap on CPU",
+    batch_tokens: int | str = option(
+        AUTO_BATCH,
+        "token budget of one packed micro-batch (whole examples, no padding), or auto: "
+        f"{CPU_BATCH_TOKENS} on CPU (about 11 bundled examples; small packs keep the "
+        "block-diagonal attention cheap there); on CUDA the largest micro-batch that fits the "
+        f"free memory, with --grad-accum adjusted to keep {CPU_BATCH_TOKENS} x --grad-accum "
+        "tokens per optimizer step",
     )
     grad_accum: int = option(
         3,
@@ -222,12 +229,8 @@ class TrainConfig:
             raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.max_quality_gap <= 1:
             raise UserError(f"max_quality_gap must be in [0, 1], got {self.max_quality_gap}")
-        _positive("batch_tokens", self.batch_tokens)
-        if self.batch_tokens < self.max_length:
-            raise UserError(
-                f"batch_tokens ({self.batch_tokens}) must be at least max_length "
-                f"({self.max_length}) so every example fits in a batch"
-            )
+        if self.batch_tokens != AUTO_BATCH:
+            self._validate_batch_tokens()
         _positive("grad_accum", self.grad_accum)
         _at_least_zero("max_grad_norm", self.max_grad_norm)
         if self.epochs is not None:
@@ -252,6 +255,14 @@ class TrainConfig:
             raise UserError("output_dir must not be empty")
         self._validate_inputs_and_tracking()
         return self
+
+    def _validate_batch_tokens(self) -> None:
+        _positive("batch_tokens", self.batch_tokens)
+        if self.batch_tokens < self.max_length:
+            raise UserError(
+                f"batch_tokens ({self.batch_tokens}) must be at least max_length "
+                f"({self.max_length}) so every example fits in a batch"
+            )
 
     def _validate_inputs_and_tracking(self) -> None:
         from fastmid.recipe.data import parse_fields
@@ -384,6 +395,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
         hint = next(a for a in args if a is not type(None))
+    if name == "batch_tokens" and isinstance(value, str) and value.strip().lower() == AUTO_BATCH:
+        return AUTO_BATCH
+    if name == "batch_tokens":
+        hint = int
     if name == "band":
         # YAML lists of layer indices are accepted as well as the string forms.
         if isinstance(value, (list, tuple)):
@@ -417,6 +432,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     except (TypeError, ValueError):
         pass
     type_name = getattr(hint, "__name__", str(hint))
+    if name == "batch_tokens":
+        type_name = f"int or {AUTO_BATCH}"
     raise UserError(f"{name} must be {type_name}, got {value!r}")
 
 

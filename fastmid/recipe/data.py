@@ -877,21 +877,41 @@ def pack_batches(
     return bins
 
 
+#: Batch entries that stay on the host: read there (never a device→host copy) and moved to the
+#: device by whoever needs them there.
+HOST_KEYS = ("cu_seqlens",)
+
+
 def collate_packed(examples: list[Example]) -> dict[str, torch.Tensor]:
     """Concatenate examples into one row; ``position_ids`` restart at 0 for each example.
 
-    Run the model with ``attention_mask=None`` and ``use_cache=False``: transformers then
-    derives a block-diagonal causal mask from the restarting positions, so no token attends
-    across an example boundary.
+    Besides ``input_ids``, ``position_ids`` and ``targets`` (1, T), the batch carries what the
+    host already knows, so the step never reads it back from the device: ``cu_seqlens``, the
+    example boundaries ``[0, L0, L0+L1, ..., T]`` (int32, on the host, see :data:`HOST_KEYS`),
+    for varlen attention; and ``label_index``, the positions whose target is not -100, for the
+    label-only LM head. Run the model with ``attention_mask=None`` and ``use_cache=False``.
     """
     ids = [t for e in examples for t in e.input_ids]
     targets = [t for e in examples for t in e.targets]
     positions = [p for e in examples for p in range(len(e))]
+    bounds = [0]
+    for e in examples:
+        bounds.append(bounds[-1] + len(e))
     return {
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "position_ids": torch.tensor([positions], dtype=torch.long),
         "targets": torch.tensor([targets], dtype=torch.long),
+        "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
+        "label_index": torch.tensor(
+            [i for i, t in enumerate(targets) if t != IGNORE_INDEX], dtype=torch.long
+        ),
     }
+
+
+def batch_to(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """``batch`` with its tensors on ``device`` (asynchronous copies), the :data:`HOST_KEYS`
+    left on the host."""
+    return {k: v if k in HOST_KEYS else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def collate_padded(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

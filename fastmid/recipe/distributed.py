@@ -160,6 +160,15 @@ def all_reduce_sum(*values: float | int | torch.Tensor) -> list[float]:
     return flat.tolist()
 
 
+def min_over_ranks(value: int) -> int:
+    """The smallest of ``value`` over all ranks (``value`` itself in one process)."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any rank (e.g. a stop signal seen by one)."""
     if not is_distributed():

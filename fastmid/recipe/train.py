@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +60,16 @@ from fastmid.recipe.checkpoint import (
     remove_checkpoint,
     save_checkpoint,
 )
-from fastmid.recipe.config import TrainConfig, build_config, may_change_on_resume, save_yaml
+from fastmid.recipe.config import (
+    AUTO_BATCH,
+    CPU_BATCH_TOKENS,
+    TrainConfig,
+    build_config,
+    may_change_on_resume,
+    save_yaml,
+)
 from fastmid.recipe.data import Example
+from fastmid.recipe.estimate import BatchChoice
 
 # Files a run writes; --overwrite removes exactly these and nothing else the user keeps there.
 OUTPUT_ENTRIES = (
@@ -123,6 +131,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     state = models.prepare_model(model, adapter_cfg, rt.device, load_block)
     # One process: a pass-through. Several: DDP or FSDP, this rank's micro-batches, grad sums.
     dp = distributed.ParallelStep(model, parallel, forward_loss, rt.device)
+    requested, (cfg, batch_choice) = cfg, resolve_batch(cfg, rt, model, adapter_cfg, resumed)
     # Freshly patched adapters have lora_B = 0, so this is exactly the base model's output;
     # patching first makes a bad band/rank/target fail before minutes of generation.
     eval_before = resumed["eval_before"] if resumed else None
@@ -135,6 +144,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     scheduler = make_scheduler(optimizer, plan, cfg.schedule)
     equalizer = make_equalizer(model) if cfg.equalize_updates else None
     resolved = describe_run(rt, model_name, parallel, state, params, plan, examples, band_reason)
+    resolved.update(batch_tokens=cfg.batch_tokens, grad_accum=cfg.grad_accum)
+    resolved.update(batch_choice.resolved() if batch_choice else {})
     progress = start_or_resume(cfg, out, model, optimizer, scheduler, eval_before, plan)
     log(format_header(resolved))
 
@@ -143,7 +154,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model.train()
     heldout_loss = heldout and (lambda: heldout(model, rt.autocast))
     window = MetricsWindow(rt.device, out, progress, plan, cfg, resolved, heldout)
-    with window, StopFlag().installed() as stop:
+    with window, StopFlag().installed() as stop, out_of_memory_as_user_error(cfg, batch_choice):
         while progress.step < plan.total_steps:
             step_batches = [[examples[i] for i in b] for b in batches.for_step(plan, progress.step)]
             result = train_step(dp, step_batches, update, rt, (cfg.seed, progress.step))
@@ -165,8 +176,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         window.tracker.log(progress.step, tracking.namespaced(eval_after, "eval"))
     summary = progress.summary(plan, resolved, interrupted=False)
     summary.update(eval_after=eval_after, adapter=str(out / "adapter"), wall_seconds=wall())
-    # The band "auto" chose is recorded, so feeding this config back reproduces the run.
-    config = {**cfg.to_dict(), "band": format_band(adapter_cfg.band), "resolved": resolved}
+    # The band "auto" chose is recorded, so feeding this config back reproduces the run; a
+    # batch size "auto" chose is in the resolved section (the next device may have less room).
+    config = {
+        **cfg.to_dict(),
+        "band": format_band(adapter_cfg.band),
+        "batch_tokens": requested.batch_tokens,
+        "grad_accum": requested.grad_accum,
+        "resolved": resolved,
+    }
     finish_outputs(out, model, model_name, config, summary, predictions)
     log(format_summary(summary))
     return summary
@@ -227,6 +245,49 @@ def load_base_model(cfg: TrainConfig, rt: Runtime) -> tuple[nn.Module, Any, str,
     return model, tokenizer, name, load_block
 
 
+def resolve_batch(
+    cfg: TrainConfig, rt: Runtime, model: nn.Module, adapter_cfg: MidBlockConfig, resumed: Any
+) -> tuple[TrainConfig, BatchChoice | None]:
+    """``cfg`` with ``batch_tokens: auto`` made a number (and the choice, when the device's
+    memory decided it): the checkpoint's sizes on --resume, ``CPU_BATCH_TOKENS`` on CPU, and on
+    CUDA the largest micro-batch that fits the free memory (``fastmid.recipe.estimate``), with
+    ``grad_accum`` set so an optimizer step still holds ``CPU_BATCH_TOKENS x grad_accum``
+    tokens, as the same flags give on a CPU."""
+    if cfg.batch_tokens != AUTO_BATCH:
+        return cfg, None
+    if resumed is not None:
+        sizes = {k: resumed["config"][k] for k in ("batch_tokens", "grad_accum")}
+        return replace(cfg, **sizes), None
+    if not rt.cuda:
+        return replace(cfg, batch_tokens=max(CPU_BATCH_TOKENS, cfg.max_length)), None
+    from fastmid.recipe.estimate import choose_batch_tokens
+
+    # Blocks the caching allocator holds but does not use are free for the run too. Every rank
+    # must pack the same batches: all take the tightest rank's figure.
+    free, _ = torch.cuda.mem_get_info(rt.device)
+    free += torch.cuda.memory_reserved(rt.device) - torch.cuda.memory_allocated(rt.device)
+    free = distributed.min_over_ranks(free)
+    log("batch auto: estimating the memory of a training step ...")
+    step_tokens = CPU_BATCH_TOKENS * cfg.grad_accum
+    choice = choose_batch_tokens(model.config, adapter_cfg, free, step_tokens, cfg.max_length)
+    return replace(cfg, batch_tokens=choice.batch_tokens, grad_accum=choice.grad_accum), choice
+
+
+@contextlib.contextmanager
+def out_of_memory_as_user_error(cfg: TrainConfig, choice: BatchChoice | None) -> Iterator[None]:
+    """A device out-of-memory error while training becomes one line naming the micro-batch
+    and what to lower (the checkpoint of the last save stays resumable)."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        how = "chosen by --batch-tokens auto" if choice else "--batch-tokens"
+        raise UserError(
+            f"out of device memory training micro-batches of {cfg.batch_tokens} tokens ({how}); "
+            f"lower --batch-tokens (e.g. {max(cfg.batch_tokens // 2, cfg.max_length)}) and "
+            "raise --grad-accum to keep the step, or lower --max-length"
+        ) from None
+
+
 def describe_run(
     rt: Runtime,
     model_name: str,
@@ -266,11 +327,17 @@ def format_header(resolved: dict[str, Any]) -> str:
     (after a line saying so when the budget's rank was clamped to a layer's width)."""
     r = resolved
     note = f"note: {r['rank_note']}\n" if "rank_note" in r else ""
-    return note + (
-        f"fastmid train: {r['model_name']} | layers {r['layers'][0]}-{r['layers'][-1]} of "
+    batch = ""
+    if "batch_fits_tokens" in r:
+        batch = (
+            f"\nbatch auto: {r['batch_tokens']:,} tokens per micro-batch x {r['grad_accum']} "
+            f"(up to {r['batch_fits_tokens']:,} fit in {r['batch_free_gib']:.1f} GiB free)"
+        )
+    return (
+        note + f"fastmid train: {r['model_name']} | layers {r['layers'][0]}-{r['layers'][-1]} of "
         f"{r['num_layers']} | rank {r['rank']} | {r['adapter_parameters']:,} adapter params | "
         f"{r['precision']} | {r['train_examples']} examples, {r['micro_batches_per_epoch']} "
-        f"micro-batches/epoch | {r['total_steps']} steps"
+        f"micro-batches/epoch | {r['total_steps']} steps" + batch
     )
 
 
@@ -317,8 +384,10 @@ def read_resume_point(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
 def check_resume_compatible(cfg: TrainConfig, saved: dict[str, Any]) -> None:
     """A --resume must train what the checkpoint trained (logging and eval may change)."""
     now = cfg.to_dict()
+    # batch_tokens auto takes the checkpoint's sizes (resolve_batch), whatever it chose then.
+    chosen = ("batch_tokens", "grad_accum") if cfg.batch_tokens == AUTO_BATCH else ()
     for key, value in saved.items():
-        if may_change_on_resume(key) or key not in now:
+        if may_change_on_resume(key) or key not in now or key in chosen:
             continue
         if now[key] != value:
             raise UserError(
@@ -601,15 +670,14 @@ def train_step(
     number in the step), which the kernels draw their dropout seeds from: N ranks take exactly
     the steps one process takes, dropout included.
     """
-    from fastmid.recipe.data import collate_packed
+    from fastmid.recipe.data import batch_to, collate_packed
 
     labels = sum(e.num_loss_tokens for batch in step_batches for e in batch)
     losses: list[torch.Tensor] = []
     tokens = 0
     for (index, batch_examples), grad_sync in dp.micro_batches(list(enumerate(step_batches))):
         torch.manual_seed(micro_batch_seed(*seed_and_step, index))
-        batch = collate_packed(batch_examples)
-        batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
+        batch = batch_to(collate_packed(batch_examples), rt.device)
         with grad_sync:
             with rt.autocast():
                 loss_sum, _ = dp.forward_loss(batch)
@@ -719,7 +787,9 @@ class MetricsWindow:
         self.heldout = heldout
         # Only rank 0 reports to a tracker, as it alone writes metrics.jsonl.
         self.tracker = tracking.make_tracker(
-            cfg.report_to if distributed.is_main() else "none", out
+            cfg.report_to if distributed.is_main() else "none",
+            out,
+            resumed_at=progress.step if cfg.resume else None,
         )
         self.tracker.open({**cfg.to_dict(), "resolved": resolved})
         first_step = progress.step

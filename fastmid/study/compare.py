@@ -847,6 +847,8 @@ def compare(
     elif out.is_dir() and any(out.iterdir()) and not stamp.exists() and not overwrite:
         raise UserError(f"output dir {out} is not empty; pass --overwrite or use another")
     if overwrite:
+        # The auto band was chosen with the old settings (its lr, data, steps): choose again.
+        chosen = [p.name for p in out.glob("auto-*.json")] if out.is_dir() else []
         for entry in (
             "runs",
             "base.json",
@@ -855,6 +857,7 @@ def compare(
             "results.json",
             "results.md",
             "compare.png",
+            *chosen,
         ):
             target = out / entry
             if target.is_dir():

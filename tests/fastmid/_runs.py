@@ -35,13 +35,19 @@ def make_tokenizer(texts: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
 
-def make_model_dir(root: Path, num_layers: int = 10) -> Path:
-    """A tiny Llama (hidden 64, ``num_layers`` blocks) with its tokenizer, saved as an HF dir."""
+def make_model_dir(root: Path, num_layers: int = 10, **overrides: Any) -> Path:
+    """A tiny Llama (hidden 64, ``num_layers`` blocks; config ``overrides``) with its
+    tokenizer, saved as an HF dir."""
     texts = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in RECORDS]
     tokenizer = make_tokenizer(texts)
     # A wide init lets a rank-8 adapter move the (frozen, random) LM head's logits far.
     model = tiny_model(
-        "llama", num_layers, vocab_size=len(tokenizer), pad_token_id=0, initializer_range=0.2
+        "llama",
+        num_layers,
+        vocab_size=len(tokenizer),
+        pad_token_id=0,
+        initializer_range=0.2,
+        **overrides,
     )
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.bos_token_id = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -114,7 +115,8 @@ def test_no_leakage_between_examples(no_delegation: None, monkeypatch: pytest.Mo
     _, model = _pair("llama")
     assert not _leaks(model)
     # The check catches leakage: one causal segment over the whole row lets example 2 see 1.
-    monkeypatch.setattr(attention, "_packed_segments", lambda q, *_: [(0, q.shape[2])])
+    whole_row = lambda q, *_: attention.PackedRows.from_bounds([0, q.shape[2]])
+    monkeypatch.setattr(attention, "_packed_rows", whole_row)
     assert _leaks(model)
 
 
@@ -283,5 +285,243 @@ def test_masks_and_positions_made_in_inference_mode_are_read_without_a_cache() -
         want = ref(input_ids=ids, attention_mask=mask, use_cache=False).logits
         got = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         packed_ids, pos = _packed(LENGTHS)
-        model(input_ids=packed_ids, position_ids=pos, use_cache=False)
+        packed = model(input_ids=packed_ids, position_ids=pos, use_cache=False).logits
+        ends = torch.tensor(LENGTHS).cumsum(0).tolist()
+        alone = [
+            ref(input_ids=packed_ids[:, end - n : end], use_cache=False).logits
+            for n, end in zip(LENGTHS, ends, strict=True)
+        ]
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()])
+    # The packed batch's block-diagonal mask built under inference mode too: each example's
+    # logits are those of the example run alone.
+    torch.testing.assert_close(packed, torch.cat(alone, dim=1))
+
+
+# --------------------------------------------------------------------------------------------
+# Packed rows with host-side boundaries (the trainer's path)
+
+
+def _packed_batch(lengths: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    from fastmid.recipe.data import Example, collate_packed
+
+    ids, _ = _packed(lengths)
+    examples, start = [], 0
+    for n in lengths:
+        row = ids[0, start : start + n].tolist()
+        examples.append(Example(row, [*row[1:], -100]))
+        start += n
+    return collate_packed(examples)
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "head_dim", "dropout", "torch_has", "flash_has", "want"),
+    [
+        ("cuda", torch.bfloat16, 64, 0.0, True, True, "torch"),
+        ("cuda", torch.float16, 128, 0.0, True, False, "torch"),
+        ("cuda", torch.bfloat16, 64, 0.1, True, True, "flash_attn"),  # torch's has no dropout
+        ("cuda", torch.bfloat16, 64, 0.1, True, False, "sdpa"),
+        ("cuda", torch.bfloat16, 64, 0.0, False, True, "flash_attn"),
+        ("cuda", torch.bfloat16, 64, 0.0, False, False, "sdpa"),
+        ("cuda", torch.float32, 64, 0.0, True, True, "sdpa"),  # flash kernels: half only
+        ("cuda", torch.bfloat16, 60, 0.0, True, True, "sdpa"),  # head dim not a multiple of 8
+        ("cuda", torch.bfloat16, 320, 0.0, True, True, "sdpa"),  # head dim over 256
+        ("cpu", torch.bfloat16, 64, 0.0, True, True, "sdpa"),  # CPU: per-example SDPA
+    ],
+)
+def test_varlen_backend_choice(
+    monkeypatch: pytest.MonkeyPatch,
+    device: str,
+    dtype: torch.dtype,
+    head_dim: int,
+    dropout: float,
+    torch_has: bool,
+    flash_has: bool,
+    want: str,
+) -> None:
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: object() if torch_has else None)
+    monkeypatch.setattr(attention, "_flash_varlen", lambda: object() if flash_has else None)
+    monkeypatch.setattr(attention, "_flash_capable", lambda d: True)
+    assert attention.varlen_backend(torch.device(device), dtype, head_dim, dropout) == want
+
+
+def test_varlen_backend_needs_an_sm80_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: object())
+    monkeypatch.setattr(attention, "_flash_capable", lambda d: False)
+    assert attention.varlen_backend(torch.device("cuda"), torch.bfloat16, 64, 0.0) == "sdpa"
+
+
+def test_this_torch_has_varlen_attention_and_cpu_does_not_take_it() -> None:
+    # torch 2.13 ships torch.nn.attention.varlen; its kernel is aten's CUDA flash attention.
+    assert attention._torch_varlen() is not None
+    q = torch.randn(6, 2, 16, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    with pytest.raises(NotImplementedError):
+        attention._torch_varlen()(q, q, q, cu, cu, 4, 4, window_size=(-1, 0))
+
+
+def test_packed_rows_from_cu_seqlens() -> None:
+    rows = attention.packed_rows(torch.tensor([0, 5, 14, 19, 26], dtype=torch.int32))
+    assert rows.segments == [(0, 5), (5, 14), (14, 19), (19, 26)]
+    assert (rows.max_len, rows.total) == (9, 26)
+    assert rows.cu_seqlens_on(torch.device("cpu")).tolist() == [0, 5, 14, 19, 26]
+    for bad in ([0], [1, 4], [0, 4, 4], [0, 5, 3]):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            attention.packed_rows(torch.tensor(bad, dtype=torch.int32))
+
+
+def _reference_varlen(calls: list[dict]):
+    """A CPU stand-in with varlen_attn's signature: causal SDPA per segment of cu_seqlens, so
+    the layout, head and boundary plumbing around the real CUDA kernel can run here."""
+    import torch.nn.functional as F
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size, enable_gqa):
+        calls.append(dict(shape=tuple(q.shape), cu=cu_q.tolist(), max_q=max_q, gqa=enable_gqa))
+        assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and max_q == max_k
+        out = torch.empty_like(q)
+        bounds = cu_q.tolist()
+        for s, e in itertools.pairwise(bounds):
+            x = [t[s:e].transpose(0, 1)[None] for t in (q, k, v)]
+            o = F.scaled_dot_product_attention(*x, is_causal=True, scale=scale, enable_gqa=True)
+            out[s:e] = o[0].transpose(0, 1)
+        return out
+
+    return varlen
+
+
+def test_one_varlen_call_per_layer_matches_per_example_sdpa(
+    monkeypatch: pytest.MonkeyPatch, no_delegation: None
+) -> None:
+    """The varlen route (tokens-major layout, GQA, cu_seqlens, output layout) gives what
+    per-example SDPA gives, with one call per layer; the kernel is a CPU stand-in here."""
+    from fastmid.engine.loss import forward_loss
+
+    _, model = _pair("llama")
+    batch = _packed_batch(LENGTHS)
+
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        loss, n = forward_loss(model, batch)
+        assert n == sum(LENGTHS) - len(LENGTHS)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in adapter_parameters(model)]
+
+    want, want_grads = loss_and_grads()
+    calls: list[dict] = []
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: _reference_varlen(calls))
+    monkeypatch.setattr(attention, "varlen_backend", lambda *a: "torch")
+    got, got_grads = loss_and_grads()
+    assert len(calls) == 3  # one per layer
+    assert calls[0] == dict(shape=(sum(LENGTHS), 4, 16), cu=[0, 5, 14, 19, 26], max_q=9, gqa=True)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_packed_forward_builds_no_mask_and_matches_position_ids_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the collator's cu_seqlens no mask is built and nothing is read off position_ids;
+    the loss equals the one found from position_ids alone (mask built and checked)."""
+    import transformers.masking_utils as mu
+
+    from fastmid.engine.loss import forward_loss
+
+    _, model = _pair("qwen2")
+    batch = _packed_batch(LENGTHS)
+    positions_only = {k: batch[k] for k in ("input_ids", "position_ids", "targets")}
+    with torch.no_grad():
+        want, n_want = forward_loss(model, positions_only)
+    masks: list[int] = []
+    real_find = mu.find_packed_sequence_indices
+
+    def counting_find(position_ids: torch.Tensor):
+        masks.append(1)
+        return real_find(position_ids)
+
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", counting_find)
+    with torch.no_grad():
+        got, n_got = forward_loss(model, batch)
+    assert masks == []
+    assert model.config._attn_implementation == VARLEN_ATTENTION  # restored afterwards
+    assert n_got == n_want == sum(LENGTHS) - len(LENGTHS)
+    torch.testing.assert_close(got, want)
+    # The counter sees the mask path: without cu_seqlens transformers inspects the positions.
+    with torch.no_grad():
+        forward_loss(model, positions_only)
+    assert masks == [1]
+
+
+def test_cu_seqlens_that_do_not_cover_the_row_are_refused() -> None:
+    from fastmid.engine.loss import forward_loss
+
+    _, model = _pair("llama")
+    batch = _packed_batch(LENGTHS)
+    batch["cu_seqlens"] = torch.tensor([0, 5, 14], dtype=torch.int32)
+    with pytest.raises(ValueError, match="covers 14 positions, the row has 26"):
+        forward_loss(model, batch)
+    assert model.config._attn_implementation == VARLEN_ATTENTION
+
+
+def test_block_causal_mask_is_compared_once_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Callers with position ids only: the mask check (a host sync on a GPU) runs once, not
+    # once per layer.
+    _, model = _pair("llama")
+    ids, pos = _packed(LENGTHS)
+    checks: list[int] = []
+    real = attention._is_block_causal.compute
+
+    def counting(mask: torch.Tensor, segments: tuple) -> bool:
+        checks.append(1)
+        return real(mask, segments)
+
+    monkeypatch.setattr(attention._is_block_causal, "compute", counting)
+    with torch.no_grad():
+        model(input_ids=ids, position_ids=pos, use_cache=False)
+    assert checks == [1]
+
+
+def _cuda_case(family: str, dtype: torch.dtype, lengths: tuple[int, ...]):
+    from fastmid.engine.loss import forward_loss
+
+    model = tiny_model(family, num_layers=2, head_dim=64).to("cuda", dtype)
+    apply_midblock(model, MidBlockConfig(rank=4, dropout=0.0))
+    randomize_adapters(model)
+    enable_varlen_attention(model)
+    from fastmid.recipe.data import batch_to
+
+    batch = batch_to(_packed_batch(lengths), "cuda")
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        loss, _ = forward_loss(model, batch)
+        loss.backward()
+        return loss.detach().float(), [p.grad.float().clone() for p in adapter_parameters(model)]
+
+    return run
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "flash_attn"])
+def test_cuda_varlen_matches_per_example_sdpa(backend: str, monkeypatch: pytest.MonkeyPatch):
+    if backend == "flash_attn" and attention._flash_varlen() is None:
+        pytest.skip("flash-attn is not installed")
+    run = _cuda_case("llama", torch.bfloat16, (37, 129, 37, 300, 1))
+    monkeypatch.setattr(attention, "varlen_backend", lambda *a: "sdpa")
+    want, want_grads = run()
+    monkeypatch.setattr(attention, "varlen_backend", lambda *a: backend)
+    got, got_grads = run()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-2)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert _rel_err(g, w) < 2e-2
+
+
+@pytest.mark.gpu
+def test_cuda_packed_step_takes_torch_varlen_without_a_sync() -> None:
+    assert attention.varlen_backend(torch.device("cuda"), torch.bfloat16, 64, 0.0) == "torch"
+    run = _cuda_case("qwen2", torch.bfloat16, (64, 200, 17))
+    run()  # warm-up: lazy initialisation may synchronize
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

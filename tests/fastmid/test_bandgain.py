@@ -4,6 +4,8 @@ says and picks the lowest held-out loss, and every rule picks the window it shou
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import re
 
@@ -440,3 +442,45 @@ def test_the_probe_copy_shares_the_weights_and_leaves_the_model_as_it_was(monkey
     assert not any(isinstance(m, LoraLinear) for m in model.modules())
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_probe_snr_equals_a_hand_computation():
+    from fastmid.engine.loss import forward_loss
+    from fastmid.engine.midblock import apply_midblock, lora_modules
+    from fastmid.recipe.data import collate_padded
+
+    model = tiny_model("llama", 4)
+    data = examples(6)
+    run = bandgain.probe_run(
+        model, data, 0, steps=1, batch_size=6, micro_batches=3, adapter=SMALL, seed=2
+    )
+    # By hand: the same adapters (same seed), then per micro-batch of two examples the gradient
+    # of its mean loss, per layer; snr = ‖mean over micro-batches‖ / √(Σ sample variances).
+    work = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        apply_midblock(work, dataclasses.replace(SMALL, band="all", fuse_groups=False))
+    by_layer: dict[int, list] = {}
+    for layer, _, module in lora_modules(work):
+        by_layer.setdefault(layer, []).extend([module.lora_A, module.lora_B])
+    rows: dict[int, list[list[float]]] = {layer: [] for layer in by_layer}
+    for part in (data[0:2], data[2:4], data[4:6]):
+        loss_sum, count = forward_loss(work, collate_padded(part, 0))
+        params = [p for layer in sorted(by_layer) for p in by_layer[layer]]
+        grads = dict(
+            zip(map(id, params), torch.autograd.grad(loss_sum / count, params), strict=True)
+        )
+        for layer, ps in by_layer.items():
+            rows[layer].append([float(x) for p in ps for x in grads[id(p)].flatten()])
+    want = []
+    for layer in sorted(rows):
+        g = rows[layer]
+        m = len(g)
+        columns = list(zip(*g, strict=True))
+        mean = [sum(col) / m for col in columns]
+        var = [
+            sum((x - mu) ** 2 for x in col) / (m - 1) for col, mu in zip(columns, mean, strict=True)
+        ]
+        want.append(math.sqrt(sum(mu * mu for mu in mean)) / math.sqrt(sum(var)))
+    assert run.snr == pytest.approx(want, rel=1e-5)
+    assert len(set(round(x, 6) for x in want)) == len(want)  # the layers really differ

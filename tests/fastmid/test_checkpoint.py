@@ -157,3 +157,28 @@ def test_a_full_disk_during_a_save_leaves_both_checkpoints_as_they_were(
     }
     assert after == before  # no temp dir, no half-written file, nothing rotated
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "checkpoint.old"]
+
+
+def test_load_restores_every_rng_to_where_it_was_saved(tmp_path: Path):
+    import random
+
+    import numpy as np
+
+    def draws() -> tuple:
+        return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+    model, optimizer, scheduler = _trainer()
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    draws()  # a state that no seed call gives
+    save_checkpoint(tmp_path / "checkpoint", model, optimizer, scheduler, {"step": 1})
+    want = draws()
+    # Elsewhere in the generators' streams (and another draw, so the states differ again).
+    random.seed(7)
+    np.random.seed(8)
+    torch.manual_seed(9)
+    assert draws() != want
+    load_checkpoint(tmp_path / "checkpoint", model, optimizer, scheduler)
+    got = draws()
+    assert got[0] == want[0] and got[1] == want[1] and got[2] == want[2]

@@ -7,6 +7,7 @@ import argparse
 import csv
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -264,10 +265,15 @@ def test_compare_end_to_end_and_resume(model_dir: Path, tmp_path: Path, monkeypa
     # k/v (32 = 2 KV heads x 16).
     per_rank = 2 * (64 + 64) + 2 * (64 + 32)
     assert by_name["bottom"]["trainable_params"] == 6 * 6 * per_rank
+    base_nll = result["base"]["answer_nll"]
     for r in rows:
         assert r["seeds"] == 2
-        assert r["answer_nll_std"] is not None
-        assert 0 < r["answer_nll"] < result["base"]["answer_nll"] + 5
+        # Each row is the mean and sample spread of its two seeds' runs.
+        nlls = [x["answer_nll"] for x in result["results"] if x["placement"] == r["placement"]]
+        assert r["answer_nll"] == pytest.approx(statistics.mean(nlls), rel=1e-12)
+        assert r["answer_nll_std"] == pytest.approx(statistics.stdev(nlls), rel=1e-9)
+        # Two steps at lr 1e-2 on the same kind of records lower the held-out answer NLL.
+        assert all(0 < nll < base_nll for nll in nlls), (r["placement"], nlls, base_nll)
         assert r["train_seconds"] > 0 and r["peak_mem_gb"] > 0
     # The seeds really differ (a different adapter init and data order).
     bottom = [x for x in result["results"] if x["placement"] == "bottom"]
@@ -509,6 +515,111 @@ def test_auto_is_chosen_once_with_the_runs_adapters(model_dir: Path, tmp_path: P
     assert json.loads((out / "auto-window-w6-ratio.json").read_text())["reason"] == "spied"
     cmp.compare(settings, ["auto"], ["ratio"], 1, out, **QUIET)
     assert len(calls) == 1  # cached
+
+
+def test_overwrite_chooses_auto_again_and_changed_settings_are_refused(
+    model_dir: Path, tmp_path: Path, monkeypatch
+):
+    from fastmid.recipe import bandgain
+
+    # The spy picks a band that depends on the lr it is given, as a real probe run would.
+    chosen = {1e-2: [4, 5, 6, 7, 8, 9], 5e-3: [0, 1, 2, 3, 4, 5]}
+    calls = []
+
+    def spy(model, tokenizer, examples, *, adapter, lr, criterion, width, max_quality_gap):
+        calls.append(lr)
+        return chosen[lr], {"reason": f"lr {lr}"}
+
+    monkeypatch.setattr(bandgain, "choose_auto_band", spy)
+    settings = one_run_settings(model_dir, tmp_path, max_steps=1)
+    out = tmp_path / "cmp"
+    first = cmp.compare(settings, ["auto"], ["ratio"], 1, out, **QUIET)
+    assert calls == [1e-2] and first["rows"][0]["layers"] == "4-9"
+
+    # Each compared setting is part of the cache key: a change without --overwrite is refused
+    # before anything is loaded or removed.
+    data, held = settings.train["data"], settings.eval_data
+    other_held = write_jsonl(tmp_path / "other.jsonl", RECORDS[20:28])
+    changes = [
+        cmp.Settings(**{**vars(settings), "eval_data": str(other_held)}),
+        cmp.Settings(**{**vars(settings), "eval_limit": 3}),
+        cmp.Settings(**{**vars(settings), "nll_limit": 7}),
+        cmp.Settings(**{**vars(settings), "ppl_limit": 1}),
+        tiny_settings(model_dir, Path(data), Path(held), max_steps=1, lr=5e-3),
+    ]
+    stamp = (out / "compare.json").read_text()
+    for changed in changes:
+        with pytest.raises(UserError, match="other settings"):
+            cmp.compare(changed, ["auto"], ["ratio"], 1, out, **QUIET)
+        assert (out / "compare.json").read_text() == stamp
+
+    # --overwrite with another lr: the auto band is chosen again at that lr, and the run
+    # trains the new band, not the one cached for the first lr.
+    lower = tiny_settings(model_dir, Path(data), Path(held), max_steps=1, lr=5e-3)
+    second = cmp.compare(lower, ["auto"], ["ratio"], 1, out, overwrite=True, **QUIET)
+    assert calls == [1e-2, 5e-3]
+    assert second["rows"][0]["layers"] == "0-5"
+    cached = json.loads((out / "auto-window-w6-ratio.json").read_text())
+    assert cached == {"layers": [0, 1, 2, 3, 4, 5], "reason": "lr 0.005"}
+
+
+def compare_argv(*extra: str) -> list[str]:
+    return ["compare", "--placements", "top", "--nll-limit", "2", "--ppl-limit", "1", *extra]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--data", "{data}"],
+            "fastmid compare: error: --data needs --eval-data: held-out records to compare the "
+            "runs on",
+        ),
+        (
+            [],
+            "fastmid compare: error: output dir {out} is not empty; pass --overwrite or use "
+            "another",
+        ),
+    ],
+)
+def test_compare_input_errors_are_one_line_and_write_nothing(
+    tmp_path: Path, capsys, extra: list[str], message: str
+):
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS[:4])
+    out = tmp_path / "cmp"
+    if not extra:  # a directory holding something that is not a compare
+        out.mkdir()
+        (out / "notes.txt").write_text("mine\n")
+    before = sorted(p.name for p in out.iterdir()) if out.exists() else None
+    argv = [a.format(data=data) for a in extra]
+    assert cli_main(compare_argv(*argv, "--output-dir", str(out))) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [message.format(out=out)]
+    assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == before
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--auto-criterion", "vibes"), ("--seeds", "0"), ("--seeds", "9-3")]
+)
+def test_bad_flag_values_are_refused_before_anything_runs(
+    tmp_path: Path, capsys, flag: str, value: str
+):
+    out = tmp_path / "cmp"
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(compare_argv(flag, value, "--output-dir", str(out)))
+    assert exit_.value.code == 2
+    assert f"argument {flag}: " in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_compare_checks_its_arguments_when_called_directly(tmp_path: Path):
+    out = tmp_path / "cmp"
+    settings = cmp.Settings(train={}, eval_data=None, eval_limit=0, nll_limit=1, ppl_limit=1)
+    with pytest.raises(UserError, match=r"auto criterion must be one of"):
+        cmp.compare(settings, ["auto"], ["ratio"], 1, out, auto_criterion="vibes", **QUIET)
+    with pytest.raises(UserError, match=r"--seeds needs at least one seed"):
+        cmp.compare(settings, ["top"], ["ratio"], [], out, **QUIET)
+    assert not out.exists()
 
 
 def test_seeds_name_a_count_a_range_or_a_list():

@@ -20,6 +20,7 @@ from fastmid.recipe import synth
 from fastmid.recipe.data import (
     Example,
     TokenizedExamples,
+    batch_to,
     bundled_path,
     collate_packed,
     collate_padded,
@@ -368,11 +369,26 @@ def test_collators_shapes_positions_and_targets() -> None:
     assert packed["input_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
     assert packed["targets"].tolist() == [[1, 2, IGNORE_INDEX, 1, 2, 3, 4, IGNORE_INDEX]]
+    # Host-side metadata: example boundaries for varlen attention, label positions for the head.
+    assert packed["cu_seqlens"].dtype == torch.int32
+    assert packed["cu_seqlens"].tolist() == [0, 3, 8]
+    assert packed["label_index"].tolist() == [0, 1, 3, 4, 5, 6]
     padded = collate_padded([a, b], pad_id=9)
     assert padded["input_ids"].tolist() == [[0, 1, 2, 9, 9], [0, 1, 2, 3, 4]]
     assert padded["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert padded["targets"][0].tolist() == [1, 2, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
     assert padded["position_ids"][1].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_cu_seqlens_of_uneven_examples_and_batch_to_keeps_them_on_the_host() -> None:
+    examples = _examples([4, 1, 6, 4])
+    batch = collate_packed(examples)
+    assert batch["cu_seqlens"].tolist() == [0, 4, 5, 11, 15]
+    # The one-token example has no label (its only target is the shifted-away -100).
+    assert batch["label_index"].tolist() == [0, 1, 2, 5, 6, 7, 8, 9, 11, 12, 13]
+    moved = batch_to(batch, "meta")
+    assert moved["cu_seqlens"] is batch["cu_seqlens"]
+    assert {k for k, v in moved.items() if v.is_meta} == set(batch) - {"cu_seqlens"}
 
 
 def _packed_and_alone(model: torch.nn.Module, use_cache: bool, restart: bool) -> float:

@@ -45,8 +45,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def argv(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    """A 5-step run with dropout on, so a resume must restore the RNG state exactly, and a
-    small evaluation before and after."""
+    """A 5-step run with dropout on (its masks come from per-micro-batch seeds of the run seed
+    and the step, so a resumed step draws the masks it would have drawn), and a small
+    evaluation before and after. The saved RNG states' round trip is tested with the
+    checkpoint itself."""
     return [
         "train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out),
         "--precision", "fp32", "--max-steps", "5", "--eval-data", str(data), "--eval-limit", "2",

@@ -3,6 +3,8 @@ patched model called as ``model(input_ids=..., labels=...)`` against transformer
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,3 +197,104 @@ def test_trainable_head_gets_its_gradient():
     ref = torch.autograd.grad(want, [hidden, head.weight, head.bias])
     for g, r in zip(got, ref, strict=True):
         torch.testing.assert_close(g, r)
+
+
+class _StandInLigerLoss(nn.Module):
+    """Liger's ``LigerFusedLinearCrossEntropyLoss`` interface (constructor keywords, then
+    ``forward(lin_weight, _input, target, bias=None)``), its math in plain torch."""
+
+    made: ClassVar[list[dict]] = []
+
+    def __init__(self, ignore_index=-100, lse_square_scale=0.0, label_smoothing=0.0,
+                 reduction="mean", softcap=None):  # fmt: skip
+        super().__init__()
+        _StandInLigerLoss.made.append(dict(ignore_index=ignore_index, reduction=reduction,
+                                           softcap=softcap))  # fmt: skip
+        self.ignore_index, self.reduction, self.softcap = ignore_index, reduction, softcap
+
+    def forward(self, lin_weight, _input, target, bias=None):
+        assert lin_weight.shape[1] == _input.shape[1] and target.shape == _input.shape[:1]
+        logits = (_input @ lin_weight.T).float()
+        if bias is not None:
+            logits = logits + bias.float()
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return F.cross_entropy(
+            logits, target, ignore_index=self.ignore_index, reduction=self.reduction
+        )
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_liger_fused_loss_gets_the_head_the_rows_the_labels_and_the_cap(monkeypatch, softcap):
+    from fastmid.engine import loss as loss_mod
+
+    # Where Liger runs (CUDA with liger_kernel), linear_cross_entropy hands it everything; on
+    # this CPU a stand-in with Liger's interface takes its place.
+    assert loss_mod._liger_loss(torch.device("cpu")) is None
+    monkeypatch.setattr(loss_mod, "_liger_loss", lambda device: _StandInLigerLoss)
+    monkeypatch.setattr(_StandInLigerLoss, "made", [])
+    gen = torch.Generator().manual_seed(6)
+    head = nn.Linear(16, 37, bias=True).requires_grad_(False)
+    head.weight.copy_(torch.randn(37, 16, generator=gen))
+    head.bias.copy_(torch.randn(37, generator=gen) * 3)  # large: a dropped bias shows
+    hidden = torch.randn(23, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 37, (23,), generator=gen)
+    got = linear_cross_entropy(hidden, head, labels, softcap)
+    (grad,) = torch.autograd.grad(got, hidden)
+    assert _StandInLigerLoss.made == [dict(ignore_index=-100, reduction="sum", softcap=softcap)]
+    x = hidden.detach().requires_grad_(True)
+    want = _full_logits_loss(x, head, labels, softcap)
+    (want_grad,) = torch.autograd.grad(want, x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grad, want_grad)
+    # The same numbers as fastmid's own chunked path, which runs without the stand-in.
+    monkeypatch.setattr(loss_mod, "_liger_loss", lambda device: None)
+    torch.testing.assert_close(linear_cross_entropy(hidden, head, labels, softcap), want)
+
+
+def test_label_only_forward_with_left_padding_matches_transformers():
+    model = _patched("llama")
+    ids, _, labels = _batch(model.config.vocab_size)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left-padded rows, as generation-style collators build them
+    mask[2, :2] = 0
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    want, want_grads = _loss_and_grads(
+        model.eval(), input_ids=ids, attention_mask=mask, labels=labels
+    )
+    got, got_grads = _loss_and_grads(
+        model.train(), input_ids=ids, attention_mask=mask, labels=labels
+    )
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * float(w.abs().max()))
+
+
+def test_label_only_forward_takes_shift_labels_and_leaves_logits_to_keep_alone():
+    from fastmid.engine.loss import shift_labels
+
+    model = _patched("llama")
+    ids, mask, labels = _batch(model.config.vocab_size)
+    # Pre-shifted targets (what sequence-parallel trainers pass) with fewer labelled positions.
+    shifted = shift_labels(labels).contiguous()
+    shifted[:, 8:] = IGNORE_INDEX
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels, shift_labels=shifted)
+    with torch.no_grad():
+        want = model.eval()(**inputs).loss
+        got = model.train()(**inputs)
+        plain = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, want, rtol=1e-5, atol=1e-6)
+    assert (got.loss - plain).abs() > 1e-3  # the given targets were used, not labels shifted
+    # logits_to_keep asks for logits: the model's own forward runs and returns them, with
+    # its own loss (here every position is kept, so the loss is the full one).
+    keep_all = ids.shape[1]
+    with torch.no_grad():
+        kept = model.train()(
+            input_ids=ids, attention_mask=mask, labels=labels, logits_to_keep=keep_all
+        )
+        full = model.eval()(input_ids=ids, attention_mask=mask, labels=labels)
+    assert kept.logits.shape == (*ids.shape, model.config.vocab_size)
+    torch.testing.assert_close(kept.logits, full.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kept.loss, full.loss, rtol=1e-5, atol=1e-6)

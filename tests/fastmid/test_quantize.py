@@ -220,3 +220,33 @@ def test_gradient_checkpointing_on_a_quantized_base_gives_the_same_grads():
     torch.testing.assert_close(gc_loss, loss, rtol=0, atol=0)
     for g, r in zip(gc_grads, grads, strict=True):
         torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+def test_int8_keeps_every_weight_within_half_a_step_and_the_logits_close():
+    # fp32, so the original weights are exact and the bound is the quantizer's alone.
+    model = base().float()
+    original = copy.deepcopy(model)
+    quantize_frozen(model, "int8")
+    checked = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantizedLinear):
+            continue
+        w = original.get_submodule(name).weight.detach()
+        payload = module.weight.payload
+        step = payload.scale.float()[:, None]
+        # One step per row: the row's largest magnitude over 127, so nothing is clipped.
+        torch.testing.assert_close(step[:, 0], w.abs().amax(dim=1) / 127, rtol=1e-6, atol=0)
+        got = module.weight.dequantize(torch.float32)
+        # Half a step, plus the fp32 rounding of w / step and of data · step.
+        rounding = 2 * torch.finfo(torch.float32).eps * w.abs()
+        assert ((got - w).abs() <= step / 2 + rounding).all(), name
+        # The row maximum maps to ±127 and comes back (to fp32 rounding of 127 · max/127).
+        top = w.abs().argmax(dim=1, keepdim=True)
+        assert (payload.data.gather(1, top).abs() == 127).all(), name
+        torch.testing.assert_close(got.gather(1, top), w.gather(1, top), rtol=1e-6, atol=0)
+        checked += 1
+    assert checked == 7 * len(find_decoder_layers(model))
+    with torch.no_grad():
+        got, want = model(IDS).logits, original(IDS).logits
+    # int8's per-row error is under 0.4% of the row maximum: the logits barely move.
+    assert 0 < (got - want).abs().max() < 0.02 * want.abs().max()

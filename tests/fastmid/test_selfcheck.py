@@ -52,3 +52,64 @@ def test_cpu_mode_reports_every_section(tmp_path: Path):
         assert any(
             line.startswith(name) and section["status"] in line for line in proc.stdout.splitlines()
         ), name
+
+
+def test_a_failing_section_fails_the_check_and_the_report_is_still_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    from fastmid import selfcheck
+
+    def broken(cuda: bool, quick: bool):
+        raise RuntimeError("fp16 grad of lora_qkv off by 3x")
+
+    monkeypatch.setattr(selfcheck, "check_numerics", broken)
+    monkeypatch.setattr(selfcheck, "check_cubins", lambda quick, jobs: selfcheck.Section(
+        "cubin report", "pass", "13/13 kernels ok"
+    ))  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    report_path = tmp_path / "selfcheck.json"
+    assert selfcheck.main(["--quick", "--output", str(report_path)]) == 1
+    report = json.loads(report_path.read_text())
+    assert report["ok"] is False
+    sections = {s["name"]: s for s in report["sections"]}
+    assert list(sections) == SECTIONS
+    assert sections["numerics"]["status"] == "fail"
+    assert sections["numerics"]["detail"] == "RuntimeError: fp16 grad of lora_qkv off by 3x"
+    assert sections["cubin report"]["status"] == "pass"
+    assert sections["gpu tests"]["status"] == "not checked"
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("numerics") and " fail " in line for line in lines)
+
+
+GPU_TESTS = """
+import pytest
+
+@pytest.mark.gpu
+def test_runs():
+    assert 1 + 1 == 2
+
+@pytest.mark.gpu
+def test_needs_a_package():
+    pytest.importorskip("a_package_nobody_installed")
+"""
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "detail"),
+    [
+        # Skipped GPU tests checked nothing: the section is not a pass.
+        (GPU_TESTS, "not checked", "1 passed, 1 skipped: could not import"),
+        (GPU_TESTS.split("@pytest.mark.gpu\ndef test_needs")[0], "pass", "1 passed"),
+        (GPU_TESTS.replace("1 + 1 == 2", "1 + 1 == 3"), "fail", "1 failed"),
+        ("def test_plain():\n    pass\n", "not checked", "no GPU test was collected"),
+    ],
+)
+def test_gpu_tests_section_counts_skips_as_not_checked(
+    tmp_path: Path, body: str, status: str, detail: str
+):
+    from fastmid import selfcheck
+
+    (tmp_path / "test_gpu_stub.py").write_text(body)
+    section = selfcheck.check_gpu_tests(tmp_path)
+    assert (section.name, section.status) == ("gpu tests", status)
+    assert section.detail.startswith(detail), section.detail

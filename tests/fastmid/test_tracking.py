@@ -114,3 +114,80 @@ def test_none_tracker_writes_nothing(tmp_path: Path):
     tracker.log(1, {"train/loss": 1.0})
     tracker.close()
     assert list(tmp_path.iterdir()) == []
+
+
+# --- a resumed training run is one run in its tracker -------------------------------------
+
+
+def crash_in_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """The run's forward raises during optimizer step ``step`` (one micro-batch a step)."""
+    import fastmid.recipe.train as train_mod
+
+    real, calls = train_mod.forward_loss, {"n": 0}
+
+    def forward_loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise RuntimeError("the machine went away")
+        return real(model, batch)
+
+    monkeypatch.setattr(train_mod, "forward_loss", forward_loss)
+
+
+def crash_and_resume(
+    kind: str, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """5 steps, a checkpoint every 2, a crash in step 4 (after step 3 was logged), --resume."""
+    from fastmid.recipe.train import train
+    from tests.fastmid._runs import RECORDS, tiny_cfg, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS)
+    out = tmp_path / "out"
+    common = dict(max_steps=5, save_every=2, log_every=1, grad_accum=1, report_to=kind)
+    with monkeypatch.context() as patch:
+        crash_in_step(patch, 4)
+        with pytest.raises(RuntimeError, match="went away"):
+            train(tiny_cfg(model_dir, data, out, **common))
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3]
+    train(tiny_cfg(model_dir, data, out, resume=True, **common))
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4, 5]
+    return out
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.usefixtures("one_thread_torch_path")
+def test_tensorboard_shows_a_resumed_run_once(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    pytest.importorskip("tensorboard")
+    out = crash_and_resume("tensorboard", model_dir, tmp_path, monkeypatch)
+    scalars = read_scalars(out / "tensorboard")
+    # Step 3 was logged before the crash and again after the resume from step 2: once here.
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4, 5]
+    assert [value for _, value in scalars["train/loss"]] == pytest.approx(
+        [m["loss"] for m in _metrics(out)], rel=1e-6
+    )
+    assert [step for step, _ in scalars["train/lr"]] == [1, 2, 3, 4, 5]
+    # The config text is written once, by the first part.
+    assert json.loads(read_text(out / "tensorboard", "config").strip("`\n"))["max_steps"] == 5
+
+
+@pytest.mark.usefixtures("one_thread_torch_path")
+def test_wandb_resumes_the_same_run(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = crash_and_resume("wandb", model_dir, tmp_path, monkeypatch)
+    runs = sorted((out / "wandb" / "wandb").glob("offline-run-*"))
+    # Two parts (or one directory, when both started within the same second), one run id.
+    ids = {run.name.rsplit("-", 1)[1] for run in runs}
+    files = [f for run in runs for f in run.glob("run-*.wandb")]
+    assert len(ids) == 1 and {f.name for f in files} == {f"run-{ids.pop()}.wandb"}
+    history, config = read_wandb(files[-1])
+    assert [h["_step"] for h in history][-2:] == [4, 5]
+    assert config["max_steps"] == 5

@@ -102,7 +102,8 @@ def test_packing_gives_the_same_loss_as_padding(model_dir: Path):
 def test_interrupted_run_resumes_with_identical_losses(
     model_dir: Path, train_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    # Dropout and grad accumulation on, so resume must restore RNG and data position too.
+    # Dropout (masks seeded per micro-batch from the run seed and step) and grad accumulation
+    # on, so the resumed steps must redraw the same masks and take the same data.
     common = dict(max_steps=6, dropout=0.1, grad_accum=2, batch_tokens=128, epochs=1)
     straight = tmp_path / "straight"
     train(tiny_cfg(model_dir, train_file, straight, **common))

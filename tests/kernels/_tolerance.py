@@ -45,14 +45,10 @@ def torch_keep(shape, p: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
     return torch_keep_mask(shape, p, seed, torch.device(DEVICE)).to(dtype)
 
 
-# The modules that choose between the Triton kernels and the torch path.
-_DISPATCHERS = ("fastmid.kernels._gemm", "fastmid.kernels.lora_gate_up")
-
-
 def force_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make every op take the torch path, even where Triton would run (CUDA, interpreter)."""
-    for name in _DISPATCHERS:
-        monkeypatch.setattr(importlib.import_module(name), "use_triton", lambda t, dt=None: False)
+    module = importlib.import_module("fastmid.kernels._lora")
+    monkeypatch.setattr(module, "use_triton", lambda t, dt=None: False)
 
 
 def bf16_forward(fn):
@@ -80,32 +76,19 @@ def saved_by_op(out: torch.Tensor, inputs) -> list[torch.Tensor]:
     ]
 
 
-def spy_dx_gemms(
-    monkeypatch: pytest.MonkeyPatch, path: str, dx_shape: tuple[int, int], torch_mm: tuple
-) -> list[int]:
+def spy_dx_gemms(monkeypatch: pytest.MonkeyPatch, path: str, torch_mm: tuple) -> list[int]:
     """Count the backward's dx GEMMs (a list that grows by one per GEMM), spied on so that
-    skipping one is observed, not inferred. The Triton path is seen as a main-GEMM launch
-    with dx's ``(M, K)`` output; the torch path (forced here) as a ``torch.mm`` of the
-    operand shapes ``torch_mm``."""
-    from fastmid.kernels import _gemm
-
+    skipping one is observed, not inferred: on every path dx = dy·W is a ``torch.mm`` of the
+    operand shapes ``torch_mm`` (cuBLAS on CUDA). ``path="torch"`` also forces the torch path
+    for the dropout-masked products."""
     calls: list[int] = []
-    if path == "triton":
-        real_launch = _gemm.launch_main
-
-        def launch(*args, **kw):
-            out = real_launch(*args, **kw)
-            calls.extend([1] if out.shape == dx_shape else [])
-            return out
-
-        monkeypatch.setattr(_gemm, "launch_main", launch)
-    else:
+    if path == "torch":
         force_torch_path(monkeypatch)
-        real_mm = torch.mm
+    real_mm = torch.mm
 
-        def mm(lhs, rhs, *args, **kw):
-            calls.extend([1] if (lhs.shape, rhs.shape) == torch_mm else [])
-            return real_mm(lhs, rhs, *args, **kw)
+    def mm(lhs, rhs, *args, **kw):
+        calls.extend([1] if (lhs.shape, rhs.shape) == torch_mm else [])
+        return real_mm(lhs, rhs, *args, **kw)
 
-        monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(torch, "mm", mm)
     return calls

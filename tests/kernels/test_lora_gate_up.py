@@ -130,10 +130,12 @@ def test_gradcheck_reference_fp64():
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["default", "recompute"])
 @pytest.mark.parametrize("path", ["triton", "torch"])
-def test_saves_only_x_and_rank_intermediates(monkeypatch, path):
-    """Backward state is x and xa (M, r_g+r_u) plus the parameters themselves: neither gate,
-    up nor silu(gate) (each M×I) is kept alive between forward and backward."""
+def test_saved_state(monkeypatch, path, recompute):
+    """Backward state besides x and the parameters: xa (M, r_g+r_u), plus [g | u] (M, 2I) by
+    default, fewer values than the unfused MLP's g, u and silu(g) (3·M·I); in the memory mode
+    (`recompute`) xa alone, nothing of size M×I."""
     if path == "torch":
         force_torch_path(monkeypatch)
     elif DEVICE == "cpu" and not INTERPRET:
@@ -142,10 +144,28 @@ def test_saves_only_x_and_rank_intermediates(monkeypatch, path):
     x, w, a, b = make_inputs((m,), k, inter, ranks, torch.float32)
     params = [t.requires_grad_() for t in (*a, *b)]
     x.requires_grad_()
-    h = MODULE.lora_gate_up(x, w, *params, 1.0)
+    h = MODULE.lora_gate_up(x, w, *params, 1.0, 0.1, 3, recompute=recompute)
     own = saved_by_op(h, (x, w, *params))
-    assert [tuple(t.shape) for t in own] == [(m, sum(ranks))]
-    assert all(t.numel() < m * inter for t in own)
+    shapes = [tuple(t.shape) for t in own if t.dim() > 0]  # the 0-dim dropout seed aside
+    if recompute:
+        assert shapes == [(m, sum(ranks))]
+    else:
+        assert shapes == [(m, sum(ranks)), (m, 2 * inter)]
+        assert sum(math.prod(s) for s in shapes) < 3 * m * inter
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_recompute_mode_gives_the_same_results(torch_path, p):
+    """The memory mode changes what is kept, not what is computed."""
+    x, w, a, b = make_inputs((3, 11), 33, 20, (8, 5), torch.float32)
+    upstream = torch.randn(3, 11, 20, device=DEVICE, dtype=torch.float64)
+    saved = run(op(1.5, p, 4), x, w, a, b, upstream)
+    recomputed = run(
+        lambda *t: MODULE.lora_gate_up(t[0], t[1], *t[2], *t[3], 1.5, p, 4, recompute=True),
+        x, w, a, b, upstream,
+    )  # fmt: skip
+    for got, want in zip(recomputed, saved, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("path", ["triton", "torch"])
@@ -157,7 +177,7 @@ def test_dx_skipped_when_x_needs_no_grad(monkeypatch, path):
     x, w, a, b = make_inputs((2, 9), k, inter, (4, 8), torch.float32)
     upstream = torch.randn(2, 9, inter, device=DEVICE)
     m = 2 * 9
-    dx_gemms = spy_dx_gemms(monkeypatch, path, (m, k), ((m, inter), (inter, k)))
+    dx_gemms = spy_dx_gemms(monkeypatch, path, ((m, 2 * inter), (2 * inter, k)))
     with_dx = run(op(1.5), x, w, a, b, upstream)
     ran_with = len(dx_gemms)
     without = run(op(1.5), x, w, a, b, upstream, x_grad=False)
@@ -213,17 +233,21 @@ def test_rejects_bad_arguments():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("recompute", [False, True], ids=["default", "recompute"])
 @pytest.mark.parametrize("r", [16, 64])
 @pytest.mark.parametrize("p", [0.0, 0.05])
-def test_cuda_bf16_smollm2_shapes(r, p):
-    """SmolLM2 MLP shapes (M = 4096, K = 576, I = 1536) in bf16 autocast, fp32 adapters."""
+def test_cuda_bf16_smollm2_shapes(r, p, recompute):
+    """SmolLM2 MLP shapes (M = 4096, K = 576, I = 1536) in bf16 autocast, fp32 adapters, in
+    both memory modes."""
     k, inter = 576, 1536
     x, w, a, b = make_inputs((2, 2048), k, inter, (r, r), torch.float32)
     x, w = x.bfloat16(), w.bfloat16()
     keep = triton_keep_mask((4096, k), p, 9, x.device).reshape(x.shape) if p else None
     upstream = torch.randn(2, 2048, inter, device=DEVICE, dtype=torch.float64)
+    fused = lambda *t: MODULE.lora_gate_up(t[0], t[1], *t[2], *t[3], 128 / r, p, 9,
+                                           recompute=recompute)  # fmt: skip
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        got = run(op(128 / r, p, 9), x, w, a, b, upstream)
+        got = run(fused, x, w, a, b, upstream)
         base = run(ref(128 / r, p, keep), x, w, a, b, upstream)
     want = run(ref(128 / r, p, keep), *as64(x, w, a, b), upstream)
     assert_all_within_torch_error(NAMES, got, want, base)

@@ -139,7 +139,7 @@ def test_dx_gemm_runs_only_when_x_needs_grad(monkeypatch, path, x_grad):
     if path == "triton" and DEVICE == "cpu" and not INTERPRET:
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
     m, k, n = 20, 24, 40
-    dx_gemms = spy_dx_gemms(monkeypatch, path, (m, k), ((m, n), (n, k)))
+    dx_gemms = spy_dx_gemms(monkeypatch, path, ((m, n), (n, k)))
     x, w, a, b, bias = make_inputs((m,), k, n, 8, torch.float32, True)
     for t in (x, w, a, b):
         t.requires_grad_(t is not x or x_grad)
@@ -269,9 +269,9 @@ def test_eager_calls_skip_the_dispatcher_and_match_the_registered_op(p: float):
 
     op_leaves = [t.clone().requires_grad_() for t in (x, a, b)]
     scale = 1.5 / (1.0 - p)
-    y_op, _ = torch.ops.fastmid.lora_linear(
-        op_leaves[0].reshape(-1, 24), w, op_leaves[1], op_leaves[2], None, scale, p,
-        seed if p else None, torch.float32,
+    y_op, _, _ = torch.ops.fastmid.lora_linear(
+        op_leaves[0].reshape(-1, 24), w, None, [op_leaves[1]], [op_leaves[2]], [scale], p,
+        seed if p else None, 0, torch.float32, False, False,
     )  # fmt: skip
     y_op.square().sum().backward()
     torch.testing.assert_close(y_op.view_as(y), y, rtol=0, atol=0)

@@ -170,11 +170,11 @@ def test_dx_skipped_when_x_needs_no_grad(monkeypatch, path):
     if path == "triton" and DEVICE == "cpu" and not INTERPRET:
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
     m, k, sizes = 18, 24, (16, 8, 8)
-    nq = sizes[0]
+    n = sum(sizes)
     x, w, a, b, _ = make_inputs((2, 9), k, sizes, (4, 2, 8), torch.float32, False)
     upstream = [torch.randn(2, 9, s, device=DEVICE) for s in sizes]
-    # The torch path's dx starts with dq·Wq, (M,Nq)·(Nq,K); k and v accumulate into it.
-    dx_gemms = spy_dx_gemms(monkeypatch, path, (m, k), ((m, nq), (nq, k)))
+    # dx is one GEMM over the fused weight, (M,N)·(N,K).
+    dx_gemms = spy_dx_gemms(monkeypatch, path, ((m, n), (n, k)))
 
     def op(x_, w_, a_, b_, bias_):
         return MODULE.lora_qkv(x_, w_, *a_, *b_, 2.0)
