@@ -53,7 +53,7 @@ def workload(base: tuple[Any, Any, str]) -> Any:
 def matmul_peaks() -> dict[str, float]:
     """This machine's measured matmul FLOP/s per precision (for MFU)."""
     from bench.measure import matmul_peak
-    from bench.providers import DTYPES
+    from fastmid.engine.models import DTYPES
 
     return {name: matmul_peak(dtype, n=1024 if quick() else 2048) for name, dtype in DTYPES.items()}
 

@@ -764,7 +764,7 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
     budget_s = opts.budget_s if opts.budget_s is not None else (300.0 if opts.smoke else 400.0)
     models = opts.models or (tuple(MODELS)[:1] if opts.smoke else tuple(MODELS))
     info = machine_info()
-    from fastmid.selfcheck import bf16_peak_tflops
+    from bench.machine import bf16_peak_tflops
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else info["cpu"]
     nominal = bf16_peak_tflops(name) if device.type == "cuda" else None

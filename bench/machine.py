@@ -13,6 +13,19 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# Dense bf16 tensor-core peak (TFLOP/s) by a part of the device name, the vendor's datasheet
+# figures; the first key found in the name wins, so the H100's PCIe and NVL parts come before
+# the plain "H100" (SXM, "NVIDIA H100 80GB HBM3").
+BF16_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10": 125.0,
+}
+
 
 def _cpu_model() -> str:
     """CPU model name as ``lscpu`` reports it (falls back to /proc/cpuinfo, then platform)."""
@@ -80,3 +93,8 @@ def machine_label(info: dict[str, Any] | None = None) -> str:
     info = info or machine_info()
     where = info["gpu"] or f"{info['cpu']} x{info['cpu_cores']}"
     return f"{where} / torch {info['torch']}"
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    """Nominal dense bf16 TFLOP/s of the card called ``device_name``; None for an unknown card."""
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in device_name), None)

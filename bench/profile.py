@@ -41,7 +41,7 @@ import torch
 from torch.autograd.profiler_util import FunctionEvent
 
 from bench.providers import PROVIDERS, Provider, Workload, build_provider
-from bench.tables import csv_bytes
+from bench.tables import csv_bytes, markdown_table
 from fastmid.engine.loss import IGNORE_INDEX
 from fastmid.fileio import write_bytes_atomic
 
@@ -347,16 +347,12 @@ def run_engine(
 def profile_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: milliseconds per category (and % of the step) for each profiled step."""
     header = ["case", "dtype", "provider", "step ms"] + [LABELS[c] for c in CATEGORIES]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    cells = []
     for r in rows:
         total = sum(r[f"{c}_s"] for c in CATEGORIES)
-        cells = [f"{1e3 * r[f'{c}_s']:.0f} ({100 * r[f'{c}_s'] / total:.0f}%)" for c in CATEGORIES]
-        lines.append(
-            "| "
-            + " | ".join([r["case"], r["dtype"], r["provider"], f"{1e3 * total:.0f}", *cells])
-            + " |"
-        )
-    return "\n".join(lines)
+        shares = [f"{1e3 * r[f'{c}_s']:.0f} ({100 * r[f'{c}_s'] / total:.0f}%)" for c in CATEGORIES]
+        cells.append([r["case"], r["dtype"], r["provider"], f"{1e3 * total:.0f}", *shares])
+    return markdown_table(header, cells)
 
 
 def engine_table(rows: list[dict[str, Any]]) -> str:
@@ -371,25 +367,21 @@ def engine_table(rows: list[dict[str, Any]]) -> str:
         "vs peft_all",
         "vs peft_mid",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    cells = []
     for r in rows:
         ratios = [f"{r[k]:.2f}x" if k in r else "" for k in ("vs_peft_all", "vs_peft_mid")]
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    r["dtype"],
-                    r["provider"],
-                    r["layers"],
-                    str(r["rank"]),
-                    f"{r['step_s_best']:.3f}",
-                    f"{r['tokens_per_s']:.0f}",
-                    *ratios,
-                ]
-            )
-            + " |"
+        cells.append(
+            [
+                r["dtype"],
+                r["provider"],
+                r["layers"],
+                str(r["rank"]),
+                f"{r['step_s_best']:.3f}",
+                f"{r['tokens_per_s']:.0f}",
+                *ratios,
+            ]
         )
-    return "\n".join(lines)
+    return markdown_table(header, cells)
 
 
 def profile_plot(rows: list[dict[str, Any]], title: str) -> bytes:

@@ -35,7 +35,6 @@ import torch
 from bench.machine import REPO_ROOT, machine_info, machine_label
 from bench.providers import (
     BANDS,
-    DTYPES,
     PROVIDERS,
     REFERENCE,
     SPECS,
@@ -46,6 +45,7 @@ from bench.providers import (
     make_workload,
 )
 from fastmid.engine.midblock import PAPER_DROPOUT
+from fastmid.engine.models import DTYPES
 
 
 @dataclass

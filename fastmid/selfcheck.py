@@ -37,18 +37,6 @@ from typing import Any
 
 from fastmid.fileio import write_text_atomic
 
-# Dense bf16 tensor-core peak (TFLOP/s) by a part of the device name, the vendor's datasheet
-# figures; the first key found in the name wins, so the H100's PCIe and NVL parts come before
-# the plain "H100" (SXM, "NVIDIA H100 80GB HBM3").
-BF16_PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100 PCIe": 756.0,
-    "H100 NVL": 835.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "A10": 125.0,
-}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -251,13 +239,10 @@ LAYER_SHAPES = {
 }
 
 
-def bf16_peak_tflops(device_name: str) -> float | None:
-    """Nominal dense bf16 TFLOP/s of the card called ``device_name``; None for an unknown card."""
-    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in device_name), None)
-
-
 def _device_peak_tflops() -> float | None:
     import torch
+
+    from bench.machine import bf16_peak_tflops
 
     return bf16_peak_tflops(torch.cuda.get_device_name())
 

@@ -295,7 +295,7 @@ def test_fastmid_bench_hands_gpu_to_bench_gpu(monkeypatch, tmp_path: Path) -> No
     ],
 )
 def test_nominal_peak_by_card(name: str, tflops: float | None) -> None:
-    from fastmid.selfcheck import bf16_peak_tflops
+    from bench.machine import bf16_peak_tflops
 
     assert bf16_peak_tflops(name) == tflops
 

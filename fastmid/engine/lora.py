@@ -23,7 +23,7 @@ QKV = ("q_proj", "k_proj", "v_proj")
 
 # The concatenated frozen [W_gate; W_up] of a fused SwiGLU MLP (a plain attribute: gate and up
 # already own the matrix, as views).
-_GATE_UP_WEIGHT = "_fastmid_gate_up_weight"
+GATE_UP_WEIGHT = "_fastmid_gate_up_weight"
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,7 +229,7 @@ def _is_swiglu(mlp: nn.Module) -> bool:
     return torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-3)
 
 
-def _fuse_qkv(mods: dict[str, LoraLinear]) -> None:
+def fuse_qkv(mods: dict[str, LoraLinear]) -> None:
     """Share one frozen cat([Wq, Wk, Wv]) between q, k and v (weights become views into it)."""
     if not all(n in mods for n in QKV):
         return
@@ -253,7 +253,7 @@ def _fuse_qkv(mods: dict[str, LoraLinear]) -> None:
         m._group = group
 
 
-def _fuse_gate_up(
+def fuse_gate_up(
     block: nn.Module, paths: dict[str, str], mods: dict[str, LoraLinear], recompute: bool
 ) -> None:
     """Run a SwiGLU MLP as lora_gate_up + down when gate and up are both targets; `recompute`
@@ -272,7 +272,7 @@ def _fuse_gate_up(
     weight = torch.cat([gate.weight.detach(), up.weight.detach()], 0)
     gate.weight = nn.Parameter(weight[: gate.out_features], requires_grad=False)
     up.weight = nn.Parameter(weight[gate.out_features :], requires_grad=False)
-    setattr(mlp, _GATE_UP_WEIGHT, weight)
+    setattr(mlp, GATE_UP_WEIGHT, weight)
     wrap_forward(mlp, lambda module, _forward: _swiglu_forward(module, recompute))
 
 
@@ -285,8 +285,8 @@ def fused_weights(block: nn.Module) -> list[tuple[Any, str, list[LoraLinear]]]:
         group = module._group if isinstance(module, LoraLinear) else None
         if group is not None and all(g is not group for g, _, _ in out):
             out.append((group, "weight", [group.modules[n] for n in QKV]))
-        if "_fastmid_gate_up_weight" in module.__dict__:
-            out.append((module, "_fastmid_gate_up_weight", [module.gate_proj, module.up_proj]))
+        if GATE_UP_WEIGHT in module.__dict__:
+            out.append((module, GATE_UP_WEIGHT, [module.gate_proj, module.up_proj]))
     return out
 
 
@@ -298,6 +298,14 @@ def is_fused(model: nn.Module) -> bool:
     for module in model.modules():
         if isinstance(module, LoraLinear) and module._group is not None:
             return True
-        if _GATE_UP_WEIGHT in vars(module):
+        if GATE_UP_WEIGHT in vars(module):
             return True
     return False
+
+
+def unfuse(module: nn.Module) -> None:
+    """Drop what :func:`fuse_qkv` and :func:`fuse_gate_up` attached to ``module`` (its group,
+    the concatenated matrix); a no-op for any other module."""
+    module.__dict__.pop(GATE_UP_WEIGHT, None)
+    if isinstance(module, LoraLinear):
+        module._group = None

@@ -5,8 +5,8 @@
 - the decoder blocks are found by one generic walk (any ``nn.ModuleList`` holding
   ``config.num_hidden_layers`` blocks), so Llama, Mistral, Qwen2/3, OLMo2 and Gemma2 share
   one code path;
-- in the band, every target ``nn.Linear`` becomes a :class:`LoraLinear` backed by
-  ``fastmid.kernels`` (it takes over the frozen weight and bias, nothing is copied);
+- in the band, every target ``nn.Linear`` becomes a :class:`~fastmid.engine.lora.LoraLinear`
+  backed by ``fastmid.kernels`` (it takes over the frozen weight and bias, nothing is copied);
 - when q, k and v are all targets their frozen weights are concatenated once and the three
   modules' weights become views into that matrix, so one ``lora_qkv`` call serves the three
   projections; a SwiGLU MLP whose gate and up are targets runs ``lora_gate_up`` then ``down``;
@@ -14,7 +14,10 @@
   ``torch.no_grad()`` (nothing saved for backward, no backward), and the blocks above the band
   only propagate input gradients because they own no trainable parameter.
 
-Everything is patched on module *instances*; the model's classes are never touched.
+Everything is patched on module *instances*; the model's classes are never touched. This module
+decides what goes where; the pieces it places sit below it: the LoRA layers and fused groups
+(:mod:`fastmid.engine.lora`), finding blocks and wrapping forwards (:mod:`fastmid.engine.blocks`),
+Liger, quantization, the label-only loss and compilation.
 """
 
 from __future__ import annotations
@@ -32,13 +35,8 @@ from torch.utils.checkpoint import checkpoint
 
 from fastmid.engine.blocks import find_layers_with_path, set_submodule, unwrap_forward, wrap_forward
 from fastmid.engine.compile import COMPILE_MODES, compile_blocks, resolve_compile
-from fastmid.engine.lora import (
-    _GATE_UP_WEIGHT,
-    DropoutSeed,
-    LoraLinear,
-    _fuse_gate_up,
-    _fuse_qkv,
-)
+from fastmid.engine.liger import apply_liger_to_frozen
+from fastmid.engine.lora import DropoutSeed, LoraLinear, fuse_gate_up, fuse_qkv, unfuse
 from fastmid.engine.loss import install_label_only_loss
 from fastmid.engine.quantize import (
     QUANTIZE_METHODS,
@@ -455,8 +453,6 @@ def apply_midblock(
     module_paths: list[str] = []
     band = set(layers)
     seeds: DropoutSeed | None = None
-    if cfg.use_liger:
-        from fastmid.engine.liger import apply_liger_to_frozen
     for i, block in enumerate(blocks):
         if load_block is not None:
             load_block(i)
@@ -471,8 +467,8 @@ def apply_midblock(
                 mods[t] = lora
                 module_paths.append(f"{layers_path}.{i}.{p}")
             if cfg.fuse_groups:
-                _fuse_qkv(mods)
-                _fuse_gate_up(block, found[i], mods, cfg.gate_up_recompute)
+                fuse_qkv(mods)
+                fuse_gate_up(block, found[i], mods, cfg.gate_up_recompute)
         elif cfg.use_liger:
             # Before quantizing: Liger's MLP runs only on plain linears.
             apply_liger_to_frozen([block])
@@ -517,9 +513,7 @@ def unpatch_forwards(model: nn.Module) -> None:
     """Remove every instance-level forward wrapper apply_midblock installed."""
     for module in model.modules():
         unwrap_forward(module)
-        module.__dict__.pop(_GATE_UP_WEIGHT, None)
-        if isinstance(module, LoraLinear):
-            module._group = None
+        unfuse(module)
     # Found by its owner, not by a stored handle: a deep copy's handle would name the original.
     for key, hook in list(model._forward_pre_hooks.items()):
         if isinstance(getattr(hook, "__self__", None), DropoutSeed):

@@ -14,6 +14,8 @@ previous checkpoint or the new one, never a partial one. The previous checkpoint
 ``<name>.old``: when the files of the newest one are damaged later (a bad disk, a truncating
 copy), the manifest shows it and loading falls back to the previous one, saying so in one
 line. A failed save (a full disk) leaves both untouched. No pickle anywhere.
+
+:class:`CheckpointSchedule` says when the training loop writes one.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import random
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from fastmid.errors import UserError
+from fastmid.recipe import distributed
 
 CHECKPOINT_DIR = "checkpoint"
 _STATE = "state.json"
@@ -309,3 +313,27 @@ def _python_rng(saved: list[Any]) -> tuple[Any, ...]:
 def _numpy_rng(saved: list[Any]) -> tuple[Any, ...]:
     kind, keys, pos, has_gauss, cached = saved
     return (kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
+
+
+class CheckpointSchedule:
+    """When the loop writes a periodic checkpoint: every ``every_steps`` optimizer steps, and
+    once ``every_minutes`` have passed since the last checkpoint (or the start)."""
+
+    def __init__(self, every_steps: int, every_minutes: float) -> None:
+        self.every_steps = every_steps
+        self.every_seconds = every_minutes * 60.0
+        self.saved()
+
+    def due(self, step: int) -> bool:
+        """Whether to checkpoint after ``step``; the same answer on every rank."""
+        if self.every_steps > 0 and step % self.every_steps == 0:
+            return True
+        if self.every_seconds <= 0:
+            return False
+        # Clocks differ between ranks: rank 0's decides for all.
+        late = distributed.is_main() and time.monotonic() - self.last >= self.every_seconds
+        return distributed.any_rank(late)
+
+    def saved(self) -> None:
+        """A checkpoint was just written (or the loop starts): restart the clock."""
+        self.last = time.monotonic()

@@ -29,11 +29,11 @@ from fastmid.engine.midblock import MidBlockConfig, format_band, parse_band
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
 from fastmid.options import add_field_arguments, option
+from fastmid.recipe.data import FORMATS
 from fastmid.recipe.tracking import REPORT_TO
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
-FORMATS = ("qa", "chat")
 LOSS_ON = ("response", "all")
 PARALLEL = ("auto", "ddp", "fsdp")
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -37,14 +38,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
 from fastmid.engine.loss import IGNORE_INDEX
 from fastmid.errors import UserError
+from fastmid.fileio import write_text_atomic
 
+# Record formats: qa = the paper's prompt and answer; chat = the tokenizer's chat template.
+FORMATS = ("qa", "chat")
 QA_PROMPT = "Question: {question}\nAnswer:"
 _BUNDLED = {"train": "gsm_train.jsonl", "test": "gsm_test.jsonl", "heldout": "heldout.txt"}
 
@@ -385,22 +389,28 @@ def _record_problem(record: dict) -> str | None:
     return None
 
 
-class Records(list):
-    """Records read from a file, with ``fingerprint``: a hash of the file's bytes and the
-    column mapping (the tokenization cache's key for them)."""
-
-    fingerprint: str | None = None
+# Bytes read at a time when hashing a data file, so its key never needs the whole file in memory.
+HASH_CHUNK = 1 << 20
 
 
-def _jsonl_records(path: Path, fields: dict[str, str] | None) -> Records:
-    """Read a JSONL file of records; UserError naming ``file:line`` for a bad line."""
+def file_fingerprint(stream: BinaryIO, fields: dict[str, str] | None) -> str:
+    """The content key of a data file's records: a SHA-256 of the bytes read from ``stream``
+    (in chunks) with the column mapping. The tokenization cache is keyed by it."""
+    h = hashlib.sha256()
+    for chunk in iter(lambda: stream.read(HASH_CHUNK), b""):
+        h.update(chunk)
+    return _digest(h.digest(), json.dumps(fields, sort_keys=True).encode())
+
+
+def _parse_jsonl(path: Path, fields: dict[str, str] | None) -> tuple[list[dict], str]:
+    """The normalised records of a JSONL file and its :func:`file_fingerprint`; UserError
+    naming ``file:line`` for a bad line."""
     try:
         raw = path.read_bytes()
         text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read data file {path}: {err}") from None
-    records = Records()
-    records.fingerprint = _digest(raw, json.dumps(fields, sort_keys=True).encode())
+    records = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -411,17 +421,92 @@ def _jsonl_records(path: Path, fields: dict[str, str] | None) -> Records:
         records.append(normalize_record(record, f"{path}:{lineno}", fields))
     if not records:
         raise UserError(f"data file has no records: {path}")
-    return records
+    return records, file_fingerprint(io.BytesIO(raw), fields)
 
 
-def load_records(source: str | Path, fields: str | dict[str, str] | None = None) -> Sequence[dict]:
+class Records(list):
+    """Records read from a file, with ``fingerprint``: its :func:`file_fingerprint` (the
+    tokenization cache's key for them)."""
+
+    fingerprint: str | None = None
+
+
+class JsonlRecords(Sequence):
+    """The records of a JSONL file known from the cache's note of a file with the same bytes
+    read without error: ``fingerprint`` (:func:`file_fingerprint`) and the count, the file
+    parsed only the first time a record is asked for, so a run whose tokens are cached never
+    parses it."""
+
+    def __init__(
+        self, path: Path, fields: dict[str, str] | None, fingerprint: str, count: int
+    ) -> None:
+        self.path, self.fields, self.fingerprint = path, fields, fingerprint
+        self._count = count
+        self._records: list[dict] | None = None
+
+    def _parsed(self) -> list[dict]:
+        if self._records is None:
+            records, fingerprint = _parse_jsonl(self.path, self.fields)
+            if fingerprint != self.fingerprint or len(records) != self._count:
+                raise UserError(f"data file {self.path} changed while the run was reading it")
+            self._records = records
+        return self._records
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._parsed()[index]
+
+
+def _count_note(cache_dir: Path, fingerprint: str) -> Path:
+    return Path(cache_dir) / f"{fingerprint}.records.json"
+
+
+def _jsonl_records(
+    path: Path, fields: dict[str, str] | None, cache_dir: Path | None
+) -> Sequence[dict]:
+    """A JSONL file's records: unparsed when ``cache_dir`` notes that a file with the same
+    bytes was read without error (its record count), else parsed now (noting the count)."""
+    if cache_dir is not None:
+        try:
+            with path.open("rb") as f:
+                fingerprint = file_fingerprint(f, fields)
+        except OSError as err:
+            raise UserError(f"cannot read data file {path}: {err}") from None
+        try:
+            count = json.loads(_count_note(cache_dir, fingerprint).read_text())["records"]
+        except (OSError, ValueError, KeyError, TypeError):
+            count = None
+        if isinstance(count, int) and count > 0:
+            return JsonlRecords(path, fields, fingerprint, count)
+    records, fingerprint = _parse_jsonl(path, fields)
+    if cache_dir is not None:
+        try:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            note = json.dumps({"records": len(records)})
+            write_text_atomic(_count_note(cache_dir, fingerprint), note)
+        except OSError:  # an unwritable cache location: the next run parses again
+            pass
+    out = Records(records)
+    out.fingerprint = fingerprint
+    return out
+
+
+def load_records(
+    source: str | Path,
+    fields: str | dict[str, str] | None = None,
+    cache_dir: Path | None = None,
+) -> Sequence[dict]:
     """Records from any supported input, normalised by :func:`normalize_record`.
 
     ``source`` is a JSONL file (read here; errors name ``file:line``); a ``.parquet``, ``.csv``
     or ``.json`` file; a directory written by ``save_to_disk`` (``DIR:split`` picks a split);
     a directory of data files; or a Hugging Face dataset id with optional config and split,
     ``openai/gsm8k:main:train``. All but JSONL are read with ``datasets`` (an optional extra)
-    and converted row by row as they are used. ``fields`` maps other column names.
+    and converted row by row as they are used. ``fields`` maps other column names. With
+    ``cache_dir`` (the one :func:`tokenize_records` is given), a JSONL file whose bytes were
+    read without error before is only hashed, not parsed, until a record is asked for.
     """
     mapping = parse_fields(fields)
     text = str(source)
@@ -435,7 +520,7 @@ def load_records(source: str | Path, fields: str | dict[str, str] | None = None)
             builder = _FILE_BUILDERS[path.suffix]
             data = _load_dataset(builder, str(path), data_files=str(path), split="train")
             return _nonempty(RecordView(data, str(path), mapping), str(path))
-        return _jsonl_records(path, mapping)
+        return _jsonl_records(path, mapping, cache_dir)
     # NAME[:config[:split]]: a hub id, or a local directory followed by a split.
     name, _, rest = text.partition(":")
     if Path(name).expanduser().is_dir():
@@ -501,6 +586,15 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         body = json.dumps([type(tokenizer).__name__, vocab]).encode()
     extra = [getattr(tokenizer, "chat_template", None), tokenizer.eos_token_id]
     return _digest(body, json.dumps(extra, default=str).encode())
+
+
+def tokenized_key(fingerprint: str, tokenizer: Any, fmt: str, max_length: int, loss_on: str) -> str:
+    """The cache entry name of records with ``fingerprint`` (:func:`records_fingerprint`)
+    tokenized by ``tokenizer`` with these settings."""
+    settings = json.dumps({"format": fmt, "max_length": max_length, "loss_on": loss_on})
+    return _digest(
+        fingerprint.encode(), tokenizer_fingerprint(tokenizer).encode(), settings.encode()
+    )
 
 
 class TokenizedExamples(Sequence):
@@ -712,7 +806,7 @@ def tokenize_records(
     stored there under a hash of the records, the tokenizer and these settings, and a later
     call with the same ones loads it memory-mapped without calling the tokenizer.
     """
-    if fmt not in ("qa", "chat"):
+    if fmt not in FORMATS:
         raise UserError(f"unknown data format {fmt!r}; expected qa or chat")
     if loss_on not in ("response", "all"):
         raise UserError(f"unknown loss_on {loss_on!r}; expected response or all")
@@ -723,9 +817,7 @@ def tokenize_records(
     source = records_fingerprint(records) if cache_dir is not None else None
     entry = None
     if source is not None:
-        settings = json.dumps({"format": fmt, "max_length": max_length, "loss_on": loss_on})
-        key = _digest(source.encode(), tokenizer_fingerprint(tokenizer).encode(), settings.encode())
-        entry = Path(cache_dir) / key
+        entry = Path(cache_dir) / tokenized_key(source, tokenizer, fmt, max_length, loss_on)
         cached = TokenizedExamples.load(entry)
         if cached is not None:
             return cached

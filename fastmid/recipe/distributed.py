@@ -135,6 +135,12 @@ def is_main() -> bool:
     return get_rank() == 0
 
 
+def log(message: str) -> None:
+    """Print on rank 0 only (every rank runs the same recipe)."""
+    if is_main():
+        print(message, flush=True)
+
+
 def barrier() -> None:
     """Wait for every rank (no-op when not distributed)."""
     if is_distributed():

@@ -5,28 +5,44 @@ Accuracy: prompt ``Question: {q}\\nAnswer:``, left-padded batched greedy decodin
 of the reference answer, correct when they differ by less than 1e-3. Perplexity on a held-out
 general-text sample shows how much general language modelling a tune costs.
 
-``fastmid eval`` runs both from the command line.
+``fastmid eval`` runs both from the command line. A training run evaluates the base and the
+tuned model and takes a held-out loss while it trains (:func:`evaluate_model`,
+:class:`HeldoutLoss`): that is why evaluation belongs to the recipe, below the study tools.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from fastmid.engine.loss import IGNORE_INDEX
 from fastmid.engine.quantize import QUANTIZE_METHODS
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
-from fastmid.recipe.data import QA_PROMPT, Example, bundled_path, load_records
+from fastmid.recipe.config import TrainConfig
+from fastmid.recipe.data import (
+    QA_PROMPT,
+    Example,
+    bundled_path,
+    load_records,
+    split_records,
+    tokenize_records,
+)
+from fastmid.recipe.distributed import log
 from fastmid.recipe.heldout import answer_nll
+from fastmid.recipe.inputs import add_data_argument, add_model_argument
 
 _NUMBER = re.compile(r"-?[\d,]*\d\.?\d*")
 
@@ -174,21 +190,147 @@ def write_predictions(predictions: list[dict], path: str | Path) -> None:
     write_text_atomic(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
 
 
+# --------------------------------------------------------------------------------------------
+# Evaluation inside a training run
+
+
+@dataclass
+class EvalSet:
+    """What evaluation runs on: accuracy records and held-out perplexity texts."""
+
+    records: list[dict] | None
+    heldout: list[str] | None
+
+    def describe(self) -> str:
+        parts = [f"{len(self.records)} records"] if self.records else []
+        parts += [f"{len(self.heldout)} held-out texts"] if self.heldout else []
+        return " and ".join(parts)
+
+
+def load_eval_set(cfg: TrainConfig) -> EvalSet | None:
+    """Accuracy records (bundled test split unless given) and held-out perplexity texts; None
+    when there is nothing to evaluate."""
+    if not cfg.eval:
+        return None
+    eval_path = cfg.eval_data
+    if eval_path is None and cfg.data is None:
+        eval_path = str(bundled_path("test"))
+    records = load_records(eval_path, cfg.fields) if eval_path is not None else None
+    heldout = heldout_texts()
+    if cfg.eval_limit is not None:
+        records = records[: cfg.eval_limit] if records is not None else None
+        heldout = heldout[: cfg.eval_limit]
+    return EvalSet(records, heldout) if records or heldout else None
+
+
+def split_heldout(cfg: TrainConfig, records: Any) -> tuple[Any, Any]:
+    """(training records, held-out loss records): the eval_split_ratio share of ``records``
+    held out, else (with eval_every) the eval data; None when no held-out loss is asked for."""
+    if cfg.eval_split_ratio > 0:
+        return split_records(records, cfg.eval_split_ratio, cfg.seed)
+    if not cfg.eval_every:
+        return records, None
+    eval_path = cfg.eval_data
+    if eval_path is None and cfg.data is None:
+        eval_path = str(bundled_path("test"))
+    if eval_path is None:
+        raise UserError("--eval-every needs held-out records: --eval-split-ratio or --eval-data")
+    return records, load_records(eval_path, cfg.fields)
+
+
+@dataclass
+class HeldoutLoss:
+    """The held-out answer loss, every ``every`` steps and at the last one."""
+
+    examples: list[Example]
+    pad_id: int
+    every: int
+
+    @classmethod
+    def build(
+        cls, cfg: TrainConfig, records: Any, tokenizer: Any, cache_dir: Path | None = None
+    ) -> HeldoutLoss | None:
+        if records is None:
+            return None
+        examples = tokenize_records(
+            records,
+            tokenizer,
+            fmt=cfg.format,
+            max_length=cfg.max_length,
+            loss_on="response",
+            cache_dir=cache_dir,
+        )
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return cls(examples, pad, cfg.eval_every)
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return step == total_steps or (self.every > 0 and step % self.every == 0)
+
+    def __call__(
+        self, model: nn.Module, autocast: Callable[[], contextlib.AbstractContextManager]
+    ) -> float:
+        with autocast():
+            return answer_nll(model, self.examples, self.pad_id)
+
+
+def evaluate_model(
+    model: nn.Module,
+    tokenizer: Any,
+    eval_set: EvalSet | None,
+    cfg: TrainConfig,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    tuned: bool = False,
+) -> tuple[dict[str, float], list[dict]]:
+    """Accuracy and held-out perplexity of ``model`` on ``eval_set``, and its predictions."""
+
+    if eval_set is None:
+        return {}, []
+    log(f"evaluating the {'tuned' if tuned else 'base'} model on {eval_set.describe()} ...")
+    result: dict[str, float] = {}
+    predictions: list[dict] = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast():
+        if eval_set.records:
+            acc, predictions = gsm_accuracy(
+                model,
+                tokenizer,
+                eval_set.records,
+                batch_size=cfg.eval_batch_size,
+                max_new_tokens=cfg.max_new_tokens,
+            )
+            result["accuracy"] = float(acc)
+        if eval_set.heldout:
+            ppl = perplexity(model, tokenizer, eval_set.heldout, max_length=cfg.max_length)
+            result["heldout_ppl"] = float(ppl)
+    model.train(was_training)
+    if not tuned:
+        log("before: " + _format_eval(result))
+    return result, predictions
+
+
+def _format_eval(result: dict[str, float]) -> str:
+    parts = []
+    if "accuracy" in result:
+        parts.append(f"accuracy {result['accuracy']:.3f}")
+    if "heldout_ppl" in result:
+        parts.append(f"held-out ppl {result['heldout_ppl']:.2f}")
+    return ", ".join(parts) or "(no eval)"
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``fastmid eval``."""
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="HF dir, .gguf or hub id (default: the embedded SmolLM2-135M-Instruct)",
-    )
+    add_model_argument(parser)
     parser.add_argument(
         "--adapter",
         default=None,
         help="adapter directory to load, PEFT format (default: none, the base model alone)",
     )
-    parser.add_argument(
-        "--data", default=None, help="JSONL test records (default: the bundled test split)"
-    )
+    add_data_argument(parser, "test", records="JSONL test records")
     parser.add_argument(
         "--limit", type=int, default=None, help="evaluate the first N records (default: all)"
     )

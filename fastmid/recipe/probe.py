@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from fastmid.engine.midblock import PAPER_TARGETS
 from fastmid.errors import UserError
+from fastmid.recipe.inputs import add_data_argument, add_format_argument, add_model_argument
 
 __all__ = [
     "add_arguments",
@@ -229,20 +230,9 @@ def recommend_band(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``fastmid probe``."""
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="HF dir, .gguf or hub id (default: the embedded SmolLM2-135M-Instruct)",
-    )
-    parser.add_argument(
-        "--data", default=None, help="JSONL records (default: the bundled train split)"
-    )
-    parser.add_argument(
-        "--format",
-        default="qa",
-        choices=("qa", "chat"),
-        help="record format (default: %(default)s)",
-    )
+    add_model_argument(parser)
+    add_data_argument(parser, "train")
+    add_format_argument(parser)
     parser.add_argument(
         "--max-length", type=int, default=128, help="tokens per example (default: %(default)s)"
     )

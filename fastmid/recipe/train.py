@@ -1,23 +1,17 @@
 """The training recipe and the ``fastmid train`` command.
 
 :func:`train` reads top to bottom as named steps: check the output dir → load data → load the
-model → choose the band → patch it (:func:`fastmid.engine.models.prepare_model`) → evaluate the base
-model → AdamW over the adapter parameters only and a schedule sized by :func:`plan_steps` →
-the loop of :func:`train_step` over packed token-budget batches, logged through a
-:class:`MetricsWindow` and checkpointed → evaluate again → save the adapter (PEFT format), the
-resolved config and a summary. Checkpoints make ``--resume`` continue exactly where the run
-stopped: written atomically every ``save_every_minutes`` (10 by default), every ``save_every``
-steps, and on SIGINT/SIGTERM.
-
-Output directory layout::
-
-    <output-dir>/adapter/         PEFT adapter (adapter_config.json + adapter_model.safetensors)
-    <output-dir>/config.yaml      resolved config (feed it back with --config)
-    <output-dir>/metrics.jsonl    one JSON object per logged step
-    <output-dir>/summary.json     loss first → last, accuracy before → after, tok/s, wall time
-    <output-dir>/predictions.jsonl  eval generations of the tuned model
-    <output-dir>/curve.png        loss and learning rate per logged step
-    <output-dir>/checkpoint/      only while a run is unfinished (interrupted or in progress)
+model → choose the band → patch it (:func:`fastmid.engine.models.prepare_model`) → evaluate the
+base model → AdamW over the adapter parameters only and a schedule sized by the step plan
+(:mod:`fastmid.recipe.batches`) → the loop of :func:`train_step` over packed token-budget
+batches, logged through a metrics window (:mod:`fastmid.recipe.metrics`) and checkpointed on a
+:class:`~fastmid.recipe.checkpoint.CheckpointSchedule` → evaluate again
+(:mod:`fastmid.recipe.evaluate`) → save the adapter (PEFT format), the resolved config and a
+summary. This module keeps the recipe and the steps only it takes. Checkpoints make
+``--resume`` continue exactly where the run stopped: written atomically every
+``save_every_minutes`` (10 by default), every ``save_every`` steps, and on SIGINT/SIGTERM.
+The output directory (its layout, resume, the finished run's files) is
+:mod:`fastmid.recipe.output_dir`'s.
 """
 
 from __future__ import annotations
@@ -25,19 +19,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
-import math
-import os
 import random
-import shutil
 import signal
-import sys
-import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -45,46 +31,37 @@ import torch
 from torch import nn
 
 from fastmid.engine import models
-from fastmid.engine.compile import compile_seconds
 from fastmid.engine.loss import forward_loss
 from fastmid.engine.midblock import MidBlockConfig, adapter_parameters, format_band
 from fastmid.errors import INTERRUPTED_EXIT, UserError, record_exit
-from fastmid.fileio import write_bytes_atomic, write_text_atomic
-from fastmid.memory import peak_rss_bytes
 from fastmid.recipe import data, distributed, tracking
+from fastmid.recipe.batches import (
+    EpochBatches,
+    StepPlan,
+    make_scheduler,
+    micro_batch_seed,
+    plan_steps,
+)
 from fastmid.recipe.checkpoint import (
-    CHECKPOINT_DIR,
-    find_checkpoint,
-    load_checkpoint,
-    read_extra,
-    remove_checkpoint,
-    save_checkpoint,
+    CheckpointSchedule,
 )
-from fastmid.recipe.config import (
-    AUTO_BATCH,
-    CPU_BATCH_TOKENS,
-    TrainConfig,
-    build_config,
-    may_change_on_resume,
-    save_yaml,
-)
+from fastmid.recipe.config import AUTO_BATCH, CPU_BATCH_TOKENS, TrainConfig, build_config
 from fastmid.recipe.data import Example
+from fastmid.recipe.distributed import log
 from fastmid.recipe.estimate import BatchChoice
-
-# Files a run writes; --overwrite removes exactly these and nothing else the user keeps there.
-OUTPUT_ENTRIES = (
-    "adapter",
-    "config.yaml",
-    "metrics.jsonl",
-    "summary.json",
-    "predictions.jsonl",
-    "curve.png",
-    "tensorboard",
-    "wandb",
-    CHECKPOINT_DIR,
-    CHECKPOINT_DIR + ".old",
+from fastmid.recipe.evaluate import HeldoutLoss, evaluate_model, load_eval_set, split_heldout
+from fastmid.recipe.metrics import (
+    MetricsWindow,
+    StepResult,
+    Stopwatch,
 )
-
+from fastmid.recipe.output_dir import (
+    check_output_dir,
+    finish_outputs,
+    read_resume_point,
+    save_progress,
+    start_or_resume,
+)
 
 # --------------------------------------------------------------------------------------------
 # The recipe
@@ -103,7 +80,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     resumed = read_resume_point(cfg, out)
     rt = init_runtime(cfg)
     # Data first: a bad file should fail in a second, not after loading a model.
-    records = data.load_records(cfg.data or str(data.bundled_path("train")), cfg.fields)
+    # A file read without error before is only hashed: its tokens come from the cache, unparsed.
+    token_cache = models.cache_root() / "tokenized"
+    source = cfg.data or str(data.bundled_path("train"))
+    records = data.load_records(source, cfg.fields, cache_dir=token_cache)
     records, loss_records = split_heldout(cfg, records)
     eval_set = load_eval_set(cfg)
     seed_everything(cfg.seed)
@@ -118,9 +98,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         fmt=cfg.format,
         max_length=cfg.max_length,
         loss_on=cfg.loss_on,
-        cache_dir=models.cache_root() / "tokenized",
+        cache_dir=token_cache,
     )
-    heldout = HeldoutLoss.build(cfg, loss_records, tokenizer)
+    heldout = HeldoutLoss.build(cfg, loss_records, tokenizer, token_cache)
     adapter_cfg, band_reason = choose_band(
         cfg.midblock, cfg.lr, cfg.max_quality_gap, model, tokenizer, examples, rt.autocast
     )
@@ -136,7 +116,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # patching first makes a bad band/rank/target fail before minutes of generation.
     eval_before = resumed["eval_before"] if resumed else None
     if eval_before is None:
-        eval_before, _ = evaluate(model, tokenizer, eval_set, cfg, rt.autocast)
+        eval_before, _ = evaluate_model(model, tokenizer, eval_set, cfg, rt.autocast)
     params = adapter_parameters(model)
     optimizer = torch.optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay, fused=rt.cuda)
     batches = EpochBatches(examples, cfg.batch_tokens, cfg.seed)
@@ -172,7 +152,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if saving and stop.requested:
                 log(f"stopped at step {progress.step}; continue with --resume (in {out})")
                 return progress.summary(plan, resolved, interrupted=True)
-        eval_after, predictions = evaluate(model, tokenizer, eval_set, cfg, rt.autocast, tuned=True)
+        eval_after, predictions = evaluate_model(
+            model, tokenizer, eval_set, cfg, rt.autocast, tuned=True
+        )
         window.tracker.log(progress.step, tracking.namespaced(eval_after, "eval"))
     summary = progress.summary(plan, resolved, interrupted=False)
     summary.update(eval_after=eval_after, adapter=str(out / "adapter"), wall_seconds=wall())
@@ -341,172 +323,11 @@ def format_header(resolved: dict[str, Any]) -> str:
     )
 
 
-def log(message: str) -> None:
-    """Print on rank 0 only (every rank runs the same recipe)."""
-    if distributed.is_main():
-        print(message, flush=True)
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (model loading and adapter init draw from them)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def check_output_dir(cfg: TrainConfig) -> Path:
-    """Refuse to mix runs: a non-empty dir needs --overwrite, --resume needs a checkpoint."""
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output dir {out} exists and is not a directory")
-    if cfg.resume:
-        if find_checkpoint(out / CHECKPOINT_DIR) is None:
-            raise UserError(f"--resume: no checkpoint in {out} (nothing to resume)")
-        return out
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise UserError(
-            f"output dir {out} is not empty; pass --overwrite to replace its results "
-            "or --resume to continue"
-        )
-    return out
-
-
-def read_resume_point(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
-    """With --resume, what the checkpoint recorded (checked against ``cfg``); else None."""
-    if not cfg.resume:
-        return None
-    resumed = read_extra(out / CHECKPOINT_DIR)
-    if resumed is not None:
-        check_resume_compatible(cfg, resumed["config"])
-    return resumed
-
-
-def check_resume_compatible(cfg: TrainConfig, saved: dict[str, Any]) -> None:
-    """A --resume must train what the checkpoint trained (logging and eval may change)."""
-    now = cfg.to_dict()
-    # batch_tokens auto takes the checkpoint's sizes (resolve_batch), whatever it chose then.
-    chosen = ("batch_tokens", "grad_accum") if cfg.batch_tokens == AUTO_BATCH else ()
-    for key, value in saved.items():
-        if may_change_on_resume(key) or key not in now or key in chosen:
-            continue
-        if now[key] != value:
-            raise UserError(
-                f"--resume: {key} is {now[key]!r} but the checkpoint was trained with {value!r}"
-            )
-
-
-@dataclass
-class EvalSet:
-    """What evaluation runs on: accuracy records and held-out perplexity texts."""
-
-    records: list[dict] | None
-    heldout: list[str] | None
-
-    def describe(self) -> str:
-        parts = [f"{len(self.records)} records"] if self.records else []
-        parts += [f"{len(self.heldout)} held-out texts"] if self.heldout else []
-        return " and ".join(parts)
-
-
-def load_eval_set(cfg: TrainConfig) -> EvalSet | None:
-    """Accuracy records (bundled test split unless given) and held-out perplexity texts; None
-    when there is nothing to evaluate."""
-    from fastmid.recipe import data
-    from fastmid.recipe import evaluate as ev
-
-    if not cfg.eval:
-        return None
-    eval_path = cfg.eval_data
-    if eval_path is None and cfg.data is None:
-        eval_path = str(data.bundled_path("test"))
-    records = data.load_records(eval_path, cfg.fields) if eval_path is not None else None
-    heldout = ev.heldout_texts()
-    if cfg.eval_limit is not None:
-        records = records[: cfg.eval_limit] if records is not None else None
-        heldout = heldout[: cfg.eval_limit]
-    return EvalSet(records, heldout) if records or heldout else None
-
-
-def split_heldout(cfg: TrainConfig, records: Any) -> tuple[Any, Any]:
-    """(training records, held-out loss records): the eval_split_ratio share of ``records``
-    held out, else (with eval_every) the eval data; None when no held-out loss is asked for."""
-    if cfg.eval_split_ratio > 0:
-        return data.split_records(records, cfg.eval_split_ratio, cfg.seed)
-    if not cfg.eval_every:
-        return records, None
-    eval_path = cfg.eval_data
-    if eval_path is None and cfg.data is None:
-        eval_path = str(data.bundled_path("test"))
-    if eval_path is None:
-        raise UserError("--eval-every needs held-out records: --eval-split-ratio or --eval-data")
-    return records, data.load_records(eval_path, cfg.fields)
-
-
-@dataclass
-class HeldoutLoss:
-    """The held-out answer loss, every ``every`` steps and at the last one."""
-
-    examples: list[Example]
-    pad_id: int
-    every: int
-
-    @classmethod
-    def build(cls, cfg: TrainConfig, records: Any, tokenizer: Any) -> HeldoutLoss | None:
-        if records is None:
-            return None
-        examples = data.tokenize_records(
-            records, tokenizer, fmt=cfg.format, max_length=cfg.max_length, loss_on="response"
-        )
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        return cls(examples, pad, cfg.eval_every)
-
-    def due(self, step: int, total_steps: int) -> bool:
-        return step == total_steps or (self.every > 0 and step % self.every == 0)
-
-    def __call__(
-        self, model: nn.Module, autocast: Callable[[], contextlib.AbstractContextManager]
-    ) -> float:
-        from fastmid.recipe.heldout import answer_nll
-
-        with autocast():
-            return answer_nll(model, self.examples, self.pad_id)
-
-
-def evaluate(
-    model: nn.Module,
-    tokenizer: Any,
-    eval_set: EvalSet | None,
-    cfg: TrainConfig,
-    autocast: Callable[[], contextlib.AbstractContextManager],
-    tuned: bool = False,
-) -> tuple[dict[str, float], list[dict]]:
-    """Accuracy and held-out perplexity of ``model`` on ``eval_set``, and its predictions."""
-    from fastmid.recipe import evaluate as ev
-
-    if eval_set is None:
-        return {}, []
-    log(f"evaluating the {'tuned' if tuned else 'base'} model on {eval_set.describe()} ...")
-    result: dict[str, float] = {}
-    predictions: list[dict] = []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), autocast():
-        if eval_set.records:
-            acc, predictions = ev.gsm_accuracy(
-                model,
-                tokenizer,
-                eval_set.records,
-                batch_size=cfg.eval_batch_size,
-                max_new_tokens=cfg.max_new_tokens,
-            )
-            result["accuracy"] = float(acc)
-        if eval_set.heldout:
-            ppl = ev.perplexity(model, tokenizer, eval_set.heldout, max_length=cfg.max_length)
-            result["heldout_ppl"] = float(ppl)
-    model.train(was_training)
-    if not tuned:
-        log("before: " + _format_eval(result))
-    return result, predictions
 
 
 def choose_band(
@@ -545,113 +366,8 @@ def make_equalizer(model: nn.Module) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# Step plan and schedule (pure)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """How long the run is: optimizer steps, micro-batches, warmup."""
-
-    micro_per_epoch: int
-    grad_accum: int
-    total_steps: int
-    total_micro: int
-    warmup_steps: int
-
-    def micro_ids(self, step: int) -> range:
-        """Global micro-batch numbers of optimizer step ``step`` (the last step may be short)."""
-        first = step * self.grad_accum
-        return range(first, min(first + self.grad_accum, self.total_micro))
-
-
-def plan_steps(micro_per_epoch: int, cfg: TrainConfig) -> StepPlan:
-    """The run's length from the data size and the config: ``max_steps`` steps of
-    ``grad_accum`` micro-batches, else every micro-batch of ``epochs`` epochs."""
-    if cfg.max_steps is not None:
-        total_steps = cfg.max_steps
-        total_micro = total_steps * cfg.grad_accum
-    else:
-        total_micro = micro_per_epoch * (cfg.epochs or 1)
-        total_steps = math.ceil(total_micro / cfg.grad_accum)
-    warmup = cfg.warmup_steps
-    if warmup is None:
-        warmup = math.ceil(cfg.warmup_ratio * total_steps)
-    return StepPlan(micro_per_epoch, cfg.grad_accum, total_steps, total_micro, warmup)
-
-
-def lr_lambda(total_steps: int, warmup_steps: int, schedule: str) -> Callable[[int], float]:
-    """Multiplier of the peak lr at each step: linear warmup, then linear/cosine decay to 0."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        progress = min(1.0, progress)
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - progress
-
-    return factor
-
-
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, plan: StepPlan, schedule: str
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warmup then ``schedule`` decay over the planned steps (see :func:`lr_lambda`)."""
-    factor = lr_lambda(plan.total_steps, plan.warmup_steps, schedule)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-class EpochBatches:
-    """Packed micro-batches (example indices) per epoch. Each epoch's order is a pure function
-    of (seed, epoch), so a resumed run rebuilds exactly the batches it would have had."""
-
-    def __init__(self, examples: list[Example], batch_tokens: int, seed: int) -> None:
-        self._examples = examples
-        self._batch_tokens = batch_tokens
-        self._seed = seed
-        self._cached: tuple[int, list[list[int]]] | None = None
-
-    def epoch(self, epoch: int) -> list[list[int]]:
-        from fastmid.recipe.data import pack_batches
-
-        if self._cached is None or self._cached[0] != epoch:
-            bins = pack_batches(self._examples, self._batch_tokens, self._seed, epoch=epoch)
-            self._cached = (epoch, bins)
-        return self._cached[1]
-
-    def for_step(self, plan: StepPlan, step: int) -> list[list[int]]:
-        """The micro-batches of optimizer step ``step``, in order."""
-        per = plan.micro_per_epoch
-        return [self.epoch(g // per)[g % per] for g in plan.micro_ids(step)]
-
-
-# --------------------------------------------------------------------------------------------
 # One optimizer step
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StepResult:
-    """What one optimizer step computed: each micro-batch's summed loss (this rank's), the
-    label tokens of the whole step (all ranks), this rank's tokens and the lr it used."""
-
-    losses: list[torch.Tensor]
-    labels: int
-    tokens: int
-    lr: float
-    # The global gradient norm before clipping (None when clipping is off).
-    grad_norm: torch.Tensor | None = None
-
-
-def micro_batch_seed(run_seed: int, step: int, index: int) -> int:
-    """The RNG seed of micro-batch ``index`` of optimizer step ``step``: a pure function of the
-    three, so whichever rank computes a micro-batch draws the same dropout masks for it."""
-    words = [run_seed & (2**64 - 1), step, index]
-    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def train_step(
@@ -717,263 +433,8 @@ def optimizer_update(
 
 
 # --------------------------------------------------------------------------------------------
-# Progress, metrics, checkpoints
+# Stopping on a signal
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Progress:
-    """Where the run is; all of it goes into a checkpoint."""
-
-    step: int = 0
-    totals: dict[str, float] = field(
-        default_factory=lambda: {"tokens": 0, "label_tokens": 0, "train_seconds": 0.0}
-    )
-    loss_first: float | None = None
-    loss_last: float | None = None
-    eval_before: dict[str, float] = field(default_factory=dict)
-
-    def summary(self, plan: StepPlan, resolved: dict[str, Any], interrupted: bool) -> dict:
-        """The run's summary so far (summary.json adds the evaluation after training)."""
-        return {
-            "interrupted": interrupted,
-            "steps": self.step,
-            "total_steps": plan.total_steps,
-            "loss_first": self.loss_first,
-            "loss_last": self.loss_last,
-            "tokens_per_s": self.totals["tokens"] / max(self.totals["train_seconds"], 1e-9),
-            "train_seconds": self.totals["train_seconds"],
-            # torch.compile (--compile) is lazy: its time is inside the first steps' time.
-            "compile_seconds": compile_seconds(),
-            "eval_before": self.eval_before,
-            "resolved": resolved,
-        }
-
-
-def _memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return peak_rss_bytes() / 2**30
-
-
-class Stopwatch:
-    """Seconds since it was made, when called."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __call__(self) -> float:
-        return time.perf_counter() - self.start
-
-
-class MetricsWindow:
-    """Sums since the last log line; each flush writes one metrics.jsonl record and shows it:
-    one line per flush, or (stdout a terminal) a progress bar with ETA that carries it."""
-
-    def __init__(
-        self,
-        device: torch.device,
-        out: Path,
-        progress: Progress,
-        plan: StepPlan,
-        cfg: TrainConfig,
-        resolved: dict[str, Any],
-        heldout: HeldoutLoss | None,
-    ) -> None:
-        self.device = device
-        self.path = out / "metrics.jsonl"
-        self.total_steps = total_steps = plan.total_steps
-        self.log_every = cfg.log_every
-        self.heldout = heldout
-        # Only rank 0 reports to a tracker, as it alone writes metrics.jsonl.
-        self.tracker = tracking.make_tracker(
-            cfg.report_to if distributed.is_main() else "none",
-            out,
-            resumed_at=progress.step if cfg.resume else None,
-        )
-        self.tracker.open({**cfg.to_dict(), "resolved": resolved})
-        first_step = progress.step
-        self.loss = torch.zeros((), device=device)
-        self.labels = 0
-        self.tokens = 0
-        self.bar = None
-        if distributed.is_main() and sys.stdout.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=total_steps, initial=first_step, unit="step", file=sys.stdout, leave=True
-            )
-        self.restart_clock()
-
-    def __enter__(self) -> MetricsWindow:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        self.tracker.close()
-
-    def step_done(
-        self,
-        progress: Progress,
-        result: StepResult,
-        heldout_loss: Callable[[], float] | None,
-        force: bool,
-    ) -> None:
-        """Flush at log steps, held-out-loss steps, the last step, or when ``force``d: a
-        checkpoint follows, and flushing before it makes a resumed run log exactly the lines an
-        uninterrupted one does. The flushed record also goes to the tracker."""
-        step = progress.step
-        evaluating = self.heldout is not None and self.heldout.due(step, self.total_steps)
-        if force or evaluating or step % self.log_every == 0 or step == self.total_steps:
-            extra = {"eval_loss": heldout_loss()} if evaluating and heldout_loss else {}
-            record = self.flush(progress, result.lr, result.grad_norm, extra)
-            self.tracker.log(step, tracking.namespaced(record))
-
-    def restart_clock(self) -> None:
-        self.start = time.perf_counter()
-
-    def add(self, result: StepResult) -> None:
-        for loss in result.losses:
-            self.loss += loss
-        self.labels += result.labels
-        self.tokens += result.tokens
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def flush(
-        self,
-        progress: Progress,
-        lr: float,
-        grad_norm: torch.Tensor | None = None,
-        extra: dict[str, float] | None = None,
-    ) -> dict[str, Any]:
-        """Close the window at ``progress.step``: sum over ranks, update ``progress``, log
-        (with the last step's gradient norm and ``extra`` numbers such as the eval loss)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - self.start
-        # Each rank summed its own micro-batches; self.labels is already global.
-        loss_sum, all_tokens = distributed.all_reduce_sum(self.loss, self.tokens)
-        tokens = int(all_tokens)
-        loss = loss_sum / max(1, self.labels)
-        totals = progress.totals
-        totals["tokens"] += tokens
-        totals["label_tokens"] += self.labels
-        totals["train_seconds"] += seconds
-        progress.loss_first = loss if progress.loss_first is None else progress.loss_first
-        progress.loss_last = loss
-        record = {
-            "step": progress.step,
-            "loss": loss,
-            "lr": lr,
-            "tokens_per_s": tokens / max(seconds, 1e-9),
-            "tokens": totals["tokens"],
-            "mem_gb": _memory_gb(self.device),
-            "elapsed_s": totals["train_seconds"],
-        }
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
-        record.update(extra or {})
-        if distributed.is_main():
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-        line = (
-            f"loss {loss:.4f} | lr {lr:.2e} | tok/s {record['tokens_per_s']:,.0f} | "
-            f"mem {record['mem_gb']:.2f} GB"
-        )
-        if self.bar is not None:
-            self.bar.set_postfix_str(line, refresh=True)
-        else:
-            log(f"step {progress.step}/{self.total_steps} | {line}")
-        self.loss.zero_()
-        self.labels = self.tokens = 0
-        self.restart_clock()
-        return record
-
-
-def start_or_resume(
-    cfg: TrainConfig,
-    out: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    eval_before: dict[str, float],
-    plan: StepPlan,
-) -> Progress:
-    """A fresh run clears the previous results; --resume restores the checkpoint in place."""
-    if not cfg.resume:
-        if distributed.is_main():
-            out.mkdir(parents=True, exist_ok=True)
-            _clear_previous_outputs(out)
-        return Progress(eval_before=eval_before)
-    extra = load_checkpoint(out / CHECKPOINT_DIR, model, optimizer, scheduler)
-    progress = Progress(
-        int(extra["step"]), extra["totals"], extra["loss_first"], extra["loss_last"], eval_before
-    )
-    if distributed.is_main():
-        _truncate_metrics(out / "metrics.jsonl", progress.step)
-    log(f"resumed from {out / CHECKPOINT_DIR} at step {progress.step}/{plan.total_steps}")
-    return progress
-
-
-class CheckpointSchedule:
-    """When the loop writes a periodic checkpoint: every ``every_steps`` optimizer steps, and
-    once ``every_minutes`` have passed since the last checkpoint (or the start)."""
-
-    def __init__(self, every_steps: int, every_minutes: float) -> None:
-        self.every_steps = every_steps
-        self.every_seconds = every_minutes * 60.0
-        self.saved()
-
-    def due(self, step: int) -> bool:
-        """Whether to checkpoint after ``step``; the same answer on every rank."""
-        if self.every_steps > 0 and step % self.every_steps == 0:
-            return True
-        if self.every_seconds <= 0:
-            return False
-        # Clocks differ between ranks: rank 0's decides for all.
-        late = distributed.is_main() and time.monotonic() - self.last >= self.every_seconds
-        return distributed.any_rank(late)
-
-    def saved(self) -> None:
-        """A checkpoint was just written (or the loop starts): restart the clock."""
-        self.last = time.monotonic()
-
-
-def save_progress(
-    out: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    progress: Progress,
-    cfg: TrainConfig,
-) -> None:
-    """Checkpoint (rank 0 writes; every rank holds the same adapters and optimizer state)."""
-    if distributed.is_main():
-        extra = {**dataclasses.asdict(progress), "config": cfg.to_dict()}
-        save_checkpoint(out / CHECKPOINT_DIR, model, optimizer, scheduler, extra)
-
-
-def _clear_previous_outputs(out: Path) -> None:
-    for name in OUTPUT_ENTRIES:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines logged after the checkpoint we resume from (they will be redone)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(ValueError):
-            if json.loads(line).get("step", 0) <= last_step:
-                kept.append(line)
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 class StopFlag:
@@ -1010,75 +471,6 @@ class StopFlag:
 # --------------------------------------------------------------------------------------------
 # The finished run
 # --------------------------------------------------------------------------------------------
-
-
-def finish_outputs(
-    out: Path,
-    model: nn.Module,
-    model_name: str,
-    config: dict[str, Any],
-    summary: dict[str, Any],
-    predictions: list[dict],
-) -> None:
-    """Rank 0 writes the adapter, config, predictions and summary, then drops the checkpoint."""
-    if not distributed.is_main():
-        return
-    _save_adapter_atomic(model, out / "adapter", model_name)
-    save_yaml(config, out / "config.yaml")
-    if predictions:
-        text = "".join(json.dumps(p) + "\n" for p in predictions)
-        write_text_atomic(out / "predictions.jsonl", text)
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    save_curve(out / "metrics.jsonl", out / "curve.png")
-    remove_checkpoint(out / CHECKPOINT_DIR)
-
-
-def save_curve(metrics_path: Path, png_path: Path) -> None:
-    """Plot loss and learning rate per logged step (metrics.jsonl) into a PNG, atomically."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()]
-    steps = [r["step"] for r in records]
-    fig, loss_ax = plt.subplots(figsize=(7, 4))
-    loss_ax.plot(steps, [r["loss"] for r in records], marker=".", color="tab:blue")
-    loss_ax.set_xlabel("optimizer step")
-    loss_ax.set_ylabel("training loss", color="tab:blue")
-    lr_ax = loss_ax.twinx()
-    lr_ax.plot(steps, [r["lr"] for r in records], color="tab:orange")
-    lr_ax.set_ylabel("learning rate", color="tab:orange")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    write_bytes_atomic(png_path, buffer.getvalue())
-
-
-def _save_adapter_atomic(model: nn.Module, adapter_dir: Path, model_name: str) -> None:
-    from fastmid.engine.adapters import save_adapter
-
-    tmp = Path(tempfile.mkdtemp(dir=adapter_dir.parent, prefix=".adapter.tmp-"))
-    try:
-        save_adapter(model, tmp, base_model_name_or_path=model_name)
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        os.replace(tmp, adapter_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _format_eval(result: dict[str, float]) -> str:
-    parts = []
-    if "accuracy" in result:
-        parts.append(f"accuracy {result['accuracy']:.3f}")
-    if "heldout_ppl" in result:
-        parts.append(f"held-out ppl {result['heldout_ppl']:.2f}")
-    return ", ".join(parts) or "(no eval)"
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -40,6 +40,7 @@ from fastmid.engine.loss import IGNORE_INDEX
 from fastmid.engine.quantize import QUANTIZE_METHODS
 from fastmid.errors import UserError
 from fastmid.fileio import replace_atomic
+from fastmid.recipe.inputs import add_data_argument, add_format_argument, add_model_argument
 from fastmid.study import layerstats
 
 __all__ = [
@@ -424,28 +425,17 @@ def write_outputs(result: dict[str, Any], out_dir: str | os.PathLike, title: str
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``fastmid analyze``."""
-    parser.add_argument(
-        "--base",
-        default=None,
-        help="base model: HF dir, .gguf or hub id (default: the embedded SmolLM2-135M-Instruct)",
-    )
+    add_model_argument(parser, "--base", role="base model")
     parser.add_argument(
         "--tuned",
         required=True,
         help="tuned model dir, adapter dir (fastmid's or PEFT's) or `fastmid train` output dir",
     )
-    parser.add_argument(
-        "--data", default=None, help="JSONL records (default: the bundled test split)"
-    )
+    add_data_argument(parser, "test")
     parser.add_argument(
         "--samples", type=int, default=200, help="examples to analyse (default: %(default)s)"
     )
-    parser.add_argument(
-        "--format",
-        default="qa",
-        choices=("qa", "chat"),
-        help="record format (default: %(default)s)",
-    )
+    add_format_argument(parser)
     parser.add_argument(
         "--max-length", type=int, default=128, help="tokens per example (default: %(default)s)"
     )

@@ -43,11 +43,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastmid.engine.midblock import parse_band
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
 from fastmid.options import add_field_arguments
 from fastmid.recipe.bandgain import AUTO_CRITERIA, AUTO_CRITERION
-from fastmid.recipe.config import TrainConfig, build_config, config_fields, parse_band
+from fastmid.recipe.config import TrainConfig, build_config, config_fields
 
 PLACEMENTS = ("bottom", "middle", "top", "all", "auto")
 ALPHA_POLICIES = ("fixed", "ratio", "rslora")

@@ -20,14 +20,13 @@ import pytest
 
 from fastmid.cli import main
 from fastmid.recipe import checkpoint
-from tests.fastmid._runs import RECORDS, make_model_dir, write_jsonl
+from tests.fastmid._runs import RECORDS, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread_torch_path")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("model"), num_layers=5)
+# The tiny model of the command-line tests: 5 blocks load quickly (see conftest.model_dir).
+MODEL_LAYERS = 5
 
 
 @dataclass
@@ -397,12 +396,12 @@ def _snapshot(path: Path) -> dict[str, bytes] | str | None:
 def test_bad_input(
     name: str,
     model_dir: Path,
+    good_data: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
 ) -> None:
-    env = Env(tmp_path, model_dir, write_jsonl(tmp_path / "good.jsonl", RECORDS[:8]),
-              tmp_path / "out", monkeypatch)  # fmt: skip
+    env = Env(tmp_path, model_dir, good_data, tmp_path / "out", monkeypatch)
     argv, needles = CASES[name](env)
     # The full-disk run writes step 1's checkpoint itself; it is checked on its own below.
     check_after = AFTER.get(name)

@@ -12,19 +12,13 @@ from pathlib import Path
 import pytest
 
 from fastmid.cli import main
-from tests.fastmid._runs import RECORDS, as_flags, make_model_dir, write_jsonl
+from tests.fastmid._runs import RECORDS, as_flags, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread_torch_path")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("model"), num_layers=5)
-
-
-@pytest.fixture
-def good_data(tmp_path: Path) -> Path:
-    return write_jsonl(tmp_path / "good.jsonl", RECORDS[:8])
+# The tiny model of the command-line tests: 5 blocks load quickly (see conftest.model_dir).
+MODEL_LAYERS = 5
 
 
 def fastmid_train(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:

@@ -303,6 +303,43 @@ def test_a_split_of_the_records_has_its_own_cache_entry(tmp_path: Path) -> None:
     )
 
 
+def test_a_file_read_before_is_hashed_not_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastmid.recipe import data
+
+    lines = bundled_path("train").read_text().splitlines()[:12]
+    path = _write(tmp_path, "\n".join(lines) + "\n")
+    cache = tmp_path / "cache"
+    parsed: list[Path] = []
+    real_parse = data._parse_jsonl
+    monkeypatch.setattr(data, "_parse_jsonl", lambda p, f: (parsed.append(p), real_parse(p, f))[1])
+    cold = load_records(path, cache_dir=cache)
+    assert parsed == [path] and len(cold) == 12
+    warm = load_records(path, cache_dir=cache)
+    assert parsed == [path]  # only hashed: the count comes from the note
+    assert len(warm) == 12 and warm.fingerprint == cold.fingerprint
+    # The streamed key is the key of the bytes parsed on a cold run, whatever the chunk size.
+    monkeypatch.setattr(data, "HASH_CHUNK", 7)
+    assert load_records(path, cache_dir=cache).fingerprint == cold.fingerprint
+    # A record asked for is parsed then, and is the record a cold read gives.
+    assert warm[3] == cold[3] and list(warm) == list(cold) and len(parsed) == 2
+    # One byte changed: a miss, parsed again under another key.
+    path.write_bytes(path.read_bytes().replace(b"?", b"!", 1))
+    changed = load_records(path, cache_dir=cache)
+    assert len(parsed) == 3 and changed.fingerprint != cold.fingerprint
+    # A malformed line fails the cold read naming file:line, and notes nothing for next time.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(lines[0] + "\n{oops\n")
+    for _ in range(2):
+        with pytest.raises(UserError, match=r"bad\.jsonl:2: malformed JSON"):
+            load_records(bad, cache_dir=cache)
+    # A file that changed between its hash and its parse is not silently mixed up.
+    stale = data.JsonlRecords(path, None, cold.fingerprint, 12)
+    with pytest.raises(UserError, match="changed while the run was reading it"):
+        stale[0]
+
+
 # ---------------------------------------------------------------- packing and collation
 
 

@@ -19,7 +19,6 @@ import torch
 import fastmid.recipe.train as train_mod
 from fastmid.cli import main
 from fastmid.recipe.config import build_config
-from tests.fastmid._runs import RECORDS, make_model_dir, write_jsonl
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,14 +33,8 @@ def torch_path() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("model"), num_layers=5)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", RECORDS)
+# The tiny model of the command-line tests: 5 blocks load quickly (see conftest.model_dir).
+MODEL_LAYERS = 5
 
 
 def argv(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -66,10 +59,10 @@ def losses(out: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def straight(model_dir: Path, data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def straight(model_dir: Path, train_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted run every stopped-and-resumed run must reproduce."""
     out = tmp_path_factory.mktemp("straight") / "out"
-    assert main(argv(model_dir, data, out)) == 0
+    assert main(argv(model_dir, train_data, out)) == 0
     return out
 
 
@@ -91,7 +84,7 @@ def test_a_signal_checkpoints_exits_130_and_resumes_exactly(
     sig: signal.Signals,
     straight: Path,
     model_dir: Path,
-    data: Path,
+    train_data: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
@@ -99,7 +92,7 @@ def test_a_signal_checkpoints_exits_130_and_resumes_exactly(
     out = tmp_path / "out"
     before = signal.getsignal(sig)
     signal_on_forward(monkeypatch, {2: sig})  # during step 2 (one micro-batch a step)
-    assert main(argv(model_dir, data, out)) == 130
+    assert main(argv(model_dir, train_data, out)) == 130
     assert signal.getsignal(sig) is before  # the run's handler is gone again
     captured = capsys.readouterr()
     assert f"{sig.name}: saving a checkpoint after this step, then stopping" in captured.out
@@ -108,7 +101,7 @@ def test_a_signal_checkpoints_exits_130_and_resumes_exactly(
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "metrics.jsonl"]
 
     monkeypatch.setattr(train_mod, "forward_loss", REAL_FORWARD_LOSS)
-    assert main(argv(model_dir, data, out, "--resume")) == 0
+    assert main(argv(model_dir, train_data, out, "--resume")) == 0
     assert losses(out) == losses(straight)  # bit-exact, dropout included
     a = (straight / "adapter" / "adapter_model.safetensors").read_bytes()
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == a
@@ -123,7 +116,7 @@ def test_a_signal_checkpoints_exits_130_and_resumes_exactly(
 
 def test_a_second_sigint_stops_at_once(
     model_dir: Path,
-    data: Path,
+    train_data: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
@@ -132,11 +125,11 @@ def test_a_second_sigint_stops_at_once(
     signal_on_forward(monkeypatch, {1: signal.SIGINT, 2: signal.SIGINT})
     # Two micro-batches a step: the second SIGINT arrives before step 1's checkpoint.
     with pytest.raises(KeyboardInterrupt):
-        train_mod.train(build_config(None, _config(model_dir, data, out, grad_accum=2)))
+        train_mod.train(build_config(None, _config(model_dir, train_data, out, grad_accum=2)))
     assert not (out / "checkpoint").exists()  # stopped at once: no checkpoint was written
 
     signal_on_forward(monkeypatch, {1: signal.SIGINT, 2: signal.SIGINT})
-    code = main(argv(model_dir, data, tmp_path / "cli", "--grad-accum", "2"))
+    code = main(argv(model_dir, train_data, tmp_path / "cli", "--grad-accum", "2"))
     assert code == 130
     assert capsys.readouterr().err.splitlines() == ["fastmid train: interrupted"]
 
@@ -152,7 +145,7 @@ def _config(model_dir: Path, data: Path, out: Path, **over) -> dict:
 def test_resume_falls_back_to_the_previous_checkpoint(
     straight: Path,
     model_dir: Path,
-    data: Path,
+    train_data: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
@@ -160,7 +153,7 @@ def test_resume_falls_back_to_the_previous_checkpoint(
     out = tmp_path / "out"
     # Checkpoints after steps 1, 2 and 3; stopped by SIGTERM during step 3.
     signal_on_forward(monkeypatch, {3: signal.SIGTERM})
-    assert main(argv(model_dir, data, out, "--save-every", "1")) == 130
+    assert main(argv(model_dir, train_data, out, "--save-every", "1")) == 130
     ckpt, previous = out / "checkpoint", out / "checkpoint.old"
     assert json.loads((previous / "state.json").read_text())["extra"]["step"] == 2
     blob = bytearray((ckpt / "optimizer.safetensors").read_bytes())
@@ -169,7 +162,7 @@ def test_resume_falls_back_to_the_previous_checkpoint(
     capsys.readouterr()
 
     monkeypatch.setattr(train_mod, "forward_loss", REAL_FORWARD_LOSS)
-    assert main(argv(model_dir, data, out, "--resume")) == 0
+    assert main(argv(model_dir, train_data, out, "--resume")) == 0
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [
         f"fastmid: checkpoint {ckpt} is damaged (optimizer.safetensors does not match its "

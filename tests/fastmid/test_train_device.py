@@ -17,6 +17,7 @@ from fastmid.engine.midblock import MidBlockConfig
 from fastmid.recipe import data, estimate
 from fastmid.recipe.config import AUTO_BATCH, CPU_BATCH_TOKENS, build_config
 from fastmid.recipe.estimate import BatchChoice
+from fastmid.recipe.output_dir import check_resume_compatible
 from fastmid.recipe.train import Runtime, format_header, resolve_batch, train
 from tests.fastmid._runs import RECORDS, as_flags, tiny_cfg, tiny_settings, write_jsonl
 
@@ -49,7 +50,7 @@ def test_auto_on_resume_takes_the_checkpoints_sizes() -> None:
     cfg, choice = resolve_batch(_auto(grad_accum=48), CUDA, None, MidBlockConfig(), resumed)
     assert (cfg.batch_tokens, cfg.grad_accum, choice) == (24576, 2, None)
     # and --resume does not object to auto against the checkpoint's numbers
-    train_mod.check_resume_compatible(_auto(grad_accum=48), resumed["config"])
+    check_resume_compatible(_auto(grad_accum=48), resumed["config"])
 
 
 def test_auto_on_cuda_fits_free_memory_and_keeps_the_global_batch(
