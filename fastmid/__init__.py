@@ -9,6 +9,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from fastmid import notices
+
+# Before anything imports transformers (which imports torchao when installed).
+notices.install()
+
 __version__ = "0.1.0"
 
 _EXPORTS = {

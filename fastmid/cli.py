@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("fastmid.study.analyze", "layer-wise metrics of a tuned model against its base"),
     "probe": (
         "fastmid.recipe.probe",
-        "per-layer sensitivity of an untuned model, least sensitive band",
+        "per-layer sensitivity map of an untuned model (a diagnostic)",
     ),
     "bench": ("fastmid.benchcmd", "benchmark fastmid against PEFT LoRA"),
     "compare": ("fastmid.study.compare", "train several depth placements alike and compare them"),
@@ -32,6 +32,7 @@ def _top_parser() -> argparse.ArgumentParser:
         prog="fastmid",
         description="Mid-Block Efficient Tuning: LoRA in the middle of the network.",
     )
+    parser.add_argument("--version", action="store_true", help="print fastmid's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -45,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
         return 0 if argv else 2
+    if argv[0] == "--version":
+        from fastmid import __version__
+
+        print(f"fastmid {__version__}")
+        return 0
     name = argv[0]
     if name not in COMMANDS:
         top.print_usage(sys.stderr)

@@ -37,3 +37,15 @@ def test_kernel_example_runs(monkeypatch):
     assert scope["y"].shape == (8, 128, 576)
     assert x.grad is not None and a.grad is not None and b.grad is not None
     assert torch.count_nonzero(b.grad) > 0 and torch.count_nonzero(a.grad) == 0  # B starts at 0
+
+
+def test_readme_is_a_short_guide_with_working_links():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 350
+    # The torch build is chosen before the first command runs.
+    assert text.index("download.pytorch.org/whl/cpu") < text.index("```bash")
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target:
+                continue
+            assert (page.parent / target).exists(), f"{page.name} links to missing {target}"

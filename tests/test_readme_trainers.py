@@ -1,4 +1,5 @@
-"""The README's "Using fastmid in your own trainer" scripts run as written, on a tiny model."""
+"""The "Using fastmid in your own trainer" scripts (docs/trainers.md, linked from the README) run
+as written, on a tiny model."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ except ImportError:
 
 def section_scripts() -> dict[str, str]:
     """The section's Python blocks, keyed by the trainer each one drives."""
-    text = (ROOT / "README.md").read_text()
-    assert SECTION in text, "the README lost its trainer section"
+    text = (ROOT / "docs" / "trainers.md").read_text()
+    assert SECTION in text, "docs/trainers.md lost its trainer section"
     section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     scripts = {

@@ -178,13 +178,24 @@ def _patch_for(model: nn.Module, config: dict, modules: dict[str, Any], where: P
     apply_midblock(model, cfg)
 
 
+def resolve_adapter_dir(path: str | os.PathLike) -> Path:
+    """The adapter directory ``path`` names: ``path`` itself, or for the output dir of a
+    ``fastmid train`` run, its ``adapter/``."""
+    where = Path(path)
+    if not (where / CONFIG_NAME).is_file() and (where / "adapter" / CONFIG_NAME).is_file():
+        return where / "adapter"
+    return where
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a fastmid- or PEFT-written LoRA adapter into ``model``; returns the model.
+
+    ``path`` is an adapter directory or the output dir of a ``fastmid train`` run.
 
     An unpatched model is first patched with the adapter's layers, targets, rank and alpha.
     The adapter and the model must adapt the same modules, with tensors of the same shapes.
     """
-    where = Path(path)
+    where = resolve_adapter_dir(path)
     config, modules = _read_adapter(where)
     if getattr(model, "fastmid_state", None) is None:
         _patch_for(model, config, modules, where)

@@ -322,9 +322,16 @@ def prepare_model(
     over the whole masked T×T square (``fastmid.engine.attention``): one varlen kernel call per
     layer on CUDA (PyTorch's own, else flash-attn's), per-example SDPA elsewhere.
     """
-    from fastmid.engine.attention import enable_varlen_attention
     from fastmid.engine.midblock import apply_midblock
 
     apply_midblock(model, cfg, load_block=load_block)
-    enable_varlen_attention(model)
+    select_attention(model)
     return model.fastmid_state
+
+
+def select_attention(model: Any) -> None:
+    """The attention a patched model trains and evaluates with (see :func:`prepare_model`):
+    fastmid's own, which takes a varlen kernel on CUDA and per-example SDPA elsewhere."""
+    from fastmid.engine.attention import enable_varlen_attention
+
+    enable_varlen_attention(model)

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from fastmid import notices
 from fastmid.engine.blocks import find_decoder_layers
 from fastmid.engine.lora import LoraLinear, fused_weights
 from fastmid.errors import UserError
@@ -84,10 +85,6 @@ def _nf4_scaler_block(row_blocks: list[int]) -> int:
     return min(NF4_SCALER_BLOCK, g & -g)
 
 
-def _enum_notice(record: logging.LogRecord) -> bool:
-    return "register_constant() on Enum subclasses is deprecated" not in record.getMessage()
-
-
 def import_torchao_quietly() -> Any | None:
     """torchao's NF4 module, or None where torchao is not installed. On a CPU-only torch,
     importing torchao logs a warning per CUDA extension it cannot load (and torch one per enum
@@ -95,11 +92,9 @@ def import_torchao_quietly() -> Any | None:
     itself whenever it is installed, so model loading calls this first."""
     if find_spec("torchao") is None:
         return None
-    # transformers later imports more of torchao, registering more enums: drop just that
-    # deprecation notice, for good (a filter, so every other pytree message still shows).
-    pytree = logging.getLogger("torch.utils._pytree")
-    if _enum_notice not in pytree.filters:
-        pytree.addFilter(_enum_notice)
+    # transformers later imports more of torchao, registering more enums: that deprecation
+    # notice is filtered for good (fastmid.notices, also installed by `import fastmid`).
+    notices.install()
     loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
     levels = [log.level for log in loggers]
     for log in loggers:

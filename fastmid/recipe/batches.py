@@ -42,7 +42,8 @@ def plan_steps(micro_per_epoch: int, cfg: TrainConfig) -> StepPlan:
         total_steps = math.ceil(total_micro / cfg.grad_accum)
     warmup = cfg.warmup_steps
     if warmup is None:
-        warmup = math.ceil(cfg.warmup_ratio * total_steps)
+        # Rounded up, but never every step: a 1-step run trains at the peak lr.
+        warmup = min(math.ceil(cfg.warmup_ratio * total_steps), total_steps - 1)
     return StepPlan(micro_per_epoch, cfg.grad_accum, total_steps, total_micro, warmup)
 
 

@@ -281,6 +281,18 @@ class TrainConfig:
             self.data is None and self.epochs is None and self.max_steps is None and self.lr is None
         )
 
+    def recipe(self) -> str:
+        """Which defaults set the lr and the length, in words (the header of a run): the demo's,
+        the paper's, or the user's."""
+        if self.is_demo:
+            return (
+                f"demo (lr {DEMO['lr']:g}, {DEMO['max_steps']} steps, as no --data, --epochs, "
+                f"--max-steps or --lr is given; any of them selects the paper's lr {PAPER_LR:g})"
+            )
+        if self.lr is None:
+            return f"paper (lr {PAPER_LR:g}; pass --lr to change it)"
+        return f"lr {self.lr:g} as given"
+
     def resolved(self) -> TrainConfig:
         """A copy with every None default that depends on the run filled in (lr, length)."""
         if self.is_demo:

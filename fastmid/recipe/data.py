@@ -417,7 +417,12 @@ def _parse_jsonl(path: Path, fields: dict[str, str] | None) -> tuple[list[dict],
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+            # json's msg leaves the position to its own suffix ("Unterminated string starting
+            # at"); the column is given here, counted from 1 as editors count.
+            what = err.msg.removesuffix(" starting at")
+            raise UserError(
+                f"{path}:{lineno}: malformed JSON at column {err.colno} ({what})"
+            ) from None
         records.append(normalize_record(record, f"{path}:{lineno}", fields))
     if not records:
         raise UserError(f"data file has no records: {path}")

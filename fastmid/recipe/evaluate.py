@@ -31,6 +31,7 @@ from fastmid.engine.loss import IGNORE_INDEX
 from fastmid.engine.quantize import QUANTIZE_METHODS
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
+from fastmid.outdir import holds_output_dir
 from fastmid.recipe.config import TrainConfig
 from fastmid.recipe.data import (
     QA_PROMPT,
@@ -163,9 +164,18 @@ def heldout_texts(path: str | Path | None = None) -> list[str]:
     return [p for p in paragraphs if p]
 
 
+# Held-out perplexity is taken over windows of this many tokens whatever length a run trained
+# on, so one adapter has one number in the train summary and in `fastmid eval`.
+PPL_WINDOW = 256
+
+
 @torch.inference_mode()
 def perplexity(
-    model: Any, tokenizer: Any, texts: list[str], max_length: int = 256, batch_size: int = 8
+    model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    max_length: int = PPL_WINDOW,
+    batch_size: int = 8,
 ) -> float:
     """Token-level perplexity of ``model`` on ``texts``, each cut into ``max_length`` chunks."""
     chunks = []
@@ -180,6 +190,12 @@ def perplexity(
     examples = [Example(c, [*c[1:], IGNORE_INDEX]) for c in chunks]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return math.exp(answer_nll(model, examples, pad, batch_size))
+
+
+def heldout_perplexity(model: Any, tokenizer: Any) -> float:
+    """The held-out perplexity that ``fastmid train`` and ``fastmid eval`` report: the whole
+    bundled held-out sample, in :data:`PPL_WINDOW`-token windows."""
+    return perplexity(model, tokenizer, heldout_texts())
 
 
 def write_predictions(predictions: list[dict], path: str | Path) -> None:
@@ -216,10 +232,10 @@ def load_eval_set(cfg: TrainConfig) -> EvalSet | None:
     if eval_path is None and cfg.data is None:
         eval_path = str(bundled_path("test"))
     records = load_records(eval_path, cfg.fields) if eval_path is not None else None
+    # The held-out sample is always whole (it is short): one adapter, one perplexity.
     heldout = heldout_texts()
-    if cfg.eval_limit is not None:
-        records = records[: cfg.eval_limit] if records is not None else None
-        heldout = heldout[: cfg.eval_limit]
+    if cfg.eval_limit is not None and records is not None:
+        records = records[: cfg.eval_limit]
     return EvalSet(records, heldout) if records or heldout else None
 
 
@@ -301,7 +317,7 @@ def evaluate_model(
             )
             result["accuracy"] = float(acc)
         if eval_set.heldout:
-            ppl = perplexity(model, tokenizer, eval_set.heldout, max_length=cfg.max_length)
+            ppl = heldout_perplexity(model, tokenizer)
             result["heldout_ppl"] = float(ppl)
     model.train(was_training)
     if not tuned:
@@ -328,9 +344,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--adapter",
         default=None,
-        help="adapter directory to load, PEFT format (default: none, the base model alone)",
+        help="adapter directory (PEFT format) or a `fastmid train` output dir "
+        "(default: none, the base model alone)",
     )
     add_data_argument(parser, "test", records="JSONL test records")
+    parser.add_argument(
+        "--fields",
+        default=None,
+        help="columns of another record shape: prompt=COL,response=COL, as for fastmid train "
+        "(default: none, records have question/answer or prompt/response)",
+    )
     parser.add_argument(
         "--limit", type=int, default=None, help="evaluate the first N records (default: all)"
     )
@@ -370,34 +393,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _output_dir(args: argparse.Namespace) -> Path | None:
+    """The directory ``--output`` writes into (locked while eval runs), or None."""
+    if args.output is None:
+        return None
+    parent = Path(args.output).resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"output directory does not exist: {Path(args.output).parent}")
+    return parent
+
+
+@holds_output_dir(_output_dir)
 def run(args: argparse.Namespace) -> int:
     """``fastmid eval``: print accuracy (and perplexity); optionally write predictions."""
-    from fastmid.engine.models import load_model, resolve_dtype
+    from fastmid.engine.adapters import load_adapter, resolve_adapter_dir
+    from fastmid.engine.models import load_model, resolve_dtype, select_attention
     from fastmid.engine.quantize import quantize_frozen
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be positive, got {args.limit}")
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise UserError("--batch-size and --max-new-tokens must be positive")
-    if args.output is not None and not Path(args.output).resolve().parent.is_dir():
-        raise UserError(f"output directory does not exist: {Path(args.output).parent}")
-    records = load_records(args.data if args.data is not None else bundled_path("test"))
+    source = args.data if args.data is not None else bundled_path("test")
+    records = load_records(source, args.fields)
     if args.limit is not None:
         records = records[: args.limit]
-    if args.adapter is not None and not Path(args.adapter).is_dir():
-        raise UserError(f"adapter directory not found: {args.adapter}")
+    adapter = None
+    if args.adapter is not None:
+        adapter = resolve_adapter_dir(args.adapter)
+        if not adapter.is_dir():
+            raise UserError(f"adapter directory not found: {args.adapter}")
     dtype = resolve_dtype(args.precision)
     model, tokenizer, name = load_model(args.model, dtype=dtype)
-    if torch.cuda.is_available():
-        model.to("cuda")
-    if args.adapter is not None:
-        from fastmid.engine.adapters import load_adapter
-
-        load_adapter(model, args.adapter)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    if adapter is not None:
+        load_adapter(model, adapter)
     quantize_frozen(model, args.quantize)
-    # Adapters keep fp32 weights beside the bf16 base; autocast runs both in the compute dtype.
-    device = next(model.parameters()).device
+    # The attention fastmid train evaluates with: the same adapter gets the same numbers.
+    select_attention(model)
+    evaluated = f"{name} + adapter {adapter}" if adapter is not None else f"{name} (no adapter)"
+    print(f"fastmid eval: {evaluated}", flush=True)
 
+    # Adapters keep fp32 weights beside the bf16 base; autocast runs both in the compute dtype.
     def autocast() -> torch.autocast:
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -413,10 +451,10 @@ def run(args: argparse.Namespace) -> int:
         )
     seconds = time.perf_counter() - start
     correct = sum(p["correct"] for p in predictions)
-    print(f"accuracy {accuracy:.4f} ({correct}/{len(predictions)}) in {seconds:.1f}s  [{name}]")
+    print(f"accuracy {accuracy:.4f} ({correct}/{len(predictions)}) in {seconds:.1f}s")
     if args.perplexity:
         with autocast():
-            ppl = perplexity(model, tokenizer, heldout_texts())
+            ppl = heldout_perplexity(model, tokenizer)
         print(f"held-out perplexity {ppl:.2f}")
     if args.output is not None:
         write_predictions(predictions, args.output)

@@ -49,6 +49,8 @@ class Progress:
     loss_first: float | None = None
     loss_last: float | None = None
     eval_before: dict[str, float] = field(default_factory=dict)
+    # [step, held-out loss] at each --eval-every step.
+    eval_losses: list[list[float]] = field(default_factory=list)
 
     def summary(self, plan: StepPlan, resolved: dict[str, Any], interrupted: bool) -> dict:
         """The run's summary so far (summary.json adds the evaluation after training)."""
@@ -58,6 +60,8 @@ class Progress:
             "total_steps": plan.total_steps,
             "loss_first": self.loss_first,
             "loss_last": self.loss_last,
+            "eval_losses": self.eval_losses,
+            # The steps' own rate: logging, held-out losses and checkpoints are not timed.
             "tokens_per_s": self.totals["tokens"] / max(self.totals["train_seconds"], 1e-9),
             "train_seconds": self.totals["train_seconds"],
             # torch.compile (--compile) is lazy: its time is inside the first steps' time.
@@ -143,12 +147,22 @@ class MetricsWindow:
         step = progress.step
         evaluating = self.heldout is not None and self.heldout.due(step, self.total_steps)
         if force or evaluating or step % self.log_every == 0 or step == self.total_steps:
-            extra = {"eval_loss": heldout_loss()} if evaluating and heldout_loss else {}
-            record = self.flush(progress, result.lr, result.grad_norm, extra)
+            seconds = self.elapsed()  # the steps' own time, without the held-out loss
+            extra = {}
+            if evaluating and heldout_loss:
+                extra["eval_loss"] = heldout_loss()
+                progress.eval_losses.append([step, extra["eval_loss"]])
+            record = self.flush(progress, result.lr, result.grad_norm, extra, seconds)
             self.tracker.log(step, tracking.namespaced(record))
 
     def restart_clock(self) -> None:
         self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds since the window's clock started, the device's queued work included."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - self.start
 
     def add(self, result: StepResult) -> None:
         for loss in result.losses:
@@ -164,12 +178,12 @@ class MetricsWindow:
         lr: float,
         grad_norm: torch.Tensor | None = None,
         extra: dict[str, float] | None = None,
+        seconds: float | None = None,
     ) -> dict[str, Any]:
         """Close the window at ``progress.step``: sum over ranks, update ``progress``, log
-        (with the last step's gradient norm and ``extra`` numbers such as the eval loss)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - self.start
+        (with the last step's gradient norm and ``extra`` numbers such as the eval loss).
+        ``seconds``: the window's training time, if taken before other work (default: now)."""
+        seconds = self.elapsed() if seconds is None else seconds
         # Each rank summed its own micro-batches; self.labels is already global.
         loss_sum, all_tokens = distributed.all_reduce_sum(self.loss, self.tokens)
         tokens = int(all_tokens)
@@ -199,6 +213,8 @@ class MetricsWindow:
             f"loss {loss:.4f} | lr {lr:.2e} | tok/s {record['tokens_per_s']:,.0f} | "
             f"mem {record['mem_gb']:.2f} GB"
         )
+        if "eval_loss" in record:
+            line += f" | held-out loss {record['eval_loss']:.4f}"
         if self.bar is not None:
             self.bar.set_postfix_str(line, refresh=True)
         else:

@@ -28,6 +28,7 @@ from torch import nn
 from fastmid.engine.adapters import save_adapter
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
+from fastmid.outdir import user_entries
 from fastmid.recipe import distributed
 from fastmid.recipe.batches import StepPlan
 from fastmid.recipe.checkpoint import (
@@ -66,7 +67,7 @@ def check_output_dir(cfg: TrainConfig) -> Path:
         if find_checkpoint(out / CHECKPOINT_DIR) is None:
             raise UserError(f"--resume: no checkpoint in {out} (nothing to resume)")
         return out
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+    if user_entries(out) and not cfg.overwrite:
         raise UserError(
             f"output dir {out} is not empty; pass --overwrite to replace its results "
             "or --resume to continue"
@@ -117,6 +118,7 @@ def start_or_resume(
     progress = Progress(
         int(extra["step"]), extra["totals"], extra["loss_first"], extra["loss_last"], eval_before
     )
+    progress.eval_losses = extra.get("eval_losses", [])
     if distributed.is_main():
         truncate_metrics(out / "metrics.jsonl", progress.step)
     log(f"resumed from {out / CHECKPOINT_DIR} at step {progress.step}/{plan.total_steps}")

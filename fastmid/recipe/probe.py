@@ -289,10 +289,11 @@ def run(args: argparse.Namespace) -> int:
             f"{info['score'][i]:>6.2f}  {mark}"
         )
     print(f"least sensitive band: {_span(layers)}  ({info['reason']})")
-    # On the bundled data this band trained worse than the default one; say what auto does.
+    # On the bundled data this band trained worse than the default one: the profile is a map
+    # of the model, and choosing a band to train is --band auto's job.
     print(
-        "(--band auto does not use it: it tunes candidate windows briefly, "
-        "see fastmid.recipe.bandgain)"
+        "this is a diagnostic map of the untuned model, not a band to train with: "
+        "--band auto chooses by tuning candidate windows briefly (fastmid train --band auto)"
     )
     if args.output:
         info["model"] = name

@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
+import os
 import random
 import signal
 import threading
@@ -34,6 +36,7 @@ from fastmid.engine import models
 from fastmid.engine.loss import forward_loss
 from fastmid.engine.midblock import MidBlockConfig, adapter_parameters, format_band
 from fastmid.errors import INTERRUPTED_EXIT, UserError, record_exit
+from fastmid.outdir import hold_output_dir
 from fastmid.recipe import data, distributed, tracking
 from fastmid.recipe.batches import (
     EpochBatches,
@@ -68,6 +71,23 @@ from fastmid.recipe.output_dir import (
 # --------------------------------------------------------------------------------------------
 
 
+def one_run_per_output_dir(
+    run: Callable[[TrainConfig], dict[str, Any]],
+) -> Callable[[TrainConfig], dict[str, Any]]:
+    """Hold the output dir's lock around ``run(cfg)``: a second run there refuses at once.
+    Rank 0 holds it for all ranks of one run (they start before the process group exists,
+    hence torchrun's RANK)."""
+
+    @functools.wraps(run)
+    def locked(cfg: TrainConfig) -> dict[str, Any]:
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        with hold_output_dir(cfg.validate().output_dir, enabled=rank0):
+            return run(cfg)
+
+    return locked
+
+
+@one_run_per_output_dir
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run one training job described by ``cfg``; returns the summary (also summary.json).
 
@@ -75,7 +95,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     set; ``--resume`` then continues with the same losses an uninterrupted run would have.
     """
     wall = Stopwatch()
-    cfg = cfg.validate().resolved()
+    recipe = cfg.validate().recipe()
+    cfg = cfg.resolved()
     out = check_output_dir(cfg)
     resumed = read_resume_point(cfg, out)
     rt = init_runtime(cfg)
@@ -125,6 +146,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     equalizer = make_equalizer(model) if cfg.equalize_updates else None
     resolved = describe_run(rt, model_name, parallel, state, params, plan, examples, band_reason)
     resolved.update(batch_tokens=cfg.batch_tokens, grad_accum=cfg.grad_accum)
+    resolved.update(lr=cfg.lr, schedule=cfg.schedule, recipe=recipe)
     resolved.update(batch_choice.resolved() if batch_choice else {})
     progress = start_or_resume(cfg, out, model, optimizer, scheduler, eval_before, plan)
     log(format_header(resolved))
@@ -305,8 +327,9 @@ def describe_run(
 
 
 def format_header(resolved: dict[str, Any]) -> str:
-    """The opening line of a run: model, band, rank, adapter size, precision, data, length
-    (after a line saying so when the budget's rank was clamped to a layer's width)."""
+    """The opening lines of a run: model, band, rank, adapter size, precision, data, length,
+    then the lr, its schedule and which recipe chose them (after a line saying so when the
+    budget's rank was clamped to a layer's width)."""
     r = resolved
     note = f"note: {r['rank_note']}\n" if "rank_note" in r else ""
     batch = ""
@@ -315,11 +338,14 @@ def format_header(resolved: dict[str, Any]) -> str:
             f"\nbatch auto: {r['batch_tokens']:,} tokens per micro-batch x {r['grad_accum']} "
             f"(up to {r['batch_fits_tokens']:,} fit in {r['batch_free_gib']:.1f} GiB free)"
         )
+    steps = r["total_steps"]
     return (
         note + f"fastmid train: {r['model_name']} | layers {r['layers'][0]}-{r['layers'][-1]} of "
         f"{r['num_layers']} | rank {r['rank']} | {r['adapter_parameters']:,} adapter params | "
         f"{r['precision']} | {r['train_examples']} examples, {r['micro_batches_per_epoch']} "
-        f"micro-batches/epoch | {r['total_steps']} steps" + batch
+        f"micro-batches/epoch | {steps} step{'' if steps == 1 else 's'}\n"
+        f"lr {r['lr']:g}, {r['warmup_steps']} warmup step{'' if r['warmup_steps'] == 1 else 's'}"
+        f" then {r['schedule']} | recipe: {r['recipe']}" + batch
     )
 
 
@@ -483,23 +509,29 @@ def format_summary(summary: dict[str, Any]) -> str:
             return None
         return f"{before:{fmt}} → {after:{fmt}}"
 
-    lines = ["", "summary"]
+    rows: list[tuple[str, str]] = []
     if summary.get("loss_first") is not None:
-        lines.append(f"  loss        {summary['loss_first']:.4f} → {summary['loss_last']:.4f}")
+        rows.append(("loss", f"{summary['loss_first']:.4f} → {summary['loss_last']:.4f}"))
+    held = summary.get("eval_losses") or []
+    if held:
+        steps = f"step {held[0][0]}" if len(held) == 1 else f"steps {held[0][0]}-{held[-1][0]}"
+        rows.append(("held-out loss", f"{held[0][1]:.4f} → {held[-1][1]:.4f} ({steps})"))
     acc = arrow("accuracy", ".3f")
     if acc:
-        lines.append(f"  accuracy    {acc}")
+        rows.append(("accuracy", acc))
     ppl = arrow("heldout_ppl", ".2f")
     if ppl:
         # Perplexity on general text the run never saw: its rise is what tuning cost the
         # model elsewhere (forgetting), the price paid for the gain above.
         before, after = summary["eval_before"]["heldout_ppl"], summary["eval_after"]["heldout_ppl"]
-        lines.append(f"  forgetting  held-out perplexity {ppl} ({after / before - 1:+.1%})")
-    lines.append(f"  throughput  {summary['tokens_per_s']:,.0f} tok/s")
+        rows.append(("forgetting", f"held-out perplexity {ppl} ({after / before - 1:+.1%})"))
+    rows.append(("throughput", f"{summary['tokens_per_s']:,.0f} tok/s"))
     if summary.get("compile_seconds"):
-        lines.append(f"  compile     {summary['compile_seconds']:.0f} s (in the first steps)")
-    lines.append(f"  wall time   {summary.get('wall_seconds', 0.0):.0f} s")
-    lines.append(f"  adapter     {summary.get('adapter')}")
+        rows.append(("compile", f"{summary['compile_seconds']:.0f} s (in the first steps)"))
+    rows.append(("wall time", f"{summary.get('wall_seconds', 0.0):.0f} s"))
+    rows.append(("adapter", str(summary.get("adapter"))))
+    width = max(len(label) for label, _ in rows)
+    lines = ["", "summary", *(f"  {label:<{width}}  {value}" for label, value in rows)]
     return "\n".join(lines)
 
 

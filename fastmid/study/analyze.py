@@ -40,6 +40,7 @@ from fastmid.engine.loss import IGNORE_INDEX
 from fastmid.engine.quantize import QUANTIZE_METHODS
 from fastmid.errors import UserError
 from fastmid.fileio import replace_atomic
+from fastmid.outdir import holds_output_dir
 from fastmid.recipe.inputs import add_data_argument, add_format_argument, add_model_argument
 from fastmid.study import layerstats
 
@@ -468,8 +469,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@holds_output_dir(lambda args: args.output_dir)
 def run(args: argparse.Namespace) -> int:
     """``fastmid analyze``: compute the table, write CSV + JSON + PNG, print the table."""
+    from fastmid.engine.adapters import resolve_adapter_dir
     from fastmid.engine.midblock import parse_band
     from fastmid.engine.models import load_model
     from fastmid.recipe.data import bundled_path, load_records, tokenize_records
@@ -482,8 +485,7 @@ def run(args: argparse.Namespace) -> int:
     tuned_path = Path(args.tuned)
     if not tuned_path.exists():
         raise UserError(f"--tuned not found: {args.tuned}")
-    if not is_adapter_dir(tuned_path) and is_adapter_dir(tuned_path / "adapter"):
-        tuned_path = tuned_path / "adapter"  # the output dir of a `fastmid train` run
+    tuned_path = resolve_adapter_dir(tuned_path)
     band = None
     if args.band is not None:
         band = parse_band(args.band)

@@ -47,6 +47,7 @@ from fastmid.engine.midblock import parse_band
 from fastmid.errors import UserError
 from fastmid.fileio import write_text_atomic
 from fastmid.options import add_field_arguments
+from fastmid.outdir import holds_output_dir, user_entries
 from fastmid.recipe.bandgain import AUTO_CRITERIA, AUTO_CRITERION
 from fastmid.recipe.config import TrainConfig, build_config, config_fields
 
@@ -845,7 +846,7 @@ def compare(
                 f"{out} holds a compare with other settings; pass --overwrite to start over "
                 "or use another --output-dir"
             )
-    elif out.is_dir() and any(out.iterdir()) and not stamp.exists() and not overwrite:
+    elif user_entries(out) and not stamp.exists() and not overwrite:
         raise UserError(f"output dir {out} is not empty; pass --overwrite or use another")
     if overwrite:
         # The auto band was chosen with the old settings (its lr, data, steps): choose again.
@@ -1064,6 +1065,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@holds_output_dir(lambda args: args.output_dir)
 def run(args: argparse.Namespace) -> int:
     """``fastmid compare``: train every placement, evaluate, write the table, plot, verdict."""
     from transformers.utils import logging as hf_logging

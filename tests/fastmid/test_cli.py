@@ -238,3 +238,10 @@ def test_budget_rank_is_clamped_with_one_line(model_dir: Path, good_data: Path, 
         "note: rank 106 from the budget is wider than k_proj of layer 1 (32x64); using rank 32"
     ]
     assert json.loads((out / "summary.json").read_text())["resolved"]["rank"] == 32
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"fastmid {version('fastmid')}\n"

@@ -102,7 +102,11 @@ def test_load_records_reads_all_three_shapes_and_skips_blank_lines(tmp_path: Pat
     [
         (
             '{"question": "q", "answer": "a"}\n{"question": "q", \n',
-            r"data\.jsonl:2: malformed JSON",
+            r"data\.jsonl:2: malformed JSON at column 19 \(Expecting property name",
+        ),
+        (
+            '{"question": "q", "answer": "a"}\n{"question": "q", "answer": "unterminated}\n',
+            r"data\.jsonl:2: malformed JSON at column 29 \(Unterminated string\)",
         ),
         ('{"question": "q", "answer": "a"}\n{"text": "x", "id": 3}\n', r":2: .*keys \[id, text\]"),
         ("[1, 2]\n", r":1: .*a JSON list"),

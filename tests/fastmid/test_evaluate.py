@@ -19,6 +19,7 @@ from fastmid.recipe.evaluate import (
     heldout_texts,
     perplexity,
 )
+from tests.fastmid._runs import RECORDS, as_flags, make_model_dir, tiny_settings, write_jsonl
 from tests.fastmid.test_data import tiny_llama, tiny_tokenizer
 
 
@@ -235,3 +236,40 @@ def test_eval_cli_loads_an_adapter(tiny_dir: Path, tmp_path: Path, monkeypatch) 
     assert main([*argv, "--output", str(tmp_path / "preds.jsonl")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
     assert [r["output"] for r in rows] == [p["output"] for p in tuned]
+
+
+def test_train_summary_and_eval_give_one_perplexity_per_adapter(
+    one_thread_torch_path, tmp_path: Path, capsys
+) -> None:
+    # Train on 64-token examples: the held-out windows must not follow the training length.
+    model = make_model_dir(tmp_path, num_layers=4)
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS[:12])
+    run = tmp_path / "run"
+    settings = tiny_settings(model, data, run, eval=True, max_length=64, max_steps=4)
+    assert main(["train", *as_flags(settings)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    capsys.readouterr()
+
+    # The run directory stands for its adapter, and the output names what was evaluated.
+    argv = ["eval", "--model", str(model), "--limit", "1", "--max-new-tokens", "2"]
+    assert main([*argv, "--precision", "fp32", "--adapter", str(run)]) == 0
+    printed = capsys.readouterr().out
+    assert f"+ adapter {run / 'adapter'}" in printed
+    after = summary["eval_after"]["heldout_ppl"]
+    assert f"held-out perplexity {after:.2f}\n" in printed
+    assert main([*argv, "--precision", "fp32"]) == 0
+    printed = capsys.readouterr().out
+    assert "(no adapter)" in printed
+    assert f"held-out perplexity {summary['eval_before']['heldout_ppl']:.2f}\n" in printed
+
+
+def test_eval_reads_other_columns_with_fields(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    rows = [{"problem": "What is 2 + 2?", "solution": "#### 4"}] * 2
+    data = write_jsonl(tmp_path / "other.jsonl", rows)
+    argv = ["eval", "--model", str(tiny_dir), "--data", str(data), "--no-perplexity"]
+    argv += ["--max-new-tokens", "2", "--precision", "fp32"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--fields prompt=COLUMN,response=COLUMN" in err  # the hint names a flag eval has
+    assert main([*argv, "--fields", "prompt=problem,response=solution"]) == 0
+    assert re.search(r"^accuracy 0\.0000 \(0/2\) in ", capsys.readouterr().out, re.M)

@@ -146,3 +146,16 @@ def test_per_layer_numbers_match_a_hand_computation_without_padding() -> None:
     score = [0.5 * g / g_med + 0.5 * r / r_med for g, r in zip(grad_ratio, rotation, strict=True)]
     assert info["score"] == pytest.approx(score, rel=1e-4)
     assert layers == [min((0, 1), key=lambda i: score[i])]
+
+
+def test_probe_cli_says_its_band_is_a_diagnostic(tmp_path, capsys) -> None:
+    from tests.fastmid._runs import make_model_dir
+
+    model_dir = make_model_dir(tmp_path, num_layers=6)
+    argv = ["probe", "--model", str(model_dir), "--batches", "1", "--batch-size", "2"]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].startswith("least sensitive band: ")
+    # What the probe is for, and that the band to train with is --band auto's choice.
+    assert "diagnostic" in lines[-1] and "not a band to train with" in lines[-1]
+    assert "--band auto chooses" in lines[-1]

@@ -21,6 +21,7 @@ from fastmid.errors import UserError
 from fastmid.recipe import data
 from fastmid.recipe.batches import lr_lambda
 from fastmid.recipe.config import build_config
+from fastmid.recipe.evaluate import heldout_texts
 from fastmid.recipe.train import forward_loss, train
 from tests.fastmid._runs import (
     RECORDS,
@@ -348,7 +349,9 @@ def test_terminal_shows_a_progress_bar_and_the_run_plots_its_curve(
     assert "step/s" in text or "s/step" in text
     assert "step 1/3 |" not in text  # no line per step in a terminal
     assert "loss " in text  # the bar carries the metrics
-    assert "evaluating the base model on 2 held-out texts" in text
+    # eval_limit limits accuracy records only: the held-out sample is always whole.
+    whole = len(heldout_texts())
+    assert f"evaluating the base model on {whole} held-out texts" in text
     assert "0 records" not in text
 
     image = matplotlib.image.imread(out / "curve.png")
@@ -413,6 +416,8 @@ def test_the_summary_states_the_perplexity_change_as_forgetting():
 def test_a_second_run_on_the_same_file_takes_its_tokens_from_the_cache(
     model_dir: Path, train_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
+    from fastmid.recipe import evaluate as recipe_evaluate
+
     monkeypatch.setenv("FASTMID_CACHE", str(tmp_path / "cache"))
     calls = {"parse": 0, "encode": 0}
     splits: list[list[list[int]]] = []
@@ -433,7 +438,8 @@ def test_a_second_run_on_the_same_file_takes_its_tokens_from_the_cache(
 
     monkeypatch.setattr(data, "_parse_jsonl", parse)
     monkeypatch.setattr(data, "_encode_qa", encode)
-    monkeypatch.setattr(data, "split_records", split)
+    # The held-out split is taken where the recipe's evaluation step takes it.
+    monkeypatch.setattr(recipe_evaluate, "split_records", split)
 
     def run(name: str) -> tuple[list[float], list[float], dict]:
         out = tmp_path / name
