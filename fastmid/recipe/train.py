@@ -109,8 +109,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     records, loss_records = split_heldout(cfg, records)
     eval_set = load_eval_set(cfg)
     seed_everything(cfg.seed)
-    model, tokenizer, model_name, parallel, weight_files = load_base_model(cfg, rt)
-    if parallel != "fsdp":  # under FSDP only each rank's shard goes to the device
+    model, tokenizer, model_name, parallel, weight_files, load_block = load_base_model(cfg, rt)
+    # Under FSDP only each rank's shard goes to the device; a block loader puts each block there.
+    if parallel != "fsdp" and load_block is None:
         model.to(rt.device)
     examples = data.tokenize_records(
         records,
@@ -128,7 +129,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     fuse = adapter_cfg.fuse_groups and parallel != "fsdp"
     adapter_cfg = dataclasses.replace(adapter_cfg, fuse_groups=fuse)
     torch.manual_seed(cfg.seed)
-    state = models.prepare_model(model, adapter_cfg, rt.device)
+    state = models.prepare_model(model, adapter_cfg, rt.device, load_block)
     # One process: a pass-through. Several: DDP or FSDP, this rank's micro-batches, grad sums.
     dp = distributed.ParallelStep(model, parallel, forward_loss, rt.device, weight_files)
     requested, (cfg, batch_choice) = cfg, resolve_batch(cfg, rt, model, adapter_cfg, resumed)
@@ -234,24 +235,38 @@ def init_runtime(cfg: TrainConfig) -> Runtime:
     return Runtime(device, world, models.resolve_precision(cfg.precision, device))
 
 
-def load_base_model(cfg: TrainConfig, rt: Runtime) -> tuple[nn.Module, Any, str, str, list[Path]]:
-    """``(model, tokenizer, name, parallel mode, weight files)``.
+def load_base_model(
+    cfg: TrainConfig, rt: Runtime
+) -> tuple[nn.Module, Any, str, str, list[Path], Any]:
+    """``(model, tokenizer, name, parallel mode, weight files, block loader)``.
 
     Under FSDP from a local safetensors directory the model is built on the meta device and
     ``weight_files`` are returned: each rank later reads only its own shards, so no rank holds
-    a whole copy. Otherwise (one process, DDP, a GGUF or hub model, or a band "auto" picks by
-    training the whole model) the weights are loaded here and ``weight_files`` is empty.
+    a whole copy. A quantized run (one process) leaves the decoder blocks to the block loader:
+    each is loaded while patching and quantized before the next is read, so the load peak is
+    the quantized model plus one block. Otherwise (DDP, no quantization, a GGUF or hub model,
+    or a band "auto" picks by training the full-precision model) the weights are loaded here,
+    not yet on the device, ``weight_files`` is empty and the loader None.
     """
-    if rt.world > 1 and cfg.midblock.band != "auto":
+    band_auto = cfg.midblock.band == "auto"
+    if rt.world > 1 and not band_auto:
         empty = models.load_empty_model(cfg.model, dtype=rt.dtype)
         if empty is not None:
             model, tokenizer, name, files = empty
             parallel = distributed.resolve_parallel(cfg.parallel, model, rt.device, rt.world)
             if parallel == "fsdp":
-                return model, tokenizer, name, parallel, files
+                return model, tokenizer, name, parallel, files, None
+    if cfg.midblock.quantize != "none" and not band_auto:
+        model, tokenizer, name, load_block = models.load_model_blockwise(
+            cfg.model, rt.dtype, rt.device
+        )
+        if load_block.note is not None:
+            log(f"note: {load_block.note}")
+        parallel = distributed.resolve_parallel(cfg.parallel, model, rt.device, rt.world)
+        return model, tokenizer, name, parallel, [], load_block
     model, tokenizer, name = models.load_model(cfg.model, dtype=rt.dtype)
     parallel = distributed.resolve_parallel(cfg.parallel, model, rt.device, rt.world)
-    return model, tokenizer, name, parallel, []
+    return model, tokenizer, name, parallel, [], None
 
 
 def resolve_batch(

@@ -1,0 +1,190 @@
+"""Host memory of loading the embedded SmolLM2-135M quantized: block by block against whole.
+
+    python -m bench.loadpeak [--method nf4] [--dtype bf16] [--out bench/results]
+
+Each way of loading runs in a fresh process (``--worker WAY``), which imports everything first
+and then measures its resident memory (``fastmid.memory``: the kernel's ``VmRSS`` and the
+``VmHWM`` high-water mark, reset before the load) around load → patch with the paper's
+defaults and ``quantize``:
+
+- ``blockwise``: ``load_model_blockwise`` + ``apply_midblock(load_block=...)``, what
+  ``fastmid train --quantize`` runs;
+- ``blockwise-mmap128k``: the same with glibc's mmap threshold pinned (see ``FIXED_MMAP``);
+- ``whole``: ``load_model`` + ``apply_midblock``, the load before block-by-block loading;
+- ``tokenizer``: the tokenizer alone, part of both loads.
+
+The peak is compared with the model's bytes in ``--dtype`` (its decoder linears, and all of
+it) and with the quantized model's own bytes. Writes ``loadpeak.json`` and ``loadpeak.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+MIB = 2**20
+WAYS = ("blockwise", "blockwise-mmap128k", "whole", "tokenizer")
+# glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after which
+# freed tensors stay in its heap: the "-mmap128k" row pins the threshold at its 128 KiB
+# default (MALLOC_MMAP_THRESHOLD_) to show how much of the peak that retention is.
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
+def model_bytes(model: Any) -> dict[str, int]:
+    """Bytes the patched model holds: its decoder linears as stored and in bf16, every other
+    tensor (each storage once)."""
+    from fastmid.engine.quantize import frozen_weight_bytes, stored_tensors
+
+    frozen = frozen_weight_bytes(model)
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        for s in stored_tensors(t):
+            if s.untyped_storage().data_ptr() not in seen:
+                seen.add(s.untyped_storage().data_ptr())
+                total += s.untyped_storage().nbytes()
+    return {"decoder_linears_bf16": frozen["bf16"], "stored": total}
+
+
+def worker(way: str, method: str, dtype_name: str) -> dict[str, Any]:
+    """One process: imports, then the measured load; bytes in MiB-free integers."""
+    import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401  (imports are not the load)
+    from transformers import AutoTokenizer
+
+    from fastmid.engine import blockload  # noqa: F401
+    from fastmid.engine.midblock import MidBlockConfig, apply_midblock
+    from fastmid.engine.models import (
+        DTYPES,
+        default_model_dir,
+        load_model,
+        load_model_blockwise,
+    )
+    from fastmid.engine.quantize import import_torchao_quietly
+    from fastmid.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+
+    import_torchao_quietly()
+    dtype = DTYPES[dtype_name]
+    source = default_model_dir()
+    torch.manual_seed(0)
+    before = rss_bytes()
+    if not reset_peak_rss():
+        raise SystemExit("this kernel cannot reset the peak-RSS mark")
+    cfg = MidBlockConfig(quantize=method)
+    if way == "tokenizer":
+        AutoTokenizer.from_pretrained(str(source))
+        model = None
+    elif way.startswith("blockwise"):
+        model, _, _, load_block = load_model_blockwise(None, dtype, "cpu")
+        assert load_block.note is None, load_block.note
+        apply_midblock(model, cfg, load_block=load_block)
+    else:
+        model = load_model(None, dtype)[0]
+        apply_midblock(model, cfg)
+    out = {
+        "way": way,
+        "peak_above_start": peak_rss_bytes() - before,
+        "after_above_start": rss_bytes() - before,
+        "rss_at_start": before,
+    }
+    if model is not None:
+        out.update(model_bytes(model))
+    return out
+
+
+def run(way: str, method: str, dtype: str) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.loadpeak", "--worker", way, "--method", method]
+    cmd += ["--dtype", dtype]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if way.endswith("mmap128k"):
+        env.update(FIXED_MMAP)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows = {r["way"]: r for r in result["workers"]}
+    ref = rows["blockwise"]
+    linears, stored = ref["decoder_linears_bf16"], ref["stored"]
+    whole_bf16 = result["model_bf16_bytes"]
+    tok = rows["tokenizer"]["peak_above_start"]
+    lines = [
+        f"Load peak of the embedded SmolLM2-135M, --quantize {result['method']}, "
+        f"{result['dtype']} (commit {result['commit']}, {result['machine']})",
+        "",
+        f"CPU, fresh process per row, RSS above the process's RSS once imports are done; "
+        f"{result['load']} on 2 shared cores (the bytes do not depend on the load).",
+        "",
+        f"Reference bytes: decoder linears in bf16 {linears / MIB:.1f} MiB; whole model in "
+        f"bf16 {whole_bf16 / MIB:.1f} MiB; the quantized model as loaded "
+        f"{stored / MIB:.1f} MiB (its bf16 embedding alone "
+        f"{result['embedding_bytes'] / MIB:.1f} MiB).",
+        "",
+        "| load | peak MiB | after MiB | peak / decoder linears bf16 | peak / model bf16 | "
+        "peak - tokenizer, / model bf16 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for way in ("blockwise", "blockwise-mmap128k", "whole"):
+        r = rows[way]
+        p = r["peak_above_start"]
+        lines.append(
+            f"| {way} | {p / MIB:.1f} | {r['after_above_start'] / MIB:.1f} | "
+            f"{p / linears:.2f} | {p / whole_bf16:.2f} | {(p - tok) / whole_bf16:.2f} |"
+        )
+    lines.append(f"| tokenizer only | {tok / MIB:.1f} | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.loadpeak")
+    parser.add_argument("--worker", choices=WAYS, help=argparse.SUPPRESS)
+    parser.add_argument("--method", default="nf4", choices=("nf4", "int8"))
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args(argv)
+    if args.worker:
+        json.dump(worker(args.worker, args.method, args.dtype), sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+
+    from bench.machine import machine_info
+    from fastmid.fileio import write_text_atomic
+
+    info = machine_info()
+    workers = [run(way, args.method, args.dtype) for way in WAYS]
+    from safetensors import safe_open
+
+    from fastmid.engine.models import default_model_dir
+
+    with safe_open(str(default_model_dir() / "model.safetensors"), "pt") as f:
+        keys = f.keys()
+        shapes = {k: f.get_slice(k).get_shape() for k in keys}
+    numel = {k: 1 for k in shapes}
+    for k, shape in shapes.items():
+        for n in shape:
+            numel[k] *= n
+    result: dict[str, Any] = {
+        "commit": info.get("commit"),
+        "machine": info.get("cpu"),
+        "load": "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "method": args.method,
+        "dtype": args.dtype,
+        "model_bf16_bytes": 2 * sum(numel.values()),
+        "embedding_bytes": 2 * numel["model.embed_tokens.weight"],
+        "workers": workers,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "loadpeak.json", json.dumps(result, indent=1) + "\n")
+    write_text_atomic(out / "loadpeak.md", markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
