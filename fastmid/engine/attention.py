@@ -348,18 +348,16 @@ def _tokens_major(x: torch.Tensor) -> torch.Tensor:
     return x[0].transpose(0, 1)
 
 
+# A layer's query, key and value, each (1, H, T, D).
+QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 def _varlen_call(
-    backend: str,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    rows: PackedRows,
-    dropout: float,
-    scale: float | None,
+    backend: str, qkv: QKV, rows: PackedRows, dropout: float, scale: float | None
 ) -> torch.Tensor:
     """One varlen kernel call over the whole packed row; returns (1, T, H, D)."""
-    q, k, v = (_tokens_major(x) for x in (query, key, value))
-    cu = rows.cu_seqlens_on(query.device)
+    q, k, v = (_tokens_major(x) for x in qkv)
+    cu = rows.cu_seqlens_on(q.device)
     n = rows.max_len
     if backend == "torch":
         gqa = q.shape[1] != k.shape[1]
@@ -373,14 +371,10 @@ def _varlen_call(
 
 
 def _per_example_call(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    rows: PackedRows,
-    dropout: float,
-    scale: float | None,
+    qkv: QKV, rows: PackedRows, dropout: float, scale: float | None
 ) -> torch.Tensor:
     """Causal SDPA once per example, equal-length examples batched; returns (1, T, H, D)."""
+    query, key, value = qkv
     by_length: dict[int, list[int]] = {}
     for start, end in rows.segments:
         by_length.setdefault(end - start, []).append(start)
@@ -432,9 +426,9 @@ def varlen_attention_forward(
         )
     backend = varlen_backend(query.device, query.dtype, query.shape[-1], dropout)
     if backend == "sdpa":
-        out = _per_example_call(query, key, value, rows, dropout, scaling)
+        out = _per_example_call((query, key, value), rows, dropout, scaling)
     else:
-        out = _varlen_call(backend, query, key, value, rows, dropout, scaling)
+        out = _varlen_call(backend, (query, key, value), rows, dropout, scaling)
     return out.contiguous(), None
 
 
