@@ -140,4 +140,4 @@ def test_embedded_model_loads_on_the_base_install(tmp_path):
     # The GGUF is dequantized afresh (an empty cache): the exact work of the first demo run.
     result = run_base_only(tmp_path, LOAD_EMBEDDED)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "loaded SmolLM2-135M-Instruct" in result.stdout
+    assert "loaded HuggingFaceTB/SmolLM2-135M-Instruct" in result.stdout

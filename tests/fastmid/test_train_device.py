@@ -92,6 +92,10 @@ def _resolved(extra: dict) -> dict:
         "train_examples": 4,
         "micro_batches_per_epoch": 2,
         "total_steps": 3,
+        "lr": 1e-4,
+        "warmup_steps": 1,
+        "schedule": "linear",
+        "recipe": "paper",
         **extra,
     }
 
