@@ -42,6 +42,7 @@ def quantized_fsdp_error(method: str) -> str:
     """Why a quantized base cannot be sharded: FSDP shards plain floating-point parameters."""
     return f"--quantize {method} trains with --parallel ddp (FSDP cannot shard quantized weights)"
 
+
 PAPER_LR = 1e-4
 #: ``batch_tokens`` value that sizes the micro-batch to the device (fastmid.recipe.estimate).
 AUTO_BATCH = "auto"

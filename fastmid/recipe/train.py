@@ -249,9 +249,10 @@ def load_base_model(
     ``weight_files`` are returned: each rank later reads only its own shards, so no rank holds
     a whole copy. A quantized run (one process, or DDP: each rank quantizes its own copy) leaves
     the decoder blocks to the block loader: each is loaded while patching and quantized before
-    the next is read, so the load peak is the quantized model plus one block. Otherwise (DDP, no quantization, a GGUF or hub model,
-    or a band "auto" picks by training the full-precision model) the weights are loaded here,
-    not yet on the device, ``weight_files`` is empty and the loader None.
+    the next is read, so the load peak is the quantized model plus one block. Otherwise (DDP
+    without quantization, a GGUF or hub model, or a band "auto" picks by training the
+    full-precision model) the weights are loaded here, not yet on the device,
+    ``weight_files`` is empty and the loader None.
     """
     band_auto = cfg.midblock.band == "auto"
     quantized = cfg.midblock.quantize != "none"
