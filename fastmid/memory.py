@@ -7,11 +7,14 @@ large one (a ``fastmid compare`` run, a benchmark worker) would report its paren
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import re
 import resource
 from pathlib import Path
 
-__all__ = ["peak_rss_bytes", "reset_peak_rss", "rss_bytes"]
+__all__ = ["peak_rss_bytes", "release_free_heap", "reset_peak_rss", "rss_bytes"]
 
 STATUS = Path("/proc/self/status")
 
@@ -48,4 +51,31 @@ def reset_peak_rss() -> bool:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return False
+    return True
+
+
+@functools.cache
+def _malloc_trim() -> ctypes._CFuncPtr | None:
+    """glibc's ``malloc_trim``, or None on another C library."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_heap() -> bool:
+    """Give the pages of freed heap memory back to the kernel (glibc ``malloc_trim(0)``);
+    False where the C library has no such call.
+
+    glibc raises its mmap threshold each time a large block is freed, so later tensors of up
+    to 32 MiB live in its heap, and memory they free stays resident. Loading a model one block
+    at a time frees a block's full-precision weights after quantizing them; pages that stay
+    resident but that the next block's tensors do not happen to reuse add to the process's
+    peak, so they are trimmed before the next block is read.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
     return True

@@ -24,6 +24,7 @@ from torch import nn
 
 from fastmid.engine.blocks import find_layers_with_path
 from fastmid.errors import UserError
+from fastmid.memory import release_free_heap
 
 # File bytes read per chunk: bounds the host memory of reading one tensor (an embedding
 # matrix is the largest); larger chunks only save file opens.
@@ -170,6 +171,9 @@ class BlockLoader:
     def __call__(self, i: int) -> None:
         if self.index is None:
             return
+        # The previous block's full-precision weights are free by now (quantized, or moved
+        # to the GPU): hand their pages back before this block's are allocated.
+        release_free_heap()
         prefix = f"{self.layers_path}.{i}."
         _materialise(self.blocks[i], prefix, self.index, self.device, skip=None)
 

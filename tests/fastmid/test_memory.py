@@ -51,3 +51,36 @@ def test_without_proc_the_peak_falls_back_to_ru_maxrss(monkeypatch):
     monkeypatch.setattr(memory, "STATUS", Path("/nonexistent/status"))
     assert memory.rss_bytes() == 0
     assert memory.peak_rss_bytes() == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _heap_then_trim(queue) -> None:
+    """In a fresh process: 64 MiB of small heap blocks, all freed but the last (which keeps
+    free() from shrinking the heap top itself), then RSS before and after the trim."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 64 * 1024  # under glibc's 128 KiB mmap threshold: from the heap
+    blocks = [libc.malloc(size) for _ in range(1024)]
+    for b in blocks:
+        ctypes.memset(b, 1, size)  # resident
+    for b in blocks[:-1]:
+        libc.free(b)
+    before = memory.rss_bytes()
+    released = memory.release_free_heap()
+    queue.put((before, memory.rss_bytes(), released))
+    libc.free(blocks[-1])
+
+
+@pytest.mark.skipif(not memory.STATUS.exists(), reason="needs /proc (Linux)")
+def test_release_free_heap_returns_freed_pages_to_the_kernel():
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_heap_then_trim, args=(queue,))
+    proc.start()
+    before, after, released = queue.get(timeout=120)
+    proc.join(timeout=60)
+    if not released:
+        pytest.skip("the C library has no malloc_trim")
+    assert before - after > 48 * MIB  # most of the 64 MiB freed in the heap's middle
