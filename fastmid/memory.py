@@ -7,11 +7,12 @@ large one (a ``fastmid compare`` run, a benchmark worker) would report its paren
 
 from __future__ import annotations
 
+import ctypes
 import re
 import resource
 from pathlib import Path
 
-__all__ = ["peak_rss_bytes", "reset_peak_rss", "rss_bytes"]
+__all__ = ["peak_rss_bytes", "release_free_memory", "reset_peak_rss", "rss_bytes"]
 
 STATUS = Path("/proc/self/status")
 
@@ -48,4 +49,22 @@ def reset_peak_rss() -> bool:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return False
+    return True
+
+
+def release_free_memory() -> bool:
+    """Hand the C allocator's free memory back to the kernel (glibc's ``malloc_trim``); False
+    where the C library has no such call.
+
+    glibc returns a freed block to the kernel only when it was mapped on its own or sits at the
+    top of a heap; memory freed in the middle of a heap, or in an arena of another thread (a
+    collective's worker), stays resident and counts in RSS until it is reused.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    trim(0)
     return True

@@ -51,3 +51,25 @@ def test_without_proc_the_peak_falls_back_to_ru_maxrss(monkeypatch):
     monkeypatch.setattr(memory, "STATUS", Path("/nonexistent/status"))
     assert memory.rss_bytes() == 0
     assert memory.peak_rss_bytes() == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@pytest.mark.skipif(not memory.STATUS.exists(), reason="needs /proc (Linux)")
+def test_release_free_memory_returns_a_heap_hole_to_the_kernel():
+    # Freeing a 16 MiB block that was mapped on its own raises glibc's mmap threshold above
+    # 1 MiB, so the 1 MiB blocks after it come from the heap; the last one stays, so the
+    # freed ones are a hole below the heap's top that free() alone keeps resident.
+    big = bytearray(16 * MIB)
+    del big
+    blocks = [bytearray(MIB) for _ in range(128)]
+    for b in blocks:
+        b[::4096] = b"\x01" * (len(b) // 4096)
+    last = blocks.pop()
+    before = memory.rss_bytes()
+    del blocks
+    held = memory.rss_bytes()
+    if not memory.release_free_memory():
+        pytest.skip("no malloc_trim (not glibc)")
+    after = memory.rss_bytes()
+    assert held > before - 32 * MIB  # free() alone kept most of the hole
+    assert after < held - 64 * MIB
+    del last
