@@ -16,7 +16,7 @@ device in the dtype the model declares, the same cast ``from_pretrained`` applie
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -47,6 +47,18 @@ class ShardIndex:
             with safe_open(str(path), "pt") as f:
                 self.files.update(dict.fromkeys(f.keys(), path))
 
+    @classmethod
+    def of_files(cls, files: Sequence[Path]) -> ShardIndex:
+        """The index of the tensors in safetensors ``files``."""
+        from safetensors import safe_open
+
+        index = cls.__new__(cls)
+        index.files = {}
+        for path in files:
+            with safe_open(str(path), "pt") as f:
+                index.files.update(dict.fromkeys(f.keys(), path))
+        return index
+
     def __contains__(self, key: str) -> bool:
         return key in self.files
 
@@ -55,25 +67,47 @@ class ShardIndex:
         it may be a meta tensor)."""
         from safetensors import safe_open
 
-        path = str(self.files[key])
-        with safe_open(path, "pt") as f:
-            part = f.get_slice(key)
-            shape = tuple(part.get_shape())
-            if shape != tuple(like.shape):
-                raise UserError(
-                    f"{key} has shape {list(shape)} in {path}, the model expects {list(like.shape)}"
-                )
-            if not shape:
+        shape = self.shape(key)
+        if shape != tuple(like.shape):
+            raise UserError(
+                f"{key} has shape {list(shape)} in {self.files[key]}, "
+                f"the model expects {list(like.shape)}"
+            )
+        if not shape:
+            with safe_open(str(self.files[key]), "pt") as f:
                 return f.get_tensor(key).to(device=device, dtype=like.dtype)
         out = torch.empty(shape, dtype=like.dtype, device=device)
-        row_bytes = max(1, out[0].numel() * _file_itemsize(part.get_dtype()))
+        self.read_rows(key, out)
+        return out
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape tensor ``key`` has in its file."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[key]), "pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def itemsize(self, key: str) -> int:
+        """Bytes per element of tensor ``key`` in its file."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[key]), "pt") as f:
+            return _file_itemsize(f.get_slice(key).get_dtype())
+
+    def read_rows(self, key: str, out: torch.Tensor, start: int = 0) -> None:
+        """Copy rows ``[start, start + len(out))`` of tensor ``key`` (at least 1-d) into
+        ``out``, cast to its dtype, ``CHUNK_BYTES`` of the file at a time: no copy of the whole
+        tensor (or of ``out``) is ever made on the host."""
+        from safetensors import safe_open
+
+        path = str(self.files[key])
+        row_bytes = max(1, out[0].numel() * self.itemsize(key)) if len(out) else 1
         step = max(1, CHUNK_BYTES // row_bytes)
-        for start in range(0, shape[0], step):
-            stop = min(start + step, shape[0])
+        for first in range(0, len(out), step):
+            stop = min(first + step, len(out))
             # A fresh handle per chunk: closing it unmaps the pages this chunk touched.
             with safe_open(path, "pt") as f:
-                out[start:stop].copy_(f.get_slice(key)[start:stop])
-        return out
+                out[first:stop].copy_(f.get_slice(key)[start + first : start + stop])
 
 
 def _file_itemsize(dtype: str) -> int:

@@ -266,42 +266,39 @@ def load_sharded_weights(model: nn.Module, files: Sequence[Path], names: Sequenc
 
     FSDP2 shards dim 0 in ``torch.chunk`` pieces: rank r holds rows ``[r·c, r·c + len)`` with
     ``c = ceil(rows / world)``. Parameters FSDP does not shard (embeddings, final norm, LM
-    head) are read whole.
+    head) are read whole. Rows go from the file straight into the parameter's storage, a few
+    MiB at a time (:meth:`~fastmid.engine.blockload.ShardIndex.read_rows`).
     """
-    from safetensors import safe_open
     from torch.distributed.tensor import DTensor, Shard
 
+    from fastmid.engine.blockload import ShardIndex
+
+    index = ShardIndex.of_files(files)
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise ValueError(f"{len(missing)} weights are in no file, e.g. {missing[0]!r}")
     params = dict(model.named_parameters())
     read = 0
     with torch.no_grad():
-        where = {}
-        for path in files:
-            with safe_open(str(path), framework="pt") as f:
-                where.update(dict.fromkeys(f.keys(), path))
-        missing = [n for n in names if n not in where]
-        if missing:
-            raise ValueError(f"{len(missing)} weights are in no file, e.g. {missing[0]!r}")
         for name in names:
-            # One open per tensor: the file is memory-mapped, and the pages a read touches
-            # count in this process's RSS until the mapping closes.
-            with safe_open(str(where[name]), framework="pt", device="cpu") as f:
-                param = params[name]
-                local = _local(param)
-                if isinstance(param, DTensor):
-                    if tuple(param.placements) != (Shard(0),):
-                        raise ValueError(f"{name}: cannot load placement {param.placements}")
-                    rows = param.shape[0]
-                    chunk = -(-rows // param.device_mesh.size())
-                    start = min(param.device_mesh.get_local_rank() * chunk, rows)
-                    part = f.get_slice(name)[start : start + local.shape[0]]
-                else:
-                    part = f.get_tensor(name)
-            if part.shape != local.shape:
+            param = params[name]
+            local = _local(param)
+            if index.shape(name) != tuple(param.shape):
                 raise ValueError(
-                    f"{name}: the file holds {tuple(part.shape)}, the model {tuple(local.shape)}"
+                    f"{name}: the file holds {list(index.shape(name))}, the model "
+                    f"{list(param.shape)}"
                 )
-            local.copy_(part)
-            read += part.numel() * part.element_size()
+            start = 0
+            if isinstance(param, DTensor):
+                if tuple(param.placements) != (Shard(0),):
+                    raise ValueError(f"{name}: cannot load placement {param.placements}")
+                chunk = -(-param.shape[0] // param.device_mesh.size())
+                start = min(param.device_mesh.get_local_rank() * chunk, param.shape[0])
+            if local.dim() == 0:
+                local.copy_(index.read(name, local, local.device))
+            else:
+                index.read_rows(name, local, start)
+            read += local.numel() * index.itemsize(name)
     return read
 
 
