@@ -478,8 +478,8 @@ class ParallelStep:
             no_label = torch.full_like(tokens, IGNORE_INDEX)
             self._root({"input_ids": tokens, "position_ids": tokens, "targets": no_label})
         if device.type == "cpu":
-            # The gathers ran partly in gloo's threads: without this, the allocator keeps up
-            # to a block or two of their freed memory resident under the weights read next.
+            # glibc keeps memory freed in the middle of a heap (or in another thread's arena)
+            # resident: up to a block or two of the gathers' buffers, under the weights next.
             release_free_memory()
         if to_read:
             # Each rank reads only its own rows of every block weight.
