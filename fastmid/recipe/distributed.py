@@ -331,7 +331,8 @@ class _InPlaceAllGather:
 
 
 def _lean_host_all_gather(block: nn.Module) -> None:
-    """Make an FSDP block's gathers on the host hold one gathered copy at a time.
+    """Make an FSDP block's gathers on the host hold one block twice at most (its all-gather
+    buffer and its gathered weights, during the copy-out from one to the other).
 
     Besides the in-place all-gather, the unshard is marked asynchronous: a synchronous one in
     forward keeps the previous block's all-gather buffer alive until the next block's copy-out,
