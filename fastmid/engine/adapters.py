@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +149,14 @@ def _read_adapter(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]
     return config, modules
 
 
-def _patch_for(model: nn.Module, config: dict, modules: dict[str, Any], where: Path) -> None:
+def _patch_for(
+    model: nn.Module,
+    config: dict,
+    modules: dict[str, Any],
+    where: Path,
+    quantize: str,
+    load_block: Callable[[int], None] | None,
+) -> None:
     """apply_midblock with the band, targets and rank the adapter was trained with."""
     layers_path, blocks = find_layers_with_path(model)
     pattern = re.compile(rf"^{re.escape(layers_path)}\.(\d+)\.(.+)$")
@@ -174,8 +182,9 @@ def _patch_for(model: nn.Module, config: dict, modules: dict[str, Any], where: P
         alpha=config.get("lora_alpha", 8),
         dropout=config.get("lora_dropout", 0.0),
         use_rslora=bool(config.get("use_rslora", False)),
+        quantize=quantize,
     )
-    apply_midblock(model, cfg)
+    apply_midblock(model, cfg, load_block=load_block)
 
 
 def resolve_adapter_dir(path: str | os.PathLike) -> Path:
@@ -187,18 +196,29 @@ def resolve_adapter_dir(path: str | os.PathLike) -> Path:
     return where
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    quantize: str = "none",
+    load_block: Callable[[int], None] | None = None,
+) -> nn.Module:
     """Load a fastmid- or PEFT-written LoRA adapter into ``model``; returns the model.
 
     ``path`` is an adapter directory or the output dir of a ``fastmid train`` run.
 
-    An unpatched model is first patched with the adapter's layers, targets, rank and alpha.
-    The adapter and the model must adapt the same modules, with tensors of the same shapes.
+    An unpatched model is first patched with the adapter's layers, targets, rank and alpha,
+    its frozen weights stored as ``quantize`` says (``"nf4"``, ``"int8"`` or ``"none"``), each
+    decoder block loaded by ``load_block`` just before it is patched when that is given (see
+    :func:`fastmid.engine.models.load_model_blockwise`). The adapter and the model must adapt
+    the same modules, with tensors of the same shapes.
     """
     where = resolve_adapter_dir(path)
     config, modules = _read_adapter(where)
-    if getattr(model, "fastmid_state", None) is None:
-        _patch_for(model, config, modules, where)
+    patched = getattr(model, "fastmid_state", None) is not None
+    if patched and (quantize != "none" or load_block is not None):
+        raise ValueError("quantize and load_block apply when load_adapter patches the model")
+    if not patched:
+        _patch_for(model, config, modules, where, quantize, load_block)
     state = midblock_state(model)
     present = _module_paths(model)
     missing = [name for name in modules if name not in present]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from importlib.util import find_spec
 from typing import Any, NamedTuple
 
@@ -401,16 +402,28 @@ def quantize_block(i: int, block: nn.Module, method: str, block_size: int = NF4_
             )
 
 
-def quantize_frozen(model: nn.Module, method: str = "nf4", block_size: int = NF4_BLOCK):
+def quantize_frozen(
+    model: nn.Module,
+    method: str = "nf4",
+    block_size: int = NF4_BLOCK,
+    load_block: Callable[[int], None] | None = None,
+):
     """Store every frozen linear of ``model``'s decoder blocks quantized (``"nf4"`` or
     ``"int8"``; ``"none"`` does nothing); returns the model. Run it after
     :func:`fastmid.apply_midblock` on a model already on its device. Everything is checked
-    before anything is replaced."""
+    before anything is replaced. ``load_block(i)``, when given, loads block ``i`` just before
+    it is quantized (a model from :func:`fastmid.engine.models.load_model_blockwise`), so only
+    one block is ever held in full precision."""
 
     check_quantizable(model, method, block_size)
     if method == "none":
+        if load_block is not None:
+            for i in range(len(find_decoder_layers(model))):
+                load_block(i)
         return model
     for i, block in enumerate(find_decoder_layers(model)):
+        if load_block is not None:
+            load_block(i)
         quantize_block(i, block, method, block_size)
     set_quantized_method(model, method)
     return model

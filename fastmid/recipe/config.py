@@ -37,6 +37,12 @@ PRECISIONS = ("auto", "bf16", "fp32")
 LOSS_ON = ("response", "all")
 PARALLEL = ("auto", "ddp", "fsdp")
 
+
+def quantized_fsdp_error(method: str) -> str:
+    """Why a quantized base cannot be sharded: FSDP shards plain floating-point parameters."""
+    return f"--quantize {method} trains with --parallel ddp (FSDP cannot shard quantized weights)"
+
+
 PAPER_LR = 1e-4
 #: ``batch_tokens`` value that sizes the micro-batch to the device (fastmid.recipe.estimate).
 AUTO_BATCH = "auto"
@@ -151,7 +157,7 @@ class TrainConfig:
     parallel: str = option(
         "auto",
         "ddp: a whole model copy per rank; fsdp: decoder blocks sharded; auto: fsdp when the "
-        "weights exceed half of one GPU's memory",
+        "weights exceed half of one GPU's memory (ddp for a quantized base)",
         choices=PARALLEL,
         **MAY_CHANGE_ON_RESUME,
     )
@@ -238,10 +244,8 @@ class TrainConfig:
         if self.max_steps is not None:
             _positive("max_steps", self.max_steps)
         _positive("nproc", self.nproc)
-        if self.nproc > 1 and self.midblock.quantize != "none":
-            raise UserError(
-                f"quantize {self.midblock.quantize} trains in one process only (nproc 1)"
-            )
+        if self.nproc > 1 and self.midblock.quantize != "none" and self.parallel == "fsdp":
+            raise UserError(quantized_fsdp_error(self.midblock.quantize))
         _positive("log_every", self.log_every)
         _at_least_zero("save_every", self.save_every)
         _at_least_zero("save_every_minutes", self.save_every_minutes)

@@ -407,7 +407,12 @@ def _output_dir(args: argparse.Namespace) -> Path | None:
 def run(args: argparse.Namespace) -> int:
     """``fastmid eval``: print accuracy (and perplexity); optionally write predictions."""
     from fastmid.engine.adapters import load_adapter, resolve_adapter_dir
-    from fastmid.engine.models import load_model, resolve_dtype, select_attention
+    from fastmid.engine.models import (
+        load_model,
+        load_model_blockwise,
+        resolve_dtype,
+        select_attention,
+    )
     from fastmid.engine.quantize import quantize_frozen
 
     if args.limit is not None and args.limit < 1:
@@ -424,12 +429,19 @@ def run(args: argparse.Namespace) -> int:
         if not adapter.is_dir():
             raise UserError(f"adapter directory not found: {args.adapter}")
     dtype = resolve_dtype(args.precision)
-    model, tokenizer, name = load_model(args.model, dtype=dtype)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    if adapter is not None:
-        load_adapter(model, adapter)
-    quantize_frozen(model, args.quantize)
+    if args.quantize == "none":
+        model, tokenizer, name = load_model(args.model, dtype=dtype)
+        model.to(device)
+        if adapter is not None:
+            load_adapter(model, adapter)
+    else:
+        # Each block is loaded, patched and quantized before the next is read.
+        model, tokenizer, name, load_block = load_model_blockwise(args.model, dtype, device)
+        if adapter is not None:
+            load_adapter(model, adapter, args.quantize, load_block)
+        else:
+            quantize_frozen(model, args.quantize, load_block=load_block)
     # The attention fastmid train evaluates with: the same adapter gets the same numbers.
     select_attention(model)
     evaluated = f"{name} + adapter {adapter}" if adapter is not None else f"{name} (no adapter)"

@@ -49,7 +49,13 @@ from fastmid.recipe.batches import (
 from fastmid.recipe.checkpoint import (
     CheckpointSchedule,
 )
-from fastmid.recipe.config import AUTO_BATCH, CPU_BATCH_TOKENS, TrainConfig, build_config
+from fastmid.recipe.config import (
+    AUTO_BATCH,
+    CPU_BATCH_TOKENS,
+    TrainConfig,
+    build_config,
+    quantized_fsdp_error,
+)
 from fastmid.recipe.data import Example
 from fastmid.recipe.distributed import log
 from fastmid.recipe.estimate import BatchChoice
@@ -226,9 +232,8 @@ def init_runtime(cfg: TrainConfig) -> Runtime:
     device = distributed.default_device()
     world = distributed.init_distributed(device).world_size
     quantize = cfg.midblock.quantize
-    if world > 1 and quantize != "none":
-        # DDP broadcasts and FSDP shards plain parameters; a quantized base is one process's.
-        raise UserError(f"--quantize {quantize} runs in one process only; this run has {world}")
+    if world > 1 and quantize != "none" and cfg.parallel == "fsdp":
+        raise UserError(quantized_fsdp_error(quantize))
     distributed.barrier()
     if world > 1 and cfg.grad_accum % world:
         log(f"note: grad_accum {cfg.grad_accum} is not a multiple of {world} ranks; some idle")
@@ -242,30 +247,34 @@ def load_base_model(
 
     Under FSDP from a local safetensors directory the model is built on the meta device and
     ``weight_files`` are returned: each rank later reads only its own shards, so no rank holds
-    a whole copy. A quantized run (one process) leaves the decoder blocks to the block loader:
-    each is loaded while patching and quantized before the next is read, so the load peak is
-    the quantized model plus one block. Otherwise (DDP, no quantization, a GGUF or hub model,
-    or a band "auto" picks by training the full-precision model) the weights are loaded here,
-    not yet on the device, ``weight_files`` is empty and the loader None.
+    a whole copy. A quantized run (one process, or DDP: each rank quantizes its own copy) leaves
+    the decoder blocks to the block loader: each is loaded while patching and quantized before
+    the next is read, so the load peak is the quantized model plus one block. Otherwise (DDP
+    without quantization, a GGUF or hub model, or a band "auto" picks by training the
+    full-precision model) the weights are loaded here, not yet on the device,
+    ``weight_files`` is empty and the loader None.
     """
     band_auto = cfg.midblock.band == "auto"
-    if rt.world > 1 and not band_auto:
+    quantized = cfg.midblock.quantize != "none"
+    if rt.world > 1 and not band_auto and not quantized:
         empty = models.load_empty_model(cfg.model, dtype=rt.dtype)
         if empty is not None:
             model, tokenizer, name, files = empty
             parallel = distributed.resolve_parallel(cfg.parallel, model, rt.device, rt.world)
             if parallel == "fsdp":
                 return model, tokenizer, name, parallel, files, None
-    if cfg.midblock.quantize != "none" and not band_auto:
+    # Each DDP rank quantizes its own copy; FSDP cannot shard quantized weights.
+    mode = "ddp" if quantized and cfg.parallel == "auto" else cfg.parallel
+    if quantized and not band_auto:
         model, tokenizer, name, load_block = models.load_model_blockwise(
             cfg.model, rt.dtype, rt.device
         )
         if load_block.note is not None:
             log(f"note: {load_block.note}")
-        parallel = distributed.resolve_parallel(cfg.parallel, model, rt.device, rt.world)
+        parallel = distributed.resolve_parallel(mode, model, rt.device, rt.world)
         return model, tokenizer, name, parallel, [], load_block
     model, tokenizer, name = models.load_model(cfg.model, dtype=rt.dtype)
-    parallel = distributed.resolve_parallel(cfg.parallel, model, rt.device, rt.world)
+    parallel = distributed.resolve_parallel(mode, model, rt.device, rt.world)
     return model, tokenizer, name, parallel, [], None
 
 

@@ -11,10 +11,11 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from fastmid.engine import blockload
+from fastmid.engine.adapters import load_adapter, save_adapter
 from fastmid.engine.blocks import find_decoder_layers
 from fastmid.engine.midblock import MidBlockConfig, apply_midblock
 from fastmid.engine.models import load_model, load_model_blockwise
-from fastmid.engine.quantize import QuantizedWeight, stored_tensors
+from fastmid.engine.quantize import QuantizedWeight, quantize_frozen, stored_tensors
 
 from ._runs import RECORDS, make_tokenizer
 from ._tiny import randomize_adapters, tiny_model
@@ -56,6 +57,32 @@ def blockwise(path: Path, method: str) -> nn.Module:
     return apply_midblock(model, config(method), load_block=load_block)
 
 
+@pytest.fixture(scope="module")
+def adapter(fp32_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained-looking adapter on layers 1-4 of the tiny model (random A and B)."""
+    model = load_model(str(fp32_dir), dtype=torch.float32)[0]
+    cfg = MidBlockConfig(band=[1, 2, 3, 4], targets=TARGETS, rank=8, use_liger=False)
+    apply_midblock(model, cfg)
+    randomize_adapters(model)
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    save_adapter(model, out)
+    return out
+
+
+def for_eval(path: Path, method: str, adapter: Path | None, by_block: bool) -> nn.Module:
+    """What ``fastmid eval --quantize`` loads: by block, or loaded whole and then quantized."""
+    if by_block:
+        model, _, _, load_block = load_model_blockwise(str(path), torch.bfloat16, "cpu")
+        assert load_block.note is None
+        if adapter is not None:
+            return load_adapter(model, adapter, method, load_block)
+        return quantize_frozen(model, method, load_block=load_block)
+    model = load_model(str(path), dtype=torch.bfloat16)[0]
+    if adapter is not None:
+        load_adapter(model, adapter)
+    return quantize_frozen(model, method)
+
+
 def stored(model: nn.Module) -> dict[str, list[torch.Tensor]]:
     return {
         name: stored_tensors(t) for name, t in [*model.named_parameters(), *model.named_buffers()]
@@ -81,7 +108,32 @@ def test_blockwise_load_is_bit_identical_to_load_then_quantize(fp32_dir, method)
         torch.testing.assert_close(got(IDS).logits, want(IDS).logits, rtol=0, atol=0)
 
 
-def test_blockwise_load_never_holds_two_blocks_in_full_precision(fp32_dir, monkeypatch):
+@pytest.mark.parametrize("with_adapter", [True, False])
+def test_eval_load_by_block_is_bit_identical_to_load_then_quantize(fp32_dir, adapter, with_adapter):
+    chosen = adapter if with_adapter else None
+    want = for_eval(fp32_dir, "nf4", chosen, by_block=False).eval()  # no adapter dropout
+    got = for_eval(fp32_dir, "nf4", chosen, by_block=True).eval()
+    want_tensors, got_tensors = stored(want), stored(got)
+    assert list(got_tensors) == list(want_tensors)
+    for name, tensors in want_tensors.items():
+        for w, g in zip(tensors, got_tensors[name], strict=True):
+            assert g.dtype == w.dtype and torch.equal(g, w), name
+    assert not any(t.is_meta for t in got.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(got(IDS).logits, want(IDS).logits, rtol=0, atol=0)
+
+
+def test_load_adapter_quantizes_only_while_patching(fp32_dir, adapter):
+    model = load_model(str(fp32_dir), dtype=torch.bfloat16)[0]
+    load_adapter(model, adapter)
+    with pytest.raises(ValueError, match="when load_adapter patches"):
+        load_adapter(model, adapter, "nf4")
+
+
+@pytest.mark.parametrize("load", ["train", "eval with adapter", "eval"])
+def test_blockwise_load_never_holds_two_blocks_in_full_precision(
+    fp32_dir, adapter, monkeypatch, load
+):
     """Every decoder-linear weight read from disk is tracked by its storage; at each read the
     bytes still alive must stay within one block's linears (they are all alive at the end of a
     block's load, so the maximum is exactly one block)."""
@@ -97,7 +149,10 @@ def test_blockwise_load_never_holds_two_blocks_in_full_precision(fp32_dir, monke
         return out
 
     monkeypatch.setattr(blockload.ShardIndex, "read", tracked)
-    model = blockwise(fp32_dir, "nf4")
+    if load == "train":
+        model = blockwise(fp32_dir, "nf4")
+    else:
+        model = for_eval(fp32_dir, "nf4", adapter if "adapter" in load else None, by_block=True)
     block = find_decoder_layers(tiny_model("llama", 1, intermediate_size=128))[0]
     block_bytes = sum(2 * m.weight.numel() for m in block.modules() if isinstance(m, nn.Linear))
     assert len(live) == 7 * NUM_LAYERS

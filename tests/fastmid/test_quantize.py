@@ -195,8 +195,9 @@ def test_bad_combinations_are_one_line_errors():
         apply_midblock(base(), MidBlockConfig(quantize="fp4"))
     with pytest.raises(UserError, match="quantize must be one of"):
         TrainConfig(midblock=MidBlockConfig(quantize="nf3")).validate()
-    with pytest.raises(UserError, match="one process"):
-        TrainConfig(midblock=MidBlockConfig(quantize="nf4"), nproc=2).validate()
+    with pytest.raises(UserError, match="trains with --parallel ddp"):
+        TrainConfig(midblock=MidBlockConfig(quantize="nf4"), nproc=2, parallel="fsdp").validate()
+    TrainConfig(midblock=MidBlockConfig(quantize="nf4"), nproc=2).validate()  # DDP: allowed
     model = quantize_frozen(base(), "nf4")
     with pytest.raises(UserError, match="patch the model before quantizing"):
         apply_midblock(model, MidBlockConfig(rank=8))

@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from fastmid.cli import main
-from tests.fastmid._runs import RECORDS, as_flags, make_model_dir, tiny_settings, write_jsonl
+from tests.fastmid._runs import (
+    RECORDS,
+    as_flags,
+    make_model_dir,
+    metrics,
+    tiny_settings,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread_torch_path")
 
@@ -68,11 +75,51 @@ def test_quantized_training_saves_an_adapter_that_evaluates_and_merges(
     assert (tuned - base_logits).abs().max() > 1e-2  # the adapter moved the model
 
 
+@pytest.mark.slow  # a one-process run and a torchrun launch
+def test_two_ddp_ranks_train_a_quantized_base_like_one_process(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """``--quantize nf4 --nproc 2``: each rank loads and quantizes its own copy block by block,
+    DDP sums the adapters' gradients, and the run takes the steps of one process."""
+    from safetensors.torch import load_file
+
+    from tests.fastmid.test_distributed import assert_adapters_close_after_adam
+
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS[:24])
+    # The workers inherit this environment: the kernels' torch path, one thread each.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"nproc{nproc}"
+        settings = tiny_settings(model_dir, data, out, band="1-2", max_steps=3, grad_accum=2)
+        argv = ["train", *as_flags(settings), "--quantize", "nf4", "--nproc", str(nproc)]
+        assert main(argv) == 0
+        runs[nproc] = out
+    one, two = runs[1], runs[2]
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["resolved"]["parallel"] == "ddp"
+    got, want = metrics(two), metrics(one)
+    assert [m["step"] for m in got] == [m["step"] for m in want] == [1, 2, 3]
+    assert [m["tokens"] for m in got] == [m["tokens"] for m in want]
+    torch.testing.assert_close(
+        torch.tensor([m["loss"] for m in got]),
+        torch.tensor([m["loss"] for m in want]),
+        rtol=1e-5,
+        atol=0,
+    )
+    adapter = "adapter/adapter_model.safetensors"
+    got_w, want_w = load_file(str(two / adapter)), load_file(str(one / adapter))
+    assert_adapters_close_after_adam(got_w, want_w)
+    assert max(float(w.abs().max()) for k, w in want_w.items() if "lora_B" in k) > 0  # trained
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--quantize", "nf4", "{no torchao}"], "--quantize nf4 needs torchao: pip install"),
-        (["--quantize", "nf4", "--nproc", "2"], "quantize nf4 trains in one process only"),
+        (["--quantize", "nf4", "--nproc", "2", "--parallel", "fsdp"], "trains with --parallel ddp"),
         (["--quantize", "nf4", "--model", "{narrow}"], "needs the block size 64 to divide"),
     ],
 )
