@@ -1,6 +1,6 @@
 """Host memory per rank when FSDP starts: built on meta and read shard by shard, or loaded whole.
 
-    python -m bench.fsdp_startup [--layers 16] [--hidden 1024] [--nproc 2] [--out bench/results]
+    python -m bench.fsdp_startup [--layers 20] [--hidden 1536] [--nproc 2] [--out bench/results]
 
 A random-initialised Llama (small vocabulary, so the decoder blocks hold nearly all the weights)
 is saved once as an fp32 safetensors directory. Then, for each way of starting, ``--nproc`` CPU
@@ -12,7 +12,9 @@ load, Mid-Block patch (unfused), ``fully_shard`` — and stop before the first s
 - ``whole``: every rank loads the whole model first (``models.load_model``), as before.
 
 Each rank reports its peak RSS (``VmHWM``) and its RSS before the model was touched (imports and
-the process group); both are set against the bytes of one full fp32 copy of the weights.
+the process group); both are set against the bytes of one full fp32 copy of the weights. Then it
+runs one training forward and backward on a 64-token micro-batch and reports the peak again:
+a step gathers each block (its all-gather buffer and its gathered weights) on top of the shards.
 Writes ``fsdp_startup.json`` and ``fsdp_startup.md`` into ``--out`` with the machine's load.
 """
 
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("meta", "whole")
+STEP_TOKENS = 64  # the micro-batch of the one training step measured after start-up
 
 
 def save_model(path: Path, layers: int, hidden: int) -> int:
@@ -60,11 +63,12 @@ def worker(mode: str, model_dir: str, out: str) -> None:
     import torch
 
     from fastmid.engine import models
-    from fastmid.engine.loss import forward_loss
+    from fastmid.engine.loss import IGNORE_INDEX, forward_loss
     from fastmid.engine.midblock import MidBlockConfig, apply_midblock
     from fastmid.memory import peak_rss_bytes, rss_bytes
     from fastmid.recipe import distributed
     from fastmid.recipe.config import build_config
+    from fastmid.recipe.data import Example, collate_packed
     from fastmid.recipe.train import Runtime, load_base_model
 
     env = distributed.init_distributed(torch.device("cpu"))
@@ -72,7 +76,7 @@ def worker(mode: str, model_dir: str, out: str) -> None:
     rt = Runtime(torch.device("cpu"), env.world_size, "fp32")
     if mode == "meta":
         cfg = build_config(None, {"model": model_dir, "parallel": "fsdp"})
-        model, _, _, parallel, files = load_base_model(cfg, rt)
+        model, _, _, parallel, files, _ = load_base_model(cfg, rt)
         assert parallel == "fsdp" and files, "the meta path was not taken"
     else:
         model, _, _ = models.load_model(model_dir)
@@ -87,6 +91,12 @@ def worker(mode: str, model_dir: str, out: str) -> None:
         rss_after_shard=rss_bytes(),
         loaded_bytes=dp.loaded_bytes,
     )
+    ids = torch.randint(3, 4096, (STEP_TOKENS,), generator=torch.Generator().manual_seed(0))
+    model.train()
+    targets = [*ids[1:].tolist(), IGNORE_INDEX]
+    loss, _ = dp.forward_loss(collate_packed([Example(ids.tolist(), targets)]))
+    loss.backward()
+    row["peak_rss_step"] = peak_rss_bytes()
     Path(out, f"{mode}_rank{env.rank}.json").write_text(json.dumps(row))
     distributed.shutdown()
 
@@ -107,26 +117,30 @@ def report(rows: list[dict[str, Any]], full: int, load: str, nproc: int, params:
         "",
         f"Random Llama, {params / 1e6:.0f}M params, one full fp32 copy = {full / gib:.2f} GiB. "
         f"Peak RSS (VmHWM) after `fully_shard`, before the first step; 'above start' subtracts "
-        f"the RSS the rank had before loading (Python, torch, transformers, the process group). "
+        f"the RSS the rank had before loading (Python, torch, transformers, the process group); "
+        f"'after 1 step' is the peak once one training forward and backward on {STEP_TOKENS} "
+        f"tokens has run. "
         f"Machine: 2 shared cores, load average {load}.",
         "",
         "| start-up | rank | peak RSS GiB | × full copy | above start GiB | × full copy | "
-        "weights read GiB |",
-        "|---|---|---|---|---|---|---|",
+        "weights read GiB | peak after 1 step GiB | × full copy |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         above = r["peak_rss"] - r["rss_before_load"]
+        step = r["peak_rss_step"]
         lines.append(
             f"| {r['mode']} | {r['rank']} | {r['peak_rss'] / gib:.2f} | {r['peak_rss'] / full:.2f} "
-            f"| {above / gib:.2f} | {above / full:.2f} | {r['loaded_bytes'] / gib:.2f} |"
+            f"| {above / gib:.2f} | {above / full:.2f} | {r['loaded_bytes'] / gib:.2f} "
+            f"| {step / gib:.2f} | {step / full:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=20)
+    parser.add_argument("--hidden", type=int, default=1536)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--worker", nargs=3, metavar=("MODE", "MODEL_DIR", "OUT"))

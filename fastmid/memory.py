@@ -8,13 +8,11 @@ large one (a ``fastmid compare`` run, a benchmark worker) would report its paren
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import functools
 import re
 import resource
 from pathlib import Path
 
-__all__ = ["peak_rss_bytes", "release_free_heap", "reset_peak_rss", "rss_bytes"]
+__all__ = ["peak_rss_bytes", "release_free_memory", "reset_peak_rss", "rss_bytes"]
 
 STATUS = Path("/proc/self/status")
 
@@ -54,28 +52,22 @@ def reset_peak_rss() -> bool:
     return True
 
 
-@functools.cache
-def _malloc_trim() -> ctypes._CFuncPtr | None:
-    """glibc's ``malloc_trim``, or None on another C library."""
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return None
+def release_free_memory() -> bool:
+    """Hand the C allocator's free memory back to the kernel (glibc's ``malloc_trim``); False
+    where the C library has no such call.
 
-
-def release_free_heap() -> bool:
-    """Give the pages of freed heap memory back to the kernel (glibc ``malloc_trim(0)``);
-    False where the C library has no such call.
-
-    glibc raises its mmap threshold each time a large block is freed, so later tensors of up
-    to 32 MiB live in its heap, and memory they free stays resident. Loading a model one block
-    at a time frees a block's full-precision weights after quantizing them; pages that stay
-    resident but that the next block's tensors do not happen to reuse add to the process's
-    peak, so they are trimmed before the next block is read.
+    glibc returns a freed block to the kernel only when it was mapped on its own or sits at the
+    top of a heap; memory freed in the middle of a heap, or in an arena of another thread (a
+    collective's worker), stays resident and counts in RSS until it is reused. (Its mmap
+    threshold rises each time a large block is freed, so later tensors of up to 32 MiB come
+    from the heap: a model loaded block by block frees each block's full-precision weights
+    there.)
     """
-    trim = _malloc_trim()
-    if trim is None:
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
         return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
     trim(0)
     return True

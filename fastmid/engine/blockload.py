@@ -16,7 +16,7 @@ device in the dtype the model declares, the same cast ``from_pretrained`` applie
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from torch import nn
 
 from fastmid.engine.blocks import find_layers_with_path
 from fastmid.errors import UserError
-from fastmid.memory import release_free_heap
+from fastmid.memory import release_free_memory
 
 # File bytes read per chunk: bounds the host memory of reading one tensor (an embedding
 # matrix is the largest); larger chunks only save file opens.
@@ -48,6 +48,18 @@ class ShardIndex:
             with safe_open(str(path), "pt") as f:
                 self.files.update(dict.fromkeys(f.keys(), path))
 
+    @classmethod
+    def of_files(cls, files: Sequence[Path]) -> ShardIndex:
+        """The index of the tensors in safetensors ``files``."""
+        from safetensors import safe_open
+
+        index = cls.__new__(cls)
+        index.files = {}
+        for path in files:
+            with safe_open(str(path), "pt") as f:
+                index.files.update(dict.fromkeys(f.keys(), path))
+        return index
+
     def __contains__(self, key: str) -> bool:
         return key in self.files
 
@@ -56,25 +68,47 @@ class ShardIndex:
         it may be a meta tensor)."""
         from safetensors import safe_open
 
-        path = str(self.files[key])
-        with safe_open(path, "pt") as f:
-            part = f.get_slice(key)
-            shape = tuple(part.get_shape())
-            if shape != tuple(like.shape):
-                raise UserError(
-                    f"{key} has shape {list(shape)} in {path}, the model expects {list(like.shape)}"
-                )
-            if not shape:
+        shape = self.shape(key)
+        if shape != tuple(like.shape):
+            raise UserError(
+                f"{key} has shape {list(shape)} in {self.files[key]}, "
+                f"the model expects {list(like.shape)}"
+            )
+        if not shape:
+            with safe_open(str(self.files[key]), "pt") as f:
                 return f.get_tensor(key).to(device=device, dtype=like.dtype)
         out = torch.empty(shape, dtype=like.dtype, device=device)
-        row_bytes = max(1, out[0].numel() * _file_itemsize(part.get_dtype()))
+        self.read_rows(key, out)
+        return out
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape tensor ``key`` has in its file."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[key]), "pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def itemsize(self, key: str) -> int:
+        """Bytes per element of tensor ``key`` in its file."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[key]), "pt") as f:
+            return _file_itemsize(f.get_slice(key).get_dtype())
+
+    def read_rows(self, key: str, out: torch.Tensor, start: int = 0) -> None:
+        """Copy rows ``[start, start + len(out))`` of tensor ``key`` (at least 1-d) into
+        ``out``, cast to its dtype, ``CHUNK_BYTES`` of the file at a time: no copy of the whole
+        tensor (or of ``out``) is ever made on the host."""
+        from safetensors import safe_open
+
+        path = str(self.files[key])
+        row_bytes = max(1, out[0].numel() * self.itemsize(key)) if len(out) else 1
         step = max(1, CHUNK_BYTES // row_bytes)
-        for start in range(0, shape[0], step):
-            stop = min(start + step, shape[0])
+        for first in range(0, len(out), step):
+            stop = min(first + step, len(out))
             # A fresh handle per chunk: closing it unmaps the pages this chunk touched.
             with safe_open(path, "pt") as f:
-                out[start:stop].copy_(f.get_slice(key)[start:stop])
-        return out
+                out[first:stop].copy_(f.get_slice(key)[start + first : start + stop])
 
 
 def _file_itemsize(dtype: str) -> int:
@@ -173,7 +207,7 @@ class BlockLoader:
             return
         # The previous block's full-precision weights are free by now (quantized, or moved
         # to the GPU): hand their pages back before this block's are allocated.
-        release_free_heap()
+        release_free_memory()
         prefix = f"{self.layers_path}.{i}."
         _materialise(self.blocks[i], prefix, self.index, self.device, skip=None)
 

@@ -53,6 +53,7 @@ from torch import nn
 from fastmid.engine.lora import is_fused
 from fastmid.engine.loss import IGNORE_INDEX
 from fastmid.errors import INTERRUPTED_EXIT, STATUS_FILE_ENV, USER_ERROR_EXIT, UserError
+from fastmid.memory import release_free_memory
 
 T = TypeVar("T")
 PARALLEL_MODES = ("auto", "ddp", "fsdp")
@@ -232,18 +233,11 @@ def _local(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if isinstance(param, DTensor) else param
 
 
-def load_sharded_weights(model: nn.Module, files: Sequence[Path], device: torch.device) -> int:
-    """Give a model built on the meta device (then FSDP-sharded) its weights from safetensors
-    ``files``, reading only this rank's rows of every sharded tensor; returns the bytes read.
-
-    FSDP2 shards dim 0 in ``torch.chunk`` pieces: rank r holds rows ``[r·c, r·c + len)`` with
-    ``c = ceil(rows / world)``. Parameters FSDP does not shard (embeddings, final norm, LM
-    head) are read whole; parameters and buffers that are already real (the adapters, rotary
-    frequencies) keep their values.
-    """
-    from safetensors import safe_open
-    from torch.distributed.tensor import DTensor, Shard
-
+def allocate_shards(model: nn.Module, device: torch.device) -> None:
+    """Give a model built on the meta device (then FSDP-sharded) uninitialised storage on
+    ``device`` for this rank's part of every parameter; parameters and buffers that are
+    already real (the adapters, rotary frequencies) keep their values. Fill it with
+    :func:`load_sharded_weights`."""
     # to_empty gives every tensor fresh storage (FSDP re-registers its shards); the real ones
     # are put back afterwards.
     keep = {
@@ -251,7 +245,6 @@ def load_sharded_weights(model: nn.Module, files: Sequence[Path], device: torch.
         for name, t in [*model.named_parameters(), *model.named_buffers()]
         if not _local(t).is_meta
     }
-    to_fill = [(n, p) for n, p in model.named_parameters() if _local(p).is_meta]
     # Swapping keeps every Parameter object (a meta tensor cannot take new storage in place):
     # tied weights stay one parameter, and references held elsewhere stay valid.
     swap = torch.__future__.get_swap_module_params_on_conversion()
@@ -261,39 +254,95 @@ def load_sharded_weights(model: nn.Module, files: Sequence[Path], device: torch.
     finally:
         torch.__future__.set_swap_module_params_on_conversion(swap)
     params_and_buffers = dict([*model.named_parameters(), *model.named_buffers()])
-    read = 0
     with torch.no_grad():
         for name, value in keep.items():
             _local(params_and_buffers[name]).copy_(_local(value))
-        where = {}
-        for path in files:
-            with safe_open(str(path), framework="pt") as f:
-                where.update(dict.fromkeys(f.keys(), path))
-        missing = [n for n, _ in to_fill if n not in where]
-        if missing:
-            raise ValueError(f"{len(missing)} weights are in no file, e.g. {missing[0]!r}")
-        for name, _ in to_fill:
-            # One open per tensor: the file is memory-mapped, and the pages a read touches
-            # count in this process's RSS until the mapping closes.
-            with safe_open(str(where[name]), framework="pt", device="cpu") as f:
-                param = params_and_buffers[name]
-                local = _local(param)
-                if isinstance(param, DTensor):
-                    if tuple(param.placements) != (Shard(0),):
-                        raise ValueError(f"{name}: cannot load placement {param.placements}")
-                    rows = param.shape[0]
-                    chunk = -(-rows // param.device_mesh.size())
-                    start = min(param.device_mesh.get_local_rank() * chunk, rows)
-                    part = f.get_slice(name)[start : start + local.shape[0]]
-                else:
-                    part = f.get_tensor(name)
-            if part.shape != local.shape:
+
+
+def load_sharded_weights(model: nn.Module, files: Sequence[Path], names: Sequence[str]) -> int:
+    """Read the parameters ``names`` of a model whose storage :func:`allocate_shards` made
+    from safetensors ``files``, only this rank's rows of every sharded tensor; returns the
+    bytes read.
+
+    FSDP2 shards dim 0 in ``torch.chunk`` pieces: rank r holds rows ``[r·c, r·c + len)`` with
+    ``c = ceil(rows / world)``. Parameters FSDP does not shard (embeddings, final norm, LM
+    head) are read whole. Rows go from the file straight into the parameter's storage, a few
+    MiB at a time (:meth:`~fastmid.engine.blockload.ShardIndex.read_rows`).
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    from fastmid.engine.blockload import ShardIndex
+
+    index = ShardIndex.of_files(files)
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise ValueError(f"{len(missing)} weights are in no file, e.g. {missing[0]!r}")
+    params = dict(model.named_parameters())
+    read = 0
+    with torch.no_grad():
+        for name in names:
+            param = params[name]
+            local = _local(param)
+            if index.shape(name) != tuple(param.shape):
                 raise ValueError(
-                    f"{name}: the file holds {tuple(part.shape)}, the model {tuple(local.shape)}"
+                    f"{name}: the file holds {list(index.shape(name))}, the model "
+                    f"{list(param.shape)}"
                 )
-            local.copy_(part)
-            read += part.numel() * part.element_size()
+            start = 0
+            if isinstance(param, DTensor):
+                if tuple(param.placements) != (Shard(0),):
+                    raise ValueError(f"{name}: cannot load placement {param.placements}")
+                chunk = -(-param.shape[0] // param.device_mesh.size())
+                start = min(param.device_mesh.get_local_rank() * chunk, param.shape[0])
+            if local.dim() == 0:
+                local.copy_(index.read(name, local, local.device))
+            else:
+                index.read_rows(name, local, start)
+            read += local.numel() * index.itemsize(name)
     return read
+
+
+class _InPlaceAllGather:
+    """FSDP2 all-gather for gloo as one broadcast per rank, straight into that rank's chunk of
+    the output. Gloo's own all-gather receives into a second buffer the size of the output and
+    copies it over: one more whole block in host memory at every gather."""
+
+    def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device):
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(
+        self,
+        output_tensor: torch.Tensor,
+        input_tensor: torch.Tensor,
+        group: dist.ProcessGroup,
+        async_op: bool = False,
+    ) -> dist.Work | None:
+        chunks = output_tensor.chunk(group.size())
+        mine = chunks[group.rank()]
+        if mine.data_ptr() != input_tensor.data_ptr():  # FSDP copies its input in place
+            mine.copy_(input_tensor)
+        works = [
+            dist.broadcast(chunk, group_src=src, group=group, async_op=True)
+            for src, chunk in enumerate(chunks)
+        ]
+        for work in works:
+            work.wait()
+        return works[-1] if async_op else None
+
+
+def _lean_host_all_gather(block: nn.Module) -> None:
+    """Make an FSDP block's gathers on the host hold one block twice at most (its all-gather
+    buffer and its gathered weights, during the copy-out from one to the other).
+
+    Besides the in-place all-gather, the unshard is marked asynchronous: a synchronous one in
+    forward keeps the previous block's all-gather buffer alive until the next block's copy-out,
+    which only buys overlap between CUDA streams. Both are memory-only settings, skipped on a
+    torch without them.
+    """
+    if hasattr(block, "set_custom_all_gather"):
+        block.set_custom_all_gather(_InPlaceAllGather())
+    if hasattr(block, "_set_unshard_async_op"):
+        block._set_unshard_async_op(True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,12 +413,14 @@ class ParallelStep:
         self._padding = False
         if mode != "none" and self.world_size == 1:
             self.mode = "none"
+        if any(p.is_meta for p in model.parameters()) and not (
+            self.mode == "fsdp" and weight_files
+        ):
+            raise ValueError("a model on the meta device needs mode fsdp and its weight_files")
         if self.mode == "ddp":
             self._wrap_ddp(device)
         elif self.mode == "fsdp":
             self._wrap_fsdp(device, weight_files)
-        if any(p.is_meta for p in model.parameters()):
-            raise ValueError("a model on the meta device needs mode fsdp and its weight_files")
 
     # --- wrapping ---
 
@@ -401,6 +452,8 @@ class ParallelStep:
         # gathered again for its backward when it is in or above the band).
         for block in blocks:
             fully_shard(block, mesh=mesh, ignored_params=adapters)
+            if device.type == "cpu":
+                _lean_host_all_gather(block)
         # The root unit is the loss module, so one training forward is one FSDP iteration. It
         # shards nothing itself: the embeddings, final norm and LM head stay whole on every
         # rank (small next to the blocks, and a tied LM head is the embedding), so evaluation
@@ -410,18 +463,28 @@ class ParallelStep:
         self._root = fully_shard(
             _LossModule(self.model, self._loss_fn), mesh=mesh, ignored_params=whole
         )
-        if weight_files:
-            # Built on the meta device: each rank reads only its own shards of the blocks.
-            self.loaded_bytes = load_sharded_weights(self.model, weight_files, device)
+        # Built on the meta device: storage for this rank's shards only, read after the warm-up.
+        to_read = [n for n, p in self.model.named_parameters() if _local(p).is_meta]
+        if to_read:
+            allocate_shards(self.model, device)
         self.model.to(device)
         # One forward through the root now: it makes the root the root before anything calls
         # a block on its own (an evaluation), and it allocates the blocks' gathered weights
         # outside torch.inference_mode (FSDP reuses them; inference tensors cannot be saved
-        # for backward).
+        # for backward). Its output is thrown away, so it runs before the weights are read:
+        # the gathers' working memory (a block's all-gather buffer and its gathered weights)
+        # comes and goes while the rank holds nothing else.
         with torch.no_grad():
             tokens = torch.zeros((1, 1), dtype=torch.long, device=device)
             no_label = torch.full_like(tokens, IGNORE_INDEX)
             self._root({"input_ids": tokens, "position_ids": tokens, "targets": no_label})
+        if device.type == "cpu":
+            # glibc keeps memory freed in the middle of a heap (or in another thread's arena)
+            # resident: up to a block or two of the gathers' buffers, under the weights next.
+            release_free_memory()
+        if to_read:
+            # Each rank reads only its own rows of every block weight.
+            self.loaded_bytes = load_sharded_weights(self.model, weight_files, to_read)
         self._broadcast_adapters()
 
     def _broadcast_adapters(self) -> None:

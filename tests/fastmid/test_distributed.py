@@ -539,17 +539,22 @@ def test_fsdp_ranks_read_only_their_shards_from_meta(two_process_runs: Path):
         run = json.loads((two_process_runs / f"meta_load_rank{rank}.json").read_text())
         assert run["all_meta_before"] and run["matches_file"]
         assert run["adapters_are_the_models"] and run["tied_after"]
-        names = [name for name, _, _ in run["reads"]]
-        assert sorted(names) == sorted(weights)  # every weight read, and once
+        # The warm-up forward (FSDP's gathers) ran before any weight was read.
+        assert run["reads_before_first_forward"] == 0
+        assert run["in_place_all_gather_matches"]
+        rows_read: dict[str, int] = {}
         read_bytes = 0
-        for name, rows, numel in run["reads"]:
+        for name, rows, numel in run["reads"]:  # a tensor may come in several row chunks
+            rows_read[name] = rows_read.get(name, 0) + rows
+            read_bytes += numel * weights[name].element_size()
+        assert sorted(rows_read) == sorted(weights)  # every weight read
+        for name, rows in rows_read.items():
             full_rows = weights[name].shape[0]
             if ".layers." in name:  # a block weight: this rank's chunk of rows only
                 chunk = -(-full_rows // 2)
                 assert rows == min(chunk, full_rows - rank * chunk), name
             else:  # embeddings, final norm, LM head: whole on every rank
                 assert rows == full_rows, name
-            read_bytes += numel * weights[name].element_size()
         assert run["loaded_bytes"] == read_bytes < full_bytes
 
 
@@ -648,6 +653,9 @@ class _RecordingOpen:
                         reads.append((name, t.shape[0], t.numel()))
                         return t
 
+                    def __getattr__(self, attr):  # get_shape, get_dtype: no data read
+                        return getattr(sl, attr)
+
                 return Slice()
 
         return Handle()
@@ -669,6 +677,8 @@ def _meta_load(out: Path) -> None:
     frozen = [p for p in model.parameters() if not p.requires_grad]
     all_meta_before = all(p.is_meta for p in frozen)
     reads: list[tuple[str, int, int]] = []
+    first_forward: list[int] = []
+    model.model.layers[0].register_forward_pre_hook(lambda *_: first_forward.append(len(reads)))
     real_open = safetensors.safe_open
     safetensors.safe_open = _RecordingOpen(real_open, reads)
     try:
@@ -689,7 +699,15 @@ def _meta_load(out: Path) -> None:
         matches_file=matches,
         reads=reads,
         loaded_bytes=dp.loaded_bytes,
+        reads_before_first_forward=first_forward[0],
     )
+    # The blocks' host all-gather (a broadcast per rank into the output) against gloo's own.
+    rank = distributed.get_rank()
+    mine = torch.arange(6.0) + 10 * rank
+    gathered, expected = torch.empty(12), torch.empty(12)
+    distributed._InPlaceAllGather()(gathered, mine, torch.distributed.group.WORLD)
+    torch.distributed.all_gather_into_tensor(expected, mine)
+    run["in_place_all_gather_matches"] = torch.equal(gathered, expected)
     # A tied LM head stays the embedding (one key in the file), and the adapters the step
     # reduces are the model's own parameters.
     run["adapters_are_the_models"] = all(
@@ -711,7 +729,6 @@ def _meta_load(out: Path) -> None:
     run["tied_after"] = tied.lm_head.weight is tied.model.embed_tokens.weight and torch.equal(
         tied.lm_head.weight.detach(), embedding
     )
-    rank = distributed.get_rank()
     (out / f"meta_load_rank{rank}.json").write_text(json.dumps(run))
 
 
