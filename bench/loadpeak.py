@@ -49,8 +49,9 @@ def model_bytes(model: Any) -> dict[str, int]:
     return {"decoder_linears_bf16": frozen["bf16"], "stored": total}
 
 
-def worker(way: str, method: str, dtype_name: str) -> dict[str, Any]:
-    """One process: imports (and the tokenizer), then the measured load; bytes as integers."""
+def worker(way: str, method: str, dtype_name: str, model: str | None) -> dict[str, Any]:
+    """One process: imports (and the tokenizer), then the measured load of ``model`` (default:
+    the embedded one); bytes as integers."""
     import torch
     import transformers.models.llama.modeling_llama  # noqa: F401  (imports are not the load)
     from transformers import AutoTokenizer
@@ -64,7 +65,7 @@ def worker(way: str, method: str, dtype_name: str) -> dict[str, Any]:
 
     import_torchao_quietly()
     dtype = DTYPES[dtype_name]
-    source = default_model_dir()
+    source = Path(model) if model else default_model_dir()
     if way != "tokenizer":
         # Its first load costs ~45 MiB that stay (the tokenizer row): not the weights' load.
         AutoTokenizer.from_pretrained(str(source))
@@ -75,17 +76,17 @@ def worker(way: str, method: str, dtype_name: str) -> dict[str, Any]:
     cfg = MidBlockConfig(quantize=method)
     if way == "tokenizer":
         AutoTokenizer.from_pretrained(str(source))
-        model = None
     elif way in ("train", "eval"):
-        model, _, _, load_block = load_model_blockwise(None, dtype, "cpu")
+        lm, _, _, load_block = load_model_blockwise(model, dtype, "cpu")
         assert load_block.note is None, load_block.note
         if way == "train":
-            apply_midblock(model, cfg, load_block=load_block)
+            apply_midblock(lm, cfg, load_block=load_block)
         else:
-            quantize_frozen(model, method, load_block=load_block)
+            quantize_frozen(lm, method, load_block=load_block)
     else:
-        model = load_model(None, dtype)[0]
-        apply_midblock(model, cfg)
+        lm = load_model(model, dtype)[0]
+        apply_midblock(lm, cfg)
+    model = lm if way != "tokenizer" else None
     out = {
         "way": way,
         "peak_above_start": peak_rss_bytes() - before,
@@ -98,9 +99,90 @@ def worker(way: str, method: str, dtype_name: str) -> dict[str, Any]:
     return out
 
 
-def run(way: str, method: str, dtype: str) -> dict[str, Any]:
+# Random-initialised Llama shapes of the sizes users fine-tune (Llama-3.2-1B, Llama-3.1-8B).
+CONFIGS: dict[str, dict[str, Any]] = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                     tie_word_embeddings=True),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                     tie_word_embeddings=False),
+}  # fmt: skip
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def random_checkpoint(name: str, out: Path) -> Path:
+    """A bf16 safetensors directory of ``CONFIGS[name]`` with random weights (and the embedded
+    model's tokenizer, which loading needs and whose vocabulary size does not matter here)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from fastmid.engine.models import default_model_dir
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**CONFIGS[name]), dtype=torch.bfloat16)
+    model.save_pretrained(out, max_shard_size="1GB")
+    for f in TOKENIZER_FILES:
+        if (default_model_dir() / f).is_file():
+            shutil.copy(default_model_dir() / f, out / f)
+    return out
+
+
+def estimate(name: str, method: str) -> dict[str, int]:
+    """The load peaks block-by-block loading promises for ``CONFIGS[name]``, from shapes and one
+    real block: the weights outside the blocks in bf16, every block as quantized, the fp32
+    adapters of the default band and rank (train only), plus one block in bf16."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from fastmid.engine.blocks import find_decoder_layers
+    from fastmid.engine.midblock import MidBlockConfig, resolve_band, resolve_rank
+    from fastmid.engine.quantize import quantize_block, stored_tensors
+
+    config = LlamaConfig(**CONFIGS[name])
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    skeleton.tie_weights()  # a tied LM head is the embedding: stored once
+    blocks = find_decoder_layers(skeleton)
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    outside = sum(2 * p.numel() for p in skeleton.parameters() if id(p) not in in_blocks)
+    torch.manual_seed(0)
+    block = LlamaDecoderLayer(config, 0).to(torch.bfloat16)
+    block_bf16 = sum(2 * p.numel() for p in block.parameters())
+    block.requires_grad_(False)
+    quantize_block(0, block, method)
+    quantized = sum(
+        s.untyped_storage().nbytes() for t in block.parameters() for s in stored_tensors(t)
+    )
+    cfg = MidBlockConfig()
+    band = resolve_band(cfg.band, len(blocks))
+    rank = resolve_rank(cfg.rank, cfg.rank_budget, len(blocks), len(band))
+    per_layer = sum(
+        rank * (m.in_features + m.out_features)
+        for t in cfg.targets
+        for m in [blocks[0].get_submodule(p) for p in _target_paths(blocks[0], t)]
+    )
+    adapters = 4 * per_layer * len(band)
+    base = outside + len(blocks) * quantized
+    return {
+        "model_bf16_bytes": outside + len(blocks) * block_bf16,
+        "eval_peak": base + block_bf16,
+        "train_peak": base + adapters + block_bf16,
+        "adapter_bytes": adapters,
+    }
+
+
+def _target_paths(block: Any, target: str) -> list[str]:
+    return [n for n, _ in block.named_modules() if n.rsplit(".", 1)[-1] == target]
+
+
+def run(way: str, method: str, dtype: str, model: Path | None = None) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.loadpeak", "--worker", way, "--method", method]
-    cmd += ["--dtype", dtype]
+    cmd += ["--dtype", dtype] + (["--model", str(model)] if model else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -140,6 +222,28 @@ def markdown(result: dict[str, Any]) -> str:
         f"| tokenizer (first load) | {tok['peak_above_start'] / MIB:.1f} | "
         f"{tok['after_above_start'] / MIB:.1f} | | | |"
     )
+    if result.get("random"):
+        lines += [
+            "",
+            "Random-initialised Llama configs, bf16 safetensors: 'measured' loads a checkpoint "
+            "written to disk in a fresh process as above; 'promised' is computed from the "
+            "shapes and one real quantized block: the weights outside the blocks in bf16, every "
+            "block quantized, the fp32 adapters (train) and one block in bf16.",
+            "",
+            "| config | load | model bf16 GiB | measured peak GiB | × model bf16 | "
+            "promised GiB | × model bf16 |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in result["random"]:
+            bf16 = r["model_bf16_bytes"]
+            measured = {w["way"]: w["peak_above_start"] for w in r.get("workers", [])}
+            for way in ("train", "eval"):
+                m = measured.get(way)
+                got = f"{m / 2**30:.2f} | {m / bf16:.2f}" if m is not None else "— | —"
+                lines.append(
+                    f"| {r['config']} | {way} | {bf16 / 2**30:.2f} | {got} | "
+                    f"{r[way + '_peak'] / 2**30:.2f} | {r[way + '_peak'] / bf16:.2f} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -149,9 +253,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="nf4", choices=("nf4", "int8"))
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--model", help=argparse.SUPPRESS)  # a worker's model directory
+    parser.add_argument(
+        "--random",
+        nargs="*",
+        default=["llama-1b"],
+        choices=sorted(CONFIGS),
+        help="random-initialised configs written to disk and loaded (train and eval)",
+    )
+    parser.add_argument(
+        "--estimate",
+        nargs="*",
+        default=sorted(CONFIGS),
+        choices=sorted(CONFIGS),
+        help="configs whose peaks are also computed from shapes and one real block",
+    )
     args = parser.parse_args(argv)
     if args.worker:
-        json.dump(worker(args.worker, args.method, args.dtype), sys.stdout)
+        json.dump(worker(args.worker, args.method, args.dtype, args.model), sys.stdout)
         sys.stdout.write("\n")
         return 0
 
@@ -180,7 +299,17 @@ def main(argv: list[str] | None = None) -> int:
         "model_bf16_bytes": 2 * sum(numel.values()),
         "embedding_bytes": 2 * numel["model.embed_tokens.weight"],
         "workers": workers,
+        "random": [],
     }
+    import tempfile
+
+    for name in sorted(set(args.random) | set(args.estimate)):
+        row: dict[str, Any] = {"config": name, **estimate(name, args.method)}
+        if name in args.random:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = random_checkpoint(name, Path(tmp) / name)
+                row["workers"] = [run(way, args.method, "bf16", path) for way in ("train", "eval")]
+        result["random"].append(row)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "loadpeak.json", json.dumps(result, indent=1) + "\n")
