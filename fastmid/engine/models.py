@@ -8,18 +8,16 @@ read safetensors and take a few seconds.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from fastmid.errors import UserError
 
@@ -223,27 +221,6 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> t
     return model.eval(), prepare_tokenizer(tokenizer), name
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Create every parameter registered inside on the meta device; buffers stay real.
-
-    Non-persistent buffers (rotary frequencies) are computed in ``__init__`` and are in no
-    checkpoint, so they are built for real; parameters get their values from the checkpoint.
-    """
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
-
-
 def safetensors_files(source: Path) -> list[Path]:
     """The safetensors weight files of a local model directory (empty when it has none, or
     also has ``.bin`` weights transformers might prefer)."""
@@ -262,8 +239,9 @@ def load_empty_model(
     Each rank of a sharded run builds this and then reads only its own shards of the weights
     from ``weight_files`` (:func:`fastmid.recipe.distributed.load_sharded_weights`).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.initialization import no_init_weights
+    from transformers import AutoTokenizer
+
+    from fastmid.engine.blockload import build_skeleton
 
     source = default_model_dir() if spec is None else Path(spec).expanduser()
     name = DEFAULT_HUB_ID if spec is None else spec
@@ -274,15 +252,10 @@ def load_empty_model(
     if not files:
         return None
     try:
-        config = AutoConfig.from_pretrained(str(source))
         tokenizer = AutoTokenizer.from_pretrained(str(source))
+        model = build_skeleton(source, dtype)
     except (OSError, ValueError, KeyError, ImportError) as err:
         raise UserError(f"cannot load model {str(source)!r}: {_first_line(err)}") from None
-    # no_init_weights: the random init would only be overwritten (and costs seconds per GB).
-    with no_init_weights(), _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    # Tying is part of the init skipped above (a tied LM head is the embedding, one file key).
-    model.tie_weights()
     from safetensors import safe_open
 
     stored: set[str] = set()
