@@ -36,28 +36,19 @@ class ShardIndex:
     """Which safetensors file of a model directory holds each tensor."""
 
     def __init__(self, directory: Path) -> None:
-        from safetensors import safe_open
 
-        self.files: dict[str, Path] = {}
         index = directory / _INDEX
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {key: directory / name for key, name in weight_map.items()}
-            return
-        for path in sorted(directory.glob("*.safetensors")):
-            with safe_open(str(path), "pt") as f:
-                self.files.update(dict.fromkeys(f.keys(), path))
+        else:
+            self.files = _tensor_files(sorted(directory.glob("*.safetensors")))
 
     @classmethod
     def of_files(cls, files: Sequence[Path]) -> ShardIndex:
         """The index of the tensors in safetensors ``files``."""
-        from safetensors import safe_open
-
         index = cls.__new__(cls)
-        index.files = {}
-        for path in files:
-            with safe_open(str(path), "pt") as f:
-                index.files.update(dict.fromkeys(f.keys(), path))
+        index.files = _tensor_files(files)
         return index
 
     def __contains__(self, key: str) -> bool:
@@ -109,6 +100,17 @@ class ShardIndex:
             # A fresh handle per chunk: closing it unmaps the pages this chunk touched.
             with safe_open(path, "pt") as f:
                 out[first:stop].copy_(f.get_slice(key)[start + first : start + stop])
+
+
+def _tensor_files(files: Sequence[Path]) -> dict[str, Path]:
+    """Which of the safetensors ``files`` holds each tensor (read from their headers)."""
+    from safetensors import safe_open
+
+    where: dict[str, Path] = {}
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            where.update(dict.fromkeys(f.keys(), path))
+    return where
 
 
 def _file_itemsize(dtype: str) -> int:

@@ -241,7 +241,7 @@ def load_empty_model(
     """
     from transformers import AutoTokenizer
 
-    from fastmid.engine.blockload import build_skeleton
+    from fastmid.engine.blockload import ShardIndex, build_skeleton
 
     source = default_model_dir() if spec is None else Path(spec).expanduser()
     name = DEFAULT_HUB_ID if spec is None else spec
@@ -256,12 +256,7 @@ def load_empty_model(
         model = build_skeleton(source, dtype)
     except (OSError, ValueError, KeyError, ImportError) as err:
         raise UserError(f"cannot load model {str(source)!r}: {_first_line(err)}") from None
-    from safetensors import safe_open
-
-    stored: set[str] = set()
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            stored.update(f.keys())
+    stored = ShardIndex.of_files(files)
     if any(n not in stored for n, _ in model.named_parameters()):
         return None  # names the files do not use as they are: transformers' loader maps them
     return model.eval(), prepare_tokenizer(tokenizer), name, files
