@@ -27,7 +27,14 @@ from fastmid.recipe import distributed
 from fastmid.recipe.checkpoint import load_checkpoint, save_checkpoint
 from fastmid.recipe.data import Example, collate_packed
 from fastmid.recipe.train import forward_loss
-from tests.fastmid._runs import RECORDS, make_model_dir, metrics, tiny_settings, write_jsonl
+from tests.fastmid._runs import (
+    RECORDS,
+    assert_adapters_close_after_adam,
+    make_model_dir,
+    metrics,
+    tiny_settings,
+    write_jsonl,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 # Micro-batches per optimizer step. 3 and 1 do not split evenly over 2 ranks (with 1, one
@@ -168,19 +175,6 @@ def assert_adapters_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
     for name in a:
         # fp32 sums in another order (2 ranks vs 1) differ by rounding only.
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
-
-
-def assert_adapters_close_after_adam(
-    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rtol: float = 1e-4
-) -> None:
-    """Adapters after several AdamW steps on 2 ranks against 1. Adam moves a weight by about
-    ±lr whatever the size of its gradient, so the odd element whose gradient is rounding noise
-    (2 ranks sum in another order) lands up to ~1e-3 of the tensor's largest entry away (seen:
-    1.1e-4 of 0.139); the losses, compared at 1e-5, pin the arithmetic."""
-    assert got.keys() == want.keys()
-    for name, want_t in want.items():
-        atol = 5e-3 * float(want_t.abs().max())
-        torch.testing.assert_close(got[name], want_t, rtol=rtol, atol=atol, msg=name)
 
 
 @pytest.fixture(scope="module")

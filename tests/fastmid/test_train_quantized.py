@@ -14,6 +14,7 @@ from fastmid.cli import main
 from tests.fastmid._runs import (
     RECORDS,
     as_flags,
+    assert_adapters_close_after_adam,
     make_model_dir,
     metrics,
     tiny_settings,
@@ -82,8 +83,6 @@ def test_two_ddp_ranks_train_a_quantized_base_like_one_process(
     """``--quantize nf4 --nproc 2``: each rank loads and quantizes its own copy block by block,
     DDP sums the adapters' gradients, and the run takes the steps of one process."""
     from safetensors.torch import load_file
-
-    from tests.fastmid.test_distributed import assert_adapters_close_after_adam
 
     data = write_jsonl(tmp_path / "train.jsonl", RECORDS[:24])
     # The workers inherit this environment: the kernels' torch path, one thread each.
